@@ -1,0 +1,1323 @@
+#!/usr/bin/env python3
+# PYTHON_ARGCOMPLETE_OK
+"""jrun: run one command isolated, in the foreground, and leave nothing behind.
+
+    sudo jrun [RUN OPTIONS] [--] COMMAND [ARG...]
+
+One privileged invocation, no daemon, no setuid helper.  The order of a run:
+
+  1. parse argv once into a frozen JobSpec, then validate all of it against
+     this host before the first side effect (bad input: exit 125, nothing made);
+  2. parent: create the job's state directory /run/jrun/<id> (held by a lock),
+     its cgroup and its network plumbing, each registered for teardown;
+  3. fork a child into a new PID namespace (it is PID 1 there); the child
+     unshares mount, UTS, IPC and network namespaces and reports "ready";
+  4. parent: put the child in its cgroup, move its veth in, release it
+     through the sync pipe;
+  5. child: cgroup namespace, private mounts, a per-job overlay root on a
+     tmpfs, /proc, a minimal /dev, pivot_root, old root detached, hostname,
+     new session, privileges dropped, seccomp, exec COMMAND (a failure before
+     exec is reported through a close-on-exec error pipe);
+  6. parent: forward signals, enforce --timeout, reap, tear down in reverse.
+
+Exit status: COMMAND's own; 128+N if killed by signal N; 137 OOM-killed;
+124 --timeout expired; 125 jrun failed (nothing started, nothing left);
+126 COMMAND not executable; 127 COMMAND not found.
+
+Start-up time is part of every job, so the run path avoids heavy imports
+(re, json, argparse, dataclasses cost 7-18 ms each here); they are imported
+only by the commands that need them.
+"""
+
+__version__ = "0.1.0"
+
+import errno
+import fcntl
+import os
+import signal
+import sys
+import time
+
+# ---------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------
+
+STATE_DIR = "/run/jrun"
+ROOTFS_DIR = "/var/lib/jrun/rootfs"
+TINI = "/usr/bin/tini-static"
+BUSYBOX = "/bin/busybox"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_WORKDIR = "/work"
+DEFAULT_STOP_TIMEOUT = 10.0
+
+EXIT_TIMEOUT = 124
+EXIT_JRUN = 125
+EXIT_NOEXEC = 126
+EXIT_NOTFOUND = 127
+
+# <linux/sched.h>
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+# <linux/mount.h>
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 2
+
+# Signals jrun relays to the job; each asks it to end, so each starts the
+# grace period after which jrun sends SIGKILL.
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+_SYSCALLS = {  # <asm/unistd.h>: pivot_root, close_range
+    "x86_64": {"pivot_root": 155},
+    "aarch64": {"pivot_root": 41},
+}
+
+# ---------------------------------------------------------------------------
+# Errors: one root; main() alone prints them and turns them into a status.
+# ---------------------------------------------------------------------------
+
+
+class JrunError(Exception):
+    """jrun itself failed; nothing was started and nothing is left behind."""
+
+    exit_code = EXIT_JRUN
+
+
+class UsageError(JrunError):
+    """A bad option or value on the command line or in the config file."""
+
+
+class SetupError(JrunError):
+    """The host could not be prepared for the job."""
+
+
+class NotExecutable(JrunError):
+    exit_code = EXIT_NOEXEC
+
+
+class NotFound(JrunError):
+    exit_code = EXIT_NOTFOUND
+
+
+# ---------------------------------------------------------------------------
+# Messages.  Everything jrun says goes to stderr and starts with "jrun: ".
+# ---------------------------------------------------------------------------
+
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+_log = {"level": 20, "format": "text", "job": None}
+
+
+def log(level, msg):
+    if LEVELS[level] < _log["level"]:
+        return
+    if _log["format"] == "json":
+        rec = {"time": round(time.time(), 6), "level": level, "msg": msg}
+        if _log["job"]:
+            rec["job"] = _log["job"]
+        line = dumps_json(rec) + "\n"
+    else:
+        line = "jrun: " + msg + "\n"
+    try:
+        os.write(2, line.encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
+def audit(msg):
+    """One line of the isolation audit trail, shown with --log-level debug."""
+    log("debug", msg)
+
+
+_JSON_ESC = {i: "\\u%04x" % i for i in range(32)}
+_JSON_ESC.update({ord('"'): '\\"', ord("\\"): "\\\\", 10: "\\n", 9: "\\t", 13: "\\r"})
+
+
+def dumps_json(obj):
+    """A small JSON encoder for flat records: the json module imports re,
+    which costs 7 ms of every job's start here."""
+    if obj is None:
+        return "null"
+    if obj is True:
+        return "true"
+    if obj is False:
+        return "false"
+    if isinstance(obj, (int, float)):
+        return repr(obj)
+    if isinstance(obj, str):
+        return '"' + obj.translate(_JSON_ESC) + '"'
+    if isinstance(obj, (list, tuple)):
+        return "[" + ", ".join(dumps_json(x) for x in obj) + "]"
+    if isinstance(obj, dict):
+        return "{" + ", ".join(dumps_json(str(k)) + ": " + dumps_json(v) for k, v in obj.items()) + "}"
+    return dumps_json(str(obj))
+
+
+# ---------------------------------------------------------------------------
+# Syscall helpers: thin ctypes wrappers named after the syscall.
+# ---------------------------------------------------------------------------
+
+_libc = None
+
+
+def _c():
+    global _libc
+    if _libc is None:
+        import ctypes
+
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def _check(ret, what):
+    if ret < 0:
+        import ctypes
+
+        e = ctypes.get_errno()
+        raise OSError(e, "%s: %s" % (what, os.strerror(e)))
+    return ret
+
+
+def _b(s):
+    return None if s is None else os.fsencode(s)
+
+
+def mount(source, target, fstype, flags=0, data=None):
+    _check(_c().mount(_b(source), _b(target), _b(fstype), flags, _b(data)),
+           "mount %s on %s" % (fstype or source, target))
+
+
+def umount2(target, flags=0):
+    _check(_c().umount2(_b(target), flags), "umount %s" % target)
+
+
+def unshare(flags):
+    _check(_c().unshare(flags), "unshare")
+
+
+def setns(fd, nstype):
+    _check(_c().setns(fd, nstype), "setns")
+
+
+def pivot_root(new_root, put_old):
+    nr = _SYSCALLS[os.uname().machine]["pivot_root"]
+    _check(_c().syscall(nr, _b(new_root), _b(put_old)), "pivot_root")
+
+
+def sethostname(name):
+    raw = name.encode()
+    _check(_c().sethostname(raw, len(raw)), "sethostname")
+
+
+# ---------------------------------------------------------------------------
+# JobSpec & parsing.  argv is parsed once, by one table, into a frozen
+# JobSpec; nothing below the parser sees raw options.  The same table writes
+# --help, feeds argcomplete and is checked against man/jrun.1 by the tests.
+# ---------------------------------------------------------------------------
+
+
+class _Frozen:
+    """A record that cannot change after construction.  (dataclasses would
+    do, but importing it costs 18 ms here, longer than a whole bwrap run.)"""
+
+    __slots__ = ()
+
+    def __init__(self, **kw):
+        for k in self.__slots__:
+            object.__setattr__(self, k, kw.pop(k, None))
+        if kw:
+            raise TypeError("unknown fields: %s" % ", ".join(kw))
+
+    def __setattr__(self, k, v):
+        raise AttributeError("%s is frozen" % type(self).__name__)
+
+    def replace(self, **kw):
+        d = {k: getattr(self, k) for k in self.__slots__}
+        d.update(kw)
+        return type(self)(**d)
+
+    def __repr__(self):
+        return "%s(%s)" % (type(self).__name__,
+                           ", ".join("%s=%r" % (k, getattr(self, k)) for k in self.__slots__))
+
+
+class Upload(_Frozen):
+    __slots__ = ("src", "dest")
+
+
+class Volume(_Frozen):
+    __slots__ = ("src", "dest", "read_only")
+
+
+class Limits(_Frozen):
+    __slots__ = ("cpu", "cores", "memory", "io_bps", "pids")
+
+
+class JobSpec(_Frozen):
+    __slots__ = (
+        "id", "named", "command", "hostname", "timeout", "stop_timeout", "init",
+        "limits", "uploads", "volumes", "workdir", "env", "rootfs", "read_only",
+        "net", "user", "cap_add", "cap_drop", "seccomp", "userns", "stats",
+        "json_status", "cgroup_parent", "log_level", "log_format",
+    )
+
+
+class Opt:
+    __slots__ = ("long", "short", "metavar", "help", "dest", "repeat", "choices")
+
+    def __init__(self, long, short=None, metavar=None, help="", dest=None, repeat=False, choices=None):
+        self.long, self.short, self.metavar, self.help = long, short, metavar, help
+        self.dest = dest or long[2:].replace("-", "_")
+        self.repeat, self.choices = repeat, choices
+
+
+RUN_OPTIONS = (
+    Opt("--name", None, "NAME", "job id (default: 12 random hex chars); also the hostname"),
+    Opt("--hostname", None, "NAME", "hostname inside the job (default: the job id)"),
+    Opt("--timeout", None, "DURATION", "kill the job after DURATION (30, 30s, 5m, 1h); exit 124"),
+    Opt("--stop-timeout", None, "DURATION",
+        "grace period between SIGTERM and SIGKILL (default 10s)"),
+    Opt("--init", None, None, "run a small reaper (tini) as PID 1 that forwards signals and reaps zombies"),
+    Opt("--cpu", None, "PCT", "CPU bandwidth in percent of one CPU (25 = a quarter core)"),
+    Opt("--cores", None, "LIST", "pin to CPUs, cpuset syntax 0-1,3"),
+    Opt("--memory", None, "SIZE", "hard memory limit: 64M, 1G, 512K; a plain number is MiB"),
+    Opt("--io-bps", None, "RATE", "read and write bandwidth limit in bytes/s (K/M/G suffix)"),
+    Opt("--pids", None, "N", "maximum number of processes and threads in the job"),
+    Opt("--upload", None, "SRC[:DEST]", "copy a host file or directory into the job (repeatable)", repeat=True),
+    Opt("--volume", "-v", "SRC:DEST[:ro]", "bind a host path into the job (repeatable)", repeat=True),
+    Opt("--workdir", "-w", "DIR", "working directory inside the job (default /work)"),
+    Opt("--env", "-e", "KEY[=VALUE]", "set a variable, or pass the caller's value (repeatable)", repeat=True),
+    Opt("--env-file", None, "FILE", "read KEY=VALUE lines from FILE (repeatable)", repeat=True),
+    Opt("--rootfs", None, "minimal|host|PATH", "the job's root filesystem (default minimal)"),
+    Opt("--read-only", None, None, "make the root filesystem read-only (workdir and /tmp stay writable)"),
+    Opt("--net", None, "bridge|none|NAME", "network: bridge (default), none (loopback only) or a named network"),
+    Opt("--user", "-u", "UID[:GID]", "run COMMAND as this user, with no capabilities"),
+    Opt("--cap-add", None, "CAP", "add a capability to the default set (repeatable)", repeat=True),
+    Opt("--cap-drop", None, "CAP|ALL", "drop a capability from the default set (repeatable)", repeat=True),
+    Opt("--seccomp", None, "default|unconfined", "the default syscall filter, or none",
+        choices=("default", "unconfined")),
+    Opt("--userns", None, None, "map the job's root to an unprivileged host uid range"),
+    Opt("--stats", None, None, "print a resource-usage summary on stderr when the job ends"),
+    Opt("--json-status", None, "FILE", "write the job's result as JSON to FILE"),
+    Opt("--cgroup-parent", None, "PATH", "create the job's cgroup under PATH"),
+    Opt("--quiet", "-q", None, "only print errors"),
+    Opt("--log-level", None, "LEVEL", "debug, info, warning or error; debug shows the isolation audit trail",
+        choices=tuple(LEVELS)),
+    Opt("--log-format", None, "text|json", "format of jrun's own messages on stderr", choices=("text", "json")),
+)
+FLAG_OPTIONS = {"--init", "--read-only", "--userns", "--stats", "--quiet"}
+_BY_NAME = {}
+for _o in RUN_OPTIONS:
+    _BY_NAME[_o.long] = _o
+    if _o.short:
+        _BY_NAME[_o.short] = _o
+
+SUBCOMMANDS = ("run", "ps", "kill", "gc", "rootfs", "verify")
+
+
+def parse_size(opt, text, default_unit=1 << 20):
+    """'64M' -> 67108864.  A plain number is in default_unit (MiB)."""
+    t = text.strip()
+    units = {"": default_unit, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    u = t[-1:].upper() if t[-1:].isalpha() else ""
+    num = t[: len(t) - len(u)]
+    if u.endswith("B") and len(num) > 1 and num[-1:].upper() in "KMGT" and num[-1:].isalpha():
+        u, num = num[-1].upper(), num[:-1]  # "64MB"
+    if u and u not in units:
+        raise UsageError("%s: %r is not a size (use e.g. 64M, 1G)" % (opt, text))
+    try:
+        value = float(num)
+    except ValueError:
+        raise UsageError("%s: %r is not a size (use e.g. 64M, 1G)" % (opt, text)) from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise UsageError("%s: %r must be a positive size" % (opt, text))
+    return int(value * units[u])
+
+
+def parse_duration(opt, text):
+    """'30' or '30s' -> 30.0; '5m' -> 300.0; '1h' -> 3600.0; '500ms' -> 0.5."""
+    t = text.strip().lower()
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+    unit = "ms" if t.endswith("ms") else (t[-1:] if t[-1:].isalpha() else "s")
+    num = t[: len(t) - len(unit)] if t[-1:].isalpha() else t
+    try:
+        value = float(num) * scale[unit]
+    except (ValueError, KeyError):
+        raise UsageError("%s: %r is not a duration (use e.g. 30, 30s, 5m, 1h)" % (opt, text)) from None
+    if not value > 0 or value == float("inf"):
+        raise UsageError("%s: %r must be a positive duration" % (opt, text))
+    return value
+
+
+def parse_int(opt, text, lo=None, hi=None):
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise UsageError("%s: %r is not a whole number" % (opt, text)) from None
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        rng = "at least %d" % lo if hi is None else "from %d to %d" % (lo, hi)
+        raise UsageError("%s: %r is out of range (%s)" % (opt, text, rng))
+    return value
+
+
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+def check_name(opt, text, maxlen=63):
+    if not text or len(text) > maxlen or not set(text) <= _NAME_CHARS or text[0] in ".-_":
+        raise UsageError("%s: %r is not a valid name (letters, digits, '_', '.', '-'; at most %d, "
+                         "starting with a letter or digit)" % (opt, text, maxlen))
+    return text
+
+
+def check_hostname(opt, text):
+    ok = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.")
+    if not text or len(text) > 63 or not set(text) <= ok or text[0] in "-." or text[-1] in "-.":
+        raise UsageError("%s: %r is not a valid hostname (letters, digits, '-', '.'; at most 63)" % (opt, text))
+    return text
+
+
+def split_argv(argv):
+    """Split run argv into ({dest: value or [values]}, command).  Everything
+    after the first non-option word, or after '--', belongs to COMMAND."""
+    seen = {}
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            return seen, list(argv[i + 1:])
+        if not a.startswith("-") or a == "-":
+            return seen, list(argv[i:])
+        if a in ("-h", "--help"):
+            raise HelpRequested(run_help())
+        if a == "--version":
+            raise HelpRequested("jrun %s\n" % __version__)
+        name, value = a, None
+        if a.startswith("--") and "=" in a:
+            name, value = a.split("=", 1)
+        elif not a.startswith("--") and len(a) > 2:
+            name, value = a[:2], a[2:]  # -eFOO=bar, -qv is not supported
+        opt = _BY_NAME.get(name)
+        if opt is None:
+            raise UsageError("unknown option %r (see jrun --help)" % name)
+        if opt.long in FLAG_OPTIONS:
+            if value is not None:
+                raise UsageError("%s takes no value" % opt.long)
+            value = True
+        elif value is None:
+            i += 1
+            if i >= len(argv):
+                raise UsageError("%s needs a value (%s)" % (opt.long, opt.metavar))
+            value = argv[i]
+        if opt.choices and value not in opt.choices:
+            raise UsageError("%s: %r is not one of %s" % (opt.long, value, ", ".join(opt.choices)))
+        if opt.repeat:
+            seen.setdefault(opt.dest, []).append(value)
+        else:
+            seen[opt.dest] = value
+        i += 1
+    return seen, []
+
+
+class HelpRequested(Exception):
+    """--help or --version: print the text and exit 0."""
+
+
+def parse_run(argv, config=None):
+    """argv (after 'run', if given) -> JobSpec.  Values are checked for form
+    here; checks against this host are in validate()."""
+    o, command = split_argv(argv)
+    if not command:
+        raise UsageError("no COMMAND given (usage: jrun [OPTIONS] [--] COMMAND [ARG...])")
+    named = "name" in o
+    job_id = check_name("--name", o["name"]) if named else os.urandom(6).hex()
+    hostname = check_hostname("--hostname", o["hostname"]) if "hostname" in o else (
+        job_id if all(c.isalnum() or c == "-" for c in job_id) else "jrun")
+    level = "error" if o.get("quiet") else o.get("log_level", "info")
+    limits = Limits(
+        cpu=parse_int("--cpu", o["cpu"], 1) if "cpu" in o else None,
+        cores=o.get("cores"),
+        memory=parse_size("--memory", o["memory"]) if "memory" in o else None,
+        io_bps=parse_size("--io-bps", o["io_bps"], default_unit=1) if "io_bps" in o else None,
+        pids=parse_int("--pids", o["pids"], 1) if "pids" in o else None,
+    )
+    workdir = o.get("workdir", DEFAULT_WORKDIR)
+    if not workdir.startswith("/") or "\0" in workdir:
+        raise UsageError("-w/--workdir: %r must be an absolute path inside the job" % workdir)
+    return JobSpec(
+        id=job_id, named=named, command=tuple(command), hostname=hostname,
+        timeout=parse_duration("--timeout", o["timeout"]) if "timeout" in o else None,
+        stop_timeout=(parse_duration("--stop-timeout", o["stop_timeout"]) if "stop_timeout" in o
+                      else DEFAULT_STOP_TIMEOUT),
+        init=bool(o.get("init")), limits=limits,
+        uploads=tuple(o.get("upload", ())), volumes=tuple(o.get("volume", ())),
+        workdir=os.path.normpath(workdir), env=tuple(parse_env(o)),
+        rootfs=o.get("rootfs", "minimal"), read_only=bool(o.get("read_only")),
+        net=o.get("net", "bridge"), user=o.get("user"),
+        cap_add=tuple(o.get("cap_add", ())), cap_drop=tuple(o.get("cap_drop", ())),
+        seccomp=o.get("seccomp", "default"), userns=bool(o.get("userns")),
+        stats=bool(o.get("stats")), json_status=o.get("json_status"),
+        cgroup_parent=o.get("cgroup_parent"), log_level=level,
+        log_format=o.get("log_format", "text"),
+    )
+
+
+def parse_env(o):
+    """-e and --env-file, in order of the command line; later wins."""
+    out = {}
+    for path in o.get("env_file", ()):
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError as e:
+            raise UsageError("--env-file: cannot read %r: %s" % (path, e.strerror)) from None
+        for n, line in enumerate(lines, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if line.startswith("export "):
+                line = line[7:].lstrip()
+            key, eq, value = line.partition("=")
+            if not eq or not _env_key_ok(key):
+                raise UsageError("--env-file: %s:%d: expected KEY=VALUE" % (path, n))
+            out[key] = value
+    for item in o.get("env", ()):
+        key, eq, value = item.partition("=")
+        if not _env_key_ok(key):
+            raise UsageError("-e/--env: %r is not KEY=VALUE or KEY" % item)
+        if eq:
+            out[key] = value
+        elif key in os.environ:
+            out[key] = os.environ[key]
+    return out.items()
+
+
+def _env_key_ok(key):
+    return bool(key) and not key[0].isdigit() and all(c.isalnum() or c == "_" for c in key)
+
+
+def run_help():
+    lines = [
+        "usage: jrun [OPTIONS] [--] COMMAND [ARG...]",
+        "       jrun run [OPTIONS] [--] COMMAND [ARG...]",
+        "       jrun ps [--json] | kill [-s SIGNAL] JOB | gc | verify [--json]",
+        "       jrun rootfs build [--force] | rootfs path",
+        "       jrun --version | --help",
+        "",
+        "Run COMMAND isolated (own PID, mount, UTS, IPC and network namespaces, a",
+        "per-job root filesystem) in the foreground, and return its exit status.",
+        "",
+        "options:",
+    ]
+    for o in RUN_OPTIONS:
+        flag = (o.short + ", " if o.short else "    ") + o.long + (" " + o.metavar if o.metavar else "")
+        lines.append("  %-30s %s" % (flag, o.help) if len(flag) <= 30 else "  %s\n  %30s %s" % (flag, "", o.help))
+    lines += [
+        "  %-30s %s" % ("-h, --help", "show this help and exit"),
+        "  %-30s %s" % ("    --version", "print the version and exit"),
+        "",
+        "exit status: COMMAND's own; 128+N killed by signal N; 137 out of memory;",
+        "124 --timeout; 125 jrun failed; 126 not executable; 127 not found.",
+        "See jrun(1).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# Validation: every check against this host, before the first side effect.
+# ---------------------------------------------------------------------------
+
+
+def rootfs_path(spec):
+    return ROOTFS_DIR if spec.rootfs == "minimal" else spec.rootfs
+
+
+def validate(spec):
+    unsupported = []
+    lim = spec.limits
+    # Options whose implementation has not landed yet are refused, never
+    # silently ignored.
+    unsupported += [o for o, v in (("--cpu", lim.cpu), ("--cores", lim.cores), ("--memory", lim.memory),
+                                   ("--io-bps", lim.io_bps), ("--pids", lim.pids), ("--stats", spec.stats),
+                                   ("--json-status", spec.json_status),
+                                   ("--cgroup-parent", spec.cgroup_parent)) if v]
+    unsupported += ["--net %s" % spec.net] if spec.net != "none" else []
+    unsupported += [o for o, v in (("--upload", spec.uploads), ("-v/--volume", spec.volumes),
+                                   ("--read-only", spec.read_only), ("--rootfs", spec.rootfs != "minimal")) if v]
+    unsupported += [o for o, v in (("-u/--user", spec.user), ("--cap-add", spec.cap_add),
+                                   ("--cap-drop", spec.cap_drop), ("--userns", spec.userns)) if v]
+    if unsupported:
+        raise UsageError("%s: not supported by this version of jrun yet" % ", ".join(unsupported))
+    if os.geteuid() != 0:
+        raise UsageError("must run as root (try: sudo jrun ...)")
+    root = rootfs_path(spec)
+    if not os.path.isfile(os.path.join(root, "bin/busybox")) and spec.rootfs == "minimal":
+        raise SetupError("the minimal rootfs is not built at %s (run: sudo jrun rootfs build)" % root)
+    if spec.init and not os.path.isfile(TINI):
+        raise SetupError("--init needs %s (apt-get install tini)" % TINI)
+    if os.uname().machine not in _SYSCALLS:
+        raise SetupError("unsupported architecture %s (x86_64 and aarch64 are)" % os.uname().machine)
+
+
+# ---------------------------------------------------------------------------
+# Job state: /run/jrun/<id>, held by an flock for the job's whole life, so a
+# dead job (its lock free) is told from a live one without guessing by pid.
+# ---------------------------------------------------------------------------
+
+
+class Teardown:
+    """Undo steps, run in reverse order, each at most once, logging instead of
+    raising (the same steps serve `jrun gc`)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def push(self, what, fn, *args):
+        self.steps.append((what, fn, args))
+
+    def run(self):
+        while self.steps:
+            what, fn, args = self.steps.pop()
+            try:
+                fn(*args)
+                audit("teardown: %s" % what)
+            except Exception as e:  # noqa: BLE001 - teardown must go on
+                log("warning", "teardown: %s: %s" % (what, e))
+
+
+class JobState:
+    """The state directory of one job, in the parent (host namespaces)."""
+
+    def __init__(self, job_id):
+        self.id = job_id
+        self.dir = os.path.join(STATE_DIR, job_id)
+        self.lock_fd = None
+        self.record = {}
+
+    def create(self):
+        os.makedirs(STATE_DIR, mode=0o700, exist_ok=True)
+        for _ in range(3):
+            try:
+                os.mkdir(self.dir, 0o700)
+                break
+            except FileExistsError:
+                other = JobState(self.id)
+                if other.is_live():
+                    raise UsageError("--name %s: a job with this name is already running" % self.id) from None
+                gc_job(self.id)  # a dead job's leftovers: clean, then take the name
+        else:
+            raise SetupError("cannot create %s" % self.dir)
+        self.lock_fd = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        audit("state: %s created and locked" % self.dir)
+
+    def is_live(self):
+        try:
+            fd = os.open(os.path.join(self.dir, "lock"), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            # Between mkdir and the lock a starting job has no lock file yet.
+            try:
+                return time.time() - os.stat(self.dir).st_mtime < 5
+            except FileNotFoundError:
+                return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    def save(self, **fields):
+        """Record what was created, so that gc can undo it after a crash."""
+        self.record.update(fields)
+        tmp = os.path.join(self.dir, "job.json.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(dumps_json(self.record) + "\n")
+        os.rename(tmp, os.path.join(self.dir, "job.json"))
+
+    def load(self):
+        import json
+
+        try:
+            with open(os.path.join(self.dir, "job.json"), encoding="utf-8") as f:
+                self.record = json.load(f)
+        except (OSError, ValueError):
+            self.record = {}
+        return self.record
+
+    def remove(self):
+        for name in ("job.json", "job.json.tmp", "root", "lock"):
+            p = os.path.join(self.dir, name)
+            try:
+                os.rmdir(p) if name == "root" else os.unlink(p)
+            except FileNotFoundError:
+                pass
+        os.rmdir(self.dir)
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+
+# ---------------------------------------------------------------------------
+# Host resources.  One small class per resource, all with the same verbs:
+#   setup(state)   parent, before the fork; records in state what it made
+#   attach(pid)    parent, once the child has its namespaces, before release
+#   enter()        child, after release, before the root is built
+#   collect(out)   parent, after the job ended (accounting)
+#   teardown()     parent or gc; idempotent, logs instead of raising
+# ---------------------------------------------------------------------------
+
+
+class Resource:
+    name = "resource"
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def setup(self, state):
+        pass
+
+    def attach(self, pid):
+        pass
+
+    def enter(self):
+        pass
+
+    def collect(self, out):
+        pass
+
+    def teardown(self):
+        pass
+
+    @classmethod
+    def from_state(cls, record):
+        """Rebuild from a dead job's job.json so gc can tear it down; None
+        if the job made nothing of this kind."""
+        return None
+
+
+def host_resources(spec):
+    """The resources a job needs, in setup order (torn down in reverse)."""
+    return []
+
+
+RESOURCE_CLASSES = ()
+
+
+# ---------------------------------------------------------------------------
+# The child.  Runs as root, forked from jrun, PID 1 of the job's new PID
+# namespace.  A flat list of steps; it never returns into parent code: it
+# execs COMMAND or reports an error through the close-on-exec status pipe and
+# exits.
+# ---------------------------------------------------------------------------
+
+
+def _safe_mkdirs(root, rel, mode=0o755):
+    """Make root/rel a real directory, component by component, never
+    following a symlink: a hostile rootfs whose 'proc' or 'tmp' is a symlink
+    pointing outside gets it replaced (in the job's own writable layer)."""
+    path = root
+    for comp in rel.strip("/").split("/"):
+        if comp in ("", "."):
+            continue
+        if comp == "..":
+            raise SetupError("%r: '..' is not allowed in a path inside the job" % rel)
+        path = os.path.join(path, comp)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            os.mkdir(path, mode)
+            continue
+        import stat
+
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(path)
+            os.mkdir(path, mode)
+    return path
+
+
+def _safe_file(root, rel, mode=0o644, content=None):
+    """Make root/rel a regular file (for a bind mount target or a generated
+    /etc file), with the same no-symlink rule as _safe_mkdirs."""
+    parent = _safe_mkdirs(root, os.path.dirname(rel.strip("/")))
+    path = os.path.join(parent, os.path.basename(rel))
+    try:
+        st = os.lstat(path)
+        import stat
+
+        if not stat.S_ISREG(st.st_mode):
+            if stat.S_ISDIR(st.st_mode):
+                os.rmdir(path)
+            else:
+                os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise SetupError("cannot prepare %s in the job's root: %s" % (rel, e.strerror)) from None
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        if content:
+            os.write(fd, content.encode())
+    finally:
+        os.close(fd)
+    return path
+
+
+class ChildPlan(_Frozen):
+    """What the child needs beyond the JobSpec, computed by the parent."""
+
+    __slots__ = ("spec", "state_dir", "status_w", "sync_r", "parent_pid", "sigmask", "resources")
+
+
+def _report(fd, code, msg):
+    try:
+        os.write(fd, ("E%d %s\n" % (code, msg)).encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
+def child_main(plan):
+    """Entry of the forked child.  Never returns."""
+    try:
+        try:
+            child_steps(plan)
+        except JrunError as e:
+            _report(plan.status_w, e.exit_code, str(e))
+            os._exit(e.exit_code)
+        except OSError as e:
+            _report(plan.status_w, EXIT_JRUN, "job setup: %s" % (e.strerror if not e.args[1:] else e.args[1]))
+            os._exit(EXIT_JRUN)
+        except BaseException as e:  # noqa: BLE001 - the child must never return
+            _report(plan.status_w, EXIT_JRUN, "job setup: %s: %s" % (type(e).__name__, e))
+            os._exit(EXIT_JRUN)
+    finally:
+        os._exit(EXIT_JRUN)
+
+
+def child_steps(plan):
+    spec = plan.spec
+    import prctl
+
+    # If jrun dies, even by SIGKILL, the job dies with it; and the PID
+    # namespace collapses with its PID 1.
+    # (getppid() is 0 here: the parent lives outside our PID namespace; a
+    # parent that died before this point closes the sync pipe instead.)
+    prctl.set_pdeathsig(signal.SIGKILL)
+    unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET)
+    audit("namespaces created: pid (PID %d inside), mount, uts, ipc, net" % os.getpid())
+    os.write(plan.status_w, b"R\n")
+    # Wait until the parent has put us in our cgroup and network.  EOF
+    # without "G" means the parent gave up: exit quietly.
+    if os.read(plan.sync_r, 1) != b"G":
+        os._exit(EXIT_JRUN)
+    os.close(plan.sync_r)
+    for res in plan.resources:
+        res.enter()
+
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+    audit("mounts made private (recursively) before anything was mounted")
+    root = build_root(spec, plan.state_dir)
+    pivot_into(root)
+    mount_proc_and_sys()
+    sethostname(spec.hostname)
+    audit("hostname set to %s" % spec.hostname)
+
+    env = job_environment(spec)
+    argv = resolve_command(spec, env)
+    try:
+        os.chdir(spec.workdir)
+    except OSError as e:
+        raise SetupError("-w/--workdir %s: %s" % (spec.workdir, e.strerror)) from None
+    close_inherited_fds(plan.status_w)
+    os.setsid()
+    audit("new session: the job has no controlling terminal (TIOCSTI, CVE-2017-5226)")
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # ignored by Python, not by COMMAND
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, plan.sigmask)
+    drop_privileges(spec)
+    audit("exec %s" % " ".join(argv))
+    try:
+        os.execve(argv[0], argv, env)
+    except OSError as e:
+        code = EXIT_NOTFOUND if e.errno == errno.ENOENT else EXIT_NOEXEC
+        hint = " (a script whose interpreter is missing from the job's root?)" if code == EXIT_NOTFOUND else ""
+        raise (NotFound if code == EXIT_NOTFOUND else NotExecutable)(
+            "%s: cannot execute: %s%s" % (spec.command[0], e.strerror, hint)) from None
+
+
+def build_root(spec, state_dir):
+    """The job's root: an overlay whose lower layer is the shared prebuilt
+    rootfs (never modified) and whose upper layer lives on a tmpfs inside the
+    job's own mount namespace, so it vanishes with the job even if jrun is
+    SIGKILLed, and concurrent jobs never see each other's writes."""
+    base = os.path.join(state_dir, "root")
+    mount("jrun-" + spec.id, base, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
+    for d in ("lower", "upper", "work", "root"):
+        os.mkdir(os.path.join(base, d), 0o755)
+    root = os.path.join(base, "root")
+    lower = rootfs_path(spec)
+    mount(lower, os.path.join(base, "lower"), None, MS_BIND | MS_REC)
+    # Relative layer paths, so that the job's /proc/self/mountinfo names no
+    # host path (overlayfs shows its options as they were given).
+    os.chdir(base)
+    mount("overlay", root, "overlay", MS_NOSUID, "lowerdir=lower,upperdir=upper,workdir=work")
+    audit("root: overlay of %s with a private writable layer" % lower)
+
+    tmp = _safe_mkdirs(root, "tmp", 0o1777)
+    mount("tmpfs", tmp, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    work = _safe_mkdirs(root, spec.workdir)
+    if spec.workdir == DEFAULT_WORKDIR:
+        mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
+    audit("writable /tmp and %s mounted" % spec.workdir)
+
+    build_dev(root, spec)
+    _safe_mkdirs(root, "proc", 0o555)
+    _safe_mkdirs(root, "sys", 0o555)
+    _safe_file(root, "etc/hostname", content=spec.hostname + "\n")
+    _safe_file(root, "etc/hosts", content="127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"
+                                         "127.0.1.1\t%s\n" % spec.hostname)
+    return root
+
+
+def build_dev(root, spec):
+    """A minimal /dev: a few harmless host device nodes bind-mounted (as bwrap
+    does), a private devpts instance, /dev/shm; nothing else of the host."""
+    dev = _safe_mkdirs(root, "dev")
+    mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k")
+    for name in ("null", "zero", "full", "random", "urandom", "tty"):
+        target = os.path.join(dev, name)
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
+        mount("/dev/" + name, target, None, MS_BIND)
+    os.mkdir(os.path.join(dev, "pts"), 0o755)
+    mount("devpts", os.path.join(dev, "pts"), "devpts", MS_NOSUID | MS_NOEXEC,
+          "newinstance,ptmxmode=0666,mode=0620")
+    os.symlink("pts/ptmx", os.path.join(dev, "ptmx"))
+    os.mkdir(os.path.join(dev, "shm"), 0o1777)
+    mount("tmpfs", os.path.join(dev, "shm"), "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, os.path.join(dev, name))
+    if spec.init:
+        # docker --init's way: a static reaper, bind-mounted read-only; no
+        # host interpreter ever runs inside the job.
+        init = os.path.join(dev, "init")
+        os.close(os.open(init, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o755))
+        mount(TINI, init, None, MS_BIND)
+        mount(None, init, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID)
+    audit("minimal /dev: null zero full random urandom tty pts shm%s" % (" init" if spec.init else ""))
+
+
+def pivot_into(root):
+    """pivot_root, not chroot: afterwards the old root is not reachable by
+    any path, open fd or chdir(".."), because it is detached."""
+    os.chdir(root)
+    # The runc trick: pivot onto the same directory, then unmount the old
+    # root that now sits on top of it.  No put_old directory is needed.
+    pivot_root(".", ".")
+    umount2(".", MNT_DETACH)
+    os.chdir("/")
+    audit("root pivoted; old root detached (umount2 MNT_DETACH)")
+
+
+def mount_proc_and_sys():
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    audit("/proc remounted for the job's PID namespace")
+    mount("sysfs", "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    audit("/sys mounted read-only")
+
+
+def job_environment(spec):
+    env = {"PATH": DEFAULT_PATH, "HOME": "/root", "HOSTNAME": spec.hostname,
+           "JRUN_JOB_ID": spec.id, "container": "jrun"}
+    term = os.environ.get("TERM")
+    if term:
+        env["TERM"] = term
+    env.update(spec.env)
+    return env
+
+
+def resolve_command(spec, env):
+    """Find COMMAND in the job's root, as execvp would, so that 'not found'
+    (127) and 'not executable' (126) are told apart before exec."""
+    cmd = spec.command[0]
+    if "/" in cmd:
+        candidates = [cmd]
+    else:
+        candidates = [os.path.join(d or ".", cmd) for d in env.get("PATH", DEFAULT_PATH).split(":")]
+    found = None
+    for path in candidates:
+        if os.path.isfile(path):
+            if os.access(path, os.X_OK):
+                found = path
+                break
+            found = found or path
+    if found is None:
+        raise NotFound("%s: command not found in the job's root" % cmd)
+    if not os.access(found, os.X_OK):
+        raise NotExecutable("%s: permission denied (not executable)" % found)
+    argv = [found] + list(spec.command[1:])
+    if spec.init:
+        argv = ["/dev/init", "--"] + argv
+    return argv
+
+
+def drop_privileges(spec):
+    """The last step before exec: capabilities, no_new_privs, user, seccomp
+    (see the security issue).  Nothing yet beyond what the core does."""
+
+
+def close_inherited_fds(keep):
+    """The job inherits fds 0, 1 and 2 only, whatever the caller leaked."""
+    os.closerange(3, keep)
+    os.closerange(keep + 1, 1 << 20)
+    audit("file descriptors above 2 closed")
+
+
+# ---------------------------------------------------------------------------
+# The parent: set up, release the child, supervise, tear down.
+# ---------------------------------------------------------------------------
+
+
+class Outcome:
+    def __init__(self):
+        self.exit_code = None
+        self.signal = None
+        self.timed_out = False
+        self.killed = False
+        self.error = None
+
+
+def run_job(spec):
+    validate(spec)
+    teardown = Teardown()
+    state = JobState(spec.id)
+    state.create()
+    teardown.push("state %s removed" % state.dir, state.remove)
+    try:
+        os.mkdir(os.path.join(state.dir, "root"), 0o700)
+        state.save(id=spec.id, command=list(spec.command), hostname=spec.hostname,
+                   started=time.time(), net=spec.net, jrun_pid=os.getpid())
+        return supervise(spec, state, teardown)
+    finally:
+        teardown.run()
+
+
+def supervise(spec, state, teardown):
+    out = Outcome()
+    all_sigs = set(FORWARDED_SIGNALS) | {signal.SIGCHLD}
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, all_sigs)
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
+    resources = host_resources(spec)
+    for res in resources:
+        res.setup(state)
+        teardown.push(res.name, res.teardown)
+    plan = ChildPlan(spec=spec, state_dir=state.dir, status_w=status_w, sync_r=sync_r,
+                     parent_pid=os.getpid(), sigmask=old_mask, resources=resources)
+    pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    unshare(CLONE_NEWPID)
+    pid = os.fork()
+    if pid == 0:
+        os.close(status_r)
+        os.close(sync_w)
+        child_main(plan)
+    # Our own later children (helpers such as nft) stay in the host's PID
+    # namespace: only the job is born into the new one.
+    setns(pidns, CLONE_NEWPID)
+    os.close(pidns)
+    os.close(status_w)
+    os.close(sync_r)
+    started = time.monotonic()
+    state.save(pid=pid)
+    reaped = None
+    try:
+        status = _read_status(status_r)
+        if status == "R":
+            for res in resources:
+                res.attach(pid)
+            os.write(sync_w, b"G")
+            os.close(sync_w)
+            sync_w = None
+            audit("child released from the sync pipe")
+            status = _read_status(status_r)
+        if status and status.startswith("E"):
+            code, _, msg = status[1:].partition(" ")
+            out.error = msg
+            out.exit_code = int(code)
+            _, ws = os.waitpid(pid, 0)
+            reaped = ws
+            raise (NotFound if out.exit_code == EXIT_NOTFOUND else
+                   NotExecutable if out.exit_code == EXIT_NOEXEC else SetupError)(msg)
+        reaped = wait_for_job(spec, pid, out, started)
+        for res in resources:
+            res.collect(out)
+    finally:
+        if sync_w is not None:
+            os.close(sync_w)
+        os.close(status_r)
+        if reaped is None:
+            _kill_and_reap(pid)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    return out.exit_code
+
+
+def _read_status(fd):
+    """One line from the child's status pipe; '' at EOF (exec succeeded)."""
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = os.read(fd, 1)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.decode("utf-8", "replace").rstrip("\n")
+
+
+def _kill_and_reap(pid):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+def wait_for_job(spec, pid, out, started):
+    """Wait for PID 1 of the job, relaying signals and enforcing --timeout.
+    Returns the wait status."""
+    deadline = started + spec.timeout if spec.timeout else None
+    kill_at = None
+    wanted = list(FORWARDED_SIGNALS) + [signal.SIGCHLD]
+    while True:
+        wpid, ws = os.waitpid(pid, os.WNOHANG)
+        if wpid == pid:
+            break
+        now = time.monotonic()
+        waits = [t - now for t in (deadline, kill_at) if t is not None]
+        info = signal.sigtimedwait(wanted, max(0.0, min(waits)) if waits else 3600.0)
+        now = time.monotonic()
+        if info is not None and info.si_signo != signal.SIGCHLD:
+            name = signal.Signals(info.si_signo).name
+            log("info", "%s received; forwarding it to the job" % name)
+            _signal(pid, info.si_signo)
+            if kill_at is None:
+                kill_at = now + spec.stop_timeout
+        if deadline is not None and now >= deadline and not out.timed_out:
+            out.timed_out = True
+            log("warning", "job %s timed out after %s; sending SIGTERM" % (spec.id, _fmt_dur(spec.timeout)))
+            _signal(pid, signal.SIGTERM)
+            kill_at = now + spec.stop_timeout
+            deadline = None
+        if kill_at is not None and now >= kill_at and not out.killed:
+            out.killed = True
+            log("warning", "job %s still running %s after SIGTERM; sending SIGKILL"
+                % (spec.id, _fmt_dur(spec.stop_timeout)))
+            _signal(pid, signal.SIGKILL)
+            kill_at = None
+    if os.WIFSIGNALED(ws):
+        out.signal = os.WTERMSIG(ws)
+        out.exit_code = 128 + out.signal
+    else:
+        out.exit_code = os.WEXITSTATUS(ws)
+    if out.timed_out:
+        out.exit_code = EXIT_TIMEOUT
+    return ws
+
+
+def _signal(pid, sig):
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _fmt_dur(seconds):
+    return ("%gs" % seconds) if seconds < 120 else ("%gm" % (seconds / 60))
+
+
+# ---------------------------------------------------------------------------
+# Subcommands
+# ---------------------------------------------------------------------------
+
+
+def job_ids():
+    try:
+        return sorted(os.listdir(STATE_DIR))
+    except FileNotFoundError:
+        return []
+
+
+def gc_job(job_id):
+    """Remove what a dead job left behind.  Never touches a live job."""
+    state = JobState(job_id)
+    if state.is_live():
+        return False
+    record = state.load()
+    for cls in reversed(RESOURCE_CLASSES):
+        res = cls.from_state(record)
+        if res is not None:
+            res.teardown()
+    root = os.path.join(state.dir, "root")
+    # The job's mounts lived in its own mount namespace and died with it;
+    # a mount here would only come from a crash mid-setup of an old jrun.
+    try:
+        umount2(root, MNT_DETACH)
+    except OSError:
+        pass
+    try:
+        state.remove()
+    except FileNotFoundError:
+        pass
+    return True
+
+
+def cmd_gc(argv):
+    if argv:
+        raise UsageError("gc takes no arguments")
+    removed = [j for j in job_ids() if gc_job(j)]
+    for j in removed:
+        log("info", "gc: removed leftovers of job %s" % j)
+    return 0
+
+
+def cmd_rootfs(argv):
+    if argv[:1] == ["path"] and len(argv) == 1:
+        sys.stdout.write(ROOTFS_DIR + "\n")
+        return 0
+    if argv[:1] == ["build"] and set(argv[1:]) <= {"--force"}:
+        return build_rootfs(force="--force" in argv)
+    raise UsageError("usage: jrun rootfs build [--force] | jrun rootfs path")
+
+
+def _skel_dir():
+    here = os.path.dirname(os.path.abspath(__file__))
+    for d in (os.path.join(here, "rootfs", "skel"), os.path.join(sys.prefix, "share", "jrun", "rootfs", "skel")):
+        if os.path.isdir(d):
+            return d
+    raise SetupError("rootfs skeleton not found next to %s or in %s/share/jrun" % (__file__, sys.prefix))
+
+
+def _is_static_elf(path):
+    """True if the ELF file has no PT_INTERP program header."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if head[:4] != b"\x7fELF" or head[4] != 2:
+            return False
+        end = "<" if head[5] == 1 else ">"
+        phoff, = struct.unpack(end + "Q", head[32:40])
+        phentsize, phnum = struct.unpack(end + "HH", head[54:58])
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+    return all(struct.unpack(end + "I", table[i * phentsize: i * phentsize + 4])[0] != 3 for i in range(phnum))
+
+
+def build_rootfs(force=False):
+    """The recipe of the default minimal rootfs (see rootfs/README.md)."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0:
+        raise UsageError("rootfs build must run as root")
+    if os.path.isfile(os.path.join(ROOTFS_DIR, "bin/busybox")) and not force:
+        log("info", "rootfs already built at %s (use --force to rebuild)" % ROOTFS_DIR)
+        return 0
+    if not os.path.isfile(BUSYBOX) or not _is_static_elf(BUSYBOX):
+        raise SetupError("%s is missing or not statically linked (apt-get install busybox-static)" % BUSYBOX)
+    skel = _skel_dir()
+    parent = os.path.dirname(ROOTFS_DIR)
+    os.makedirs(parent, mode=0o755, exist_ok=True)
+    tmp = "%s.new-%d" % (ROOTFS_DIR, os.getpid())
+    os.mkdir(tmp, 0o755)
+    try:
+        for d, mode in (("bin", 0o755), ("sbin", 0o755), ("usr/bin", 0o755), ("usr/sbin", 0o755),
+                        ("etc", 0o755), ("proc", 0o555), ("sys", 0o555), ("dev", 0o755),
+                        ("tmp", 0o1777), ("work", 0o755), ("root", 0o700), ("home", 0o755),
+                        ("run", 0o755), ("var/tmp", 0o1777), ("mnt", 0o755)):
+            os.makedirs(os.path.join(tmp, d), exist_ok=True)
+            os.chmod(os.path.join(tmp, d), mode)
+        shutil.copy2(BUSYBOX, os.path.join(tmp, "bin/busybox"))
+        os.chmod(os.path.join(tmp, "bin/busybox"), 0o755)
+        applets = subprocess.run([BUSYBOX, "--list-full"], check=True, capture_output=True,
+                                 text=True).stdout.split()
+        for rel in applets:
+            link = os.path.join(tmp, rel)
+            if rel == "bin/busybox" or os.path.lexists(link):
+                continue
+            os.makedirs(os.path.dirname(link), exist_ok=True)
+            os.symlink("/bin/busybox", link)
+        shutil.copytree(skel, tmp, symlinks=True, dirs_exist_ok=True)
+        with open(os.path.join(tmp, ".jrun-rootfs"), "w") as f:
+            f.write("built by jrun %s from %s (%d applets) at %s\n"
+                    % (__version__, BUSYBOX, len(applets), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+        if os.path.exists(ROOTFS_DIR):
+            old = "%s.old-%d" % (ROOTFS_DIR, os.getpid())
+            os.rename(ROOTFS_DIR, old)
+            os.rename(tmp, ROOTFS_DIR)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, ROOTFS_DIR)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log("info", "rootfs built at %s (busybox, %d applets)" % (ROOTFS_DIR, len(applets)))
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# main: the only place that prints errors and turns them into a status.
+# ---------------------------------------------------------------------------
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] and argv[0] in SUBCOMMANDS:
+            sub, rest = argv[0], argv[1:]
+            if sub == "run":
+                return cmd_run(rest)
+            if sub in ("-h", "--help"):
+                raise HelpRequested(run_help())
+            return {"gc": cmd_gc, "rootfs": cmd_rootfs}.get(sub, _not_yet(sub))(rest)
+        return cmd_run(argv)
+    except HelpRequested as h:
+        sys.stdout.write(str(h))
+        return 0
+    except JrunError as e:
+        log("error", str(e))
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _not_yet(sub):
+    def fail(argv):
+        raise UsageError("'jrun %s' is not supported by this version of jrun yet" % sub)
+
+    return fail
+
+
+def cmd_run(argv):
+    spec = parse_run(argv)
+    _log["level"] = LEVELS[spec.log_level]
+    _log["format"] = spec.log_format
+    _log["job"] = spec.id
+    return run_job(spec)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
