@@ -14,10 +14,13 @@ One privileged invocation, no daemon, no setuid helper.  The order of a run:
      unshares mount, UTS, IPC and network namespaces and reports "ready";
   4. parent: put the child in its cgroup, move its veth in, release it
      through the sync pipe;
-  5. child: cgroup namespace, private mounts, a per-job overlay root on a
-     tmpfs, /proc, a minimal /dev, pivot_root, old root detached, hostname,
-     new session, privileges dropped, seccomp, exec COMMAND (a failure before
-     exec is reported through a close-on-exec error pipe);
+  5. child: cgroup namespace, private mounts, a per-job root on a tmpfs
+     (an overlay, or the host's system dirs read-only), /work, a minimal
+     /dev, uploads copied and volumes bound (all still before pivot_root,
+     never following a symlink of the job's root out of it), pivot_root,
+     old root detached, /proc, hostname, new session, privileges dropped,
+     seccomp, exec COMMAND (a failure before exec is reported through a
+     close-on-exec error pipe);
   6. parent: forward signals, enforce --timeout, reap, tear down in reverse.
 
 Exit status: COMMAND's own; 128+N if killed by signal N; 137 OOM-killed;
@@ -937,7 +940,7 @@ class Uploader:
     symlink planted in the source tree, the rootfs or an earlier upload
     cannot redirect a read or a write."""
 
-    STEP = 1 << 30
+    STEP = 1 << 26  # bytes per copy call: progress and Ctrl-C are checked between calls
 
     def __init__(self, uploads):
         self.total_files = sum(u.files or 0 for u in uploads)
@@ -955,6 +958,10 @@ class Uploader:
                 self.upload(rootfd, up)
             except OSError as e:
                 raise SetupError("--upload %s: copying to %s: %s" % (up.src, up.dest, e.strerror)) from None
+            except SetupError as e:
+                raise SetupError("--upload %s: %s" % (up.src, e)) from None
+            except RecursionError:
+                raise SetupError("--upload %s: the tree is nested too deeply to copy" % up.src) from None
         took = time.monotonic() - self.started
         if self.tty:
             self._say(" done in %.1fs" % took, True)
@@ -973,8 +980,13 @@ class Uploader:
 
     def _progress(self):
         now = time.monotonic()
-        if self.tty and now - self.shown > 0.25:
+        if now - self.shown > 0.25:
             self.shown = now
+            # The signals jrun forwards are blocked until exec; one pending
+            # means the caller wants to stop (Ctrl-C): do not finish a long copy.
+            pending = signal.sigpending() & set(FORWARDED_SIGNALS)
+            if pending:
+                raise SetupError("interrupted by %s" % signal.Signals(min(pending)).name)
             self._say(" %d%%" % (100 * self.bytes // max(self.total_bytes, 1)), False)
 
     def upload(self, rootfd, up):
@@ -1107,6 +1119,15 @@ def prepare_volume(rootfd, v):
     """The mount point of volume V in the job's root (a directory for a
     directory, an empty file otherwise), as an O_PATH fd.  Made before any
     volume is mounted, so that no path is ever created inside a host volume."""
+    try:
+        return _volume_target(rootfd, v)
+    except OSError as e:
+        raise SetupError("-v/--volume %s:%s: %s" % (v.src, v.dest, e.strerror)) from None
+    except SetupError as e:
+        raise SetupError("-v/--volume %s:%s: %s" % (v.src, v.dest, e)) from None
+
+
+def _volume_target(rootfd, v):
     pfd = open_dir_in_root(rootfd, os.path.dirname(v.dest))
     name = os.path.basename(v.dest)
     try:
@@ -1117,8 +1138,7 @@ def prepare_volume(rootfd, v):
         try:
             _clear_entry(pfd, name, False)
         except SetupError:
-            raise SetupError("-v/--volume %s: DEST %s is a directory in the job's root, SRC is not"
-                             % (v.src, v.dest)) from None
+            raise SetupError("DEST is a directory in the job's root, SRC is not") from None
         os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
                          dir_fd=pfd))
         return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
@@ -1688,7 +1708,6 @@ def supervise(spec, state, teardown):
     os.close(pidns)
     os.close(status_w)
     os.close(sync_r)
-    started = time.monotonic()
     state.save(pid=pid)
     reaped = None
     try:
@@ -1700,7 +1719,7 @@ def supervise(spec, state, teardown):
             os.close(sync_w)
             sync_w = None
             audit("child released from the sync pipe")
-            status = _read_status(status_r)
+            status = _read_status(status_r, relay_to=pid)
         if status and status.startswith("E"):
             code, _, msg = status[1:].partition(" ")
             out.error = msg
@@ -1709,6 +1728,8 @@ def supervise(spec, state, teardown):
             reaped = ws
             raise (NotFound if out.exit_code == EXIT_NOTFOUND else
                    NotExecutable if out.exit_code == EXIT_NOEXEC else SetupError)(msg)
+        # COMMAND runs from here: --timeout does not count the uploads' copy.
+        started = time.monotonic()
         reaped = wait_for_job(spec, pid, out, started)
         for res in resources:
             res.collect(out)
@@ -1722,10 +1743,20 @@ def supervise(spec, state, teardown):
     return out.exit_code
 
 
-def _read_status(fd):
-    """One line from the child's status pipe; '' at EOF (exec succeeded)."""
+def _read_status(fd, relay_to=None):
+    """One line from the child's status pipe; '' at EOF (exec succeeded).
+    With RELAY_TO, a signal to forward that arrives meanwhile (the child may
+    be copying uploads for a while) is passed on: the child keeps it blocked,
+    and either stops its copy or COMMAND gets it at exec."""
     buf = b""
     while not buf.endswith(b"\n"):
+        if relay_to is not None:
+            import select
+
+            while not select.select([fd], [], [], 0.2)[0]:
+                info = signal.sigtimedwait(FORWARDED_SIGNALS, 0)
+                if info is not None:
+                    _signal(relay_to, info.si_signo)
         chunk = os.read(fd, 1)
         if not chunk:
             break
