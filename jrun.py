@@ -86,16 +86,20 @@ RESOLVE_IN_ROOT = 0x10
 MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
+AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
+OPEN_TREE_CLONE = 1
+MOVE_MOUNT_F_EMPTY_PATH = 0x04
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
 
 # Signals jrun relays to the job; each asks it to end, so each starts the
 # grace period after which jrun sends SIGKILL.
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 _SYSCALLS = {  # <asm/unistd.h>
-    "x86_64": {"pivot_root": 155, "openat2": 437, "mount_setattr": 442},
-    "aarch64": {"pivot_root": 41, "openat2": 437, "mount_setattr": 442},
+    "x86_64": {"pivot_root": 155, "open_tree": 428, "move_mount": 429, "openat2": 437, "mount_setattr": 442},
+    "aarch64": {"pivot_root": 41, "open_tree": 428, "move_mount": 429, "openat2": 437, "mount_setattr": 442},
 }
 
 # ---------------------------------------------------------------------------
@@ -244,6 +248,27 @@ def openat2(dirfd, path, flags, resolve, mode=0):
     L = ctypes.c_long
     return _check(_c().syscall(L(nr), L(dirfd), _b(path), ctypes.byref(how), L(ctypes.sizeof(how))),
                   "openat2 %s" % path)
+
+
+def open_tree_clone(path):
+    """open_tree(2) OPEN_TREE_CLONE|AT_RECURSIVE: a detached copy of the mount
+    tree at PATH, not yet visible anywhere, as an fd."""
+    import ctypes
+
+    L = ctypes.c_long
+    nr = _SYSCALLS[os.uname().machine]["open_tree"]
+    flags = OPEN_TREE_CLONE | AT_RECURSIVE | os.O_CLOEXEC
+    return _check(_c().syscall(L(nr), L(AT_FDCWD), _b(path), L(flags)), "open_tree %s" % path)
+
+
+def move_mount(from_fd, to_fd):
+    """move_mount(2) of the detached tree FROM_FD onto the path open as TO_FD."""
+    import ctypes
+
+    L = ctypes.c_long
+    nr = _SYSCALLS[os.uname().machine]["move_mount"]
+    flags = MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH
+    _check(_c().syscall(L(nr), L(from_fd), b"", L(to_fd), b"", L(flags)), "move_mount")
 
 
 def mount_setattr(fd, attr_set, recursive=True):
@@ -851,22 +876,6 @@ def _safe_file(root, rel, mode=0o644, content=None):
     return path
 
 
-def open_tree(path, flags):
-    import ctypes
-
-    L = ctypes.c_long
-    nr = 428  # the same on x86_64 and aarch64 (the unified syscall table)
-    return _check(_c().syscall(L(nr), L(-100), _b(path), L(flags)), "open_tree %s" % path)
-
-
-def move_mount(from_fd, to_fd):
-    import ctypes
-
-    L = ctypes.c_long
-    flags = 0x04 | 0x40  # MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH
-    _check(_c().syscall(L(429), L(from_fd), b"", L(to_fd), b"", L(flags)), "move_mount")
-
-
 def bind_into(src, target_fd, attrs):
     """Bind host path SRC, with its submounts, onto the mount point open as
     TARGET_FD.  The copy of the tree is made read-only/nosuid/nodev while it
@@ -874,7 +883,7 @@ def bind_into(src, target_fd, attrs):
     there is no moment at which the job's path is a writable view, and a
     submount of SRC is as read-only as SRC itself (a MS_REMOUNT of the top
     mount would leave submounts writable)."""
-    tree = open_tree(src, 1 | AT_RECURSIVE | os.O_CLOEXEC)  # OPEN_TREE_CLONE
+    tree = open_tree_clone(src)
     try:
         mount_setattr(tree, attrs, recursive=True)
         move_mount(tree, target_fd)
@@ -1516,7 +1525,9 @@ def build_root(spec, state_dir):
         # Relative layer paths, so that the job's /proc/self/mountinfo names no
         # host path (overlayfs shows its options as they were given).
         os.chdir(base)
-        mount("overlay", root, "overlay", MS_NOSUID, "lowerdir=lower,upperdir=upper,workdir=work")
+        # nodev: a device node in a custom rootfs (an image from anywhere)
+        # must not open the host's disks; /dev is a mount of its own.
+        mount("overlay", root, "overlay", MS_NOSUID | MS_NODEV, "lowerdir=lower,upperdir=upper,workdir=work")
         audit("root: overlay of %s with a private writable layer" % lower)
 
     tmp = _safe_mkdirs(root, "tmp", 0o1777)
