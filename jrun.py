@@ -954,7 +954,7 @@ class Uploader:
     def __init__(self, uploads):
         self.total_files = sum(u.files or 0 for u in uploads)
         self.total_bytes = sum(u.bytes or 0 for u in uploads)
-        self.files = self.bytes = self.skipped = 0
+        self.bytes = self.skipped = 0
         self.fast = True  # copy_file_range until the kernel says EXDEV
         self.tty = _log["format"] == "text" and LEVELS["info"] >= _log["level"] and os.isatty(2)
         self.started = self.shown = time.monotonic()
@@ -1012,29 +1012,31 @@ class Uploader:
         finally:
             os.close(pfd)
 
-    def _copy_entry(self, sdir, sname, dfd, rel):
+    def _copy_entry(self, sdir, entry, dfd, rel):
         import stat
 
-        st = os.stat(sname, dir_fd=sdir, follow_symlinks=False)
-        mode = st.st_mode
-        if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+        self._progress()
+        name = entry.name
+        # d_type says what to open; fstat of the opened fd is what counts
+        # (O_NOFOLLOW: a file swapped for a symlink meanwhile fails).
+        if entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False):
             flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-            sfd = os.open(sname, flags | (os.O_DIRECTORY if stat.S_ISDIR(mode) else 0), dir_fd=sdir)
+            sfd = os.open(name, flags, dir_fd=sdir)
             try:
-                self._copy_open(sfd, os.fstat(sfd), dfd, sname, rel)
+                self._copy_open(sfd, os.fstat(sfd), dfd, name, rel)
             finally:
                 os.close(sfd)
-        elif stat.S_ISLNK(mode):
-            target = os.readlink(sname, dir_fd=sdir)
-            _clear_entry(dfd, sname, False)
-            os.symlink(target, sname, dir_fd=dfd)
-            self._meta(None, st, dfd, sname)
-            self.files += 1
-        elif stat.S_ISFIFO(mode):
-            _clear_entry(dfd, sname, False)
-            os.mkfifo(sname, 0o600, dir_fd=dfd)
-            self._meta(None, st, dfd, sname)
-            self.files += 1
+            return
+        st = os.stat(name, dir_fd=sdir, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            target = os.readlink(name, dir_fd=sdir)
+            _clear_entry(dfd, name, False)
+            os.symlink(target, name, dir_fd=dfd)
+            self._meta(None, st, dfd, name)
+        elif stat.S_ISFIFO(st.st_mode):
+            _clear_entry(dfd, name, False)
+            os.mkfifo(name, 0o600, dir_fd=dfd)
+            self._meta(None, st, dfd, name)
         else:
             self.skipped += 1
 
@@ -1042,13 +1044,17 @@ class Uploader:
         import stat
 
         if stat.S_ISDIR(st.st_mode):
-            if not _clear_entry(dfd, name, True):
+            # An existing directory (the rootfs's /etc, /tmp) keeps its own
+            # owner and mode: an upload merges into it, it does not chmod it.
+            existed = _clear_entry(dfd, name, True)
+            if not existed:
                 os.mkdir(name, 0o700, dir_fd=dfd)
             out = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
             try:
                 for entry in os.scandir(sfd):
-                    self._copy_entry(sfd, entry.name, out, (rel, entry.name))
-                self._meta(out, st)
+                    self._copy_entry(sfd, entry, out, (rel, entry.name))
+                if not existed:
+                    self._meta(out, st)
             finally:
                 os.close(out)
         elif stat.S_ISREG(st.st_mode):
@@ -1058,7 +1064,6 @@ class Uploader:
 
     def _copy_file(self, sfd, st, dfd, name, rel):
         _clear_entry(dfd, name, False)
-        self.files += 1
         key = (st.st_dev, st.st_ino)
         if st.st_nlink > 1:
             if key in self.links:
@@ -1170,13 +1175,14 @@ def mount_volume(v, target_fd):
 HOST_SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
 # What of the host's /etc a program needs to run (users, libraries, TLS roots,
 # time zone, interpreters' configuration); never shadow, gshadow, sudoers,
-# ssh host keys or ssl/private.  A name ending in '*' is a prefix.
+# ssh host keys, ssl/private, nor files that often hold credentials (pip.conf,
+# gitconfig, environment with proxy passwords).  '*' ends a prefix.
 HOST_ETC = ("passwd", "group", "nsswitch.conf", "host.conf", "gai.conf", "protocols", "services",
             "networks", "ethertypes", "rpc", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives",
             "ssl/certs", "ssl/openssl.cnf", "ca-certificates", "ca-certificates.conf", "localtime",
             "timezone", "os-release", "debian_version", "lsb-release", "mime.types", "magic", "magic.mime",
             "locale.alias", "locale.conf", "default/locale", "profile", "bash.bashrc", "inputrc",
-            "environment", "mtab", "python3*", "perl", "fonts", "gitconfig", "pip.conf")
+            "mtab", "python3*", "perl", "fonts")
 # Copied rather than bound: the job (or jrun's network setup) may rewrite it.
 HOST_ETC_COPIED = ("resolv.conf",)
 RO = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV

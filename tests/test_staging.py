@@ -118,6 +118,16 @@ def test_upload_destinations(tmp_path):
     assert p.stdout.split() == ["/srv/app/renamed", "/srv/app/sub/f.txt", "/srv/app"]
 
 
+def test_upload_merges_into_an_existing_directory_without_changing_it(tmp_path):
+    src = tmp_path / "etc"
+    src.mkdir()
+    src.chmod(0o700)
+    (src / "app.conf").write_text("conf")
+    p = sh("stat -c '%a %U' /etc /tmp; cat /etc/app.conf /tmp/app.conf; echo; test -f /etc/passwd && echo kept",
+           "--upload", "%s:/etc" % src, "--upload", "%s:/tmp" % src, check=0)
+    assert p.stdout.split() == ["755", "root", "1777", "root", "confconf", "kept"]
+
+
 def test_upload_follows_a_symlink_named_as_src(tmp_path):
     (tmp_path / "real").write_text("via-link")
     os.symlink(tmp_path / "real", tmp_path / "link")
