@@ -76,7 +76,7 @@ def main():
                         "jrun-bench", mnt], check=True)
         mounted = True
         # Warm the page cache for every contender alike.
-        subprocess.run("tar cf - %s | cat > /dev/null" % src, shell=True, check=True)
+        subprocess.run("tar cf - -C %s src | cat > /dev/null" % top, shell=True, check=True)
         rows = {"cp -a into a tmpfs": [], "jrun --upload (whole run)": [], "jrun (no upload)": [],
                 "jrun --upload minus no-upload run": [], "jrun's own copy time": []}
         for _ in range(args.runs):
