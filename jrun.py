@@ -1736,7 +1736,7 @@ def supervise(spec, state, teardown):
             os.close(sync_w)
             sync_w = None
             audit("child released from the sync pipe")
-            status = _read_status(status_r, relay_to=pid)
+            status = _read_status(status_r, relay_to=pid if spec.uploads else None)
         if status and status.startswith("E"):
             code, _, msg = status[1:].partition(" ")
             out.error = msg

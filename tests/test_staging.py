@@ -2,6 +2,7 @@
 --read-only, with the real jrun as root on this kernel."""
 import hashlib
 import os
+import signal
 import stat
 import subprocess
 import uuid
@@ -192,6 +193,24 @@ def test_upload_progress_on_a_terminal_and_summary_otherwise(tmp_path):
     out, status = jrun_in_pty("--net", "none", "--upload", src, "--", "/bin/true", timeout=30)
     assert status == 0
     assert b"Uploading 1,204 files (120.4 kB)..." in out and b"done" in out, out
+
+
+def test_sigterm_stops_a_long_upload(tmp_path):
+    big = tmp_path / "big"
+    with open(big, "wb") as f:
+        f.truncate(2 << 30)  # sparse on the host; 2 GiB to copy
+    proc = subprocess.Popen(JRUN + ["--net", "none", "--log-level", "debug", "--upload", str(big), "--",
+                                    "/bin/echo", "ran"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err = ""
+    while "/work (tmpfs" not in err:  # the child is staging: jrun's signals are blocked now
+        line = proc.stderr.readline()
+        assert line, err
+        err += line
+    proc.send_signal(signal.SIGTERM)
+    out, rest = proc.communicate(timeout=60)
+    err += rest
+    assert proc.returncode == 125 and "interrupted by SIGTERM" in err, (proc.returncode, err)
+    assert out == ""
 
 
 # --- the workdir ----------------------------------------------------------------
