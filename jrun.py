@@ -1284,7 +1284,20 @@ def build_rootfs(force=False):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    if argv is None:
+        # Called as the program: skip the interpreter's teardown (2-3 ms of
+        # every job here); nothing of jrun's needs atexit handlers.
+        code = _main(sys.argv[1:])
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            code = code or 1
+        os._exit(code)
+    return _main(argv)
+
+
+def _main(argv):
     try:
         if argv[:1] and argv[0] in SUBCOMMANDS:
             sub, rest = argv[0], argv[1:]
