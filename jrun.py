@@ -1081,7 +1081,10 @@ class Cgroup(Resource):
             time.sleep(0.005)
 
     def teardown(self):
-        self.kill_all()
+        try:
+            self.kill_all()
+        except (OSError, SetupError) as e:
+            log("warning", "cgroup teardown: %s" % e)
         for d in reversed(self.dirs):
             # Right after the last process exits the kernel may still hold
             # the cgroup busy for a moment (EBUSY): retry briefly.
@@ -1093,10 +1096,11 @@ class Cgroup(Resource):
                     break
                 except OSError as e:
                     if e.errno != errno.EBUSY:
-                        raise
+                        log("warning", "cgroup teardown: cannot remove %s: %s" % (d, e.strerror))
+                        break
                     time.sleep(0.005)
             else:
-                raise SetupError("%s: still busy" % d)
+                log("warning", "cgroup teardown: %s is still busy; `jrun gc` will retry" % d)
 
 
 class CgroupV1(Cgroup):
