@@ -51,6 +51,7 @@ DEFAULT_WORKDIR = "/work"
 DEFAULT_STOP_TIMEOUT = 10.0
 
 EXIT_TIMEOUT = 124
+EXIT_OOM = 137
 EXIT_JRUN = 125
 EXIT_NOEXEC = 126
 EXIT_NOTFOUND = 127
@@ -543,15 +544,230 @@ def rootfs_path(spec):
     return ROOTFS_DIR if spec.rootfs == "minimal" else spec.rootfs
 
 
+# What this host's cgroups look like, learnt once per run from
+# /proc/self/mounts: cgroup v2 if /sys/fs/cgroup itself is a cgroup2 mount,
+# else the v1 hierarchies (a hybrid host's /sys/fs/cgroup/unified holds no
+# controller jrun uses).  validate() checks limits against it; the cgroup
+# section below builds on it.
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+CGROUP_SUBTREE = "jrun"
+CPU_PERIOD_US = 100000
+# Below this a job cannot even start (the child's own pages, busybox's page
+# cache); a limit under it would fail in confusing ways, so it is refused.
+MEMORY_FLOOR = 4 << 20
+V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio")
+# The controllers each limit needs, by cgroup version.
+_LIMIT_CONTROLLERS = {
+    "cpu": ("--cpu", "cpu", "cpu"), "cores": ("--cores", "cpuset", "cpuset"),
+    "memory": ("--memory", "memory", "memory"), "pids": ("--pids", "pids", "pids"),
+    "io_bps": ("--io-bps", "blkio", "io"),
+}
+
+
+class CgroupHost:
+    """version 1 or 2; v1: mounts = {controller: (mountpoint, options)}."""
+
+    def __init__(self):
+        self.version = 1
+        self.mounts = {}
+        with open("/proc/self/mounts", encoding="utf-8") as f:
+            for line in f:
+                _src, point, fstype, opts = line.split()[:4]
+                if point == CGROUP_ROOT and fstype == "cgroup2":
+                    self.version, self.mounts = 2, {}
+                    break
+                if fstype == "cgroup":
+                    ctrls = [o for o in opts.split(",") if o in V1_CONTROLLERS]
+                    for c in ctrls:
+                        self.mounts.setdefault(c, (point, ",".join(ctrls)))
+
+    def controllers(self, parent):
+        """The controllers a job under PARENT (relative to the root) can use."""
+        if self.version == 1:
+            return set(self.mounts)
+        try:
+            with open(os.path.join(CGROUP_ROOT, parent, "cgroup.controllers"), encoding="utf-8") as f:
+                return set(f.read().split())
+        except FileNotFoundError:
+            return set()
+
+
+_cgroup_host = []
+
+
+def cgroup_host():
+    if not _cgroup_host:
+        _cgroup_host.append(CgroupHost())
+    return _cgroup_host[0]
+
+
+def cgroup_parent(spec):
+    """--cgroup-parent as a path relative to each hierarchy's root."""
+    return (spec.cgroup_parent or CGROUP_SUBTREE).strip("/")
+
+
+def parse_cpuset(opt, text):
+    """'0-1,3' -> (0, 1, 3)."""
+    cpus = set()
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        if not (lo.isdigit() and (not dash or hi.isdigit())) or (dash and int(hi) < int(lo)):
+            raise UsageError("%s: %r is not a CPU list (use e.g. 0, 0-1, 0-1,3)" % (opt, text))
+        cpus.update(range(int(lo), int(hi if dash else lo) + 1))
+    return tuple(sorted(cpus))
+
+
+def format_cpuset(cpus):
+    """(0, 1, 3) -> '0-1,3', the kernel's own spelling."""
+    out, cpus = [], sorted(cpus)
+    i = 0
+    while i < len(cpus):
+        j = i
+        while j + 1 < len(cpus) and cpus[j + 1] == cpus[j] + 1:
+            j += 1
+        out.append(str(cpus[i]) if i == j else "%d-%d" % (cpus[i], cpus[j]))
+        i = j + 1
+    return ",".join(out)
+
+
+def _read_cpuset_file(path):
+    with open(path, encoding="utf-8") as f:
+        text = f.read().strip()
+    return parse_cpuset(path, text) if text else ()
+
+
+def _mount_of(path):
+    """(fstype, source, super options) of the mount holding PATH."""
+    path = os.path.realpath(path)
+    best = ("", "", "", "")
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            pre, _, post = line.partition(" - ")
+            point = pre.split()[4].replace("\\040", " ")
+            if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best[0]):
+                fstype, source, opts = (post.split() + ["", "", ""])[:3]
+                best = (point, fstype, source, opts)
+    return best[1:]
+
+
+def block_devices(paths, _depth=0):
+    """The whole disks ("major:minor") that back PATHS, found at run time:
+    st_dev for a filesystem on a block device (a partition is walked up to
+    its disk, because the throttle works per disk); an overlay is followed to
+    its layers; tmpfs and other memory filesystems have no disk and add none."""
+    devs = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        dev = "%d:%d" % (os.major(st.st_dev), os.minor(st.st_dev))
+        if os.major(st.st_dev) == 0:  # btrfs, overlay, tmpfs: an anonymous device
+            fstype, source, opts = _mount_of(p)
+            dev = None
+            if fstype == "overlay" and _depth < 4:
+                layers = [o.split("=", 1)[1] for o in opts.split(",") if o.startswith(("lowerdir=", "upperdir="))]
+                devs += [d for d in block_devices([x for lay in layers for x in lay.split(":")], _depth + 1)
+                         if d not in devs]
+            elif source.startswith("/dev/"):
+                try:
+                    rdev = os.stat(source).st_rdev
+                    dev = "%d:%d" % (os.major(rdev), os.minor(rdev))
+                except OSError:
+                    pass
+        sysdir = "/sys/dev/block/%s" % dev
+        if dev is None or not os.path.isdir(sysdir):
+            continue
+        if os.path.exists(os.path.join(sysdir, "partition")):
+            with open(os.path.join(sysdir, "..", "dev"), encoding="utf-8") as f:
+                dev = f.read().strip()
+        if dev not in devs:
+            devs.append(dev)
+    return devs
+
+
+def io_paths(spec):
+    """Where the job's files live on the host: its root's lower layer (the
+    writable layer, /tmp and the default workdir are tmpfs: no disk IO)."""
+    return [rootfs_path(spec)]
+
+
+ACCOUNTING_CONTROLLERS = {1: ("memory", "pids", "cpuacct", "blkio"), 2: ("memory", "pids", "io")}
+
+
+def cgroup_controllers(spec):
+    """The controllers the job's cgroup uses: those its limits need (each
+    must exist here, or the run is refused) and those that account for it
+    (--stats, --json-status, and killing every process at the end), where the
+    host has them."""
+    host = cgroup_host()
+    parent = cgroup_parent(spec)
+    if host.version == 2:
+        where = os.path.join(CGROUP_ROOT, parent) if spec.cgroup_parent else CGROUP_ROOT
+        if not os.path.isdir(where):
+            raise UsageError("--cgroup-parent: %s does not exist (create or delegate it first)" % where)
+        have = host.controllers(parent if spec.cgroup_parent else "")
+    else:
+        have = {c for c, (point, _) in host.mounts.items()
+                if not spec.cgroup_parent or os.path.isdir(os.path.join(point, parent))}
+    need = []
+    for field, (opt, v1, v2) in _LIMIT_CONTROLLERS.items():
+        ctrl = v1 if host.version == 1 else v2
+        if getattr(spec.limits, field) is None:
+            continue
+        if ctrl not in have:
+            if spec.cgroup_parent and (host.version == 2 or ctrl in host.mounts):
+                raise UsageError("%s: the cgroup v%d '%s' controller is not available under --cgroup-parent %s"
+                                 " (delegate it, or create the parent in that hierarchy)"
+                                 % (opt, host.version, ctrl, spec.cgroup_parent))
+            raise UsageError("%s: this host has no cgroup v%d '%s' controller" % (opt, host.version, ctrl))
+        need.append(ctrl)
+    if not have and spec.cgroup_parent:
+        raise UsageError("--cgroup-parent: %s does not exist (create or delegate it first)" % os.path.join(
+            host.mounts.get("memory", (CGROUP_ROOT + "/memory",))[0], parent))
+    if not have:
+        raise SetupError("no cgroup v1 hierarchy of %s is mounted under %s" % (", ".join(V1_CONTROLLERS), CGROUP_ROOT))
+    return sorted(set(need) | (set(ACCOUNTING_CONTROLLERS[host.version]) & have))
+
+
+def validate_limits(spec):
+    """Stage 1 of resource control: every limit against this host."""
+    lim = spec.limits
+    host = cgroup_host()
+    parent = cgroup_parent(spec)
+    if ".." in parent.split("/") or "\0" in parent:
+        raise UsageError("--cgroup-parent: %r must not contain '..'" % spec.cgroup_parent)
+    ncpu = os.cpu_count() or 1
+    if lim.cpu is not None and lim.cpu > 100 * ncpu:
+        raise UsageError("--cpu: '%d' is out of range (1 to %d: percent of one CPU, this host has %d CPUs)"
+                         % (lim.cpu, 100 * ncpu, ncpu))
+    if lim.memory is not None and lim.memory < MEMORY_FLOOR:
+        raise UsageError("--memory: %r is below the %d MiB a job needs to start" % (
+            "%dK" % (lim.memory >> 10), MEMORY_FLOOR >> 20))
+    if lim.cores is not None:
+        cpus = parse_cpuset("--cores", lim.cores)
+        online = _read_cpuset_file("/sys/devices/system/cpu/online")
+        allowed = sorted(set(online) & os.sched_getaffinity(0))
+        bad = [c for c in cpus if c not in allowed]
+        if bad:
+            raise UsageError("--cores: %r names CPU %s, which %s (CPUs usable here: %s)" % (
+                lim.cores, format_cpuset(bad), "does not exist" if bad[0] not in online else "jrun may not use",
+                format_cpuset(allowed)))
+    cgroup_controllers(spec)
+    if lim.io_bps is not None and not block_devices(io_paths(spec)):
+        raise UsageError("--io-bps: the job's files (%s) are on no block device: nothing to throttle"
+                         % ", ".join(io_paths(spec)))
+    if spec.json_status:
+        d = os.path.dirname(os.path.abspath(spec.json_status))
+        if os.path.isdir(spec.json_status) or not os.access(d, os.W_OK):
+            raise UsageError("--json-status: cannot write %r (a writable file path is needed)" % spec.json_status)
+
+
 def validate(spec):
     unsupported = []
-    lim = spec.limits
     # Options whose implementation has not landed yet are refused, never
     # silently ignored.
-    unsupported += [o for o, v in (("--cpu", lim.cpu), ("--cores", lim.cores), ("--memory", lim.memory),
-                                   ("--io-bps", lim.io_bps), ("--pids", lim.pids), ("--stats", spec.stats),
-                                   ("--json-status", spec.json_status),
-                                   ("--cgroup-parent", spec.cgroup_parent)) if v]
     unsupported += ["--net %s" % spec.net] if spec.net != "none" else []
     unsupported += [o for o, v in (("--upload", spec.uploads), ("-v/--volume", spec.volumes),
                                    ("--read-only", spec.read_only), ("--rootfs", spec.rootfs != "minimal")) if v]
@@ -561,6 +777,7 @@ def validate(spec):
         raise UsageError("%s: not supported by this version of jrun yet" % ", ".join(unsupported))
     if os.geteuid() != 0:
         raise UsageError("must run as root (try: sudo jrun ...)")
+    validate_limits(spec)
     root = rootfs_path(spec)
     if not os.path.isfile(os.path.join(root, "bin/busybox")) and spec.rootfs == "minimal":
         raise SetupError("the minimal rootfs is not built at %s (run: sudo jrun rootfs build)" % root)
@@ -675,6 +892,7 @@ class JobState:
 #   setup(state)   parent, before the fork; records in state what it made
 #   attach(pid)    parent, once the child has its namespaces, before release
 #   enter()        child, after release, before the root is built
+#   enter_root()   child, after pivot_root, /proc and /sys
 #   collect(out)   parent, after the job ended (accounting)
 #   teardown()     parent or gc; idempotent, logs instead of raising
 # ---------------------------------------------------------------------------
@@ -695,6 +913,9 @@ class Resource:
     def enter(self):
         pass
 
+    def enter_root(self):
+        """Child, after pivot_root and /proc, /sys: what the job sees of it."""
+
     def collect(self, out):
         pass
 
@@ -708,12 +929,400 @@ class Resource:
         return None
 
 
+# ---------------------------------------------------------------------------
+# cgroups: the second stage of resource control.  Every job gets its own
+# cgroup, with or without limits: it accounts for the job and lets teardown
+# find and kill every process of it.  CgroupV1 and CgroupV2 share one
+# interface; the version is detected once (cgroup_host()).
+#   setup()      parent, root, host namespaces: mkdir, write the limits
+#   attach(pid)  parent: the child into the cgroup, before it is released
+#   enter()      child, root, before its root is built: verify membership and
+#                limits, then its own cgroup namespace
+#   enter_root() child, after pivot_root: its cgroup visible read-only
+#   collect()    parent, after the job: the cgroup's own counters
+#   teardown()   parent or gc: kill what is left, rmdir
+# ---------------------------------------------------------------------------
+
+
+def _write(path, value):
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _read(path, default=None):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError:
+        return default
+
+
+def _keyed(text, key):
+    """The number after KEY in 'key value' lines (memory.events, cpu.stat)."""
+    for line in (text or "").splitlines():
+        k, _, v = line.partition(" ")
+        if k == key:
+            return int(v)
+    return None
+
+
+def fmt_size(n):
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            v = n / (1 << shift)
+            return ("%d %s" if v == int(v) else "%.1f %s") % (v, unit)
+    return "%d B" % n
+
+
+class Cgroup(Resource):
+    name = "cgroup"
+    version = 0
+
+    def __init__(self, spec, dirs=()):
+        super().__init__(spec)
+        self.dirs = list(dirs)  # the job's cgroup directories, one per hierarchy
+        self.checks = []  # (file, expected content): what the child verifies
+        self.where = {}  # v1: {controllers "cpu,cpuacct": directory}
+
+    @staticmethod
+    def for_job(spec):
+        return (CgroupV2 if cgroup_host().version == 2 else CgroupV1)(spec)
+
+    @classmethod
+    def from_state(cls, record):
+        cg = record.get("cgroup")
+        if not cg:
+            return None
+        return (CgroupV2 if cg.get("version") == 2 else CgroupV1)(None, cg.get("dirs", ()))
+
+    def setup(self, state):
+        self.plan()
+        # Recorded before the first mkdir: gc must find whatever a crash
+        # leaves, and teardown skips what was never made.
+        state.save(cgroup={"version": self.version, "dirs": self.dirs})
+        try:
+            self.create()
+            self.write_limits(self.spec.limits)
+        except OSError as e:
+            self.teardown()
+            raise SetupError("cgroup %s: %s" % (getattr(e, "filename", None) or self.dirs[0], e.strerror)) from None
+        audit("cgroup v%d: %s created with %s" % (self.version, ", ".join(self.dirs),
+                                                  "; ".join("%s=%s" % (os.path.basename(f), v.strip())
+                                                            for f, v in self.checks) or "no limits"))
+
+    def limit(self, path, value, shown=None):
+        """Write a limit, and note what the child must read back."""
+        _write(path, value)
+        self.checks.append((path, shown if shown is not None else value))
+
+    def attach(self, pid):
+        for d in self.dirs:
+            _write(os.path.join(d, "cgroup.procs"), str(pid))
+        audit("cgroup: job PID %d placed in %s" % (pid, ", ".join(self.dirs)))
+
+    def enter(self):
+        """Child: prove from /proc/self/cgroup that this process is in
+        exactly its own job cgroup on every hierarchy ("not in the root
+        cgroup" is no proof), and that the limits in force are exactly the
+        requested ones, before anything of the job runs."""
+        mine = {}
+        for line in _read("/proc/self/cgroup", "").splitlines():
+            _, ctrls, path = line.split(":", 2)
+            mine[ctrls] = path
+        for ctrls, d in self.where.items():
+            want = "/" + os.path.relpath(d, self.mountpoint(ctrls))
+            if mine.get(ctrls) != want:
+                raise SetupError("cgroup verification failed: in %s:%s, not in the job's %s"
+                                 % (ctrls or "unified", mine.get(ctrls), want))
+        for path, want in self.checks:
+            got = _read(path)
+            if got is None or sorted(got.split()) != sorted(want.split()):
+                raise SetupError("cgroup verification failed: %s is %r, not %r" % (path, got, want))
+        audit("cgroup verified: this process is in %s only, limits read back: %s" % (
+            ", ".join("%s:%s" % (c or "0:", mine[c]) for c in self.where),
+            "; ".join("%s=%s" % (os.path.basename(f), v.strip().replace("\n", " ")) for f, v in self.checks)
+            or "none"))
+        unshare(CLONE_NEWCGROUP)
+        audit("cgroup namespace: the job's cgroup is its root '/'")
+
+    def collect(self, out):
+        pass
+
+    def kill_all(self):
+        """SIGKILL every process still in the job's cgroups.  A pidfd is
+        taken before the membership check, so a pid reused by a host process
+        in between is never signalled."""
+        deadline = time.monotonic() + 2.0
+        job = "/" + "/".join(self.dirs[0].split("/")[-2:])  # <parent>/<id>
+        while True:
+            pids = set()
+            for d in self.dirs:
+                pids.update(int(p) for p in (_read(os.path.join(d, "cgroup.procs")) or "").split())
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    fd = os.pidfd_open(pid)
+                except OSError:
+                    continue
+                try:
+                    if any(line.split(":", 2)[2].endswith(job)
+                           for line in (_read("/proc/%d/cgroup" % pid) or "").splitlines()):
+                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+                except OSError:
+                    pass
+                finally:
+                    os.close(fd)
+            if time.monotonic() > deadline:
+                raise SetupError("processes %s survive SIGKILL" % sorted(pids))
+            time.sleep(0.005)
+
+    def teardown(self):
+        try:
+            self.kill_all()
+        except (OSError, SetupError) as e:
+            log("warning", "cgroup teardown: %s" % e)
+        for d in reversed(self.dirs):
+            # Right after the last process exits the kernel may still hold
+            # the cgroup busy for a moment (EBUSY): retry briefly.
+            for _ in range(200):
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as e:
+                    if e.errno != errno.EBUSY:
+                        log("warning", "cgroup teardown: cannot remove %s: %s" % (d, e.strerror))
+                        break
+                    time.sleep(0.005)
+            else:
+                log("warning", "cgroup teardown: %s is still busy; `jrun gc` will retry" % d)
+
+
+class CgroupV1(Cgroup):
+    """One directory per mounted v1 hierarchy: <mount>/<parent>/<id>."""
+
+    version = 1
+
+    def plan(self):
+        host = cgroup_host()
+        self.where = {}
+        for ctrl in cgroup_controllers(self.spec):
+            point, ctrls = host.mounts[ctrl]
+            self.where[ctrls] = os.path.join(point, cgroup_parent(self.spec), self.spec.id)
+        self.dirs = list(self.where.values())
+
+    def mountpoint(self, ctrls):
+        return cgroup_host().mounts[ctrls.split(",")[0]][0]
+
+    def create(self):
+        for ctrls, d in self.where.items():
+            p = os.path.dirname(d)
+            try:
+                os.mkdir(p, 0o755)  # the shared jrun subtree; --cgroup-parent exists already
+            except FileExistsError:
+                pass
+            if "cpuset" in ctrls.split(","):
+                # A new v1 cpuset has no CPUs and no memory nodes, and no
+                # task may join it until both are set: the shared subtree
+                # gets its own parent's.
+                for f in ("cpuset.cpus", "cpuset.mems"):
+                    if not _read(os.path.join(p, f), "").strip():
+                        _write(os.path.join(p, f), _read(os.path.join(os.path.dirname(p), f)).strip())
+            os.mkdir(d, 0o755)
+
+    def _dir(self, ctrl):
+        for ctrls, d in self.where.items():
+            if ctrl in ctrls.split(","):
+                return d
+        return None
+
+    def write_limits(self, lim):
+        cs = self._dir("cpuset")
+        if cs:
+            cpus = parse_cpuset("--cores", lim.cores) if lim.cores else _read_cpuset_file(
+                os.path.join(os.path.dirname(cs), "cpuset.cpus"))
+            self.limit(os.path.join(cs, "cpuset.cpus"), format_cpuset(cpus) + "\n")
+            mems = _read(os.path.join(os.path.dirname(cs), "cpuset.mems")).strip()
+            self.limit(os.path.join(cs, "cpuset.mems"), mems + "\n")
+        if lim.cpu is not None:
+            d = self._dir("cpu")
+            self.limit(os.path.join(d, "cpu.cfs_period_us"), "%d\n" % CPU_PERIOD_US)
+            self.limit(os.path.join(d, "cpu.cfs_quota_us"), "%d\n" % (lim.cpu * CPU_PERIOD_US // 100))
+        if lim.memory is not None:
+            d = self._dir("memory")
+            page = os.sysconf("SC_PAGE_SIZE")
+            mem = lim.memory // page * page
+            self.limit(os.path.join(d, "memory.limit_in_bytes"), "%d\n" % mem)
+            memsw = os.path.join(d, "memory.memsw.limit_in_bytes")
+            if os.path.exists(memsw):
+                # memory+swap: the same ceiling, so swap adds nothing.
+                self.limit(memsw, "%d\n" % mem)
+            else:
+                self.limit(os.path.join(d, "memory.swappiness"), "0\n")
+                if _read("/proc/swaps", "").count("\n") > 1:
+                    log("warning", "--memory: this kernel has no swap accounting (boot with swapaccount=1); "
+                        "the job's swappiness is 0, but swap is not strictly excluded")
+        if lim.pids is not None:
+            self.limit(os.path.join(self._dir("pids"), "pids.max"), "%d\n" % lim.pids)
+        if lim.io_bps is not None:
+            d = self._dir("blkio")
+            devs = block_devices(io_paths(self.spec))
+            for f in ("blkio.throttle.read_bps_device", "blkio.throttle.write_bps_device"):
+                for dev in devs:
+                    _write(os.path.join(d, f), "%s %d" % (dev, lim.io_bps))
+                self.checks.append((os.path.join(d, f), "".join("%s %d\n" % (dev, lim.io_bps) for dev in devs)))
+
+    def enter_root(self):
+        """A read-only tmpfs at /sys/fs/cgroup, and on it each of the job's
+        hierarchies read-only; in the job's cgroup namespace each shows the
+        job's own cgroup as its root."""
+        flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+        mount("cgroup", CGROUP_ROOT, "tmpfs", flags, "mode=0755,size=16k")
+        for ctrls, d in self.where.items():
+            target = os.path.join(CGROUP_ROOT, os.path.basename(self.mountpoint(ctrls)))
+            os.mkdir(target, 0o555)
+            mount("cgroup", target, "cgroup", flags | MS_RDONLY, ctrls)
+        mount(None, CGROUP_ROOT, None, MS_REMOUNT | MS_RDONLY | flags, "mode=0755,size=16k")
+        audit("%s: read-only tmpfs with the job's hierarchies %s, read-only"
+              % (CGROUP_ROOT, ", ".join(self.where)))
+
+    def collect(self, out):
+        cpu, mem = self._dir("cpuacct"), self._dir("memory")
+        usage = _read(os.path.join(cpu, "cpuacct.usage")) if cpu else None
+        out.cpu_s = int(usage) / 1e9 if usage else None
+        if mem:
+            peak = _read(os.path.join(mem, "memory.max_usage_in_bytes"))
+            out.memory_peak_bytes = int(peak) if peak else None
+            out.oom_kills = _keyed(_read(os.path.join(mem, "memory.oom_control")), "oom_kill") or 0
+        blk = self._dir("blkio")
+        if blk:
+            # Direct IO and reads; buffered writes are charged to the flusher
+            # thread on v1, not to the job.
+            text = _read(os.path.join(blk, "blkio.throttle.io_service_bytes_recursive"), "")
+            out.io_read_bytes = out.io_write_bytes = 0
+            for line in text.splitlines():
+                f = line.split()
+                if len(f) == 3 and f[1] in ("Read", "Write"):
+                    if f[1] == "Read":
+                        out.io_read_bytes += int(f[2])
+                    else:
+                        out.io_write_bytes += int(f[2])
+
+
+class CgroupV2(Cgroup):
+    """One directory in the unified hierarchy: /sys/fs/cgroup/<parent>/<id>.
+    Controllers are enabled in cgroup.subtree_control along the path; jrun
+    never puts a process in the parents (the no-internal-process rule)."""
+
+    version = 2
+
+    def plan(self):
+        self.controllers = cgroup_controllers(self.spec)
+        d = os.path.join(CGROUP_ROOT, cgroup_parent(self.spec), self.spec.id)
+        self.where = {"": d}
+        self.dirs = [d]
+
+    def mountpoint(self, ctrls):
+        return CGROUP_ROOT
+
+    def create(self):
+        d = self.dirs[0]
+        parent = os.path.dirname(d)
+        if not self.spec.cgroup_parent:
+            self._enable(CGROUP_ROOT)
+            try:
+                os.mkdir(parent, 0o755)
+            except FileExistsError:
+                pass
+        self._enable(parent)
+        os.mkdir(d, 0o755)
+
+    def _enable(self, cg):
+        on = set((_read(os.path.join(cg, "cgroup.subtree_control")) or "").split())
+        want = [c for c in self.controllers if c not in on]
+        if not want:
+            return
+        try:
+            _write(os.path.join(cg, "cgroup.subtree_control"), " ".join("+" + c for c in want))
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                raise SetupError("cannot enable %s in %s: it has processes of its own (cgroup v2 "
+                                 "no-internal-process rule); use --cgroup-parent with a delegated subtree"
+                                 % (" ".join(want), cg)) from None
+            raise
+
+    def write_limits(self, lim):
+        d = self.dirs[0]
+        if lim.cores is not None:
+            self.limit(os.path.join(d, "cpuset.cpus"), format_cpuset(parse_cpuset("--cores", lim.cores)) + "\n")
+        if lim.cpu is not None:
+            self.limit(os.path.join(d, "cpu.max"), "%d %d\n" % (lim.cpu * CPU_PERIOD_US // 100, CPU_PERIOD_US))
+        if lim.memory is not None:
+            page = os.sysconf("SC_PAGE_SIZE")
+            self.limit(os.path.join(d, "memory.max"), "%d\n" % (lim.memory // page * page))
+            if os.path.exists(os.path.join(d, "memory.swap.max")):
+                self.limit(os.path.join(d, "memory.swap.max"), "0\n")
+            elif _read("/proc/swaps", "").count("\n") > 1:
+                log("warning", "--memory: this kernel has no swap accounting; swap is not strictly excluded")
+            # Out of memory, the whole job is killed, not one process of it:
+            # jrun then reports exit 137 for the job as a whole.
+            self.limit(os.path.join(d, "memory.oom.group"), "1\n")
+        if lim.pids is not None:
+            self.limit(os.path.join(d, "pids.max"), "%d\n" % lim.pids)
+        if lim.io_bps is not None:
+            devs = block_devices(io_paths(self.spec))
+            for dev in devs:
+                _write(os.path.join(d, "io.max"), "%s rbps=%d wbps=%d" % (dev, lim.io_bps, lim.io_bps))
+            self.checks.append((os.path.join(d, "io.max"), "".join(
+                "%s rbps=%d wbps=%d riops=max wiops=max\n" % (dev, lim.io_bps, lim.io_bps) for dev in devs)))
+
+    def enter_root(self):
+        mount("cgroup2", CGROUP_ROOT, "cgroup2", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        audit("%s: the job's own cgroup2, read-only" % CGROUP_ROOT)
+
+    def collect(self, out):
+        d = self.dirs[0]
+        usage = _keyed(_read(os.path.join(d, "cpu.stat")), "usage_usec")
+        out.cpu_s = usage / 1e6 if usage is not None else None
+        # memory.peak is kernel 5.19+; before that there is no peak to read.
+        peak = _read(os.path.join(d, "memory.peak"))
+        out.memory_peak_bytes = int(peak) if peak else None
+        out.oom_kills = _keyed(_read(os.path.join(d, "memory.events")), "oom_kill") or 0
+        io = _read(os.path.join(d, "io.stat"))
+        if io is not None:
+            out.io_read_bytes = out.io_write_bytes = 0
+            for line in io.splitlines():
+                for kv in line.split()[1:]:
+                    k, _, v = kv.partition("=")
+                    if k == "rbytes":
+                        out.io_read_bytes += int(v)
+                    elif k == "wbytes":
+                        out.io_write_bytes += int(v)
+
+    def kill_all(self):
+        d = self.dirs[0]
+        if os.path.exists(os.path.join(d, "cgroup.kill")):  # kernel 5.14+
+            _write(os.path.join(d, "cgroup.kill"), "1")
+            deadline = time.monotonic() + 2.0
+            while "populated 1" in (_read(os.path.join(d, "cgroup.events")) or ""):
+                if time.monotonic() > deadline:
+                    raise SetupError("%s: processes survive cgroup.kill" % d)
+                time.sleep(0.002)
+        else:
+            super().kill_all()
+
+
 def host_resources(spec):
     """The resources a job needs, in setup order (torn down in reverse)."""
-    return []
+    return [Cgroup.for_job(spec)]
 
 
-RESOURCE_CLASSES = ()
+RESOURCE_CLASSES = (Cgroup,)
 
 
 # ---------------------------------------------------------------------------
@@ -831,6 +1440,8 @@ def child_steps(plan):
     root = build_root(spec, plan.state_dir)
     pivot_into(root)
     mount_proc_and_sys()
+    for res in plan.resources:
+        res.enter_root()
     sethostname(spec.hostname)
     audit("hostname set to %s" % spec.hostname)
 
@@ -997,6 +1608,35 @@ class Outcome:
         self.timed_out = False
         self.killed = False
         self.error = None
+        # Accounting, from the job's cgroup (None: not measured here).
+        self.duration_s = None
+        self.cpu_s = None
+        self.memory_peak_bytes = None
+        self.io_read_bytes = None
+        self.io_write_bytes = None
+        self.oom_kills = 0
+
+    @property
+    def oom_killed(self):
+        return self.oom_kills > 0
+
+    def status_record(self, spec):
+        """The --json-status fields (see the contract)."""
+        r3 = (lambda v: None if v is None else round(v, 3))
+        return {"id": spec.id, "exit_code": self.exit_code, "signal": self.signal,
+                "oom_killed": self.oom_killed, "timed_out": self.timed_out,
+                "duration_s": r3(self.duration_s), "cpu_s": r3(self.cpu_s),
+                "memory_peak_bytes": self.memory_peak_bytes, "io_read_bytes": self.io_read_bytes,
+                "io_write_bytes": self.io_write_bytes}
+
+    def stats_line(self, spec):
+        def size(v):
+            return "n/a" if v is None else fmt_size(v)
+
+        return ("job %s: exit %s, wall %.2fs, cpu %s, memory peak %s, io read %s, written %s, oom kills %d"
+                % (spec.id, self.exit_code, self.duration_s or 0.0,
+                   "n/a" if self.cpu_s is None else "%.2fs" % self.cpu_s, size(self.memory_peak_bytes),
+                   size(self.io_read_bytes), size(self.io_write_bytes), self.oom_kills))
 
 
 def run_job(spec):
@@ -1005,17 +1645,39 @@ def run_job(spec):
     state = JobState(spec.id)
     state.create()
     teardown.push("state %s removed" % state.dir, state.remove)
+    out = Outcome()
     try:
         os.mkdir(os.path.join(state.dir, "root"), 0o700)
         state.save(id=spec.id, command=list(spec.command), hostname=spec.hostname,
                    started=time.time(), net=spec.net, jrun_pid=os.getpid())
-        return supervise(spec, state, teardown)
+        return supervise(spec, state, teardown, out)
     finally:
         teardown.run()
+        # After teardown: when the status file appears, nothing of the job
+        # is left on the host.
+        if out.exit_code is not None:
+            report_outcome(spec, out)
 
 
-def supervise(spec, state, teardown):
-    out = Outcome()
+def report_outcome(spec, out):
+    if spec.stats:
+        line = out.stats_line(spec)
+        if _log["format"] == "json":
+            rec = dict(time=round(time.time(), 6), level="info", msg=line, job=spec.id)
+            rec.update(out.status_record(spec))
+            line = dumps_json(rec)
+        else:
+            line = "jrun: " + line
+        os.write(2, (line + "\n").encode())
+    if spec.json_status:
+        try:
+            with open(spec.json_status, "w", encoding="utf-8") as f:
+                f.write(dumps_json(out.status_record(spec)) + "\n")
+        except OSError as e:
+            log("error", "--json-status: cannot write %s: %s" % (spec.json_status, e.strerror))
+
+
+def supervise(spec, state, teardown, out):
     all_sigs = set(FORWARDED_SIGNALS) | {signal.SIGCHLD}
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, all_sigs)
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
@@ -1061,8 +1723,13 @@ def supervise(spec, state, teardown):
             raise (NotFound if out.exit_code == EXIT_NOTFOUND else
                    NotExecutable if out.exit_code == EXIT_NOEXEC else SetupError)(msg)
         reaped = wait_for_job(spec, pid, out, started)
+        out.duration_s = time.monotonic() - started
         for res in resources:
             res.collect(out)
+        if out.oom_killed and not out.timed_out:
+            out.exit_code = EXIT_OOM
+            log("error", "job killed: out of memory (limit %s)" % (
+                fmt_size(spec.limits.memory) if spec.limits.memory else "none: the host's"))
     finally:
         if sync_w is not None:
             os.close(sync_w)
