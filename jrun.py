@@ -557,6 +557,9 @@ def parse_run(argv, config=None):
         io_bps=parse_size("--io-bps", o["io_bps"], default_unit=1) if "io_bps" in o else None,
         pids=parse_int("--pids", o["pids"], 1) if "pids" in o else None,
     )
+    if o.get("user") and o.get("cap_add") and o["user"].partition(":")[0] not in ("0", "root"):
+        raise UsageError("--cap-add: a -u/--user job runs with no capabilities at all; "
+                         "run it as root inside (without --user) to give it %s" % ", ".join(o["cap_add"]))
     workdir = o.get("workdir", DEFAULT_WORKDIR)
     if not workdir.startswith("/") or "\0" in workdir:
         raise UsageError("-w/--workdir: %r must be an absolute path inside the job" % workdir)
@@ -697,9 +700,6 @@ def validate(spec):
     unsupported += ["--userns"] if spec.userns else []
     if unsupported:
         raise UsageError("%s: not supported by this version of jrun yet" % ", ".join(unsupported))
-    if spec.user and spec.cap_add and spec.user[0] not in ("0", "root"):
-        raise UsageError("--cap-add: a -u/--user job runs with no capabilities at all; "
-                         "run it as root inside (without --user) to give it %s" % ", ".join(spec.cap_add))
     if os.geteuid() != 0:
         raise UsageError("must run as root (try: sudo jrun ...)")
     root = rootfs_path(spec)
