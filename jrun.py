@@ -138,6 +138,22 @@ DEFAULT_CAPS = frozenset((
 
 RLIMIT_CORE = 4  # <asm-generic/resource.h>
 
+# <linux/mount.h>, <linux/fcntl.h>: the new mount API, for idmapped mounts.
+OPEN_TREE_CLONE = 1
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOUNT_ATTR_IDMAP = 0x00100000
+
+# --userns: each job's root is mapped to its own range of USERNS_SIZE host
+# uids (and gids) in [USERNS_BASE, 2^32): above every range useradd hands
+# out in /etc/subuid (100000 + 65536 per user), so no host user or rootless
+# container owns them, and below (uid_t)-1.  2^31 / 65536 - 1 = 32767 slots
+# (the last one would reach (uid_t)-1).
+USERNS_BASE = 1 << 31
+USERNS_SIZE = 65536
+USERNS_SLOTS = (1 << 31) // USERNS_SIZE - 1
+
 # <linux/prctl.h>, <linux/seccomp.h>, <linux/filter.h>
 PR_CAPBSET_DROP = 24
 PR_SET_SECCOMP = 22
@@ -310,6 +326,29 @@ def seccomp_set_filter(prog):
     insns = (SockFilter * len(prog))(*[SockFilter(*i) for i in prog])
     fprog = SockFprog(len(prog), insns)
     sys_prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog))
+
+
+def mount_idmapped(source, target, userns_fd):
+    """Bind SOURCE (recursively) on TARGET with its owners shifted through
+    the user namespace USERNS_FD: open_tree, mount_setattr, move_mount."""
+    import ctypes
+
+    class MountAttr(ctypes.Structure):  # struct mount_attr, <linux/mount.h>
+        _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                    ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+    nrs, c = _SYSCALLS[os.uname().machine], _c()
+    fd = _check(c.syscall(ctypes.c_long(nrs["open_tree"]), ctypes.c_int(-100), _b(source),
+                          ctypes.c_uint(OPEN_TREE_CLONE | os.O_CLOEXEC | AT_RECURSIVE)), "open_tree %s" % source)
+    try:
+        attr = MountAttr(MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
+        _check(c.syscall(ctypes.c_long(nrs["mount_setattr"]), ctypes.c_int(fd), b"",
+                         ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE), ctypes.byref(attr),
+                         ctypes.c_size_t(ctypes.sizeof(attr))), "mount_setattr idmap %s" % source)
+        _check(c.syscall(ctypes.c_long(nrs["move_mount"]), ctypes.c_int(fd), b"", ctypes.c_int(-100),
+                         _b(target), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)), "move_mount %s" % target)
+    finally:
+        os.close(fd)
 
 
 def setrlimit(resource, soft, hard):
@@ -697,11 +736,13 @@ def validate(spec):
     unsupported += ["--net %s" % spec.net] if spec.net != "none" else []
     unsupported += [o for o, v in (("--upload", spec.uploads), ("-v/--volume", spec.volumes),
                                    ("--read-only", spec.read_only), ("--rootfs", spec.rootfs != "minimal")) if v]
-    unsupported += ["--userns"] if spec.userns else []
     if unsupported:
         raise UsageError("%s: not supported by this version of jrun yet" % ", ".join(unsupported))
     if os.geteuid() != 0:
         raise UsageError("must run as root (try: sudo jrun ...)")
+    if spec.userns and spec.user and any(p and p.isdigit() and int(p) >= USERNS_SIZE for p in spec.user):
+        raise UsageError("-u/--user: %s is not mapped under --userns (0 to %d are)"
+                         % (":".join(p for p in spec.user if p), USERNS_SIZE - 1))
     root = rootfs_path(spec)
     if not os.path.isfile(os.path.join(root, "bin/busybox")) and spec.rootfs == "minimal":
         raise SetupError("the minimal rootfs is not built at %s (run: sudo jrun rootfs build)" % root)
@@ -959,12 +1000,131 @@ class Resource:
         return None
 
 
+# ---------------------------------------------------------------------------
+# The job's user namespace (--userns).  Created by the parent, as real root,
+# through a short-lived helper process, so that the maps are written by a
+# privileged process (no setgroups "deny" needed) before the child exists;
+# the child uses it twice: as the idmap of the rootfs (so that the job's root
+# owns the rootfs files it sees) and, last of all, joins it (setns) before
+# dropping privileges.  Every other namespace of the job was created by
+# real root and stays owned by the host's user namespace: the job's root
+# holds its capabilities over nothing but its own files and processes.
+# ---------------------------------------------------------------------------
+
+
+def _fnv1a(text):
+    h = 0x811C9DC5
+    for byte in text.encode():
+        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return h
+
+
+def chown_to_job(path, base, uid=0, gid=0):
+    """lchown PATH and everything below it to the job's UID:GID as the host
+    sees them: BASE+UID under --userns (BASE is the job's USERNS_BASE slot,
+    0 without --userns).  For whatever jrun puts in the job's root for it:
+    the writable layer, uploads."""
+    targets = [path]
+    if os.path.isdir(path) and not os.path.islink(path):
+        for d, dirs, files in os.walk(path):
+            targets += [os.path.join(d, n) for n in dirs + files]
+    for p in targets:
+        os.lchown(p, base + uid, base + gid)
+
+
+class JobUserNamespace(Resource):
+    name = "user namespace"
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.base = None
+        self.fd = None
+
+    def setup(self, state):
+        self.base = self._allocate(state)
+        self.fd = self._create()
+        audit("user namespace: uid and gid 0-%d inside are %d-%d on the host"
+              % (USERNS_SIZE - 1, self.base, self.base + USERNS_SIZE - 1))
+
+    def _allocate(self, state):
+        """A slot derived from the job id (a --name job gets the same host
+        uids every run, so its volumes keep their owner), moved on while a
+        live job holds it; the state directory's flock makes the choice and
+        its record atomic."""
+        import json
+
+        lock = os.open(STATE_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            taken = set()
+            for other in os.listdir(STATE_DIR):
+                if other == self.spec.id:
+                    continue
+                try:
+                    with open(os.path.join(STATE_DIR, other, "job.json"), encoding="utf-8") as f:
+                        rec = json.load(f)
+                except (OSError, ValueError):
+                    continue
+                if rec.get("userns_base") and JobState(other).is_live():
+                    taken.add(rec["userns_base"])
+            slot = _fnv1a(self.spec.id) % USERNS_SLOTS
+            for i in range(USERNS_SLOTS):
+                base = USERNS_BASE + ((slot + i) % USERNS_SLOTS) * USERNS_SIZE
+                if base not in taken:
+                    state.save(userns_base=base)
+                    return base
+            raise SetupError("--userns: all %d uid ranges are in use by running jobs" % USERNS_SLOTS)
+        finally:
+            os.close(lock)
+
+    def _create(self):
+        """A helper process unshares a user namespace; jrun writes its maps
+        and keeps a reference (an fd of /proc/PID/ns/user); the helper
+        exits when jrun closes the pipe."""
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        hold_r, hold_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(ready_r)
+                os.close(hold_w)
+                unshare(CLONE_NEWUSER)
+                os.write(ready_w, b"u")
+                os.read(hold_r, 1)
+            finally:
+                os._exit(0)
+        os.close(ready_w)
+        os.close(hold_r)
+        try:
+            if os.read(ready_r, 1) != b"u":
+                raise SetupError("--userns: cannot create a user namespace (user.max_user_namespaces?)")
+            for name in ("uid_map", "gid_map"):
+                with open("/proc/%d/%s" % (pid, name), "w") as f:
+                    f.write("0 %d %d\n" % (self.base, USERNS_SIZE))
+            return os.open("/proc/%d/ns/user" % pid, os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            os.close(ready_r)
+            os.close(hold_w)
+            os.waitpid(pid, 0)
+
+    def join(self):
+        """Child, last steps: enter the namespace.  The child's uids do not
+        change by this (setresuid does it next); it gains every capability
+        inside this namespace and keeps none outside."""
+        setns(self.fd, CLONE_NEWUSER)
+
+    def teardown(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 def host_resources(spec):
     """The resources a job needs, in setup order (torn down in reverse)."""
-    return []
+    return [JobUserNamespace(spec)] if spec.userns else []
 
 
-RESOURCE_CLASSES = ()
+RESOURCE_CLASSES = (JobUserNamespace,)
 
 
 # ---------------------------------------------------------------------------
@@ -1079,10 +1239,11 @@ def child_steps(plan):
         os._exit(EXIT_JRUN)
     for res in plan.resources:
         res.enter()
+    userns = next((r for r in plan.resources if isinstance(r, JobUserNamespace)), None)
 
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     audit("mounts made private (recursively) before anything was mounted")
-    root = build_root(spec, plan.state_dir)
+    root = build_root(spec, plan.state_dir, userns)
     pivot_into(root)
     mount_proc_and_sys()
     harden_proc_and_sys()
@@ -1091,20 +1252,20 @@ def child_steps(plan):
 
     uid, gid, home = resolve_user(spec)
     if uid and spec.workdir == DEFAULT_WORKDIR:
-        os.chown(spec.workdir, uid, gid)  # the job's own tmpfs: writable by its user
+        chown_to_job(spec.workdir, userns.base if userns else 0, uid, gid)  # the job's own tmpfs
     env = job_environment(spec, home)
     argv = resolve_command(spec, env)
     try:
         os.chdir(spec.workdir)
     except OSError as e:
         raise SetupError("-w/--workdir %s: %s" % (spec.workdir, e.strerror)) from None
-    close_inherited_fds((plan.status_w, plan.sync_r))
+    close_inherited_fds((plan.status_w, plan.sync_r) + ((userns.fd,) if userns else ()))
     os.setsid()
     audit("new session: the job has no controlling terminal (TIOCSTI, CVE-2017-5226)")
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # ignored by Python, not by COMMAND
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, plan.sigmask)
-    drop_privileges(spec, uid, gid, plan.sync_r)
+    drop_privileges(spec, uid, gid, plan.sync_r, userns)
     audit("exec %s" % " ".join(argv))
     try:
         os.execve(argv[0], argv, env)
@@ -1115,18 +1276,29 @@ def child_steps(plan):
             "%s: cannot execute: %s%s" % (spec.command[0], e.strerror, hint)) from None
 
 
-def build_root(spec, state_dir):
+def build_root(spec, state_dir, userns=None):
     """The job's root: an overlay whose lower layer is the shared prebuilt
     rootfs (never modified) and whose upper layer lives on a tmpfs inside the
     job's own mount namespace, so it vanishes with the job even if jrun is
-    SIGKILLed, and concurrent jobs never see each other's writes."""
+    SIGKILLed, and concurrent jobs never see each other's writes.
+
+    Under --userns the job's root is host uid B (userns.base): the rootfs is
+    bound through an idmapped mount (its root-owned files appear owned by B,
+    so copy-ups stay B's too) and the roots of the writable layer and of the
+    tmpfs mounts belong to B."""
     base = os.path.join(state_dir, "root")
     mount("jrun-" + spec.id, base, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
     for d in ("lower", "upper", "work", "root"):
         os.mkdir(os.path.join(base, d), 0o755)
     root = os.path.join(base, "root")
     lower = rootfs_path(spec)
-    mount(lower, os.path.join(base, "lower"), None, MS_BIND | MS_REC)
+    owner = ""
+    if userns:
+        mount_idmapped(lower, os.path.join(base, "lower"), userns.fd)
+        chown_to_job(os.path.join(base, "upper"), userns.base)
+        owner = ",uid=%d,gid=%d" % (userns.base, userns.base)
+    else:
+        mount(lower, os.path.join(base, "lower"), None, MS_BIND | MS_REC)
     # Relative layer paths, so that the job's /proc/self/mountinfo names no
     # host path (overlayfs shows its options as they were given).
     os.chdir(base)
@@ -1134,18 +1306,21 @@ def build_root(spec, state_dir):
     audit("root: overlay of %s with a private writable layer" % lower)
 
     tmp = _safe_mkdirs(root, "tmp", 0o1777)
-    mount("tmpfs", tmp, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    mount("tmpfs", tmp, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777" + owner)
     work = _safe_mkdirs(root, spec.workdir)
     if spec.workdir == DEFAULT_WORKDIR:
-        mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
+        mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755" + owner)
     audit("writable /tmp and %s mounted" % spec.workdir)
 
     build_dev(root, spec)
     _safe_mkdirs(root, "proc", 0o555)
     _safe_mkdirs(root, "sys", 0o555)
-    _safe_file(root, "etc/hostname", content=spec.hostname + "\n")
-    _safe_file(root, "etc/hosts", content="127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"
-                                         "127.0.1.1\t%s\n" % spec.hostname)
+    hostname = _safe_file(root, "etc/hostname", content=spec.hostname + "\n")
+    hosts = _safe_file(root, "etc/hosts", content="127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"
+                                                 "127.0.1.1\t%s\n" % spec.hostname)
+    if userns:
+        for path in (hostname, hosts):
+            chown_to_job(path, userns.base)
     return root
 
 
@@ -1322,7 +1497,7 @@ def resolve_user(spec):
     return uid, gid, (pw[5] if pw and pw[5] else "/")
 
 
-def drop_privileges(spec, uid, gid, sync_r):
+def drop_privileges(spec, uid, gid, sync_r, userns=None):
     """The last steps before exec, in the only order that works: what needs
     a capability (bounding set, setuid) before the capabilities go, and the
     seccomp filter last, so that it need not allow what jrun itself calls.
@@ -1332,6 +1507,9 @@ def drop_privileges(spec, uid, gid, sync_r):
     # No core dumps, and no way back up (the hard limit): the host's
     # core_pattern may pipe a dump to a host program running as root.
     setrlimit(RLIMIT_CORE, 0, 0)
+    if userns:
+        userns.join()
+        audit("joined the job's user namespace: uid %d is %d on the host" % (uid, userns.base + uid))
     caps = job_capabilities(spec) if uid == 0 else frozenset()
     keep = {CAPABILITIES.index(c) for c in caps}
     # The bounding set decides what a root COMMAND gets at exec.  Counted

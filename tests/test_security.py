@@ -483,11 +483,114 @@ def test_job_dies_with_jrun_after_switching_user():
         jrun.gc_job(name)  # the state a SIGKILLed jrun left (this job's only)
 
 
+def _job_process(p, name):
+    """The host pid of the job started by jrun process P, once it runs NAME."""
+    for _ in range(200):
+        try:
+            with open("/proc/%d/task/%d/children" % (p.pid, p.pid)) as f:
+                kids = f.read().split()
+            if kids:
+                with open("/proc/%s/status" % kids[0]) as f:
+                    st = status(f.read())
+                if st["Name"] == name:
+                    return int(kids[0]), st
+        except FileNotFoundError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("the job never ran %s" % name)
+
+
+def _uid_map(text):
+    inside, outside, count = text.split()
+    return int(inside), int(outside), int(count)
+
+
 @needs_root
-def test_userns_maps_root_to_an_unprivileged_uid():
-    p = run_jrun("--net", "none", "--userns", "--", "cat", "/proc/self/uid_map")
+def test_userns_maps_root_to_an_unprivileged_host_uid():
+    name = "sec-userns-%d" % os.getpid()
+    p = subprocess.Popen(JRUN + ["--net", "none", "--name", name, "--userns", "--", "/bin/sh", "-c",
+                                 "cat /proc/self/uid_map /proc/self/gid_map; exec sleep 30"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        pid, st = _job_process(p, "sleep")
+        p.kill()
+        out, _ = p.communicate()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        jrun.gc_job(name)
+    uid_map, gid_map = out.decode().strip().splitlines()
+    inside, base, count = _uid_map(uid_map)
+    assert (inside, count) == (0, 65536) and _uid_map(gid_map) == (0, base, 65536)
+    assert base >= 1 << 31 and base + count <= 1 << 32  # no host user, no /etc/subuid range
+    # What the host sees: the job's root is that unprivileged uid, without
+    # any capability in the host's namespaces.
+    assert st["Uid"].split() == [str(base)] * 4 and st["Gid"].split() == [str(base)] * 4
+
+
+@needs_root
+def test_userns_root_has_power_over_nothing_but_its_own_files():
+    out = job("cat /proc/self/status; "
+              "mount -t tmpfs none /mnt 2>/dev/null && echo MOUNTED; "
+              "hostname evil 2>/dev/null && echo HOSTNAME; "
+              "mknod /tmp/sda b 8 0 2>/dev/null && echo MKNOD; "
+              "(echo 1 > /proc/sys/kernel/ns_last_pid) 2>/dev/null && echo SYSCTL; "
+              "echo done", "--userns", "--cap-add", "ALL", "--seccomp", "unconfined")
+    st = status(out)
+    assert int(st["CapEff"], 16) & (1 << jrun.CAPABILITIES.index("SYS_ADMIN"))  # all of them, inside
+    assert out.split()[-1] == "done" and not {"MOUNTED", "HOSTNAME", "MKNOD", "SYSCTL"} & set(out.split())
+
+
+@needs_root
+def test_userns_job_root_owns_its_root_filesystem():
+    out = job("stat -c %u:%g /bin/busybox /etc /work /tmp /; stat -c %u /dev /proc; "
+              "echo hi > /etc/motd && echo x >> /etc/hosts && mkdir /srv/new -p && touch /work/f && echo wrote",
+              "--userns")
+    assert out.split() == ["0:0"] * 5 + ["65534", "65534", "wrote"]  # /dev, /proc: the host's, unmapped
+    out = job("id -u; stat -c %u /work; grep CapEff /proc/self/status", "--userns", "-u", "1000")
+    assert out.split() == ["1000", "1000", "CapEff:", "0000000000000000"]
+
+
+def _colliding_names():
+    """Two job names whose uid range slot (jrun's hash) is the same."""
+    first = "sec-slot-a%d" % os.getpid()
+    want = jrun._fnv1a(first) % jrun.USERNS_SLOTS
+    for i in range(2_000_000):
+        other = "sec-slot-b%d" % i
+        if jrun._fnv1a(other) % jrun.USERNS_SLOTS == want:
+            return first, other
+    pytest.skip("no collision found")
+
+
+@needs_root
+def test_userns_ranges_are_per_job_and_stable_per_name():
+    a, b = _colliding_names()
+    first = _uid_map(job("cat /proc/self/uid_map", "--userns", "--name", a))
+    assert _uid_map(job("cat /proc/self/uid_map", "--userns", "--name", a)) == first  # same name, same uids
+    # While A runs, B (same slot) gets the next free range.
+    p = subprocess.Popen(JRUN + ["--net", "none", "--name", a, "--userns", "--", "sleep", "30"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _job_process(p, "sleep")
+        second = _uid_map(job("cat /proc/self/uid_map", "--userns", "--name", b))
+    finally:
+        p.kill()
+        p.wait()
+        jrun.gc_job(a)
+    assert second[1] != first[1] and second[1] % 65536 == 0
+
+
+@needs_root
+def test_userns_files_in_a_volume_are_owned_by_the_mapped_uid(tmp_path):
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    os.chmod(vol, 0o1777)
+    p = run_jrun("--net", "none", "--userns", "-v", "%s:/data" % vol, "--", "/bin/sh", "-c",
+                 "cat /proc/self/uid_map; touch /data/made-by-job")
     if p.returncode == 125 and "not supported" in p.stderr:
-        pytest.skip("--userns is not supported by this jrun yet")
+        pytest.skip("-v/--volume is not supported by this jrun yet")
     assert p.returncode == 0, p.stderr
-    inside, outside, count = p.stdout.split()
-    assert inside == "0" and int(outside) >= 65536 and int(count) >= 65536
+    base = _uid_map(p.stdout)[1]
+    st = os.stat(vol / "made-by-job")
+    assert (st.st_uid, st.st_gid) == (base, base)
