@@ -42,8 +42,12 @@ import time
 # Constants
 # ---------------------------------------------------------------------------
 
+# Host settings; /etc/jrun/jrun.toml may change them (see load_config).
+CONFIG_FILE = "/etc/jrun/jrun.toml"
 STATE_DIR = "/run/jrun"
 ROOTFS_DIR = "/var/lib/jrun/rootfs"
+AUDIT_LOG = "/var/log/jrun/audit.log"
+SUBNET = "10.88.0.0/16"  # read by the network section
 TINI = "/usr/bin/tini-static"
 BUSYBOX = "/bin/busybox"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -438,6 +442,8 @@ def parse_run(argv, config=None):
     """argv (after 'run', if given) -> JobSpec.  Values are checked for form
     here; checks against this host are in validate()."""
     o, command = split_argv(argv)
+    if config:
+        o = dict(config, **o)  # the command line always wins
     if not command:
         raise UsageError("no COMMAND given (usage: jrun [OPTIONS] [--] COMMAND [ARG...])")
     named = "name" in o
@@ -532,6 +538,97 @@ def run_help():
         "See jrun(1).",
     ]
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# The configuration file: host-wide defaults of run options and host settings.
+# Read only if it exists: tomllib imports re (7 ms), a cost only hosts that
+# use a config file pay.  Its values go through the same parsing as argv.
+# ---------------------------------------------------------------------------
+
+# Keys of jrun.toml, spelled like the long option: run options whose value
+# becomes the default (the command line wins), then host settings.
+CONFIG_RUN_KEYS = {
+    "timeout": (str, int, float), "stop-timeout": (str, int, float), "init": bool,
+    "cpu": (int, str), "cores": str, "memory": (str, int), "io-bps": (str, int), "pids": (int, str),
+    "workdir": str, "rootfs": str, "read-only": bool, "net": str, "seccomp": str,
+    "userns": bool, "stats": bool, "cgroup-parent": str, "log-level": str, "log-format": str,
+}
+CONFIG_HOST_KEYS = {  # key: module-level setting it replaces
+    "state-dir": "STATE_DIR", "rootfs-dir": "ROOTFS_DIR", "audit-log": "AUDIT_LOG", "subnet": "SUBNET",
+}
+
+
+def load_config(path, explicit=False):
+    """Read jrun.toml at PATH: set the host settings and return the run
+    option defaults ({dest: value} as split_argv makes them).  A missing
+    file is fine unless it was named with --config."""
+    if not os.path.exists(path):
+        if explicit:
+            raise UsageError("--config: %s: no such file" % path)
+        return {}
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            # A config file can redirect the audit log and the state
+            # directory of a root process: only root may have written it.
+            if st.st_uid != 0 or st.st_mode & 0o022:
+                raise UsageError("%s: refusing a config file that is not owned by root or is writable by "
+                                 "group or others (chown root; chmod go-w)" % path)
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError("%s: %s" % (path, e)) from None  # "... (at line 3, column 10)"
+    except OSError as e:
+        raise UsageError("%s: cannot read: %s" % (path, e.strerror)) from None
+    defaults = {}
+    for key, value in data.items():
+        types = CONFIG_RUN_KEYS.get(key) or (str if key in CONFIG_HOST_KEYS else None)
+        if types is None:
+            raise UsageError("%s: %s: unknown key (known: %s)"
+                             % (path, key, ", ".join(list(CONFIG_RUN_KEYS) + list(CONFIG_HOST_KEYS))))
+        if not isinstance(value, types) or (isinstance(value, bool) and types is not bool):
+            want = "true or false" if types is bool else "a string" if types is str else "a number or a string"
+            raise UsageError("%s: %s: %r should be %s" % (path, key, value, want))
+        if key in CONFIG_HOST_KEYS:
+            _check_host_setting(path, key, value)
+            continue
+        opt = _BY_NAME["--" + key]
+        if types is bool:
+            if value:
+                defaults[opt.dest] = True
+            continue
+        value = str(value)
+        # The same checks as on the command line, one key at a time, so
+        # that the message can name the key at fault.
+        try:
+            parse_run([opt.long, value, "true"])
+        except UsageError as e:
+            msg = str(e)
+            for flag in (opt.long, "%s/%s" % (opt.short, opt.long)):
+                if msg.startswith(flag + ": "):
+                    msg = msg[len(flag) + 2:]
+            raise UsageError("%s: %s: %s" % (path, key, msg)) from None
+        defaults[opt.dest] = value
+    return defaults
+
+
+def _check_host_setting(path, key, value):
+    if key == "subnet":
+        import ipaddress
+
+        try:
+            net = ipaddress.ip_network(value)
+        except ValueError as e:
+            raise UsageError("%s: subnet: %s" % (path, e)) from None
+        if net.version != 4 or net.prefixlen > 28:
+            raise UsageError("%s: subnet: %r must be an IPv4 network of at most /28" % (path, value))
+    elif key == "audit-log" and value == "":
+        pass  # no audit log
+    elif not value.startswith("/") or "\0" in value:
+        raise UsageError("%s: %s: %r must be an absolute path" % (path, key, value))
+    globals()[CONFIG_HOST_KEYS[key]] = value
 
 
 # ---------------------------------------------------------------------------
@@ -990,6 +1087,85 @@ def close_inherited_fds(keep):
 # ---------------------------------------------------------------------------
 
 
+# The audit log: one JSON line per job start and end, appended by the jrun
+# of that job (root, host namespaces).  Many jruns append to one file at
+# once: each line is one write() to an O_APPEND file under an exclusive
+# flock, so lines never interleave, even where O_APPEND alone would not
+# promise it (long lines, NFS).
+
+
+def invoking_user():
+    """(uid, name) of the user behind sudo, else of the caller."""
+    uid = os.environ.get("SUDO_UID")
+    name = os.environ.get("SUDO_USER")
+    if uid is None or not uid.isdigit():
+        uid, name = os.getuid(), None
+    if name is None:
+        import pwd
+
+        try:
+            name = pwd.getpwuid(int(uid)).pw_name
+        except KeyError:
+            name = str(uid)
+    return int(uid), name
+
+
+def limits_record(spec):
+    rec = {k: getattr(spec.limits, k) for k in spec.limits.__slots__ if getattr(spec.limits, k) is not None}
+    if spec.timeout:
+        rec["timeout_s"] = spec.timeout
+    return rec
+
+
+def _iso(t):
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % (t % 1 * 1000)
+
+
+def start_record(spec):
+    uid, user = invoking_user()
+    return {"time": _iso(time.time()), "event": "start", "job": spec.id, "uid": uid, "user": user,
+            "command": list(spec.command), "limits": limits_record(spec), "net": spec.net,
+            "rootfs": spec.rootfs, "jrun_pid": os.getpid()}
+
+
+def end_record(spec, out, duration):
+    uid, user = invoking_user()
+    rec = {"time": _iso(time.time()), "event": "end", "job": spec.id, "uid": uid, "user": user,
+           "command": list(spec.command), "limits": limits_record(spec), "net": spec.net,
+           "exit_code": out.exit_code, "signal": out.signal, "timed_out": out.timed_out,
+           "oom_killed": bool(getattr(out, "oom_killed", False)), "duration_s": round(duration, 3)}
+    for extra in ("cpu_s", "memory_peak_bytes", "io_read_bytes", "io_write_bytes"):
+        if getattr(out, extra, None) is not None:
+            rec[extra] = getattr(out, extra)
+    if out.error:
+        rec["error"] = out.error
+    return rec
+
+
+def append_audit_log(record, path=None):
+    """Append one line; a log that cannot be written is a warning, not a
+    reason to fail the job (the job's own status must stay its own)."""
+    path = AUDIT_LOG if path is None else path
+    if not path:
+        return
+    line = (dumps_json(record) + "\n").encode("utf-8", "replace")
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        try:
+            fd = os.open(path, flags, 0o640)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
+            fd = os.open(path, flags, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            while line:
+                line = line[os.write(fd, line):]
+        finally:
+            os.close(fd)
+    except OSError as e:
+        log("warning", "audit log %s: %s" % (path, e.strerror))
+
+
 class Outcome:
     def __init__(self):
         self.exit_code = None
@@ -1005,17 +1181,28 @@ def run_job(spec):
     state = JobState(spec.id)
     state.create()
     teardown.push("state %s removed" % state.dir, state.remove)
+    out = Outcome()
+    started = None
     try:
         os.mkdir(os.path.join(state.dir, "root"), 0o700)
         state.save(id=spec.id, command=list(spec.command), hostname=spec.hostname,
-                   started=time.time(), net=spec.net, jrun_pid=os.getpid())
-        return supervise(spec, state, teardown)
+                   started=time.time(), net=spec.net, limits=limits_record(spec),
+                   user=invoking_user()[1], jrun_pid=os.getpid())
+        append_audit_log(start_record(spec))
+        started = time.monotonic()
+        return supervise(spec, state, teardown, out)
+    except JrunError as e:
+        if out.exit_code is None:
+            out.exit_code = e.exit_code
+        out.error = out.error or str(e)
+        raise
     finally:
         teardown.run()
+        if started is not None:
+            append_audit_log(end_record(spec, out, time.monotonic() - started))
 
 
-def supervise(spec, state, teardown):
-    out = Outcome()
+def supervise(spec, state, teardown, out):
     all_sigs = set(FORWARDED_SIGNALS) | {signal.SIGCHLD}
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, all_sigs)
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
@@ -1153,43 +1340,266 @@ def _fmt_dur(seconds):
 # ---------------------------------------------------------------------------
 
 
+def _subparser(prog, description):
+    """Subcommands are off the run path: argparse is fine here."""
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise UsageError("%s: %s (see %s --help)" % (prog, message, prog))
+
+    return Parser(prog=prog, description=description)
+
+
 def job_ids():
+    """Names of the state directories: running, starting or dead jobs."""
     try:
-        return sorted(os.listdir(STATE_DIR))
+        names = os.listdir(STATE_DIR)
     except FileNotFoundError:
         return []
+    # /run/jrun/net belongs to the named networks, not to a job.
+    return sorted(n for n in names if n != "net" and os.path.isdir(os.path.join(STATE_DIR, n)))
+
+
+def _pid_alive(pid):
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def running_jobs():
+    """job.json records of the jobs running now: the job's lock is held by
+    its jrun and both jrun and the job's PID 1 exist.  A starting job (no
+    PID yet) and a dead job's stale state are not running."""
+    jobs = []
+    for job_id in job_ids():
+        state = JobState(job_id)
+        if not os.path.exists(os.path.join(state.dir, "lock")) or not state.is_live():
+            continue
+        rec = state.load()
+        if rec.get("id") == job_id and _pid_alive(rec.get("jrun_pid")) and _pid_alive(rec.get("pid")):
+            jobs.append(rec)
+    return jobs
+
+
+def _fmt_size(n):
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return "%d%s" % (n >> shift, unit)
+    return str(n)
+
+
+def _fmt_limits(limits):
+    parts = []
+    for k, v in sorted((limits or {}).items()):
+        if k in ("memory", "io_bps") and isinstance(v, int):
+            v = _fmt_size(v)
+        elif k == "timeout_s":
+            k, v = "timeout", _fmt_dur(v)
+        elif k == "cpu":
+            v = "%s%%" % v
+        parts.append("%s=%s" % (k.replace("_", "-"), v))
+    return ",".join(parts) or "-"
+
+
+def _fmt_age(seconds):
+    seconds = int(max(0, seconds))
+    if seconds < 120:
+        return "%ds" % seconds
+    if seconds < 7200:
+        return "%dm" % (seconds // 60)
+    return "%dh%02dm" % (seconds // 3600, seconds % 3600 // 60)
+
+
+def cmd_ps(argv):
+    p = _subparser("jrun ps", "List the jobs running now on this host.")
+    p.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+    args = p.parse_args(argv)
+    jobs = running_jobs()
+    if args.json:
+        sys.stdout.write(dumps_json(jobs) + "\n")
+        return 0
+    # Fields that the network and cgroup code add to job.json.
+    rows = [("ID", "PID", "STARTED", "UP", "LIMITS", "NETWORK", "CGROUP", "COMMAND")]
+    now = time.time()
+    for j in jobs:
+        started = j.get("started") or now
+        net = j.get("net") or "-"
+        if j.get("address"):
+            net = "%s %s" % (net, j["address"])
+        rows.append((j["id"], str(j.get("pid")), time.strftime("%H:%M:%S", time.localtime(started)),
+                     _fmt_age(now - started), _fmt_limits(j.get("limits")), net, str(j.get("cgroup") or "-"),
+                     " ".join(j.get("command") or ())))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] + "\n")
+    return 0
+
+
+def parse_signal(text):
+    """'TERM', 'SIGTERM', 'term' or '15' -> signal number."""
+    t = text.strip().upper()
+    if t.isdigit():
+        num = int(t)
+        if 0 < num < signal.NSIG:
+            return num
+    else:
+        name = t if t.startswith("SIG") else "SIG" + t
+        sig = getattr(signal.Signals, name, None) if name.isidentifier() else None
+        if isinstance(sig, signal.Signals):
+            return int(sig)
+    raise UsageError("kill: -s: %r is not a signal (use e.g. TERM, KILL, HUP, 15)" % text)
+
+
+def _ppid(pid):
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def cmd_kill(argv):
+    p = _subparser("jrun kill", "Send a signal to a running job (default SIGTERM).")
+    p.add_argument("-s", "--signal", default="TERM", help="signal name or number (default TERM)")
+    job_arg = p.add_argument("job", help="the job id (see jrun ps)")
+    job_arg.completer = lambda **kw: [j["id"] for j in running_jobs()]
+    args = p.parse_args(argv)
+    sig = parse_signal(args.signal)
+    job = next((j for j in running_jobs() if j["id"] == args.job), None)
+    if job is None:
+        raise UsageError("kill: no running job %r (see jrun ps)" % args.job)
+    # A signal that jrun relays goes to the job's jrun, which forwards it and
+    # escalates to SIGKILL after --stop-timeout exactly as in the
+    # foreground.  Any other signal (KILL, USR1, ...) goes to the job's PID 1
+    # itself: jrun would not relay it, and might die of it.
+    relayed = sig in FORWARDED_SIGNALS
+    pid = job["jrun_pid"] if relayed else job["pid"]
+    # A pidfd pins the process; checking its identity afterwards closes the
+    # race with the PID being reused by the time we signal it.
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise UsageError("kill: job %r has just ended" % args.job) from None
+    try:
+        ok = JobState(args.job).is_live() and (relayed or _ppid(pid) == job["jrun_pid"])
+        if not ok:
+            raise UsageError("kill: job %r has just ended" % args.job)
+        signal.pidfd_send_signal(pidfd, sig)
+    except ProcessLookupError:
+        raise UsageError("kill: job %r has just ended" % args.job) from None
+    finally:
+        os.close(pidfd)
+    log("debug", "kill: %s sent to %s %d of job %s" % (signal.Signals(sig).name, "jrun" if relayed else "PID 1",
+                                                      pid, args.job))
+    return 0
+
+
+# gc.  It may run at any time, from cron, concurrently with jobs:
+# - a live job holds the flock on its state directory's lock file; gc never
+#   touches it.  A state directory without a lock file younger than 5 s is a
+#   job starting up (is_live), and is left alone too.
+# - gc holds the lock of a dead job while it tears it down, so a new job
+#   taking the same name waits for the name instead of racing with gc.
+# - Resources whose state directory is gone entirely (jrun crashed between
+#   creating them and recording them, or someone deleted /run/jrun) are found
+#   by each Resource class's optional orphans() hook:
+#
+#       @classmethod
+#       def orphans(cls, known_ids):
+#           """Yield instances (ready for teardown()) of host objects of this
+#           kind that jrun made (a cgroup under jrun's parent, a veth named
+#           jr*, ...) and whose job has no state directory.  Enumerate the
+#           host objects FIRST, then call known_ids() (the job ids that have
+#           a state directory now): a job creates its state directory before
+#           any resource and removes it after all of them, so an object
+#           seen before the call belongs to a job in known_ids() unless that
+#           job is gone."""
+#
+#   teardown() of an orphan must be as idempotent as any other teardown.
 
 
 def gc_job(job_id):
     """Remove what a dead job left behind.  Never touches a live job."""
     state = JobState(job_id)
-    if state.is_live():
-        return False
-    record = state.load()
-    for cls in reversed(RESOURCE_CLASSES):
-        res = cls.from_state(record)
-        if res is not None:
-            res.teardown()
-    root = os.path.join(state.dir, "root")
-    # The job's mounts lived in its own mount namespace and died with it;
-    # a mount here would only come from a crash mid-setup of an old jrun.
     try:
-        umount2(root, MNT_DETACH)
-    except OSError:
-        pass
-    try:
-        state.remove()
+        lock_fd = os.open(os.path.join(state.dir, "lock"), os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        pass
-    return True
+        lock_fd = None
+        if not os.path.isdir(state.dir) or state.is_live():  # gone, or starting up: no lock yet
+            return False
+    except NotADirectoryError:
+        return False
+    try:
+        if lock_fd is not None:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # live, or another gc is at it
+        record = state.load()
+        for cls in reversed(RESOURCE_CLASSES):
+            res = cls.from_state(record)
+            if res is not None:
+                res.teardown()
+        root = os.path.join(state.dir, "root")
+        # The job's mounts lived in its own mount namespace and died with
+        # it; a mount here would only come from a crash mid-setup of an old
+        # jrun.
+        try:
+            umount2(root, MNT_DETACH)
+        except OSError:
+            pass
+        try:
+            state.remove()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log("warning", "gc: cannot remove %s: %s" % (state.dir, e.strerror))
+            return False
+        return True
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
+
+
+def collect_orphans():
+    """Resources of jobs that have no state directory at all."""
+    removed = []
+    for cls in RESOURCE_CLASSES:
+        hook = getattr(cls, "orphans", None)
+        if hook is None:
+            continue
+        for res in hook(lambda: set(job_ids())):
+            res.teardown()
+            removed.append(res.name)
+    return removed
 
 
 def cmd_gc(argv):
-    if argv:
-        raise UsageError("gc takes no arguments")
-    removed = [j for j in job_ids() if gc_job(j)]
-    for j in removed:
-        log("info", "gc: removed leftovers of job %s" % j)
+    p = _subparser("jrun gc", "Remove what jobs that died without cleanup left behind; never touches a "
+                              "live job.  Safe to run at any time, e.g. from cron.")
+    p.parse_args(argv)
+    if os.geteuid() != 0:
+        raise UsageError("gc must run as root (try: sudo jrun gc)")
+    for job_id in job_ids():
+        if gc_job(job_id):
+            log("info", "gc: removed leftovers of job %s" % job_id)
+    for name in collect_orphans():
+        log("info", "gc: removed orphan %s" % name)
+    return 0
+
+
+def cmd_verify(argv):
+    raise UsageError("'jrun verify' is not supported by this version of jrun yet")
+
+
+def complete():
     return 0
 
 
@@ -1284,16 +1694,29 @@ def build_rootfs(force=False):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    if "_ARGCOMPLETE" in os.environ:  # shell completion; never on a normal run
+        return complete()
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        _early_log_settings(argv)
+        config_path, explicit = CONFIG_FILE, False
+        if argv[:1] == ["--config"] or argv[:1] and argv[0].startswith("--config="):
+            if argv[0] == "--config":
+                if len(argv) < 2:
+                    raise UsageError("--config needs a value (FILE)")
+                config_path, argv = argv[1], argv[2:]
+            else:
+                config_path, argv = argv[0].split("=", 1)[1], argv[1:]
+            explicit = True
+        config = load_config(config_path, explicit)
+        _early_log_settings(argv, config)
         if argv[:1] and argv[0] in SUBCOMMANDS:
             sub, rest = argv[0], argv[1:]
             if sub == "run":
-                return cmd_run(rest)
-            if sub in ("-h", "--help"):
-                raise HelpRequested(run_help())
-            return {"gc": cmd_gc, "rootfs": cmd_rootfs}.get(sub, _not_yet(sub))(rest)
-        return cmd_run(argv)
+                return cmd_run(rest, config)
+            return {"ps": cmd_ps, "kill": cmd_kill, "gc": cmd_gc, "verify": cmd_verify,
+                    "rootfs": cmd_rootfs}[sub](rest)
+        return cmd_run(argv, config)
     except HelpRequested as h:
         sys.stdout.write(str(h))
         return 0
@@ -1304,15 +1727,36 @@ def main(argv=None):
         return 130
 
 
-def _not_yet(sub):
-    def fail(argv):
-        raise UsageError("'jrun %s' is not supported by this version of jrun yet" % sub)
+def _early_log_settings(argv, config=None):
+    """--log-level/--log-format/-q as soon as possible, so that even a
+    message about a bad option is in the format the caller asked for."""
+    o = dict(config or {})
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--" or not a.startswith("-"):
+            break
+        name, eq, value = a.partition("=")
+        opt = _BY_NAME.get(name if name.startswith("--") else a[:2])
+        if opt is not None and opt.long not in FLAG_OPTIONS and not eq and len(a) == len(name):
+            if name.startswith("--") or len(a) == 2:
+                i += 1
+                value = argv[i] if i < len(argv) else ""
+        if opt is not None and opt.long in ("--log-format", "--log-level"):
+            o[opt.dest] = value
+        elif opt is not None and opt.long == "--quiet":
+            o["quiet"] = True
+        i += 1
+    if o.get("log_format") in ("text", "json"):
+        _log["format"] = o["log_format"]
+    if o.get("quiet"):
+        _log["level"] = LEVELS["error"]
+    elif o.get("log_level") in LEVELS:
+        _log["level"] = LEVELS[o["log_level"]]
 
-    return fail
 
-
-def cmd_run(argv):
-    spec = parse_run(argv)
+def cmd_run(argv, config=None):
+    spec = parse_run(argv, config)
     _log["level"] = LEVELS[spec.log_level]
     _log["format"] = spec.log_format
     _log["job"] = spec.id
