@@ -1595,8 +1595,538 @@ def cmd_gc(argv):
     return 0
 
 
+# verify: the "Security & Isolation Verification" methodology as a command.
+# Every check runs real jobs through this same jrun (a subprocess: truly
+# black-box) and observes from inside and outside.  A check passes only if it
+# saw the defence bite.  A job that jrun refuses (exit 125, e.g. an option
+# this build does not implement) is a failure with jrun's own message: verify
+# never passes by not looking.  A check the host cannot support at all (its
+# cgroup controller is missing) is skipped with a warning: jrun refuses the
+# corresponding option on such a host, so nothing is silently unenforced;
+# skipped checks do not fail verify (exit 0 means: everything this host can
+# enforce, jrun enforces).
+
+VERIFY_CHECKS = []
+
+
+def _verify_check(name):
+    def register(fn):
+        VERIFY_CHECKS.append((name, fn))
+        return fn
+
+    return register
+
+
+class _Refused(Exception):
+    """jrun refused a verification job (exit 125)."""
+
+
+class _Skip(Exception):
+    """This host cannot support what the check needs."""
+
+
+class _Verifier:
+    """Runs the verification jobs: this same jrun, as a subprocess."""
+
+    def __init__(self, extra):
+        self.base = [sys.executable, os.path.abspath(__file__)]
+        if _config_used["explicit"]:
+            self.base += ["--config", _config_used["path"]]
+        self.extra = list(extra)  # the caller's run options win: they come last
+        self.tag = os.urandom(3).hex()
+
+    def argv(self, opts, script, net_none=True):
+        command = list(script) if isinstance(script, (list, tuple)) else ["/bin/sh", "-c", script]
+        return self.base + (["--net", "none"] if net_none else []) + list(opts) + self.extra + ["--"] + command
+
+    def run(self, opts, script, net_none=True, timeout=60):
+        import subprocess
+
+        p = subprocess.run(self.argv(opts, script, net_none), stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=timeout)
+        if p.returncode == EXIT_JRUN:
+            raise _Refused(_last_message(p.stderr))
+        return p
+
+    def start(self, opts, script, net_none=True):
+        """Start a job whose script prints 'ready' once running and then
+        waits for stdin to close; returns (Popen, first lines before ready)."""
+        import subprocess
+
+        proc = subprocess.Popen(self.argv(opts, script, net_none), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lines = []
+        for line in proc.stdout:
+            if line.strip() == "ready":
+                return proc, lines
+            lines.append(line.strip())
+        err = proc.stderr.read()
+        proc.wait()
+        if proc.returncode == EXIT_JRUN:
+            raise _Refused(_last_message(err))
+        raise AssertionError("the job ended before it was ready (exit %d): %s"
+                             % (proc.returncode, _last_message(err) or " ".join(lines)))
+
+    def stop(self, proc):
+        try:
+            proc.stdin.close()
+            proc.wait(timeout=15)
+        except Exception:  # noqa: BLE001 - a verification job must not outlive verify
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+    def name(self, what):
+        return "verify-%s-%s" % (what, self.tag)
+
+
+def _last_message(stderr):
+    lines = [x for x in stderr.strip().splitlines() if x.strip()]
+    msg = lines[-1] if lines else ""
+    return msg[6:] if msg.startswith("jrun: ") else msg
+
+
+def _excerpt(text, n=90):
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _proc_status(text):
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+
+def cgroup_mounts():
+    """{controller: mount point} of the cgroup hierarchies, with the v2
+    hierarchy under the key '' (on a hybrid host, /sys/fs/cgroup/unified)."""
+    mounts = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            pre, _, post = line.partition(" - ")
+            fstype, _, opts = post.split()[:3]
+            point = pre.split()[4]
+            if fstype == "cgroup2":
+                mounts.setdefault("", point)
+            elif fstype == "cgroup":
+                for o in opts.split(","):
+                    if o in ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "io"):
+                        mounts.setdefault(o, point)
+    return mounts
+
+
+def cgroup_controllers():
+    """The controllers usable by jobs, and a one-line description of the
+    host's cgroup setup."""
+    mounts = cgroup_mounts()
+    v1 = {c for c in mounts if c}
+    v2 = set()
+    if "" in mounts:
+        try:
+            with open(os.path.join(mounts[""], "cgroup.controllers")) as f:
+                v2 = set(f.read().split())
+        except OSError:
+            pass
+    if v1 and "" in mounts:
+        mode = "hybrid (v1 controllers %s; v2 %s)" % (" ".join(sorted(v1)), " ".join(sorted(v2)) or "empty")
+    elif v1:
+        mode = "v1 (%s)" % " ".join(sorted(v1))
+    else:
+        mode = "v2 (%s)" % " ".join(sorted(v2))
+    return v1 | v2, mode
+
+
+def _need_controller(*names):
+    have, mode = cgroup_controllers()
+    for name in names:
+        alt = {"blkio": "io", "io": "blkio"}.get(name)
+        if name not in have and alt not in have:
+            raise _Skip("this host has no %s cgroup controller (cgroup %s); jrun refuses the "
+                        "option that needs it" % (name, mode))
+
+
+def _job_cgroup_dir(pid, controller):
+    """The host directory of PID's cgroup for CONTROLLER (v1 or v2)."""
+    mounts = cgroup_mounts()
+    with open("/proc/%d/cgroup" % pid) as f:
+        lines = [line.rstrip("\n").split(":", 2) for line in f]
+    v1names = {controller, {"io": "blkio", "blkio": "io"}.get(controller)}
+    for hier, ctrls, path in lines:
+        if hier != "0" and v1names & set(ctrls.split(",")):
+            return os.path.join(mounts.get(controller) or mounts.get("blkio") or mounts["io"], path.lstrip("/"))
+    for hier, ctrls, path in lines:
+        if hier == "0" and "" in mounts:
+            return os.path.join(mounts[""], path.lstrip("/"))
+    raise AssertionError("PID %d is in no %s cgroup" % (pid, controller))
+
+
+def _read(path):
+    with open(path) as f:
+        return f.read().strip()
+
+
+@_verify_check("Process isolation")
+def verify_processes(v):
+    p = v.run([], ["ps", "aux"])
+    rows = [line.split(None, 2) for line in p.stdout.strip().splitlines()[1:]]
+    ev = "ps aux in the job: %d process(es), PID 1 = %r" % (len(rows), rows[0][2] if rows else "")
+    ok = len(rows) == 1 and rows[0][0] == "1" and rows[0][2].endswith("ps aux")
+    return ok, ev, "the job sees processes that are not its own", \
+        "the kernel must support PID namespaces (CONFIG_PID_NS)"
+
+
+@_verify_check("Filesystem isolation")
+def verify_filesystem(v):
+    marker = "jrun-verify-marker-" + os.urandom(6).hex()
+    places = ["/tmp", "/root", os.path.dirname(os.path.abspath(__file__))]
+    made = []
+    try:
+        for d in places:
+            path = os.path.join(d, marker)
+            try:
+                with open(path, "w") as f:
+                    f.write("host-secret\n")
+                made.append(path)
+            except OSError:
+                pass
+        script = ("ls -a /; echo ---; ls /dev; echo ---; find / -xdev -name '%s' 2>/dev/null; "
+                  "cat %s 2>/dev/null; true" % (marker, " ".join(made)))
+        p = v.run([], script)
+    finally:
+        for path in made:
+            os.unlink(path)
+    root, dev, rest = (p.stdout.split("---\n") + ["", ""])[:3]
+    top = sorted(set(root.split()) - {".", ".."})
+    leaked = marker in rest or "host-secret" in rest
+    ok = not leaked and ".jrun-rootfs" in top and "home" in top and set(dev.split()) <= {
+        "fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin", "stdout", "tty", "urandom",
+        "zero", "init"}
+    ev = "ls -a /: %s; /dev: %s; host marker in %d places: %s" % (
+        " ".join(top), " ".join(dev.split()), len(made), "READ BY THE JOB" if leaked else "unreachable")
+    return ok, ev, "the job can see host files or a host /dev", \
+        "check --rootfs and -v/--volume options; the default rootfs must be built by 'jrun rootfs build'"
+
+
+@_verify_check("Mount isolation")
+def verify_mounts(v):
+    p = v.run([], "cat /proc/self/mountinfo; echo ---; ls /proc; echo ---; touch /sys/x 2>&1")
+    mountinfo, procs, sysw = (p.stdout.split("---\n") + ["", "", ""])[:3]
+    host_dev = os.stat("/").st_dev
+    host_majmin = "%d:%d" % (os.major(host_dev), os.minor(host_dev))
+    problems = []
+    points = {}
+    for line in mountinfo.strip().splitlines():
+        pre, _, post = line.partition(" - ")
+        fields = pre.split()
+        points[fields[4]] = post.split()[0]
+        if any(o.startswith(("shared:", "master:")) for o in fields[6:]):
+            problems.append("%s propagates to/from the host" % fields[4])
+        if fields[2] == host_majmin and fields[4] not in ("/dev/null", "/dev/zero", "/dev/full", "/dev/random",
+                                                           "/dev/urandom", "/dev/tty"):
+            problems.append("host filesystem mounted at %s" % fields[4])
+    if points.get("/proc") != "proc":
+        problems.append("/proc is not a fresh proc mount")
+    pids = [int(x) for x in procs.split() if x.isdigit()]
+    if not pids or max(pids) > 50:
+        problems.append("/proc shows host PIDs")
+    if "Read-only" not in sysw and "read-only" not in sysw.lower():
+        problems.append("/sys is writable")
+    ev = "%d mounts, none shared, none of the host's root filesystem; /proc: fresh %s (PIDs %s); " \
+         "/sys: read-only" % (len(points), points.get("/proc"), ",".join(map(str, sorted(pids)[:4])))
+    return not problems, ev if not problems else "; ".join(problems), "the job's mounts are not private", \
+        "run jrun as real root on a kernel with mount namespaces; do not bind host paths with -v"
+
+
+@_verify_check("Network namespace")
+def verify_netns(v):
+    p = v.run([], "readlink /proc/self/ns/net; cat /proc/net/dev")
+    lines = p.stdout.strip().splitlines()
+    host_ns = os.readlink("/proc/self/ns/net")
+    ifaces = sorted(line.split(":")[0].strip() for line in lines[3:] if ":" in line)
+    ns = lines[0] if lines else ""
+    ok = ns.startswith("net:") and ns != host_ns and ifaces == ["lo"]
+    return ok, "job %s vs host %s; interfaces with --net none: %s" % (ns, host_ns, " ".join(ifaces)), \
+        "the job shares the host's network namespace", "the kernel must support network namespaces"
+
+
+def _bridge_opts(v):
+    """Network checks use the default network unless the caller chose one."""
+    return not any(a == "--net" or a.startswith("--net=") for a in v.extra)
+
+
+_NET_PROBE = ("ip -4 addr show dev eth0 2>&1 | grep -o 'inet [0-9./]*'; "
+              "cat /sys/class/net/eth0/operstate 2>&1; ip -4 route 2>&1 | grep -o 'default via [0-9.]*'")
+
+
+@_verify_check("Network readiness")
+def verify_net_ready(v):
+    # The probe is the job's first instruction: no polling, no sleep.
+    p = v.run([], _NET_PROBE, net_none=not _bridge_opts(v))
+    out = " ".join(p.stdout.split())
+    ok = "inet " in out and " up" in " " + out and "default via" in out
+    return ok, "first instruction sees: %s" % (out or p.stderr.strip()), \
+        "the job's network was not ready when COMMAND started", \
+        "see the network section of jrun(8): the bridge and NAT need iproute2 and nftables"
+
+
+@_verify_check("Network isolation")
+def verify_net_isolation(v):
+    import socket
+
+    net_none = not _bridge_opts(v)
+    listener = socket.socket()
+    listener.bind(("0.0.0.0", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    try:
+        a, before = v.start(["--name", v.name("neta")], "ip -4 addr show dev eth0 | grep -o 'inet [0-9.]*'; "
+                            "echo ready; nc -l -p 7777 </dev/null & read x", net_none=net_none)
+        try:
+            addr_a = " ".join(before).replace("inet ", "").strip()
+            script = ("gw=$(ip -4 route | grep -o 'default via [0-9.]*' | cut -d' ' -f3); echo gw=$gw; "
+                      "nc -w 2 $gw %d </dev/null && echo HOST-REACHED; "
+                      "nc -w 2 127.0.0.1 %d </dev/null && echo HOST-LOOPBACK-REACHED; "
+                      "nc -w 2 '%s' 7777 </dev/null && echo JOB-REACHED; "
+                      "ip -4 addr show dev eth0 | grep -o 'inet [0-9.]*'" % (port, port, addr_a))
+            p = v.run([], script, net_none=net_none)
+        finally:
+            v.stop(a)
+    finally:
+        listener.close()
+    out = p.stdout
+    reached = [w for w in ("HOST-REACHED", "HOST-LOOPBACK-REACHED", "JOB-REACHED") if w in out]
+    gw = out.split("gw=", 1)[1].split()[0] if "gw=" in out and out.split("gw=", 1)[1].split() else ""
+    ok = not reached and bool(addr_a) and bool(gw)
+    ev = ("host port %d via %s: %s; other job %s:7777: %s" % (
+        port, gw or "?", "REACHED" if "HOST-REACHED" in reached else "refused",
+        addr_a or "?", "REACHED" if "JOB-REACHED" in reached else "refused"))
+    return ok, ev, "a job can reach the host's services or another job" if reached else \
+        "the job has no address or no route", "the jrun bridge's nftables rules must be in place (jrun gc; rerun)"
+
+
+@_verify_check("Memory limit")
+def verify_memory(v):
+    _need_controller("memory")
+    p = v.run(["--memory", "32M"], "dd if=/dev/zero of=/dev/null bs=64M count=1 2>&1; echo survived")
+    ok = p.returncode == 137 or ("survived" in p.stdout and "Killed" in p.stdout)
+    msg = _last_message(p.stderr)
+    return ok, "64 MiB buffer under --memory 32M: exit %d%s" % (p.returncode, " (%s)" % msg if msg else ""), \
+        "the job used more memory than its limit", \
+        "enable the memory controller (cgroup_enable=memory on the kernel command line)"
+
+
+@_verify_check("PIDs limit")
+def verify_pids(v):
+    _need_controller("pids")
+    p = v.run(["--pids", "8"], "for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do "
+                              "sleep 5 & done 2>/dev/null; set -- /proc/[0-9]*; echo procs=$#")
+    n = int(p.stdout.split("procs=")[1].split()[0]) if "procs=" in p.stdout else -1
+    ok = 0 < n <= 8
+    return ok, "20 background forks under --pids 8: %d processes in the job" % n, \
+        "the job created more processes than its limit", "enable the pids cgroup controller"
+
+
+@_verify_check("CPU limit")
+def verify_cpu(v):
+    _need_controller("cpu")
+    p = v.run(["--cpu", "20", "--timeout", "30"],
+              "while :; do :; done & b=$!; sleep 2; read -r l < /proc/$b/stat; kill $b; echo \"$l\"")
+    try:
+        fields = p.stdout.rsplit(")", 1)[1].split()
+        used = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (IndexError, ValueError):
+        return False, "could not read the busy loop's CPU time: %s" % _excerpt(p.stdout + p.stderr), \
+            "the check could not run", "see the output of jrun --cpu 20 -- sh"
+    pct = used / 2 * 100
+    ok = 0 < pct <= 20 * 1.5
+    return ok, "busy loop for 2 s under --cpu 20: %.0f%% of one CPU" % pct, \
+        "the job used more CPU than its limit", "enable the cpu cgroup controller (CFS bandwidth control)"
+
+
+@_verify_check("cgroup membership")
+def verify_cgroup_membership(v):
+    _need_controller("memory", "pids", "cpu")
+    name = v.name("cg")
+    proc, _ = v.start(["--name", name, "--memory", "48M", "--pids", "32", "--cpu", "50", "--cores", "0"],
+                      "echo ready; read x")
+    try:
+        job = next((j for j in running_jobs() if j["id"] == name), None)
+        if job is None:
+            return False, "job %s not listed by jrun ps" % name, "jrun's state is inconsistent", "run jrun gc"
+        pid = job["pid"]
+        seen, problems = [], []
+        for ctrl, files, want in (
+                ("memory", ("memory.limit_in_bytes", "memory.max"), lambda t: t == str(48 << 20)),
+                ("pids", ("pids.max",), lambda t: t == "32"),
+                ("cpu", ("cpu.cfs_quota_us", "cpu.max"),
+                 lambda t: t.split()[0] in ("50000",) or t == "50000 100000")):
+            d = _job_cgroup_dir(pid, ctrl)
+            if name not in d:
+                problems.append("%s cgroup %s is not the job's" % (ctrl, d))
+            if str(pid) not in _read(os.path.join(d, "cgroup.procs")).split():
+                problems.append("PID %d is not in %s" % (pid, d))
+            f = next((os.path.join(d, x) for x in files if os.path.exists(os.path.join(d, x))), None)
+            value = _read(f) if f else "?"
+            if not want(value):
+                problems.append("%s = %s" % (f or ctrl, value))
+            seen.append("%s=%s" % (os.path.basename(f or ctrl), value))
+        with open("/proc/%d/status" % pid) as f:
+            cpus = _proc_status(f.read()).get("Cpus_allowed_list", "?").strip()
+        if cpus != "0":
+            problems.append("Cpus_allowed_list = %s (wanted 0)" % cpus)
+        ev = "PID %d in %s: %s, cpus=%s" % (pid, os.path.dirname(_job_cgroup_dir(pid, "pids")) + "/...",
+                                             " ".join(seen), cpus)
+    finally:
+        v.stop(proc)
+    return not problems, ev if not problems else "; ".join(problems), \
+        "the job is not in its own cgroup with its limits", "check --cgroup-parent and the cgroup mounts"
+
+
+@_verify_check("I/O limit")
+def verify_io(v):
+    _need_controller("blkio")
+    name = v.name("io")
+    proc, _ = v.start(["--name", name, "--io-bps", "1M"], "echo ready; read x")
+    try:
+        job = next((j for j in running_jobs() if j["id"] == name), None)
+        d = _job_cgroup_dir(job["pid"], "blkio")
+        files = [f for f in ("blkio.throttle.read_bps_device", "blkio.throttle.write_bps_device", "io.max")
+                 if os.path.exists(os.path.join(d, f))]
+        text = " ".join(_read(os.path.join(d, f)) for f in files)
+    finally:
+        v.stop(proc)
+    ok = str(1 << 20) in text and name in d
+    return ok, "%s: %s" % (" ".join(files) or "no io files", _excerpt(text or "empty")), \
+        "the job's block I/O is not throttled", "enable the blkio (v1) or io (v2) controller"
+
+
+@_verify_check("Upload isolation")
+def verify_upload(v):
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="jrun-verify-") as d:
+        token = os.urandom(8).hex()
+        with open(os.path.join(d, "in.txt"), "w") as f:
+            f.write(token + "\n")
+        with open(os.path.join(d, "sibling.txt"), "w") as f:
+            f.write("sibling-secret\n")
+        p = v.run(["--upload", os.path.join(d, "in.txt") + ":in.txt"],
+                  "cat in.txt; echo changed > in.txt; cat %s/sibling.txt 2>/dev/null; "
+                  "find / -xdev -name sibling.txt 2>/dev/null; true" % d)
+        with open(os.path.join(d, "in.txt")) as f:
+            after = f.read().strip()
+    ok = token in p.stdout and after == token and "sibling" not in p.stdout
+    ev = "uploaded file %s in the job; host copy %s after the job wrote to it; sibling %s" % (
+        "seen" if token in p.stdout else "MISSING", "unchanged" if after == token else "CHANGED",
+        "READ" if "sibling" in p.stdout else "unreachable")
+    return ok, ev, "an upload exposed or changed host files", "uploads must be copies, not binds"
+
+
+_DANGEROUS_CAPS = {21: "SYS_ADMIN", 16: "SYS_MODULE", 17: "SYS_RAWIO", 19: "SYS_PTRACE", 22: "SYS_BOOT",
+                   25: "SYS_TIME", 12: "NET_ADMIN", 33: "MAC_ADMIN", 32: "MAC_OVERRIDE", 38: "PERFMON",
+                   39: "BPF", 34: "SYSLOG", 24: "SYS_RESOURCE", 2: "DAC_READ_SEARCH"}
+
+
+def _job_status(v):
+    return _proc_status(v.run([], "cat /proc/self/status").stdout)
+
+
+@_verify_check("Capabilities")
+def verify_caps(v):
+    st = _job_status(v)
+    eff, bnd = (int(st.get(k, "0").strip() or "0", 16) for k in ("CapEff", "CapBnd"))
+    held = [n for bit, n in sorted(_DANGEROUS_CAPS.items()) if (eff | bnd) >> bit & 1]
+    ev = "CapEff=%s CapBnd=%s%s" % (st.get("CapEff", "?").strip(), st.get("CapBnd", "?").strip(),
+                                    "; holds " + ",".join(held) if held else "; none of " + ",".join(
+                                        sorted(_DANGEROUS_CAPS.values())[:5]) + ",...")
+    return not held, ev, "the job keeps capabilities that give root over the host", \
+        "do not pass --cap-add for these; use a jrun that drops capabilities"
+
+
+@_verify_check("no_new_privs")
+def verify_nnp(v):
+    st = _job_status(v)
+    value = st.get("NoNewPrivs", "?").strip()
+    return value == "1", "NoNewPrivs: %s" % value, "setuid programs in the job could gain privileges", \
+        "use a jrun that sets PR_SET_NO_NEW_PRIVS"
+
+
+@_verify_check("Seccomp")
+def verify_seccomp(v):
+    st = _job_status(v)
+    mode = st.get("Seccomp", "?").strip()
+    filters = st.get("Seccomp_filters", "").strip()
+    return mode == "2", "Seccomp: %s%s" % (mode, " (%s filter(s))" % filters if filters else ""), \
+        "the job runs without a syscall filter", \
+        "do not pass --seccomp unconfined; the kernel needs CONFIG_SECCOMP_FILTER"
+
+
+def run_verification(extra):
+    v = _Verifier(extra)
+    results = []
+    for name, fn in VERIFY_CHECKS:
+        r = {"name": name}
+        try:
+            ok, evidence, why, fix = fn(v)
+            r.update(status="pass" if ok else "fail", evidence=_excerpt(evidence, 160))
+            if not ok:
+                r.update(why=why, fix=fix)
+        except _Skip as e:
+            r.update(status="skip", evidence="", why=str(e))
+        except _Refused as e:
+            msg = str(e)
+            unsupported = "not supported by this" in msg
+            r.update(status="fail", evidence=_excerpt(msg, 160),
+                     why="not supported by this jrun" if unsupported else "jrun refused the check's job",
+                     fix="use a jrun build that implements it" if unsupported else "see the message")
+        except Exception as e:  # noqa: BLE001 - one broken check must not hide the others
+            r.update(status="fail", evidence=_excerpt("%s: %s" % (type(e).__name__, e), 160),
+                     why="the check could not run", fix="run the check's job by hand with --log-level debug")
+        results.append(r)
+    return results
+
+
 def cmd_verify(argv):
-    raise UsageError("'jrun verify' is not supported by this version of jrun yet")
+    if argv[:1] in (["-h"], ["--help"]):
+        sys.stdout.write("usage: jrun verify [--json] [RUN OPTIONS]\n\nRun the isolation self-test on this "
+                         "host as real jobs and print the verification report.\nRUN OPTIONS are added to "
+                         "every check's job (e.g. --seccomp unconfined, to see a check fail).\n")
+        return 0
+    as_json = "--json" in argv
+    extra = [a for a in argv if a != "--json"]
+    _, command = split_argv(extra)
+    if command:
+        raise UsageError("verify: unexpected argument %r (usage: jrun verify [--json] [RUN OPTIONS])" % command[0])
+    parse_run(extra + ["true"])  # a bad value is one message, not fifteen failed checks
+    if os.geteuid() != 0:
+        raise UsageError("verify must run as root (try: sudo jrun verify)")
+    u = os.uname()
+    _, mode = cgroup_controllers()
+    host = {"kernel": u.release, "machine": u.machine, "cgroup": mode, "jrun": __version__,
+            "extra_options": extra}
+    results = run_verification(extra)
+    counts = {s: sum(r["status"] == s for r in results) for s in ("pass", "fail", "skip")}
+    if as_json:
+        import json
+
+        json.dump({"host": host, "checks": results, "counts": counts, "ok": counts["fail"] == 0},
+                  sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        out = ["Security & Isolation Verification: jrun %s on Linux %s %s, cgroup %s" % (
+            __version__, u.release, u.machine, mode)]
+        if extra:
+            out.append("(every job ran with: %s)" % " ".join(extra))
+        icon = {"pass": "\u2705", "fail": "\u274c", "skip": "\u26a0\ufe0f "}
+        for r in results:
+            out.append("%s %-20s %s" % (icon[r["status"]], r["name"], r["evidence"] or "skipped"))
+            if r["status"] != "pass":
+                out.append("   %-20s why: %s" % ("", r["why"]))
+            if r.get("fix"):
+                out.append("   %-20s fix: %s" % ("", r["fix"]))
+        out.append("%d checks: %d passed, %d failed, %d skipped (not supported by this host)"
+                   % (len(results), counts["pass"], counts["fail"], counts["skip"]))
+        sys.stdout.write("\n".join(out) + "\n")
+    return 0 if counts["fail"] == 0 else 1
 
 
 def complete():
@@ -1693,6 +2223,9 @@ def build_rootfs(force=False):
 # ---------------------------------------------------------------------------
 
 
+_config_used = {"path": CONFIG_FILE, "explicit": False}  # passed on to verify's jobs
+
+
 def main(argv=None):
     if "_ARGCOMPLETE" in os.environ:  # shell completion; never on a normal run
         return complete()
@@ -1708,6 +2241,7 @@ def main(argv=None):
             else:
                 config_path, argv = argv[0].split("=", 1)[1], argv[1:]
             explicit = True
+        _config_used.update(path=config_path, explicit=explicit)
         config = load_config(config_path, explicit)
         _early_log_settings(argv, config)
         if argv[:1] and argv[0] in SUBCOMMANDS:

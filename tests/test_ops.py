@@ -407,3 +407,81 @@ def test_config_unit_parsing(tmp_path, monkeypatch):
     assert J.load_config(str(tmp_path / "absent.toml")) == {}
     with pytest.raises(J.UsageError):
         J.load_config(str(tmp_path / "absent.toml"), explicit=True)
+
+
+# --- verify ---------------------------------------------------------------
+
+CORE_CHECKS = ("Process isolation", "Filesystem isolation", "Mount isolation", "Network namespace")
+# check -> the run options it needs (refused by a jrun that lacks them)
+OPTION_CHECKS = {
+    "Network readiness": ["--net", "bridge"], "Network isolation": ["--net", "bridge"],
+    "Memory limit": ["--memory", "32M"], "PIDs limit": ["--pids", "8"], "CPU limit": ["--cpu", "20"],
+    "cgroup membership": ["--memory", "48M", "--pids", "32", "--cpu", "50", "--cores", "0"],
+    "I/O limit": ["--io-bps", "1M"], "Upload isolation": ["--upload", "/etc/hostname:x"],
+}
+
+
+def _supported(opts):
+    p = jrun(*(["--net", "none"] if "--net" not in opts else []), *opts, "--", "true")
+    return "not supported by this version" not in p.stderr
+
+
+def _verify(*args):
+    p = jrun("verify", "--json", *args, timeout=300)
+    report = json.loads(p.stdout)
+    return p, report, {c["name"]: c for c in report["checks"]}
+
+
+def test_verify_passes_what_this_jrun_supports():
+    p, report, checks = _verify()
+    assert set(checks) >= set(CORE_CHECKS) | set(OPTION_CHECKS) | {"Capabilities", "no_new_privs", "Seccomp"}
+    for name in CORE_CHECKS:
+        assert checks[name]["status"] == "pass", checks[name]
+    for name, opts in OPTION_CHECKS.items():
+        c = checks[name]
+        if _supported(opts):
+            assert c["status"] in ("pass", "skip"), c
+        else:  # refused, and said so: never a pass by not looking
+            assert c["status"] == "fail" and c["why"] == "not supported by this jrun", c
+    security_landed = _supported(["--cap-drop", "ALL"])
+    for name in ("Capabilities", "no_new_privs", "Seccomp"):
+        c = checks[name]
+        assert c["status"] == ("pass" if security_landed else "fail"), c
+        assert c["evidence"]
+    fails = [c for c in report["checks"] if c["status"] == "fail"]
+    assert report["ok"] is (not fails) and p.returncode == (1 if fails else 0)
+    assert all(c["why"] and c["fix"] for c in fails)
+    assert report["host"]["cgroup"].startswith(("v1", "v2", "hybrid"))
+
+
+def test_verify_fails_a_check_when_a_defence_is_turned_off():
+    p, report, checks = _verify("--seccomp", "unconfined")
+    assert p.returncode == 1 and report["ok"] is False
+    assert checks["Seccomp"]["status"] == "fail" and "Seccomp: 0" in checks["Seccomp"]["evidence"]
+    assert report["host"]["extra_options"] == ["--seccomp", "unconfined"]
+    for name in CORE_CHECKS:
+        assert checks[name]["status"] == "pass"
+    text = jrun("verify", "--seccomp", "unconfined", timeout=300)
+    assert text.returncode == 1
+    line = next(x for x in text.stdout.splitlines() if "Seccomp" in x and "why" not in x)
+    assert line.startswith("\u274c") and "Seccomp: 0" in line
+    assert any(x.startswith("\u2705 Process isolation") and "PID 1 = '/bin/ps aux'" in x
+               for x in text.stdout.splitlines())
+    assert "checks:" in text.stdout.splitlines()[-1]
+
+
+def test_verify_refuses_a_command_and_bad_options():
+    assert jrun("verify", "--", "ls").returncode == 125
+    assert jrun("verify", "--memory", "12Q").returncode == 125
+
+
+def test_verify_skips_what_the_host_cannot_support(monkeypatch):
+    import jrun as J
+
+    monkeypatch.setattr(J, "cgroup_controllers", lambda: ({"cpu"}, "v1 (cpu)"))
+    with pytest.raises(J._Skip, match="no memory cgroup controller"):
+        J._need_controller("memory")
+    J._need_controller("cpu")
+    monkeypatch.setattr(J, "VERIFY_CHECKS", [("Memory limit", J.verify_memory)])
+    (r,) = J.run_verification([])
+    assert r["status"] == "skip" and "memory" in r["why"]
