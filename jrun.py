@@ -2129,8 +2129,81 @@ def cmd_verify(argv):
     return 0 if counts["fail"] == 0 else 1
 
 
+# Shell completion (argcomplete).  main() comes here only when the shell's
+# completion hook set _ARGCOMPLETE, so normal runs never import argparse.
+
+
+def network_names():
+    """bridge, none and the named networks that exist now."""
+    names = ["bridge", "none"]
+    try:
+        names += sorted({n.rsplit(".", 1)[0] if n.endswith(".json") else n
+                         for n in os.listdir(os.path.join(STATE_DIR, "net"))} - set(names))
+    except OSError:
+        pass
+    return names
+
+
+def _capability_names():
+    try:
+        import prctl
+
+        return ["ALL"] + [n.upper() for n in prctl.ALL_CAP_NAMES]
+    except ImportError:
+        return ["ALL"]
+
+
+def _add_run_options(parser):
+    from argcomplete.completers import DirectoriesCompleter, FilesCompleter
+
+    completers = {
+        "--net": lambda **kw: network_names(),
+        "--rootfs": lambda prefix, **kw: ["minimal", "host"] + DirectoriesCompleter()(prefix),
+        "--cap-add": lambda **kw: _capability_names()[1:], "--cap-drop": lambda **kw: _capability_names(),
+        "--upload": FilesCompleter(), "--env-file": FilesCompleter(), "--json-status": FilesCompleter(),
+        "--workdir": lambda **kw: [], "--cgroup-parent": lambda **kw: [],
+    }
+    for o in RUN_OPTIONS:
+        flags = [o.long] + ([o.short] if o.short else [])
+        if o.long in FLAG_OPTIONS:
+            action = parser.add_argument(*flags, action="store_true", help=o.help)
+        else:
+            action = parser.add_argument(*flags, metavar=o.metavar, help=o.help, choices=o.choices,
+                                         action="append" if o.repeat else "store")
+        if o.long in completers:
+            action.completer = completers[o.long]
+
+
+def completion_parser():
+    """An argparse mirror of jrun's command line, for argcomplete only."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="jrun")
+    p.add_argument("--config", metavar="FILE", help="read host defaults from FILE instead of %s" % CONFIG_FILE)
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    _add_run_options(p)
+    sub = p.add_subparsers(dest="subcommand")
+    _add_run_options(sub.add_parser("run", help="run COMMAND isolated (the default)"))
+    sub.add_parser("ps", help="the jobs running now").add_argument("--json", action="store_true")
+    kill = sub.add_parser("kill", help="signal a running job")
+    kill.add_argument("-s", "--signal", choices=[s.name[3:] for s in signal.Signals if s.name.startswith("SIG")
+                                                 and not s.name.startswith(("SIGRT", "SIG_"))])
+    kill.add_argument("job").completer = lambda **kw: [j["id"] for j in running_jobs()]
+    sub.add_parser("gc", help="remove what dead jobs left behind")
+    verify = sub.add_parser("verify", help="run the isolation self-test")
+    verify.add_argument("--json", action="store_true")
+    _add_run_options(verify)
+    rootfs = sub.add_parser("rootfs", help="build or locate the minimal rootfs")
+    rootfs.add_argument("action", choices=("build", "path"))
+    rootfs.add_argument("--force", action="store_true")
+    return p
+
+
 def complete():
-    return 0
+    import argcomplete
+
+    argcomplete.autocomplete(completion_parser())
+    return 0  # not reached: autocomplete() exits
 
 
 def cmd_rootfs(argv):

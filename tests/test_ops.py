@@ -485,3 +485,49 @@ def test_verify_skips_what_the_host_cannot_support(monkeypatch):
     monkeypatch.setattr(J, "VERIFY_CHECKS", [("Memory limit", J.verify_memory)])
     (r,) = J.run_verification([])
     assert r["status"] == "skip" and "memory" in r["why"]
+
+
+# --- completion -----------------------------------------------------------
+
+
+def _complete(line, tmp_path):
+    out = tmp_path / "completions"
+    env = dict(os.environ, _ARGCOMPLETE="1", _ARGCOMPLETE_IFS="\n", COMP_LINE=line, COMP_POINT=str(len(line)),
+               _ARGCOMPLETE_STDOUT_FILENAME=str(out))
+    p = subprocess.run(JRUN, env=env, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    return {c.strip() for c in out.read_text().split("\n")} - {""}  # a unique match ends in a space
+
+
+def test_completion_of_options_and_subcommands(tmp_path):
+    import jrun as J
+
+    got = _complete("jrun ", tmp_path)
+    assert {"run", "ps", "kill", "gc", "verify", "rootfs", "--config", "--version"} <= got
+    assert {o.long for o in J.RUN_OPTIONS} <= got
+    assert _complete("jrun --me", tmp_path) == {"--memory"}
+    assert _complete("jrun --net ", tmp_path) >= {"bridge", "none"}
+    assert _complete("jrun --log-level ", tmp_path) == {"debug", "info", "warning", "error"}
+    assert _complete("jrun run --seccomp ", tmp_path) == {"default", "unconfined"}
+    assert _complete("jrun ps --j", tmp_path) == {"--json"}
+    assert "TERM" in _complete("jrun kill -s ", tmp_path)
+    assert _complete("jrun rootfs ", tmp_path) >= {"build", "path"}
+
+
+def test_completion_of_running_job_ids(tmp_path):
+    name = _name("comp")
+    assert name not in _complete("jrun kill ", tmp_path)
+    proc = _start("--net", "none", "--name", name, "--", "/bin/sh", "-c", "echo ready; read x")
+    try:
+        assert name in _complete("jrun kill ", tmp_path)
+        assert _complete("jrun kill %s" % name[:-2], tmp_path) == {name}
+    finally:
+        _stop(proc)
+
+
+def test_a_normal_run_imports_no_heavy_module():
+    p = subprocess.run(JRUN[:1] + ["-X", "importtime"] + JRUN[1:] + ["--net", "none", "--", "true"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0
+    mods = {line.split("|")[-1].strip() for line in p.stderr.splitlines() if "|" in line}
+    assert not mods & {"argparse", "argcomplete", "json", "re", "tomllib", "subprocess", "dataclasses"}, mods
