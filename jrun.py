@@ -515,9 +515,9 @@ def _env_key_ok(key):
 
 def run_help():
     lines = [
-        "usage: jrun [OPTIONS] [--] COMMAND [ARG...]",
-        "       jrun run [OPTIONS] [--] COMMAND [ARG...]",
-        "       jrun ps [--json] | kill [-s SIGNAL] JOB | gc | verify [--json]",
+        "usage: jrun [--config FILE] [OPTIONS] [--] COMMAND [ARG...]",
+        "       jrun [--config FILE] run [OPTIONS] [--] COMMAND [ARG...]",
+        "       jrun [--config FILE] ps [--json] | kill [-s SIGNAL] JOB | gc | verify [--json] [OPTIONS]",
         "       jrun rootfs build [--force] | rootfs path",
         "       jrun --version | --help",
         "",
@@ -530,6 +530,8 @@ def run_help():
         flag = (o.short + ", " if o.short else "    ") + o.long + (" " + o.metavar if o.metavar else "")
         lines.append("  %-30s %s" % (flag, o.help) if len(flag) <= 30 else "  %s\n  %30s %s" % (flag, "", o.help))
     lines += [
+        "  %-30s %s" % ("    --config FILE", "host defaults from FILE instead of %s (first option only)"
+                        % CONFIG_FILE),
         "  %-30s %s" % ("-h, --help", "show this help and exit"),
         "  %-30s %s" % ("    --version", "print the version and exit"),
         "",

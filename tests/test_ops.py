@@ -531,3 +531,48 @@ def test_a_normal_run_imports_no_heavy_module():
     assert p.returncode == 0
     mods = {line.split("|")[-1].strip() for line in p.stderr.splitlines() if "|" in line}
     assert not mods & {"argparse", "argcomplete", "json", "re", "tomllib", "subprocess", "dataclasses"}, mods
+
+
+# --- the manual page ------------------------------------------------------
+
+MAN = os.path.join(ROOT, "man", "jrun.1")
+
+
+def test_man_page_is_clean():
+    p = subprocess.run(["groff", "-man", "-ww", "-z", MAN], capture_output=True, text=True)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    p = subprocess.run(["man", "--warnings", "-l", MAN], capture_output=True, text=True,
+                       env=dict(os.environ, MANWIDTH="80", LC_ALL="C.UTF-8", MANPAGER="cat", PAGER="cat"))
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    assert "EXAMPLES" in p.stdout and "systemd-run --scope -p Delegate=yes" in p.stdout.replace("‐", "-")
+
+
+def _man_options():
+    """The options of the OPTIONS section: the first line after each .TP."""
+    lines = open(MAN).read().splitlines()
+    start = lines.index(".SH OPTIONS")
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith(".SH "))
+    opts = []
+    for i in range(start, end):
+        if lines[i] == ".TP":
+            for word in lines[i + 1].replace("\\-", "-").replace('"', " ").replace(",", " ").split()[1:]:
+                if word.startswith("-"):
+                    opts.append(word)
+    return opts
+
+
+def test_man_options_match_help():
+    import jrun as J
+
+    table = []
+    for o in J.RUN_OPTIONS:
+        table += ([o.short] if o.short else []) + [o.long]
+    table += ["--config", "-h", "--help", "--version"]
+    man = _man_options()
+    assert set(man) == set(table), (set(man) ^ set(table))
+    longs = [o for o in man if o.startswith("--")]
+    assert longs == [o for o in table if o.startswith("--")], "the man page lists options in --help's order"
+    help_text = jrun("--help", check=0).stdout
+    help_opts = {w.rstrip(",") for line in help_text.splitlines() if line.startswith("  ")
+                 for w in line.split()[:3] if w.startswith("-")}
+    assert help_opts == set(table)
