@@ -561,10 +561,14 @@ CONFIG_HOST_KEYS = {  # key: module-level setting it replaces
 }
 
 
+_config_used = {"path": CONFIG_FILE, "explicit": False}  # passed on to verify's jobs
+
+
 def load_config(path, explicit=False):
     """Read jrun.toml at PATH: set the host settings and return the run
     option defaults ({dest: value} as split_argv makes them).  A missing
     file is fine unless it was named with --config."""
+    _config_used.update(path=path, explicit=explicit)
     if not os.path.exists(path):
         if explicit:
             raise UsageError("--config: %s: no such file" % path)
@@ -2298,9 +2302,6 @@ def build_rootfs(force=False):
 # ---------------------------------------------------------------------------
 
 
-_config_used = {"path": CONFIG_FILE, "explicit": False}  # passed on to verify's jobs
-
-
 def main(argv=None):
     if "_ARGCOMPLETE" in os.environ:  # shell completion; never on a normal run
         return complete()
@@ -2316,7 +2317,6 @@ def main(argv=None):
             else:
                 config_path, argv = argv[0].split("=", 1)[1], argv[1:]
             explicit = True
-        _config_used.update(path=config_path, explicit=explicit)
         config = load_config(config_path, explicit)
         _early_log_settings(argv, config)
         if argv[:1] and argv[0] in SUBCOMMANDS:
