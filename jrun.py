@@ -1363,8 +1363,10 @@ def job_ids():
         names = os.listdir(STATE_DIR)
     except FileNotFoundError:
         return []
-    # /run/jrun/net belongs to the named networks, not to a job.
-    return sorted(n for n in names if n != "net" and os.path.isdir(os.path.join(STATE_DIR, n)))
+    # /run/jrun/net belongs to the named networks, not to a job; no job
+    # name starts with a dot.
+    return sorted(n for n in names if n != "net" and not n.startswith(".")
+                  and os.path.isdir(os.path.join(STATE_DIR, n)))
 
 
 def _pid_alive(pid):

@@ -42,6 +42,35 @@ def _config(tmp_path, text, name="jrun.toml"):
     return path
 
 
+# ps, kill and gc tests keep their jobs in a state directory of their own, so
+# that their gc never touches the jobs (or leftovers) of other test runs.
+OWN = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _own_state_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ops")
+    OWN["state"] = str(d / "state")
+    OWN["cfg"] = str(_config(d, 'state-dir = "%s"\naudit-log = "%s"\n' % (OWN["state"], d / "audit.log")))
+    yield
+    assert not odirs(), "a test left state behind"
+
+
+def oj(*args, **kw):
+    return jrun("--config", OWN["cfg"], *args, **kw)
+
+
+def ostart(*args):
+    return _start(*args, config=OWN["cfg"])
+
+
+def odirs():
+    try:
+        return sorted(os.listdir(OWN["state"]))
+    except FileNotFoundError:
+        return []
+
+
 def _ps_json(*pre):
     p = jrun(*pre, "ps", "--json", check=0)
     return json.loads(p.stdout)
@@ -52,10 +81,10 @@ def _ps_json(*pre):
 
 def test_ps_lists_running_jobs_with_their_fields():
     name = _name("ps")
-    proc = _start("--net", "none", "--name", name, "--timeout", "5m", "--", "/bin/sh", "-c",
+    proc = ostart("--net", "none", "--name", name, "--timeout", "5m", "--", "/bin/sh", "-c",
                   "echo ready; sleep 60")
     try:
-        jobs = {j["id"]: j for j in _ps_json()}
+        jobs = {j["id"]: j for j in _ps_json("--config", OWN["cfg"])}
         assert name in jobs
         j = jobs[name]
         assert j["command"] == ["/bin/sh", "-c", "echo ready; sleep 60"]
@@ -64,26 +93,26 @@ def test_ps_lists_running_jobs_with_their_fields():
         assert abs(j["started"] - time.time()) < 30
         with open("/proc/%d/stat" % j["pid"]) as f:  # the job's PID 1 is jrun's child
             assert int(f.read().rsplit(")", 1)[1].split()[1]) == proc.pid
-        table = jrun("ps", check=0).stdout.splitlines()
+        table = oj("ps", check=0).stdout.splitlines()
         assert table[0].split()[:4] == ["ID", "PID", "STARTED", "UP"]
         row = next(line for line in table if line.startswith(name + " "))
         assert str(j["pid"]) in row.split() and "timeout=5m" in row and row.endswith("sleep 60")
     finally:
         _stop(proc)
-    assert name not in {j["id"] for j in _ps_json()}
+    assert name not in {j["id"] for j in _ps_json("--config", OWN["cfg"])}
 
 
 def test_ps_does_not_list_a_dead_jobs_stale_state():
     name = _name("stale")
-    proc = _start("--net", "none", "--name", name, "--", "/bin/sh", "-c", "echo ready; sleep 60")
+    proc = ostart("--net", "none", "--name", name, "--", "/bin/sh", "-c", "echo ready; sleep 60")
     proc.kill()  # SIGKILL of jrun: its state directory stays behind
     proc.communicate()
     try:
-        assert name in state_dirs()
-        assert name not in {j["id"] for j in _ps_json()}
-        assert name not in jrun("ps", check=0).stdout
+        assert name in odirs()
+        assert name not in {j["id"] for j in _ps_json("--config", OWN["cfg"])}
+        assert name not in oj("ps", check=0).stdout
     finally:
-        jrun("gc")
+        oj("gc")
 
 
 def test_ps_with_no_jobs_prints_only_the_header(tmp_path):
@@ -91,7 +120,7 @@ def test_ps_with_no_jobs_prints_only_the_header(tmp_path):
     p = jrun("--config", cfg, "ps", check=0)
     assert p.stdout.split() == ["ID", "PID", "STARTED", "UP", "LIMITS", "NETWORK", "CGROUP", "COMMAND"]
     assert jrun("--config", cfg, "ps", "--json", check=0).stdout.strip() == "[]"
-    assert jrun("ps", "--bogus").returncode == 125
+    assert oj("ps", "--bogus").returncode == 125
 
 
 # --- kill -----------------------------------------------------------------
@@ -100,10 +129,10 @@ def test_ps_with_no_jobs_prints_only_the_header(tmp_path):
 @pytest.mark.parametrize("sig", ["TERM", "SIGTERM", "15", "term", None])
 def test_kill_sends_sigterm_by_any_name(sig):
     name = _name("kill")
-    proc = _start("--net", "none", "--name", name, "--", "/bin/sh", "-c",
+    proc = ostart("--net", "none", "--name", name, "--", "/bin/sh", "-c",
                   "trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 0.1; done")
     try:
-        p = jrun("kill", *(["-s", sig] if sig else []), name, check=0)
+        p = oj("kill", *(["-s", sig] if sig else []), name, check=0)
         assert p.stdout == ""
         out, _ = proc.communicate(timeout=15)
         assert proc.returncode == 7 and "got-term" in out
@@ -113,40 +142,40 @@ def test_kill_sends_sigterm_by_any_name(sig):
 
 def test_kill_term_escalates_to_sigkill_as_in_the_foreground():
     name = _name("esc")
-    proc = _start("--net", "none", "--name", name, "--stop-timeout", "1", "--", "/bin/sh", "-c",
+    proc = ostart("--net", "none", "--name", name, "--stop-timeout", "1", "--", "/bin/sh", "-c",
                   "trap '' TERM; echo ready; while :; do sleep 0.1; done")
     try:
-        jrun("kill", name, check=0)
+        oj("kill", name, check=0)
         _, err = proc.communicate(timeout=20)
         assert proc.returncode == 128 + signal.SIGKILL
         assert "SIGTERM received" in err and "sending SIGKILL" in err
     finally:
         _stop(proc)
-    assert name not in state_dirs()  # the foreground jrun cleaned up
+    assert name not in odirs()  # the foreground jrun cleaned up
 
 
 def test_kill_s_kill_and_usr1_go_to_the_job():
     name = _name("k9")
-    proc = _start("--net", "none", "--name", name, "--", "/bin/sh", "-c",
+    proc = ostart("--net", "none", "--name", name, "--", "/bin/sh", "-c",
                   "trap 'echo usr1' USR1; echo ready; while :; do sleep 0.1; done")
     try:
-        jrun("kill", "-s", "USR1", name, check=0)
+        oj("kill", "-s", "USR1", name, check=0)
         assert proc.stdout.readline().strip() == "usr1"  # jrun itself did not die of USR1
         assert proc.poll() is None
-        jrun("kill", "-s", "KILL", name, check=0)
+        oj("kill", "-s", "KILL", name, check=0)
         proc.communicate(timeout=15)
         assert proc.returncode == 137
     finally:
         _stop(proc)
-    assert name not in state_dirs()
+    assert name not in odirs()
 
 
 def test_kill_refuses_unknown_jobs_and_signals():
-    p = jrun("kill", "no-such-job-" + uuid.uuid4().hex[:6])
+    p = oj("kill", "no-such-job-" + uuid.uuid4().hex[:6])
     assert p.returncode == 125 and p.stderr.startswith("jrun: kill: no running job")
-    p = jrun("kill", "-s", "NOPE", "whatever")
+    p = oj("kill", "-s", "NOPE", "whatever")
     assert p.returncode == 125 and "'NOPE' is not a signal" in p.stderr
-    assert jrun("kill").returncode == 125
+    assert oj("kill").returncode == 125
 
 
 # --- gc -------------------------------------------------------------------
@@ -154,36 +183,36 @@ def test_kill_refuses_unknown_jobs_and_signals():
 
 def test_gc_after_kill_9_of_jrun_mid_job():
     name = _name("gc9")
-    proc = _start("--net", "none", "--name", name, "--", "/bin/sh", "-c", "echo ready; sleep 60")
+    proc = ostart("--net", "none", "--name", name, "--", "/bin/sh", "-c", "echo ready; sleep 60")
     proc.kill()
     proc.communicate()
-    assert name in state_dirs()
-    p = jrun("gc", check=0)
+    assert name in odirs()
+    p = oj("gc", check=0)
     assert "gc: removed leftovers of job %s" % name in p.stderr
-    assert name not in state_dirs()
+    assert name not in odirs()
     # A second gc has nothing of this job to do and says nothing about it.
-    assert name not in jrun("gc", check=0).stderr
+    assert name not in oj("gc", check=0).stderr
 
 
 def test_gc_never_touches_live_or_starting_jobs():
     names = [_name("live") for _ in range(4)]
-    procs = [_start("--net", "none", "--name", n, "--", "/bin/sh", "-c",
+    procs = [ostart("--net", "none", "--name", n, "--", "/bin/sh", "-c",
                     "echo ready; read x; echo got $x; cat /etc/hostname") for n in names]
     # A job that is starting has a state directory but no lock yet.
-    starting = os.path.join("/run/jrun", _name("starting"))
+    starting = os.path.join(OWN["state"], _name("starting"))
     os.mkdir(starting, 0o700)
     try:
         for _ in range(3):
-            jrun("gc", check=0)
-        assert set(names) <= set(state_dirs()) and os.path.isdir(starting)
-        assert {n for n in names} <= {j["id"] for j in _ps_json()}
+            oj("gc", check=0)
+        assert set(names) <= set(odirs()) and os.path.isdir(starting)
+        assert {n for n in names} <= {j["id"] for j in _ps_json("--config", OWN["cfg"])}
         for n, proc in zip(names, procs):
             out, _ = proc.communicate("ok\n", timeout=15)
             assert proc.returncode == 0 and out.split() == ["got", "ok", n]
         # Once old enough, a directory that never got its lock is a crashed start.
         old = time.time() - 60
         os.utime(starting, (old, old))
-        jrun("gc", check=0)
+        oj("gc", check=0)
         assert not os.path.exists(starting)
     finally:
         for proc in procs:
@@ -199,12 +228,12 @@ def test_gc_concurrently_with_many_jobs():
     def gc_loop():
         n = 0
         while not stop:
-            jrun("gc", check=0)
+            oj("gc", check=0)
             n += 1
         return n
 
     def job(n):
-        return jrun("--net", "none", "--name", n, "--", "/bin/sh", "-c", "sleep 0.3; hostname")
+        return oj("--net", "none", "--name", n, "--", "/bin/sh", "-c", "sleep 0.3; hostname")
 
     with ThreadPoolExecutor(14) as ex:
         gcs = [ex.submit(gc_loop) for _ in range(2)]
@@ -213,14 +242,14 @@ def test_gc_concurrently_with_many_jobs():
         assert all(g.result() >= 1 for g in gcs)
     for n, p in zip(names, results):
         assert p.returncode == 0 and p.stdout.strip() == n, p.stderr
-    assert not set(names) & set(state_dirs())
+    assert not set(names) & set(odirs())
 
 
 def test_gc_prints_nothing_when_there_is_nothing_to_do(tmp_path):
     cfg = _config(tmp_path, 'state-dir = "%s"\n' % (tmp_path / "state"))
     p = jrun("--config", cfg, "gc", check=0)
     assert p.stdout == "" and p.stderr == ""
-    assert jrun("gc", "extra").returncode == 125
+    assert oj("gc", "extra").returncode == 125
 
 
 def test_gc_calls_the_orphans_hook(monkeypatch, tmp_path):
@@ -370,11 +399,11 @@ def test_config_defaults_and_command_line_wins(tmp_path):
 ])
 def test_invalid_config_values(tmp_path, text, msg):
     cfg = _config(tmp_path, text)
-    before = state_dirs()
-    p = jrun("--config", cfg, "--net", "none", "--", "true")
+    name = _name("badcfg")
+    p = jrun("--config", cfg, "--net", "none", "--name", name, "--", "true")
     assert p.returncode == 125
     assert p.stderr.startswith("jrun: %s: " % cfg) and msg in p.stderr, p.stderr
-    assert len(p.stderr.splitlines()) == 1 and state_dirs() == before
+    assert len(p.stderr.splitlines()) == 1 and name not in state_dirs()
 
 
 def test_invalid_toml_names_path_and_line(tmp_path):
