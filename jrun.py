@@ -45,8 +45,12 @@ import time
 # Constants
 # ---------------------------------------------------------------------------
 
+# Host settings; /etc/jrun/jrun.toml may change them (see load_config).
+CONFIG_FILE = "/etc/jrun/jrun.toml"
 STATE_DIR = "/run/jrun"
 ROOTFS_DIR = "/var/lib/jrun/rootfs"
+AUDIT_LOG = "/var/log/jrun/audit.log"
+SUBNET = "10.88.0.0/16"  # read by the network section
 TINI = "/usr/bin/tini-static"
 BUSYBOX = "/bin/busybox"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -627,6 +631,8 @@ def parse_run(argv, config=None):
     """argv (after 'run', if given) -> JobSpec.  Values are checked for form
     here; checks against this host are in validate()."""
     o, command = split_argv(argv)
+    if config:
+        o = dict(config, **o)  # the command line always wins
     if not command:
         raise UsageError("no COMMAND given (usage: jrun [OPTIONS] [--] COMMAND [ARG...])")
     named = "name" in o
@@ -812,9 +818,9 @@ def _env_key_ok(key):
 
 def run_help():
     lines = [
-        "usage: jrun [OPTIONS] [--] COMMAND [ARG...]",
-        "       jrun run [OPTIONS] [--] COMMAND [ARG...]",
-        "       jrun ps [--json] | kill [-s SIGNAL] JOB | gc | verify [--json]",
+        "usage: jrun [--config FILE] [OPTIONS] [--] COMMAND [ARG...]",
+        "       jrun [--config FILE] run [OPTIONS] [--] COMMAND [ARG...]",
+        "       jrun [--config FILE] ps [--json] | kill [-s SIGNAL] JOB | gc | verify [--json] [OPTIONS]",
         "       jrun rootfs build [--force] | rootfs path",
         "       jrun --version | --help",
         "",
@@ -827,6 +833,8 @@ def run_help():
         flag = (o.short + ", " if o.short else "    ") + o.long + (" " + o.metavar if o.metavar else "")
         lines.append("  %-30s %s" % (flag, o.help) if len(flag) <= 30 else "  %s\n  %30s %s" % (flag, "", o.help))
     lines += [
+        "  %-30s %s" % ("    --config FILE", "host defaults from FILE instead of %s (first option only)"
+                        % CONFIG_FILE),
         "  %-30s %s" % ("-h, --help", "show this help and exit"),
         "  %-30s %s" % ("    --version", "print the version and exit"),
         "",
@@ -835,6 +843,101 @@ def run_help():
         "See jrun(1).",
     ]
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# The configuration file: host-wide defaults of run options and host settings.
+# Read only if it exists: tomllib imports re (7 ms), a cost only hosts that
+# use a config file pay.  Its values go through the same parsing as argv.
+# ---------------------------------------------------------------------------
+
+# Keys of jrun.toml, spelled like the long option: run options whose value
+# becomes the default (the command line wins), then host settings.
+CONFIG_RUN_KEYS = {
+    "timeout": (str, int, float), "stop-timeout": (str, int, float), "init": bool,
+    "cpu": (int, str), "cores": str, "memory": (str, int), "io-bps": (str, int), "pids": (int, str),
+    "workdir": str, "rootfs": str, "read-only": bool, "net": str, "seccomp": str,
+    "userns": bool, "stats": bool, "cgroup-parent": str, "log-level": str, "log-format": str,
+}
+CONFIG_HOST_KEYS = {  # key: module-level setting it replaces
+    "state-dir": "STATE_DIR", "rootfs-dir": "ROOTFS_DIR", "audit-log": "AUDIT_LOG", "subnet": "SUBNET",
+}
+
+
+_config_used = {"path": CONFIG_FILE, "explicit": False}  # passed on to verify's jobs
+
+
+def load_config(path, explicit=False):
+    """Read jrun.toml at PATH: set the host settings and return the run
+    option defaults ({dest: value} as split_argv makes them).  A missing
+    file is fine unless it was named with --config."""
+    _config_used.update(path=path, explicit=explicit)
+    if not os.path.exists(path):
+        if explicit:
+            raise UsageError("--config: %s: no such file" % path)
+        return {}
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            # A config file can redirect the audit log and the state
+            # directory of a root process: only root may have written it.
+            if st.st_uid != 0 or st.st_mode & 0o022:
+                raise UsageError("%s: refusing a config file that is not owned by root or is writable by "
+                                 "group or others (chown root; chmod go-w)" % path)
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError("%s: %s" % (path, e)) from None  # "... (at line 3, column 10)"
+    except OSError as e:
+        raise UsageError("%s: cannot read: %s" % (path, e.strerror)) from None
+    defaults = {}
+    for key, value in data.items():
+        types = CONFIG_RUN_KEYS.get(key) or (str if key in CONFIG_HOST_KEYS else None)
+        if types is None:
+            raise UsageError("%s: %s: unknown key (known: %s)"
+                             % (path, key, ", ".join(list(CONFIG_RUN_KEYS) + list(CONFIG_HOST_KEYS))))
+        if not isinstance(value, types) or (isinstance(value, bool) and types is not bool):
+            want = "true or false" if types is bool else "a string" if types is str else "a number or a string"
+            raise UsageError("%s: %s: %r should be %s" % (path, key, value, want))
+        if key in CONFIG_HOST_KEYS:
+            _check_host_setting(path, key, value)
+            continue
+        opt = _BY_NAME["--" + key]
+        if types is bool:
+            if value:
+                defaults[opt.dest] = True
+            continue
+        value = str(value)
+        # The same checks as on the command line, one key at a time, so
+        # that the message can name the key at fault.
+        try:
+            parse_run([opt.long, value, "true"])
+        except UsageError as e:
+            msg = str(e)
+            for flag in (opt.long, "%s/%s" % (opt.short, opt.long)):
+                if msg.startswith(flag + ": "):
+                    msg = msg[len(flag) + 2:]
+            raise UsageError("%s: %s: %s" % (path, key, msg)) from None
+        defaults[opt.dest] = value
+    return defaults
+
+
+def _check_host_setting(path, key, value):
+    if key == "subnet":
+        import ipaddress
+
+        try:
+            net = ipaddress.ip_network(value)
+        except ValueError as e:
+            raise UsageError("%s: subnet: %s" % (path, e)) from None
+        if net.version != 4 or net.prefixlen > 28:
+            raise UsageError("%s: subnet: %r must be an IPv4 network of at most /28" % (path, value))
+    elif key == "audit-log" and value == "":
+        pass  # no audit log
+    elif not value.startswith("/") or "\0" in value:
+        raise UsageError("%s: %s: %r must be an absolute path" % (path, key, value))
+    globals()[CONFIG_HOST_KEYS[key]] = value
 
 
 # ---------------------------------------------------------------------------
@@ -2845,6 +2948,85 @@ def drop_privileges(spec, uid, gid, sync_r, userns=None):
 # ---------------------------------------------------------------------------
 
 
+# The audit log: one JSON line per job start and end, appended by the jrun
+# of that job (root, host namespaces).  Many jruns append to one file at
+# once: each line is one write() to an O_APPEND file under an exclusive
+# flock, so lines never interleave, even where O_APPEND alone would not
+# promise it (long lines, NFS).
+
+
+def invoking_user():
+    """(uid, name) of the user behind sudo, else of the caller."""
+    uid = os.environ.get("SUDO_UID")
+    name = os.environ.get("SUDO_USER")
+    if uid is None or not uid.isdigit():
+        uid, name = os.getuid(), None
+    if name is None:
+        import pwd
+
+        try:
+            name = pwd.getpwuid(int(uid)).pw_name
+        except KeyError:
+            name = str(uid)
+    return int(uid), name
+
+
+def limits_record(spec):
+    rec = {k: getattr(spec.limits, k) for k in spec.limits.__slots__ if getattr(spec.limits, k) is not None}
+    if spec.timeout:
+        rec["timeout_s"] = spec.timeout
+    return rec
+
+
+def _iso(t):
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % (t % 1 * 1000)
+
+
+def start_record(spec):
+    uid, user = invoking_user()
+    return {"time": _iso(time.time()), "event": "start", "job": spec.id, "uid": uid, "user": user,
+            "command": list(spec.command), "limits": limits_record(spec), "net": spec.net,
+            "rootfs": spec.rootfs, "jrun_pid": os.getpid()}
+
+
+def end_record(spec, out, duration):
+    uid, user = invoking_user()
+    rec = {"time": _iso(time.time()), "event": "end", "job": spec.id, "uid": uid, "user": user,
+           "command": list(spec.command), "limits": limits_record(spec), "net": spec.net,
+           "exit_code": out.exit_code, "signal": out.signal, "timed_out": out.timed_out,
+           "oom_killed": bool(getattr(out, "oom_killed", False)), "duration_s": round(duration, 3)}
+    for extra in ("cpu_s", "memory_peak_bytes", "io_read_bytes", "io_write_bytes"):
+        if getattr(out, extra, None) is not None:
+            rec[extra] = getattr(out, extra)
+    if out.error:
+        rec["error"] = out.error
+    return rec
+
+
+def append_audit_log(record, path=None):
+    """Append one line; a log that cannot be written is a warning, not a
+    reason to fail the job (the job's own status must stay its own)."""
+    path = AUDIT_LOG if path is None else path
+    if not path:
+        return
+    line = (dumps_json(record) + "\n").encode("utf-8", "replace")
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        try:
+            fd = os.open(path, flags, 0o640)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
+            fd = os.open(path, flags, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            while line:
+                line = line[os.write(fd, line):]
+        finally:
+            os.close(fd)
+    except OSError as e:
+        log("warning", "audit log %s: %s" % (path, e.strerror))
+
+
 class Outcome:
     def __init__(self):
         self.exit_code = None
@@ -2891,17 +3073,28 @@ def run_job(spec):
     state.create()
     teardown.push("state %s removed" % state.dir, state.remove)
     out = Outcome()
+    started = None
     try:
         os.mkdir(os.path.join(state.dir, "root"), 0o700)
         state.save(id=spec.id, command=list(spec.command), hostname=spec.hostname,
-                   started=time.time(), net=spec.net, jrun_pid=os.getpid())
+                   started=time.time(), net=spec.net, limits=limits_record(spec),
+                   user=invoking_user()[1], jrun_pid=os.getpid())
+        append_audit_log(start_record(spec))
+        started = time.monotonic()
         return supervise(spec, state, teardown, out)
+    except JrunError as e:
+        if out.exit_code is None:
+            out.exit_code = e.exit_code
+        out.error = out.error or str(e)
+        raise
     finally:
         teardown.run()
         # After teardown: when the status file appears, nothing of the job
         # is left on the host.
         if out.exit_code is not None:
             report_outcome(spec, out)
+        if started is not None:
+            append_audit_log(end_record(spec, out, time.monotonic() - started))
 
 
 def report_outcome(spec, out):
@@ -3075,44 +3268,872 @@ def _fmt_dur(seconds):
 # ---------------------------------------------------------------------------
 
 
+def _subparser(prog, description):
+    """Subcommands are off the run path: argparse is fine here."""
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise UsageError("%s: %s (see %s --help)" % (prog, message, prog))
+
+    return Parser(prog=prog, description=description)
+
+
 def job_ids():
+    """Names of the state directories: running, starting or dead jobs."""
     try:
-        return sorted(os.listdir(STATE_DIR))
+        names = os.listdir(STATE_DIR)
     except FileNotFoundError:
         return []
+    # /run/jrun/net belongs to the named networks, not to a job; no job
+    # name starts with a dot.
+    return sorted(n for n in names if n != "net" and not n.startswith(".")
+                  and os.path.isdir(os.path.join(STATE_DIR, n)))
+
+
+def _pid_alive(pid):
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def running_jobs():
+    """job.json records of the jobs running now: the job's lock is held by
+    its jrun and both jrun and the job's PID 1 exist.  A starting job (no
+    PID yet) and a dead job's stale state are not running."""
+    jobs = []
+    for job_id in job_ids():
+        state = JobState(job_id)
+        if not os.path.exists(os.path.join(state.dir, "lock")) or not state.is_live():
+            continue
+        rec = state.load()
+        if rec.get("id") == job_id and _pid_alive(rec.get("jrun_pid")) and _pid_alive(rec.get("pid")):
+            jobs.append(rec)
+    return jobs
+
+
+def _fmt_size(n):
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return "%d%s" % (n >> shift, unit)
+    return str(n)
+
+
+def _fmt_limits(limits):
+    parts = []
+    for k, v in sorted((limits or {}).items()):
+        if k in ("memory", "io_bps") and isinstance(v, int):
+            v = _fmt_size(v)
+        elif k == "timeout_s":
+            k, v = "timeout", _fmt_dur(v)
+        elif k == "cpu":
+            v = "%s%%" % v
+        parts.append("%s=%s" % (k.replace("_", "-"), v))
+    return ",".join(parts) or "-"
+
+
+def _fmt_age(seconds):
+    seconds = int(max(0, seconds))
+    if seconds < 120:
+        return "%ds" % seconds
+    if seconds < 7200:
+        return "%dm" % (seconds // 60)
+    return "%dh%02dm" % (seconds // 3600, seconds % 3600 // 60)
+
+
+def cmd_ps(argv):
+    p = _subparser("jrun ps", "List the jobs running now on this host.")
+    p.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+    args = p.parse_args(argv)
+    jobs = running_jobs()
+    if args.json:
+        sys.stdout.write(dumps_json(jobs) + "\n")
+        return 0
+    # Fields that the network and cgroup code add to job.json.
+    rows = [("ID", "PID", "STARTED", "UP", "LIMITS", "NETWORK", "CGROUP", "COMMAND")]
+    now = time.time()
+    for j in jobs:
+        started = j.get("started") or now
+        net = j.get("net") or "-"
+        if j.get("address"):
+            net = "%s %s" % (net, j["address"])
+        rows.append((j["id"], str(j.get("pid")), time.strftime("%H:%M:%S", time.localtime(started)),
+                     _fmt_age(now - started), _fmt_limits(j.get("limits")), net, str(j.get("cgroup") or "-"),
+                     " ".join(j.get("command") or ())))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] + "\n")
+    return 0
+
+
+def parse_signal(text):
+    """'TERM', 'SIGTERM', 'term' or '15' -> signal number."""
+    t = text.strip().upper()
+    if t.isdigit():
+        num = int(t)
+        if 0 < num < signal.NSIG:
+            return num
+    else:
+        name = t if t.startswith("SIG") else "SIG" + t
+        sig = getattr(signal.Signals, name, None) if name.isidentifier() else None
+        if isinstance(sig, signal.Signals):
+            return int(sig)
+    raise UsageError("kill: -s: %r is not a signal (use e.g. TERM, KILL, HUP, 15)" % text)
+
+
+def _ppid(pid):
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def cmd_kill(argv):
+    p = _subparser("jrun kill", "Send a signal to a running job (default SIGTERM).")
+    p.add_argument("-s", "--signal", default="TERM", help="signal name or number (default TERM)")
+    job_arg = p.add_argument("job", help="the job id (see jrun ps)")
+    job_arg.completer = lambda **kw: [j["id"] for j in running_jobs()]
+    args = p.parse_args(argv)
+    sig = parse_signal(args.signal)
+    job = next((j for j in running_jobs() if j["id"] == args.job), None)
+    if job is None:
+        raise UsageError("kill: no running job %r (see jrun ps)" % args.job)
+    # A signal that jrun relays goes to the job's jrun, which forwards it and
+    # escalates to SIGKILL after --stop-timeout exactly as in the
+    # foreground.  Any other signal (KILL, USR1, ...) goes to the job's PID 1
+    # itself: jrun would not relay it, and might die of it.
+    relayed = sig in FORWARDED_SIGNALS
+    pid = job["jrun_pid"] if relayed else job["pid"]
+    # A pidfd pins the process; checking its identity afterwards closes the
+    # race with the PID being reused by the time we signal it.
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise UsageError("kill: job %r has just ended" % args.job) from None
+    try:
+        ok = JobState(args.job).is_live() and (relayed or _ppid(pid) == job["jrun_pid"])
+        if not ok:
+            raise UsageError("kill: job %r has just ended" % args.job)
+        signal.pidfd_send_signal(pidfd, sig)
+    except ProcessLookupError:
+        raise UsageError("kill: job %r has just ended" % args.job) from None
+    finally:
+        os.close(pidfd)
+    log("debug", "kill: %s sent to %s %d of job %s" % (signal.Signals(sig).name, "jrun" if relayed else "PID 1",
+                                                      pid, args.job))
+    return 0
+
+
+# gc.  It may run at any time, from cron, concurrently with jobs:
+# - a live job holds the flock on its state directory's lock file; gc never
+#   touches it.  A state directory without a lock file younger than 5 s is a
+#   job starting up (is_live), and is left alone too.
+# - gc holds the lock of a dead job while it tears it down, so a new job
+#   taking the same name waits for the name instead of racing with gc.
+# - Resources whose state directory is gone entirely (jrun crashed between
+#   creating them and recording them, or someone deleted /run/jrun) are found
+#   by each Resource class's optional orphans() hook:
+#
+#       @classmethod
+#       def orphans(cls, known_ids):
+#           """Yield instances (ready for teardown()) of host objects of this
+#           kind that jrun made (a cgroup under jrun's parent, a veth named
+#           jr*, ...) and whose job has no state directory.  Enumerate the
+#           host objects FIRST, then call known_ids() (the job ids that have
+#           a state directory now): a job creates its state directory before
+#           any resource and removes it after all of them, so an object
+#           seen before the call belongs to a job in known_ids() unless that
+#           job is gone."""
+#
+#   teardown() of an orphan must be as idempotent as any other teardown.
 
 
 def gc_job(job_id):
     """Remove what a dead job left behind.  Never touches a live job."""
     state = JobState(job_id)
-    if state.is_live():
-        return False
-    record = state.load()
-    for cls in reversed(RESOURCE_CLASSES):
-        res = cls.from_state(record)
-        if res is not None:
-            res.teardown()
-    root = os.path.join(state.dir, "root")
-    # The job's mounts lived in its own mount namespace and died with it;
-    # a mount here would only come from a crash mid-setup of an old jrun.
     try:
-        umount2(root, MNT_DETACH)
-    except OSError:
-        pass
-    try:
-        state.remove()
+        lock_fd = os.open(os.path.join(state.dir, "lock"), os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        pass
-    return True
+        lock_fd = None
+        if not os.path.isdir(state.dir) or state.is_live():  # gone, or starting up: no lock yet
+            return False
+    except NotADirectoryError:
+        return False
+    try:
+        if lock_fd is not None:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # live, or another gc is at it
+        record = state.load()
+        for cls in reversed(RESOURCE_CLASSES):
+            res = cls.from_state(record)
+            if res is not None:
+                res.teardown()
+        root = os.path.join(state.dir, "root")
+        # The job's mounts lived in its own mount namespace and died with
+        # it; a mount here would only come from a crash mid-setup of an old
+        # jrun.
+        try:
+            umount2(root, MNT_DETACH)
+        except OSError:
+            pass
+        try:
+            state.remove()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log("warning", "gc: cannot remove %s: %s" % (state.dir, e.strerror))
+            return False
+        return True
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
+
+
+def collect_orphans():
+    """Resources of jobs that have no state directory at all."""
+    removed = []
+    for cls in RESOURCE_CLASSES:
+        hook = getattr(cls, "orphans", None)
+        if hook is None:
+            continue
+        for res in hook(lambda: set(job_ids())):
+            res.teardown()
+            removed.append(res.name)
+    return removed
 
 
 def cmd_gc(argv):
-    if argv:
-        raise UsageError("gc takes no arguments")
-    removed = [j for j in job_ids() if gc_job(j)]
-    for j in removed:
-        log("info", "gc: removed leftovers of job %s" % j)
+    p = _subparser("jrun gc", "Remove what jobs that died without cleanup left behind; never touches a "
+                              "live job.  Safe to run at any time, e.g. from cron.")
+    p.parse_args(argv)
+    if os.geteuid() != 0:
+        raise UsageError("gc must run as root (try: sudo jrun gc)")
+    for job_id in job_ids():
+        if gc_job(job_id):
+            log("info", "gc: removed leftovers of job %s" % job_id)
+    for name in collect_orphans():
+        log("info", "gc: removed orphan %s" % name)
     return 0
+
+
+# verify: the "Security & Isolation Verification" methodology as a command.
+# Every check runs real jobs through this same jrun (a subprocess: truly
+# black-box) and observes from inside and outside.  A check passes only if it
+# saw the defence bite.  A job that jrun refuses (exit 125, e.g. an option
+# this build does not implement) is a failure with jrun's own message: verify
+# never passes by not looking.  A check the host cannot support at all (its
+# cgroup controller is missing) is skipped with a warning: jrun refuses the
+# corresponding option on such a host, so nothing is silently unenforced;
+# skipped checks do not fail verify (exit 0 means: everything this host can
+# enforce, jrun enforces).
+
+VERIFY_CHECKS = []
+
+
+def _verify_check(name):
+    def register(fn):
+        VERIFY_CHECKS.append((name, fn))
+        return fn
+
+    return register
+
+
+class _Refused(Exception):
+    """jrun refused a verification job (exit 125)."""
+
+
+class _Skip(Exception):
+    """This host cannot support what the check needs."""
+
+
+class _Verifier:
+    """Runs the verification jobs: this same jrun, as a subprocess."""
+
+    def __init__(self, extra):
+        self.base = [sys.executable, os.path.abspath(__file__)]
+        if _config_used["explicit"]:
+            self.base += ["--config", _config_used["path"]]
+        self.extra = list(extra)  # the caller's run options win: they come last
+        self.tag = os.urandom(3).hex()
+
+    def argv(self, opts, script, net_none=True):
+        command = list(script) if isinstance(script, (list, tuple)) else ["/bin/sh", "-c", script]
+        return self.base + (["--net", "none"] if net_none else []) + list(opts) + self.extra + ["--"] + command
+
+    def run(self, opts, script, net_none=True, timeout=60):
+        import subprocess
+
+        p = subprocess.run(self.argv(opts, script, net_none), stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=timeout)
+        if p.returncode == EXIT_JRUN:
+            raise _Refused(_last_message(p.stderr))
+        return p
+
+    def start(self, opts, script, net_none=True):
+        """Start a job whose script prints 'ready' once running and then
+        waits for stdin to close; returns (Popen, first lines before ready)."""
+        import subprocess
+
+        proc = subprocess.Popen(self.argv(opts, script, net_none), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lines = []
+        for line in proc.stdout:
+            if line.strip() == "ready":
+                return proc, lines
+            lines.append(line.strip())
+        err = proc.stderr.read()
+        proc.wait()
+        if proc.returncode == EXIT_JRUN:
+            raise _Refused(_last_message(err))
+        raise AssertionError("the job ended before it was ready (exit %d): %s"
+                             % (proc.returncode, _last_message(err) or " ".join(lines)))
+
+    def stop(self, proc):
+        try:
+            proc.stdin.close()
+            proc.wait(timeout=15)
+        except Exception:  # noqa: BLE001 - a verification job must not outlive verify
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+    def name(self, what):
+        return "verify-%s-%s" % (what, self.tag)
+
+
+def _last_message(stderr):
+    lines = [x for x in stderr.strip().splitlines() if x.strip()]
+    msg = lines[-1] if lines else ""
+    return msg[6:] if msg.startswith("jrun: ") else msg
+
+
+def _excerpt(text, n=90):
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _proc_status(text):
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+
+def cgroup_mounts():
+    """{controller: mount point} of the cgroup hierarchies, with the v2
+    hierarchy under the key '' (on a hybrid host, /sys/fs/cgroup/unified)."""
+    mounts = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            pre, _, post = line.partition(" - ")
+            fstype, _, opts = post.split()[:3]
+            point = pre.split()[4]
+            if fstype == "cgroup2":
+                mounts.setdefault("", point)
+            elif fstype == "cgroup":
+                for o in opts.split(","):
+                    if o in ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "io"):
+                        mounts.setdefault(o, point)
+    return mounts
+
+
+def verify_cgroup_controllers():
+    """The controllers usable by jobs, and a one-line description of the
+    host's cgroup setup."""
+    mounts = cgroup_mounts()
+    v1 = {c for c in mounts if c}
+    v2 = set()
+    if "" in mounts:
+        try:
+            with open(os.path.join(mounts[""], "cgroup.controllers")) as f:
+                v2 = set(f.read().split())
+        except OSError:
+            pass
+    if v1 and "" in mounts:
+        mode = "hybrid (v1 controllers %s; v2 %s)" % (" ".join(sorted(v1)), " ".join(sorted(v2)) or "empty")
+    elif v1:
+        mode = "v1 (%s)" % " ".join(sorted(v1))
+    else:
+        mode = "v2 (%s)" % " ".join(sorted(v2))
+    return v1 | v2, mode
+
+
+def _need_controller(*names):
+    have, mode = verify_cgroup_controllers()
+    for name in names:
+        alt = {"blkio": "io", "io": "blkio"}.get(name)
+        if name not in have and alt not in have:
+            raise _Skip("this host has no %s cgroup controller (cgroup %s); jrun refuses the "
+                        "option that needs it" % (name, mode))
+
+
+def _job_cgroup_dir(pid, controller):
+    """The host directory of PID's cgroup for CONTROLLER (v1 or v2)."""
+    mounts = cgroup_mounts()
+    with open("/proc/%d/cgroup" % pid) as f:
+        lines = [line.rstrip("\n").split(":", 2) for line in f]
+    v1names = {controller, {"io": "blkio", "blkio": "io"}.get(controller)}
+    for hier, ctrls, path in lines:
+        if hier != "0" and v1names & set(ctrls.split(",")):
+            return os.path.join(mounts.get(controller) or mounts.get("blkio") or mounts["io"], path.lstrip("/"))
+    for hier, ctrls, path in lines:
+        if hier == "0" and "" in mounts:
+            return os.path.join(mounts[""], path.lstrip("/"))
+    raise AssertionError("PID %d is in no %s cgroup" % (pid, controller))
+
+
+def _read_stripped(path):
+    with open(path) as f:
+        return f.read().strip()
+
+
+@_verify_check("Process isolation")
+def verify_processes(v):
+    p = v.run([], ["ps", "aux"])
+    rows = [line.split(None, 2) for line in p.stdout.strip().splitlines()[1:]]
+    ev = "ps aux in the job: %d process(es), PID 1 = %r" % (len(rows), rows[0][2] if rows else "")
+    ok = len(rows) == 1 and rows[0][0] == "1" and rows[0][2].endswith("ps aux")
+    return ok, ev, "the job sees processes that are not its own", \
+        "the kernel must support PID namespaces (CONFIG_PID_NS)"
+
+
+@_verify_check("Filesystem isolation")
+def verify_filesystem(v):
+    marker = "jrun-verify-marker-" + os.urandom(6).hex()
+    places = ["/tmp", "/root", os.path.dirname(os.path.abspath(__file__))]
+    made = []
+    try:
+        for d in places:
+            path = os.path.join(d, marker)
+            try:
+                with open(path, "w") as f:
+                    f.write("host-secret\n")
+                made.append(path)
+            except OSError:
+                pass
+        script = ("ls -a /; echo ---; ls /dev; echo ---; find / -xdev -name '%s' 2>/dev/null; "
+                  "cat %s 2>/dev/null; true" % (marker, " ".join(made)))
+        p = v.run([], script)
+    finally:
+        for path in made:
+            os.unlink(path)
+    root, dev, rest = (p.stdout.split("---\n") + ["", ""])[:3]
+    top = sorted(set(root.split()) - {".", ".."})
+    leaked = marker in rest or "host-secret" in rest
+    ok = not leaked and ".jrun-rootfs" in top and "home" in top and set(dev.split()) <= {
+        "fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin", "stdout", "tty", "urandom",
+        "zero", "init"}
+    ev = "ls -a /: %s; /dev: %s; host marker in %d places: %s" % (
+        " ".join(top), " ".join(dev.split()), len(made), "READ BY THE JOB" if leaked else "unreachable")
+    return ok, ev, "the job can see host files or a host /dev", \
+        "check --rootfs and -v/--volume options; the default rootfs must be built by 'jrun rootfs build'"
+
+
+@_verify_check("Mount isolation")
+def verify_mounts(v):
+    p = v.run([], "cat /proc/self/mountinfo; echo ---; ls /proc; echo ---; touch /sys/x 2>&1")
+    mountinfo, procs, sysw = (p.stdout.split("---\n") + ["", "", ""])[:3]
+    host_dev = os.stat("/").st_dev
+    host_majmin = "%d:%d" % (os.major(host_dev), os.minor(host_dev))
+    problems = []
+    points = {}
+    for line in mountinfo.strip().splitlines():
+        pre, _, post = line.partition(" - ")
+        fields = pre.split()
+        points[fields[4]] = post.split()[0]
+        if any(o.startswith(("shared:", "master:")) for o in fields[6:]):
+            problems.append("%s propagates to/from the host" % fields[4])
+        if fields[2] == host_majmin and fields[4] not in ("/dev/null", "/dev/zero", "/dev/full", "/dev/random",
+                                                           "/dev/urandom", "/dev/tty"):
+            problems.append("host filesystem mounted at %s" % fields[4])
+    if points.get("/proc") != "proc":
+        problems.append("/proc is not a fresh proc mount")
+    pids = [int(x) for x in procs.split() if x.isdigit()]
+    if not pids or max(pids) > 50:
+        problems.append("/proc shows host PIDs")
+    if "Read-only" not in sysw and "read-only" not in sysw.lower():
+        problems.append("/sys is writable")
+    ev = "%d mounts, none shared, none of the host's root filesystem; /proc: fresh %s (PIDs %s); " \
+         "/sys: read-only" % (len(points), points.get("/proc"), ",".join(map(str, sorted(pids)[:4])))
+    return not problems, ev if not problems else "; ".join(problems), "the job's mounts are not private", \
+        "run jrun as real root on a kernel with mount namespaces; do not bind host paths with -v"
+
+
+@_verify_check("Network namespace")
+def verify_netns(v):
+    p = v.run([], "readlink /proc/self/ns/net; cat /proc/net/dev")
+    lines = p.stdout.strip().splitlines()
+    host_ns = os.readlink("/proc/self/ns/net")
+    ifaces = sorted(line.split(":")[0].strip() for line in lines[3:] if ":" in line)
+    ns = lines[0] if lines else ""
+    ok = ns.startswith("net:") and ns != host_ns and ifaces == ["lo"]
+    return ok, "job %s vs host %s; interfaces with --net none: %s" % (ns, host_ns, " ".join(ifaces)), \
+        "the job shares the host's network namespace", "the kernel must support network namespaces"
+
+
+_NET_PROBE = ("ip -4 addr show dev eth0 2>&1 | grep -o 'inet [0-9./]*'; "
+              "cat /sys/class/net/eth0/operstate 2>&1; ip -4 route 2>&1 | grep -o 'default via [0-9.]*'")
+
+
+@_verify_check("Network readiness")
+def verify_net_ready(v):
+    # The probe is the job's first instruction: no polling, no sleep.
+    p = v.run([], _NET_PROBE, net_none=False)
+    out = " ".join(p.stdout.split())
+    ok = "inet " in out and " up" in " " + out and "default via" in out
+    return ok, "first instruction sees: %s" % (out or p.stderr.strip()), \
+        "the job's network was not ready when COMMAND started", \
+        "see the network section of jrun(8): the bridge and NAT need iproute2 and nftables"
+
+
+@_verify_check("Network isolation")
+def verify_net_isolation(v):
+    import socket
+
+    net_none = False  # the default network, or the one the caller chose
+    listener = socket.socket()
+    listener.bind(("0.0.0.0", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    try:
+        a, before = v.start(["--name", v.name("neta")], "ip -4 addr show dev eth0 | grep -o 'inet [0-9.]*'; "
+                            "echo ready; nc -l -p 7777 </dev/null & read x", net_none=net_none)
+        try:
+            addr_a = " ".join(before).replace("inet ", "").strip()
+            script = ("gw=$(ip -4 route | grep -o 'default via [0-9.]*' | cut -d' ' -f3); echo gw=$gw; "
+                      "nc -w 2 $gw %d </dev/null && echo HOST-REACHED; "
+                      "nc -w 2 127.0.0.1 %d </dev/null && echo HOST-LOOPBACK-REACHED; "
+                      "nc -w 2 '%s' 7777 </dev/null && echo JOB-REACHED; "
+                      "ip -4 addr show dev eth0 | grep -o 'inet [0-9.]*'" % (port, port, addr_a))
+            p = v.run([], script, net_none=net_none)
+        finally:
+            v.stop(a)
+    finally:
+        listener.close()
+    out = p.stdout
+    reached = [w for w in ("HOST-REACHED", "HOST-LOOPBACK-REACHED", "JOB-REACHED") if w in out]
+    gw = out.split("gw=", 1)[1].split()[0] if "gw=" in out and out.split("gw=", 1)[1].split() else ""
+    ok = not reached and bool(addr_a) and bool(gw)
+    ev = ("host port %d via %s: %s; other job %s:7777: %s" % (
+        port, gw or "?", "REACHED" if "HOST-REACHED" in reached else "refused",
+        addr_a or "?", "REACHED" if "JOB-REACHED" in reached else "refused"))
+    return ok, ev, "a job can reach the host's services or another job" if reached else \
+        "the job has no address or no route", "the jrun bridge's nftables rules must be in place (jrun gc; rerun)"
+
+
+@_verify_check("Memory limit")
+def verify_memory(v):
+    _need_controller("memory")
+    # dd is PID 1: its OOM kill is the job's end, and jrun's status.
+    p = v.run(["--memory", "32M"], ["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"])
+    ok = p.returncode == 137
+    msg = _last_message(p.stderr)
+    return ok, "dd with a 64 MiB buffer under --memory 32M: exit %d%s" % (
+        p.returncode, " (%s)" % msg if msg else ""), \
+        "the job used more memory than its limit", \
+        "enable the memory controller (cgroup_enable=memory on the kernel command line)"
+
+
+@_verify_check("PIDs limit")
+def verify_pids(v):
+    _need_controller("pids")
+    # The forks happen in a subshell, because ash exits when a fork fails;
+    # the count uses only builtins, because no fork is left.
+    p = v.run(["--pids", "8"], "(for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do "
+                              "sleep 5 & done) 2>/dev/null; set -- /proc/[0-9]*; echo procs=$#")
+    n = int(p.stdout.split("procs=")[1].split()[0]) if "procs=" in p.stdout else -1
+    ok = 0 < n <= 8
+    return ok, "20 background forks under --pids 8: %d processes in the job" % n, \
+        "the job created more processes than its limit", "enable the pids cgroup controller"
+
+
+@_verify_check("CPU limit")
+def verify_cpu(v):
+    _need_controller("cpu")
+    p = v.run(["--cpu", "20", "--timeout", "30"],
+              "while :; do :; done & b=$!; sleep 2; read -r l < /proc/$b/stat; kill $b; echo \"$l\"")
+    try:
+        fields = p.stdout.rsplit(")", 1)[1].split()
+        used = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (IndexError, ValueError):
+        return False, "could not read the busy loop's CPU time: %s" % _excerpt(p.stdout + p.stderr), \
+            "the check could not run", "see the output of jrun --cpu 20 -- sh"
+    pct = used / 2 * 100
+    ok = 0 < pct <= 20 * 1.5
+    return ok, "busy loop for 2 s under --cpu 20: %.0f%% of one CPU" % pct, \
+        "the job used more CPU than its limit", "enable the cpu cgroup controller (CFS bandwidth control)"
+
+
+@_verify_check("cgroup membership")
+def verify_cgroup_membership(v):
+    _need_controller("memory", "pids", "cpu")
+    name = v.name("cg")
+    proc, _ = v.start(["--name", name, "--memory", "48M", "--pids", "32", "--cpu", "50", "--cores", "0"],
+                      "echo ready; read x")
+    try:
+        job = next((j for j in running_jobs() if j["id"] == name), None)
+        if job is None:
+            return False, "job %s not listed by jrun ps" % name, "jrun's state is inconsistent", "run jrun gc"
+        pid = job["pid"]
+        seen, problems = [], []
+        for ctrl, files, want in (
+                ("memory", ("memory.limit_in_bytes", "memory.max"), lambda t: t == str(48 << 20)),
+                ("pids", ("pids.max",), lambda t: t == "32"),
+                ("cpu", ("cpu.cfs_quota_us", "cpu.max"),
+                 lambda t: t.split()[0] in ("50000",) or t == "50000 100000")):
+            d = _job_cgroup_dir(pid, ctrl)
+            if name not in d:
+                problems.append("%s cgroup %s is not the job's" % (ctrl, d))
+            if str(pid) not in _read_stripped(os.path.join(d, "cgroup.procs")).split():
+                problems.append("PID %d is not in %s" % (pid, d))
+            f = next((os.path.join(d, x) for x in files if os.path.exists(os.path.join(d, x))), None)
+            value = _read_stripped(f) if f else "?"
+            if not want(value):
+                problems.append("%s = %s" % (f or ctrl, value))
+            seen.append("%s=%s" % (os.path.basename(f or ctrl), value))
+        with open("/proc/%d/status" % pid) as f:
+            cpus = _proc_status(f.read()).get("Cpus_allowed_list", "?").strip()
+        if cpus != "0":
+            problems.append("Cpus_allowed_list = %s (wanted 0)" % cpus)
+        ev = "PID %d in %s: %s, cpus=%s" % (pid, os.path.dirname(_job_cgroup_dir(pid, "pids")) + "/...",
+                                             " ".join(seen), cpus)
+    finally:
+        v.stop(proc)
+    return not problems, ev if not problems else "; ".join(problems), \
+        "the job is not in its own cgroup with its limits", "check --cgroup-parent and the cgroup mounts"
+
+
+@_verify_check("I/O limit")
+def verify_io(v):
+    _need_controller("blkio")
+    name = v.name("io")
+    proc, _ = v.start(["--name", name, "--io-bps", "1M"], "echo ready; read x")
+    try:
+        job = next((j for j in running_jobs() if j["id"] == name), None)
+        d = _job_cgroup_dir(job["pid"], "blkio")
+        files = [f for f in ("blkio.throttle.read_bps_device", "blkio.throttle.write_bps_device", "io.max")
+                 if os.path.exists(os.path.join(d, f))]
+        text = " ".join(_read_stripped(os.path.join(d, f)) for f in files)
+    finally:
+        v.stop(proc)
+    ok = str(1 << 20) in text and name in d
+    return ok, "%s: %s" % (" ".join(files) or "no io files", _excerpt(text or "empty")), \
+        "the job's block I/O is not throttled", "enable the blkio (v1) or io (v2) controller"
+
+
+@_verify_check("Upload isolation")
+def verify_upload(v):
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="jrun-verify-") as d:
+        token = os.urandom(8).hex()
+        with open(os.path.join(d, "in.txt"), "w") as f:
+            f.write(token + "\n")
+        with open(os.path.join(d, "sibling.txt"), "w") as f:
+            f.write("sibling-secret\n")
+        p = v.run(["--upload", os.path.join(d, "in.txt") + ":in.txt"],
+                  "cat in.txt; echo changed > in.txt; cat %s/sibling.txt 2>/dev/null; "
+                  "find / -xdev -name sibling.txt 2>/dev/null; true" % d)
+        with open(os.path.join(d, "in.txt")) as f:
+            after = f.read().strip()
+    ok = token in p.stdout and after == token and "sibling" not in p.stdout
+    ev = "uploaded file %s in the job; host copy %s after the job wrote to it; sibling %s" % (
+        "seen" if token in p.stdout else "MISSING", "unchanged" if after == token else "CHANGED",
+        "READ" if "sibling" in p.stdout else "unreachable")
+    return ok, ev, "an upload exposed or changed host files", "uploads must be copies, not binds"
+
+
+_DANGEROUS_CAPS = {21: "SYS_ADMIN", 16: "SYS_MODULE", 17: "SYS_RAWIO", 19: "SYS_PTRACE", 22: "SYS_BOOT",
+                   25: "SYS_TIME", 12: "NET_ADMIN", 33: "MAC_ADMIN", 32: "MAC_OVERRIDE", 38: "PERFMON",
+                   39: "BPF", 34: "SYSLOG", 24: "SYS_RESOURCE", 2: "DAC_READ_SEARCH"}
+
+
+def _job_status(v):
+    return _proc_status(v.run([], "cat /proc/self/status").stdout)
+
+
+@_verify_check("Capabilities")
+def verify_caps(v):
+    st = _job_status(v)
+    eff, bnd = (int(st.get(k, "0").strip() or "0", 16) for k in ("CapEff", "CapBnd"))
+    held = [n for bit, n in sorted(_DANGEROUS_CAPS.items()) if (eff | bnd) >> bit & 1]
+    ev = "CapEff=%s CapBnd=%s%s" % (st.get("CapEff", "?").strip(), st.get("CapBnd", "?").strip(),
+                                    "; holds " + ",".join(held) if held else "; none of " + ",".join(
+                                        sorted(_DANGEROUS_CAPS.values())[:5]) + ",...")
+    return not held, ev, "the job keeps capabilities that give root over the host", \
+        "do not pass --cap-add for these; use a jrun that drops capabilities"
+
+
+@_verify_check("no_new_privs")
+def verify_nnp(v):
+    st = _job_status(v)
+    value = st.get("NoNewPrivs", "?").strip()
+    return value == "1", "NoNewPrivs: %s" % value, "setuid programs in the job could gain privileges", \
+        "use a jrun that sets PR_SET_NO_NEW_PRIVS"
+
+
+@_verify_check("Seccomp")
+def verify_seccomp(v):
+    st = _job_status(v)
+    mode = st.get("Seccomp", "?").strip()
+    filters = st.get("Seccomp_filters", "").strip()
+    return mode == "2", "Seccomp: %s%s" % (mode, " (%s filter(s))" % filters if filters else ""), \
+        "the job runs without a syscall filter", \
+        "do not pass --seccomp unconfined; the kernel needs CONFIG_SECCOMP_FILTER"
+
+
+def run_verification(extra):
+    v = _Verifier(extra)
+    results = []
+    for name, fn in VERIFY_CHECKS:
+        r = {"name": name}
+        try:
+            ok, evidence, why, fix = fn(v)
+            r.update(status="pass" if ok else "fail", evidence=_excerpt(evidence, 160))
+            if not ok:
+                r.update(why=why, fix=fix)
+        except _Skip as e:
+            r.update(status="skip", evidence="", why=str(e))
+        except _Refused as e:
+            msg = str(e)
+            unsupported = "not supported by this" in msg
+            r.update(status="fail", evidence=_excerpt(msg, 160),
+                     why="not supported by this jrun" if unsupported else "jrun refused the check's job",
+                     fix="use a jrun build that implements it" if unsupported else "see the message")
+        except Exception as e:  # noqa: BLE001 - one broken check must not hide the others
+            r.update(status="fail", evidence=_excerpt("%s: %s" % (type(e).__name__, e), 160),
+                     why="the check could not run", fix="run the check's job by hand with --log-level debug")
+        results.append(r)
+    return results
+
+
+def cmd_verify(argv):
+    if argv[:1] in (["-h"], ["--help"]):
+        sys.stdout.write("usage: jrun verify [--json] [RUN OPTIONS]\n\nRun the isolation self-test on this "
+                         "host as real jobs and print the verification report.\nRUN OPTIONS are added to "
+                         "every check's job (e.g. --seccomp unconfined, to see a check fail).\n")
+        return 0
+    as_json = "--json" in argv
+    extra = [a for a in argv if a != "--json"]
+    _, command = split_argv(extra)
+    if command:
+        raise UsageError("verify: unexpected argument %r (usage: jrun verify [--json] [RUN OPTIONS])" % command[0])
+    parse_run(extra + ["true"])  # a bad value is one message, not fifteen failed checks
+    if os.geteuid() != 0:
+        raise UsageError("verify must run as root (try: sudo jrun verify)")
+    u = os.uname()
+    _, mode = verify_cgroup_controllers()
+    host = {"kernel": u.release, "machine": u.machine, "cgroup": mode, "jrun": __version__,
+            "extra_options": extra}
+    results = run_verification(extra)
+    counts = {s: sum(r["status"] == s for r in results) for s in ("pass", "fail", "skip")}
+    if as_json:
+        import json
+
+        json.dump({"host": host, "checks": results, "counts": counts, "ok": counts["fail"] == 0},
+                  sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        out = ["Security & Isolation Verification: jrun %s on Linux %s %s, cgroup %s" % (
+            __version__, u.release, u.machine, mode)]
+        if extra:
+            out.append("(every job ran with: %s)" % " ".join(extra))
+        icon = {"pass": "\u2705", "fail": "\u274c", "skip": "\u26a0\ufe0f "}
+        for r in results:
+            out.append("%s %-20s %s" % (icon[r["status"]], r["name"], r["evidence"] or "skipped"))
+            if r["status"] != "pass":
+                out.append("   %-20s why: %s" % ("", r["why"]))
+            if r.get("fix"):
+                out.append("   %-20s fix: %s" % ("", r["fix"]))
+        out.append("%d checks: %d passed, %d failed, %d skipped (not supported by this host)"
+                   % (len(results), counts["pass"], counts["fail"], counts["skip"]))
+        sys.stdout.write("\n".join(out) + "\n")
+    return 0 if counts["fail"] == 0 else 1
+
+
+# Shell completion (argcomplete).  main() comes here only when the shell's
+# completion hook set _ARGCOMPLETE, so normal runs never import argparse.
+
+
+def network_names():
+    """bridge, none and the named networks that exist now."""
+    names = ["bridge", "none"]
+    try:
+        names += sorted({n.rsplit(".", 1)[0] if n.endswith(".json") else n
+                         for n in os.listdir(os.path.join(STATE_DIR, "net"))} - set(names))
+    except OSError:
+        pass
+    return names
+
+
+def _capability_names():
+    try:
+        import prctl
+
+        return ["ALL"] + [n.upper() for n in prctl.ALL_CAP_NAMES]
+    except ImportError:
+        return ["ALL"]
+
+
+def _add_run_options(parser):
+    from argcomplete.completers import DirectoriesCompleter, FilesCompleter
+
+    completers = {
+        "--net": lambda **kw: network_names(),
+        "--rootfs": lambda prefix, **kw: ["minimal", "host"] + DirectoriesCompleter()(prefix),
+        "--cap-add": lambda **kw: _capability_names()[1:], "--cap-drop": lambda **kw: _capability_names(),
+        "--upload": FilesCompleter(), "--env-file": FilesCompleter(), "--json-status": FilesCompleter(),
+        "--workdir": lambda **kw: [], "--cgroup-parent": lambda **kw: [],
+    }
+    for o in RUN_OPTIONS:
+        flags = [o.long] + ([o.short] if o.short else [])
+        text = o.help.replace("%", "%%")  # argparse %-formats help strings
+        if o.long in FLAG_OPTIONS:
+            action = parser.add_argument(*flags, action="store_true", help=text)
+        else:
+            action = parser.add_argument(*flags, metavar=o.metavar, help=text, choices=o.choices,
+                                         action="append" if o.repeat else "store")
+        if o.long in completers:
+            action.completer = completers[o.long]
+
+
+def completion_parser():
+    """An argparse mirror of jrun's command line, for argcomplete only."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="jrun")
+    p.add_argument("--config", metavar="FILE", help="read host defaults from FILE instead of %s" % CONFIG_FILE)
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    _add_run_options(p)
+    sub = p.add_subparsers(dest="subcommand")
+    _add_run_options(sub.add_parser("run", help="run COMMAND isolated (the default)"))
+    sub.add_parser("ps", help="the jobs running now").add_argument("--json", action="store_true")
+    kill = sub.add_parser("kill", help="signal a running job")
+    kill.add_argument("-s", "--signal", choices=[s.name[3:] for s in signal.Signals if s.name.startswith("SIG")
+                                                 and not s.name.startswith(("SIGRT", "SIG_"))])
+    kill.add_argument("job").completer = lambda **kw: [j["id"] for j in running_jobs()]
+    sub.add_parser("gc", help="remove what dead jobs left behind")
+    verify = sub.add_parser("verify", help="run the isolation self-test")
+    verify.add_argument("--json", action="store_true")
+    _add_run_options(verify)
+    rootfs = sub.add_parser("rootfs", help="build or locate the minimal rootfs")
+    rootfs.add_argument("action", choices=("build", "path"))
+    rootfs.add_argument("--force", action="store_true")
+    return p
+
+
+def complete():
+    import argcomplete
+
+    argcomplete.autocomplete(completion_parser())
+    return 0  # not reached: autocomplete() exits
 
 
 def cmd_rootfs(argv):
@@ -3206,6 +4227,8 @@ def build_rootfs(force=False):
 
 
 def main(argv=None):
+    if "_ARGCOMPLETE" in os.environ:  # shell completion; never on a normal run
+        return complete()
     if argv is None:
         # Called as the program: skip the interpreter's teardown (2-3 ms of
         # every job here); nothing of jrun's needs atexit handlers.
@@ -3216,19 +4239,30 @@ def main(argv=None):
         except (OSError, ValueError):
             code = code or 1
         os._exit(code)
-    return _main(argv)
+    return _main(list(argv))
 
 
 def _main(argv):
     try:
+        _early_log_settings(argv)
+        config_path, explicit = CONFIG_FILE, False
+        if argv[:1] == ["--config"] or argv[:1] and argv[0].startswith("--config="):
+            if argv[0] == "--config":
+                if len(argv) < 2:
+                    raise UsageError("--config needs a value (FILE)")
+                config_path, argv = argv[1], argv[2:]
+            else:
+                config_path, argv = argv[0].split("=", 1)[1], argv[1:]
+            explicit = True
+        config = load_config(config_path, explicit)
+        _early_log_settings(argv, config)
         if argv[:1] and argv[0] in SUBCOMMANDS:
             sub, rest = argv[0], argv[1:]
             if sub == "run":
-                return cmd_run(rest)
-            if sub in ("-h", "--help"):
-                raise HelpRequested(run_help())
-            return {"gc": cmd_gc, "rootfs": cmd_rootfs}.get(sub, _not_yet(sub))(rest)
-        return cmd_run(argv)
+                return cmd_run(rest, config)
+            return {"ps": cmd_ps, "kill": cmd_kill, "gc": cmd_gc, "verify": cmd_verify,
+                    "rootfs": cmd_rootfs}[sub](rest)
+        return cmd_run(argv, config)
     except HelpRequested as h:
         sys.stdout.write(str(h))
         return 0
@@ -3237,17 +4271,41 @@ def _main(argv):
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # jrun ps | head
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        return 128 + signal.SIGPIPE
 
 
-def _not_yet(sub):
-    def fail(argv):
-        raise UsageError("'jrun %s' is not supported by this version of jrun yet" % sub)
+def _early_log_settings(argv, config=None):
+    """--log-level/--log-format/-q as soon as possible, so that even a
+    message about a bad option is in the format the caller asked for."""
+    o = dict(config or {})
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--" or not a.startswith("-"):
+            break
+        name, eq, value = a.partition("=")
+        opt = _BY_NAME.get(name if name.startswith("--") else a[:2])
+        if opt is not None and opt.long not in FLAG_OPTIONS and not eq and len(a) == len(name):
+            if name.startswith("--") or len(a) == 2:
+                i += 1
+                value = argv[i] if i < len(argv) else ""
+        if opt is not None and opt.long in ("--log-format", "--log-level"):
+            o[opt.dest] = value
+        elif opt is not None and opt.long == "--quiet":
+            o["quiet"] = True
+        i += 1
+    if o.get("log_format") in ("text", "json"):
+        _log["format"] = o["log_format"]
+    if o.get("quiet"):
+        _log["level"] = LEVELS["error"]
+    elif o.get("log_level") in LEVELS:
+        _log["level"] = LEVELS[o["log_level"]]
 
-    return fail
 
-
-def cmd_run(argv):
-    spec = parse_run(argv)
+def cmd_run(argv, config=None):
+    spec = parse_run(argv, config)
     _log["level"] = LEVELS[spec.log_level]
     _log["format"] = spec.log_format
     _log["job"] = spec.id
