@@ -1050,9 +1050,9 @@ class JobUserNamespace(Resource):
         """A slot derived from the job id (a --name job gets the same host
         uids every run, so its volumes keep their owner), moved on while a
         live job holds it; the state directory's flock makes the choice and
-        its record atomic."""
-        import json
-
+        its record atomic.  (job.json is dumps_json's flat record: one
+        integer field is read without the json module, which costs 15 ms
+        here, more than all the rest of --userns.)"""
         lock = os.open(STATE_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -1062,11 +1062,12 @@ class JobUserNamespace(Resource):
                     continue
                 try:
                     with open(os.path.join(STATE_DIR, other, "job.json"), encoding="utf-8") as f:
-                        rec = json.load(f)
-                except (OSError, ValueError):
+                        _, found, rest = f.read().partition('"userns_base": ')
+                except OSError:
                     continue
-                if rec.get("userns_base") and JobState(other).is_live():
-                    taken.add(rec["userns_base"])
+                digits = rest[:12].split(",")[0].split("}")[0].strip()
+                if found and digits.isdigit() and JobState(other).is_live():
+                    taken.add(int(digits))
             slot = _fnv1a(self.spec.id) % USERNS_SLOTS
             for i in range(USERNS_SLOTS):
                 base = USERNS_BASE + ((slot + i) % USERNS_SLOTS) * USERNS_SIZE
