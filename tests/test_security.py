@@ -354,6 +354,7 @@ def test_admin_operations_fail(rootfs):
     ("userfaultfd", "EPERM"), ("perf_event_open", "EPERM"), ("open_by_handle_at", "EPERM"),
     ("io_uring_setup", "EPERM"), ("clone3", "ENOSYS"), ("clone-newuser", "EPERM"),
     ("unshare-user", "EPERM"), ("mount-proc", "EPERM"), ("clone-plain", "ok"),
+    ("raw-socket", "EPERM"), ("icmp-socket", "ok"),  # no NET_RAW, yet ping's datagram socket works
 ])
 def test_syscalls_refused_in_the_job(probe, what, want):
     assert job("/tmp/p " + what, probe=probe, check=None).strip() == want
