@@ -1398,7 +1398,7 @@ def harden_proc_and_sys():
             mount("/dev/null", path, None, MS_BIND)
     for path in MASKED_DIRS:
         if os.path.isdir(path):
-            mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=0,mode=0555")
+            mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0555")
     for path in READ_ONLY_PROC:
         if os.path.exists(path):
             mount(path, path, None, MS_BIND | MS_REC)

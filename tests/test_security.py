@@ -176,6 +176,7 @@ def test_syscall_numbers_match_the_kernel_headers(machine, header):
                 if parts[2].isdigit():
                     defined[name] = int(parts[2])
     checked = 0
+    assert len(jrun._SYSCALLS[machine]) == len(jrun._SYSCALL_NAMES)
     for name, nr in jrun._SYSCALLS[machine].items():
         if name in defined:
             assert nr == defined[name], name
@@ -236,6 +237,7 @@ def probe(tmp_path_factory):
         return f.read()
 
 
+IS_ROOT = os.geteuid() == 0
 _refused = {}
 
 
@@ -250,9 +252,6 @@ def rootfs(request):
     if _refused[request.param]:
         pytest.skip("--rootfs %s is not supported by this jrun yet" % request.param)
     return opts
-
-
-IS_ROOT = os.geteuid() == 0
 
 
 def job(script, *opts, probe=None, check=0, **kw):
@@ -270,6 +269,28 @@ def job(script, *opts, probe=None, check=0, **kw):
 def status(text):
     fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
     return {k: v.strip() for k, v in fields.items()}
+
+
+def _job_process(p, name):
+    """The host pid of the job started by jrun process P, once it runs NAME."""
+    for _ in range(200):
+        try:
+            with open("/proc/%d/task/%d/children" % (p.pid, p.pid)) as f:
+                kids = f.read().split()
+            if kids:
+                with open("/proc/%s/status" % kids[0]) as f:
+                    st = status(f.read())
+                if st["Name"] == name:
+                    return int(kids[0]), st
+        except FileNotFoundError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("the job never ran %s" % name)
+
+
+def _uid_map(text):
+    inside, outside, count = text.split()
+    return int(inside), int(outside), int(count)
 
 
 @needs_root
@@ -454,22 +475,10 @@ def test_job_dies_with_jrun_after_switching_user():
     name = "sec-pdeath-%d" % os.getpid()
     p = subprocess.Popen(JRUN + ["--net", "none", "--name", name, "-u", "1000", "--", "sleep", "300"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = None
     try:
-        child = None
-        for _ in range(100):
-            try:
-                with open("/proc/%d/task/%d/children" % (p.pid, p.pid)) as f:
-                    kids = f.read().split()
-            except FileNotFoundError:
-                kids = []
-            if kids:
-                with open("/proc/%s/status" % kids[0]) as f:
-                    st = status(f.read())
-                if st["Uid"].split()[0] == "1000" and st["Name"] == "sleep":
-                    child = int(kids[0])
-                    break
-            time.sleep(0.05)
-        assert child is not None, "the job never started as uid 1000"
+        child, st = _job_process(p, "sleep")
+        assert st["Uid"].split()[0] == "1000"
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
         for _ in range(100):
@@ -481,29 +490,9 @@ def test_job_dies_with_jrun_after_switching_user():
         if p.poll() is None:
             p.kill()
             p.wait()
+        if child and os.path.exists("/proc/%d" % child):  # the defence failed: end the orphan
+            os.kill(child, signal.SIGKILL)
         jrun.gc_job(name)  # the state a SIGKILLed jrun left (this job's only)
-
-
-def _job_process(p, name):
-    """The host pid of the job started by jrun process P, once it runs NAME."""
-    for _ in range(200):
-        try:
-            with open("/proc/%d/task/%d/children" % (p.pid, p.pid)) as f:
-                kids = f.read().split()
-            if kids:
-                with open("/proc/%s/status" % kids[0]) as f:
-                    st = status(f.read())
-                if st["Name"] == name:
-                    return int(kids[0]), st
-        except FileNotFoundError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError("the job never ran %s" % name)
-
-
-def _uid_map(text):
-    inside, outside, count = text.split()
-    return int(inside), int(outside), int(count)
 
 
 @needs_root
