@@ -14,10 +14,13 @@ One privileged invocation, no daemon, no setuid helper.  The order of a run:
      unshares mount, UTS, IPC and network namespaces and reports "ready";
   4. parent: put the child in its cgroup, move its veth in, release it
      through the sync pipe;
-  5. child: cgroup namespace, private mounts, a per-job overlay root on a
-     tmpfs, /proc, a minimal /dev, pivot_root, old root detached, hostname,
-     new session, privileges dropped, seccomp, exec COMMAND (a failure before
-     exec is reported through a close-on-exec error pipe);
+  5. child: cgroup namespace, private mounts, a per-job root on a tmpfs
+     (an overlay, or the host's system dirs read-only), /work, a minimal
+     /dev, uploads copied and volumes bound (all still before pivot_root,
+     never following a symlink of the job's root out of it), pivot_root,
+     old root detached, /proc, hostname, new session, privileges dropped,
+     seccomp, exec COMMAND (a failure before exec is reported through a
+     close-on-exec error pipe);
   6. parent: forward signals, enforce --timeout, reap, tear down in reverse.
 
 Exit status: COMMAND's own; 128+N if killed by signal N; 137 OOM-killed;
@@ -48,9 +51,11 @@ TINI = "/usr/bin/tini-static"
 BUSYBOX = "/bin/busybox"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_WORKDIR = "/work"
+DEFAULT_WORKDIR_SIZE = "25%"  # of RAM, like tmpfs's own default (50%) but halved
 DEFAULT_STOP_TIMEOUT = 10.0
 
 EXIT_TIMEOUT = 124
+EXIT_OOM = 137
 EXIT_JRUN = 125
 EXIT_NOEXEC = 126
 EXIT_NOTFOUND = 127
@@ -75,6 +80,18 @@ MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
 
+# <linux/openat2.h>, <linux/mount.h>, <linux/fcntl.h>: path resolution that
+# cannot leave a directory, and per-mount attributes set recursively.
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_IN_ROOT = 0x10
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_IDMAP = 0x00100000
+OPEN_TREE_CLONE = 1
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+
 # Signals jrun relays to the job; each asks it to end, so each starts the
 # grace period after which jrun sends SIGKILL.
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -89,7 +106,7 @@ _SYSCALL_NAMES = (
     "add_key", "request_key", "io_uring_setup", "io_uring_enter", "io_uring_register", "init_module",
     "finit_module", "delete_module", "reboot", "kexec_load", "kexec_file_load", "settimeofday",
     "clock_settime", "clock_adjtime", "acct", "iopl", "ioperm", "open_by_handle_at",
-    "name_to_handle_at", "bpf", "perf_event_open", "userfaultfd", "syslog", "vhangup",
+    "name_to_handle_at", "bpf", "perf_event_open", "userfaultfd", "syslog", "vhangup", "openat2",
 )
 _SYSCALLS = {
     "x86_64": dict(zip(_SYSCALL_NAMES, (
@@ -99,7 +116,7 @@ _SYSCALLS = {
         248, 249, 425, 426, 427, 175,
         313, 176, 169, 246, 320, 164,
         227, 305, 163, 172, 173, 304,
-        303, 321, 298, 323, 103, 153))),
+        303, 321, 298, 323, 103, 153, 437))),
     "aarch64": dict(zip(_SYSCALL_NAMES, (
         41, 220, 435, 97, 268, 40, 39, 429, 430,
         431, 432, 433, 428, 467, 442, 60,
@@ -107,7 +124,7 @@ _SYSCALLS = {
         217, 218, 425, 426, 427, 105,
         273, 106, 142, 104, 294, 170,
         112, 266, 89, None, None, 265,
-        264, 280, 241, 282, 116, 58))),
+        264, 280, 241, 282, 116, 58, 437))),
 }
 
 # <linux/audit.h>: the architecture tag of a syscall as seccomp sees it.
@@ -137,13 +154,6 @@ DEFAULT_CAPS = frozenset((
 ))
 
 RLIMIT_CORE = 4  # <asm-generic/resource.h>
-
-# <linux/mount.h>, <linux/fcntl.h>: the new mount API, for idmapped mounts.
-OPEN_TREE_CLONE = 1
-AT_EMPTY_PATH = 0x1000
-AT_RECURSIVE = 0x8000
-MOVE_MOUNT_F_EMPTY_PATH = 0x4
-MOUNT_ATTR_IDMAP = 0x00100000
 
 # --userns: each job's root is mapped to its own range of USERNS_SIZE host
 # uids (and gids) in [USERNS_BASE, 2^32): above every range useradd hands
@@ -328,29 +338,6 @@ def seccomp_set_filter(prog):
     sys_prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog))
 
 
-def mount_idmapped(source, target, userns_fd):
-    """Bind SOURCE (recursively) on TARGET with its owners shifted through
-    the user namespace USERNS_FD: open_tree, mount_setattr, move_mount."""
-    import ctypes
-
-    class MountAttr(ctypes.Structure):  # struct mount_attr, <linux/mount.h>
-        _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                    ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
-
-    nrs, c = _SYSCALLS[os.uname().machine], _c()
-    fd = _check(c.syscall(ctypes.c_long(nrs["open_tree"]), ctypes.c_int(-100), _b(source),
-                          ctypes.c_uint(OPEN_TREE_CLONE | os.O_CLOEXEC | AT_RECURSIVE)), "open_tree %s" % source)
-    try:
-        attr = MountAttr(MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
-        _check(c.syscall(ctypes.c_long(nrs["mount_setattr"]), ctypes.c_int(fd), b"",
-                         ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE), ctypes.byref(attr),
-                         ctypes.c_size_t(ctypes.sizeof(attr))), "mount_setattr idmap %s" % source)
-        _check(c.syscall(ctypes.c_long(nrs["move_mount"]), ctypes.c_int(fd), b"", ctypes.c_int(-100),
-                         _b(target), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)), "move_mount %s" % target)
-    finally:
-        os.close(fd)
-
-
 def setrlimit(resource, soft, hard):
     """(This Python is built without the resource module.)"""
     import ctypes
@@ -362,6 +349,32 @@ def setrlimit(resource, soft, hard):
 def sethostname(name):
     raw = name.encode()
     _check(_c().sethostname(raw, len(raw)), "sethostname")
+
+
+def openat2(dirfd, path, flags, resolve, mode=0):
+    """openat2(2): the kernel resolves PATH under its RESOLVE_* rules, with no
+    window between a check and the use (what a userspace walk cannot give)."""
+    import ctypes
+
+    how = (ctypes.c_uint64 * 3)(flags | os.O_CLOEXEC, mode, resolve)
+    nr = _SYSCALLS[os.uname().machine]["openat2"]
+    L = ctypes.c_long
+    return _check(_c().syscall(L(nr), L(dirfd), _b(path), ctypes.byref(how), L(ctypes.sizeof(how))),
+                  "openat2 %s" % path)
+
+
+def mount_setattr(fd, attr_set, recursive=True, userns_fd=0):
+    """mount_setattr(2) on the mount FD is open on: unlike MS_REMOUNT it sets
+    only the given flags, and with AT_RECURSIVE on every submount too.
+    USERNS_FD goes with MOUNT_ATTR_IDMAP."""
+    import ctypes
+
+    attr = (ctypes.c_uint64 * 4)(attr_set, 0, 0, userns_fd)  # set, clr, propagation, userns_fd
+    nr = _SYSCALLS[os.uname().machine]["mount_setattr"]
+    flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
+    L = ctypes.c_long
+    _check(_c().syscall(L(nr), L(fd), b"", L(flags), ctypes.byref(attr), L(ctypes.sizeof(attr))),
+           "mount_setattr")
 
 
 # ---------------------------------------------------------------------------
@@ -397,7 +410,8 @@ class _Frozen:
 
 
 class Upload(_Frozen):
-    __slots__ = ("src", "dest")
+    # files and bytes are counted by survey_uploads() before any side effect.
+    __slots__ = ("src", "dest", "files", "bytes")
 
 
 class Volume(_Frozen):
@@ -411,7 +425,7 @@ class Limits(_Frozen):
 class JobSpec(_Frozen):
     __slots__ = (
         "id", "named", "command", "hostname", "timeout", "stop_timeout", "init",
-        "limits", "uploads", "volumes", "workdir", "env", "rootfs", "read_only",
+        "limits", "uploads", "volumes", "workdir", "workdir_size", "env", "rootfs", "read_only",
         "net", "user", "cap_add", "cap_drop", "seccomp", "userns", "stats",
         "json_status", "cgroup_parent", "log_level", "log_format",
     )
@@ -441,6 +455,8 @@ RUN_OPTIONS = (
     Opt("--upload", None, "SRC[:DEST]", "copy a host file or directory into the job (repeatable)", repeat=True),
     Opt("--volume", "-v", "SRC:DEST[:ro]", "bind a host path into the job (repeatable)", repeat=True),
     Opt("--workdir", "-w", "DIR", "working directory inside the job (default /work)"),
+    Opt("--workdir-size", None, "SIZE", "bound of the /work tmpfs: 512M, 2G or a percentage of RAM "
+        "(default %s)" % DEFAULT_WORKDIR_SIZE),
     Opt("--env", "-e", "KEY[=VALUE]", "set a variable, or pass the caller's value (repeatable)", repeat=True),
     Opt("--env-file", None, "FILE", "read KEY=VALUE lines from FILE (repeatable)", repeat=True),
     Opt("--rootfs", None, "minimal|host|PATH", "the job's root filesystem (default minimal)"),
@@ -602,15 +618,18 @@ def parse_run(argv, config=None):
     workdir = o.get("workdir", DEFAULT_WORKDIR)
     if not workdir.startswith("/") or "\0" in workdir:
         raise UsageError("-w/--workdir: %r must be an absolute path inside the job" % workdir)
+    workdir = os.path.normpath(workdir).replace("//", "/")
     return JobSpec(
         id=job_id, named=named, command=tuple(command), hostname=hostname,
         timeout=parse_duration("--timeout", o["timeout"]) if "timeout" in o else None,
         stop_timeout=(parse_duration("--stop-timeout", o["stop_timeout"]) if "stop_timeout" in o
                       else DEFAULT_STOP_TIMEOUT),
         init=bool(o.get("init")), limits=limits,
-        uploads=tuple(o.get("upload", ())), volumes=tuple(o.get("volume", ())),
-        workdir=os.path.normpath(workdir), env=tuple(parse_env(o)),
-        rootfs=o.get("rootfs", "minimal"), read_only=bool(o.get("read_only")),
+        uploads=tuple(parse_upload(u, workdir) for u in o.get("upload", ())),
+        volumes=tuple(parse_volume(v) for v in o.get("volume", ())),
+        workdir=workdir, workdir_size=parse_workdir_size(o.get("workdir_size", DEFAULT_WORKDIR_SIZE)),
+        env=tuple(parse_env(o)), rootfs=parse_rootfs(o.get("rootfs", "minimal")),
+        read_only=bool(o.get("read_only")),
         net=o.get("net", "bridge"), user=parse_user(o["user"]) if "user" in o else None,
         cap_add=parse_caps("--cap-add", o.get("cap_add", ())),
         cap_drop=parse_caps("--cap-drop", o.get("cap_drop", ())),
@@ -654,6 +673,75 @@ def parse_caps(opt, names):
     return tuple(out)
 
 
+# Where the kernel's own filesystems are mounted: nothing is uploaded or bound
+# there (a DEST in them would be hidden, or would meet the kernel's files).
+KERNEL_DIRS = ("/proc", "/sys", "/dev")
+
+
+def job_path(opt, value, base="/"):
+    """VALUE as a normalized absolute path inside the job (relative paths are
+    under BASE).  '..' is refused outright rather than resolved: its meaning
+    would depend on symlinks in the job's root, which jrun never follows."""
+    if not value or "\0" in value or ".." in value.split("/"):
+        raise UsageError("%s: %r: a path inside the job may not be empty or contain '..'" % (opt, value))
+    path = "/" + os.path.normpath(os.path.join(base, value)).lstrip("/")
+    if path == "/":
+        raise UsageError("%s: %r: the job's root itself cannot be a destination" % (opt, value))
+    for d in KERNEL_DIRS:
+        if path == d or path.startswith(d + "/"):
+            raise UsageError("%s: %r: %s belongs to the kernel inside the job; choose another DEST"
+                             % (opt, value, d))
+    return path
+
+
+def parse_upload(text, workdir):
+    """SRC[:DEST] -> Upload.  DEST defaults to SRC's name in the workdir; a
+    relative DEST is under the workdir; a DEST ending in '/' is a directory
+    that receives SRC under its own name (like cp)."""
+    src, sep, dest = text.partition(":")
+    if not src or (sep and not dest):
+        raise UsageError("--upload: %r is not SRC[:DEST]" % text)
+    src = os.path.abspath(src)
+    name = os.path.basename(src)
+    if not name:
+        raise UsageError("--upload: %r: refusing to upload the host's root directory" % text)
+    if not sep:
+        dest = name
+    elif dest.endswith("/"):
+        dest += name
+    return Upload(src=src, dest=job_path("--upload", dest, workdir))
+
+
+def parse_volume(text):
+    """SRC:DEST[:ro|rw] -> Volume (absolute paths on both sides, like docker)."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not parts[0] or not parts[1] or parts[2:] not in ([], ["ro"], ["rw"]):
+        raise UsageError("-v/--volume: %r is not SRC:DEST[:ro]" % text)
+    src, dest = parts[0], parts[1]
+    if not src.startswith("/") or "\0" in src:
+        raise UsageError("-v/--volume: %r: SRC must be an absolute host path" % text)
+    if not dest.startswith("/"):
+        raise UsageError("-v/--volume: %r: DEST must be an absolute path inside the job" % text)
+    return Volume(src=os.path.normpath(src), dest=job_path("-v/--volume", dest),
+                  read_only=parts[2:] == ["ro"])
+
+
+def parse_workdir_size(text):
+    """A tmpfs size= value: bytes, or a percentage of RAM ('25%')."""
+    if text.endswith("%"):
+        pct = parse_int("--workdir-size", text[:-1], 1, 100)
+        return "%d%%" % pct
+    return str(parse_size("--workdir-size", text))
+
+
+def parse_rootfs(text):
+    if text in ("minimal", "host"):
+        return text
+    if not text or "\0" in text:
+        raise UsageError("--rootfs: %r is not minimal, host or a directory" % text)
+    return os.path.abspath(text)
+
+
 def parse_env(o):
     """-e and --env-file, in order of the command line; later wins."""
     out = {}
@@ -663,6 +751,8 @@ def parse_env(o):
                 lines = f.read().splitlines()
         except OSError as e:
             raise UsageError("--env-file: cannot read %r: %s" % (path, e.strerror)) from None
+        except UnicodeDecodeError:
+            raise UsageError("--env-file: %r is not UTF-8 text" % path) from None
         for n, line in enumerate(lines, 1):
             line = line.strip()
             if not line or line.startswith("#"):
@@ -670,7 +760,7 @@ def parse_env(o):
             if line.startswith("export "):
                 line = line[7:].lstrip()
             key, eq, value = line.partition("=")
-            if not eq or not _env_key_ok(key):
+            if not eq or not _env_key_ok(key) or "\0" in value:
                 raise UsageError("--env-file: %s:%d: expected KEY=VALUE" % (path, n))
             out[key] = value
     for item in o.get("env", ()):
@@ -684,8 +774,11 @@ def parse_env(o):
     return out.items()
 
 
+_ENV_KEY_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+
 def _env_key_ok(key):
-    return bool(key) and not key[0].isdigit() and all(c.isalnum() or c == "_" for c in key)
+    return bool(key) and not key[0].isdigit() and set(key) <= _ENV_KEY_CHARS
 
 
 def run_help():
@@ -724,22 +817,236 @@ def rootfs_path(spec):
     return ROOTFS_DIR if spec.rootfs == "minimal" else spec.rootfs
 
 
+# What this host's cgroups look like, learnt once per run from
+# /proc/self/mounts: cgroup v2 if /sys/fs/cgroup itself is a cgroup2 mount,
+# else the v1 hierarchies (a hybrid host's /sys/fs/cgroup/unified holds no
+# controller jrun uses).  validate() checks limits against it; the cgroup
+# section below builds on it.
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+CGROUP_SUBTREE = "jrun"
+CPU_PERIOD_US = 100000
+# Below this a job cannot even start (the child's own pages, busybox's page
+# cache); a limit under it would fail in confusing ways, so it is refused.
+MEMORY_FLOOR = 4 << 20
+V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio")
+# The controllers each limit needs, by cgroup version.
+_LIMIT_CONTROLLERS = {
+    "cpu": ("--cpu", "cpu", "cpu"), "cores": ("--cores", "cpuset", "cpuset"),
+    "memory": ("--memory", "memory", "memory"), "pids": ("--pids", "pids", "pids"),
+    "io_bps": ("--io-bps", "blkio", "io"),
+}
+
+
+class CgroupHost:
+    """version 1 or 2; v1: mounts = {controller: (mountpoint, options)}."""
+
+    def __init__(self):
+        self.version = 1
+        self.mounts = {}
+        with open("/proc/self/mounts", encoding="utf-8") as f:
+            for line in f:
+                _src, point, fstype, opts = line.split()[:4]
+                if point == CGROUP_ROOT and fstype == "cgroup2":
+                    self.version, self.mounts = 2, {}
+                    break
+                if fstype == "cgroup":
+                    ctrls = [o for o in opts.split(",") if o in V1_CONTROLLERS]
+                    for c in ctrls:
+                        self.mounts.setdefault(c, (point, ",".join(ctrls)))
+
+    def controllers(self, parent):
+        """The controllers a job under PARENT (relative to the root) can use."""
+        if self.version == 1:
+            return set(self.mounts)
+        try:
+            with open(os.path.join(CGROUP_ROOT, parent, "cgroup.controllers"), encoding="utf-8") as f:
+                return set(f.read().split())
+        except FileNotFoundError:
+            return set()
+
+
+_cgroup_host = []
+
+
+def cgroup_host():
+    if not _cgroup_host:
+        _cgroup_host.append(CgroupHost())
+    return _cgroup_host[0]
+
+
+def cgroup_parent(spec):
+    """--cgroup-parent as a path relative to each hierarchy's root."""
+    return (spec.cgroup_parent or CGROUP_SUBTREE).strip("/")
+
+
+def parse_cpuset(opt, text):
+    """'0-1,3' -> (0, 1, 3)."""
+    cpus = set()
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        if not (lo.isdigit() and (not dash or hi.isdigit())) or (dash and int(hi) < int(lo)):
+            raise UsageError("%s: %r is not a CPU list (use e.g. 0, 0-1, 0-1,3)" % (opt, text))
+        cpus.update(range(int(lo), int(hi if dash else lo) + 1))
+    return tuple(sorted(cpus))
+
+
+def format_cpuset(cpus):
+    """(0, 1, 3) -> '0-1,3', the kernel's own spelling."""
+    out, cpus = [], sorted(cpus)
+    i = 0
+    while i < len(cpus):
+        j = i
+        while j + 1 < len(cpus) and cpus[j + 1] == cpus[j] + 1:
+            j += 1
+        out.append(str(cpus[i]) if i == j else "%d-%d" % (cpus[i], cpus[j]))
+        i = j + 1
+    return ",".join(out)
+
+
+def _read_cpuset_file(path):
+    with open(path, encoding="utf-8") as f:
+        text = f.read().strip()
+    return parse_cpuset(path, text) if text else ()
+
+
+def _mount_of(path):
+    """(fstype, source, super options) of the mount holding PATH."""
+    path = os.path.realpath(path)
+    best = ("", "", "", "")
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            pre, _, post = line.partition(" - ")
+            point = pre.split()[4].replace("\\040", " ")
+            if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best[0]):
+                fstype, source, opts = (post.split() + ["", "", ""])[:3]
+                best = (point, fstype, source, opts)
+    return best[1:]
+
+
+def block_devices(paths, _depth=0):
+    """The whole disks ("major:minor") that back PATHS, found at run time:
+    st_dev for a filesystem on a block device (a partition is walked up to
+    its disk, because the throttle works per disk); an overlay is followed to
+    its layers; tmpfs and other memory filesystems have no disk and add none."""
+    devs = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        dev = "%d:%d" % (os.major(st.st_dev), os.minor(st.st_dev))
+        if os.major(st.st_dev) == 0:  # btrfs, overlay, tmpfs: an anonymous device
+            fstype, source, opts = _mount_of(p)
+            dev = None
+            if fstype == "overlay" and _depth < 4:
+                layers = [o.split("=", 1)[1] for o in opts.split(",") if o.startswith(("lowerdir=", "upperdir="))]
+                devs += [d for d in block_devices([x for lay in layers for x in lay.split(":")], _depth + 1)
+                         if d not in devs]
+            elif source.startswith("/dev/"):
+                try:
+                    rdev = os.stat(source).st_rdev
+                    dev = "%d:%d" % (os.major(rdev), os.minor(rdev))
+                except OSError:
+                    pass
+        sysdir = "/sys/dev/block/%s" % dev
+        if dev is None or not os.path.isdir(sysdir):
+            continue
+        if os.path.exists(os.path.join(sysdir, "partition")):
+            with open(os.path.join(sysdir, "..", "dev"), encoding="utf-8") as f:
+                dev = f.read().strip()
+        if dev not in devs:
+            devs.append(dev)
+    return devs
+
+
+def io_paths(spec):
+    """Where the job's files live on the host: its root's lower layer (the
+    writable layer, /tmp and the default workdir are tmpfs: no disk IO)."""
+    return [rootfs_path(spec)]
+
+
+ACCOUNTING_CONTROLLERS = {1: ("memory", "pids", "cpuacct", "blkio"), 2: ("memory", "pids", "io")}
+
+
+def cgroup_controllers(spec):
+    """The controllers the job's cgroup uses: those its limits need (each
+    must exist here, or the run is refused) and those that account for it
+    (--stats, --json-status, and killing every process at the end), where the
+    host has them."""
+    host = cgroup_host()
+    parent = cgroup_parent(spec)
+    if host.version == 2:
+        where = os.path.join(CGROUP_ROOT, parent) if spec.cgroup_parent else CGROUP_ROOT
+        if not os.path.isdir(where):
+            raise UsageError("--cgroup-parent: %s does not exist (create or delegate it first)" % where)
+        have = host.controllers(parent if spec.cgroup_parent else "")
+    else:
+        have = {c for c, (point, _) in host.mounts.items()
+                if not spec.cgroup_parent or os.path.isdir(os.path.join(point, parent))}
+    need = []
+    for field, (opt, v1, v2) in _LIMIT_CONTROLLERS.items():
+        ctrl = v1 if host.version == 1 else v2
+        if getattr(spec.limits, field) is None:
+            continue
+        if ctrl not in have:
+            if spec.cgroup_parent and (host.version == 2 or ctrl in host.mounts):
+                raise UsageError("%s: the cgroup v%d '%s' controller is not available under --cgroup-parent %s"
+                                 " (delegate it, or create the parent in that hierarchy)"
+                                 % (opt, host.version, ctrl, spec.cgroup_parent))
+            raise UsageError("%s: this host has no cgroup v%d '%s' controller" % (opt, host.version, ctrl))
+        need.append(ctrl)
+    if not have and spec.cgroup_parent:
+        raise UsageError("--cgroup-parent: %s does not exist (create or delegate it first)" % os.path.join(
+            host.mounts.get("memory", (CGROUP_ROOT + "/memory",))[0], parent))
+    if not have:
+        raise SetupError("no cgroup v1 hierarchy of %s is mounted under %s" % (", ".join(V1_CONTROLLERS), CGROUP_ROOT))
+    return sorted(set(need) | (set(ACCOUNTING_CONTROLLERS[host.version]) & have))
+
+
+def validate_limits(spec):
+    """Stage 1 of resource control: every limit against this host."""
+    lim = spec.limits
+    host = cgroup_host()
+    parent = cgroup_parent(spec)
+    if ".." in parent.split("/") or "\0" in parent:
+        raise UsageError("--cgroup-parent: %r must not contain '..'" % spec.cgroup_parent)
+    ncpu = os.cpu_count() or 1
+    if lim.cpu is not None and lim.cpu > 100 * ncpu:
+        raise UsageError("--cpu: '%d' is out of range (1 to %d: percent of one CPU, this host has %d CPUs)"
+                         % (lim.cpu, 100 * ncpu, ncpu))
+    if lim.memory is not None and lim.memory < MEMORY_FLOOR:
+        raise UsageError("--memory: %r is below the %d MiB a job needs to start" % (
+            "%dK" % (lim.memory >> 10), MEMORY_FLOOR >> 20))
+    if lim.cores is not None:
+        cpus = parse_cpuset("--cores", lim.cores)
+        online = _read_cpuset_file("/sys/devices/system/cpu/online")
+        allowed = sorted(set(online) & os.sched_getaffinity(0))
+        bad = [c for c in cpus if c not in allowed]
+        if bad:
+            raise UsageError("--cores: %r names CPU %s, which %s (CPUs usable here: %s)" % (
+                lim.cores, format_cpuset(bad), "does not exist" if bad[0] not in online else "jrun may not use",
+                format_cpuset(allowed)))
+    cgroup_controllers(spec)
+    if lim.io_bps is not None and not block_devices(io_paths(spec)):
+        raise UsageError("--io-bps: the job's files (%s) are on no block device: nothing to throttle"
+                         % ", ".join(io_paths(spec)))
+    if spec.json_status:
+        d = os.path.dirname(os.path.abspath(spec.json_status))
+        if os.path.isdir(spec.json_status) or not os.access(d, os.W_OK):
+            raise UsageError("--json-status: cannot write %r (a writable file path is needed)" % spec.json_status)
+
+
 def validate(spec):
     unsupported = []
-    lim = spec.limits
     # Options whose implementation has not landed yet are refused, never
     # silently ignored.
-    unsupported += [o for o, v in (("--cpu", lim.cpu), ("--cores", lim.cores), ("--memory", lim.memory),
-                                   ("--io-bps", lim.io_bps), ("--pids", lim.pids), ("--stats", spec.stats),
-                                   ("--json-status", spec.json_status),
-                                   ("--cgroup-parent", spec.cgroup_parent)) if v]
     unsupported += ["--net %s" % spec.net] if spec.net != "none" else []
-    unsupported += [o for o, v in (("--upload", spec.uploads), ("-v/--volume", spec.volumes),
-                                   ("--read-only", spec.read_only), ("--rootfs", spec.rootfs != "minimal")) if v]
     if unsupported:
         raise UsageError("%s: not supported by this version of jrun yet" % ", ".join(unsupported))
     if os.geteuid() != 0:
         raise UsageError("must run as root (try: sudo jrun ...)")
+    validate_limits(spec)
     if spec.userns and spec.user and any(p and p.isdigit() and int(p) >= USERNS_SIZE for p in spec.user):
         raise UsageError("-u/--user: %s is not mapped under --userns (0 to %d are)"
                          % (":".join(p for p in spec.user if p), USERNS_SIZE - 1))
@@ -750,6 +1057,579 @@ def validate(spec):
         raise SetupError("--init needs %s (apt-get install tini)" % TINI)
     if os.uname().machine not in _SYSCALLS:
         raise SetupError("unsupported architecture %s (x86_64 and aarch64 are)" % os.uname().machine)
+    check_staging_paths(spec)
+    check_staging_sources(spec)
+
+
+def _under(path, top):
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def check_staging_paths(spec):
+    """Cross-checks of uploads and volumes (pure logic).  A volume is the
+    host's own directory: jrun never creates a mount point or copies a file
+    inside one, so nested volumes and uploads into a volume are refused."""
+    for i, v in enumerate(spec.volumes):
+        for w in spec.volumes[:i]:
+            if _under(v.dest, w.dest) or _under(w.dest, v.dest):
+                raise UsageError("-v/--volume: %s and %s: one DEST is inside the other (bind each "
+                                 "host directory to its own place)" % (w.dest, v.dest))
+    for up in spec.uploads:
+        for v in spec.volumes:
+            if _under(up.dest, v.dest):
+                raise UsageError("--upload: %s: DEST %s is inside the volume %s, which is the host's %s "
+                                 "(upload elsewhere, or put the file in %s on the host)"
+                                 % (up.src, up.dest, v.dest, v.src, v.src))
+
+
+def check_staging_sources(spec):
+    """The host side of uploads, volumes and --rootfs PATH (stat only)."""
+    import stat
+
+    for up in spec.uploads:
+        try:
+            st = os.stat(up.src)
+        except OSError as e:
+            raise UsageError("--upload: %s: %s" % (up.src, e.strerror)) from None
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            raise UsageError("--upload: %s is not a regular file or a directory" % up.src)
+    for v in spec.volumes:
+        try:
+            st = os.stat(v.src)
+        except OSError as e:
+            raise UsageError("-v/--volume: %s: %s (SRC must exist on the host)" % (v.src, e.strerror)) from None
+        if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            raise UsageError("-v/--volume: %s is a device node; volumes are mounted nodev" % v.src)
+    if spec.rootfs not in ("minimal", "host"):
+        if not os.path.isdir(spec.rootfs):
+            raise UsageError("--rootfs: %r is not a directory (use minimal, host or a directory)" % spec.rootfs)
+        if os.path.realpath(spec.rootfs) == "/":
+            raise UsageError("--rootfs: '/' is the host itself (use --rootfs host for its system "
+                             "directories, read-only)")
+
+
+def workdir_bytes(spec):
+    """The /work tmpfs's size= in bytes (a percentage is of RAM, as tmpfs has it)."""
+    if spec.workdir_size.endswith("%"):
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return ram * int(spec.workdir_size[:-1]) // 100
+    return int(spec.workdir_size)
+
+
+def survey_uploads(spec):
+    """Count the files and bytes of every upload (the parent, before any side
+    effect): for the progress line, and to refuse uploads that cannot fit in
+    the /work tmpfs.  Returns the spec with the counts in its Upload records."""
+    import stat
+
+    counted = []
+    in_work = 0
+    for up in spec.uploads:
+        files = size = pages = 0
+        todo = [up.src]
+        try:
+            st = os.stat(up.src)
+            if stat.S_ISREG(st.st_mode):
+                files, size, pages, todo = 1, st.st_size, -(-st.st_size // 4096), []
+            while todo:
+                with os.scandir(todo.pop()) as it:
+                    for e in it:
+                        if e.is_dir(follow_symlinks=False):
+                            todo.append(e.path)
+                            continue
+                        files += 1
+                        if e.is_file(follow_symlinks=False):
+                            n = e.stat(follow_symlinks=False).st_size
+                            size += n
+                            pages += -(-n // 4096)
+        except OSError as e:
+            raise UsageError("--upload: %s: %s" % (e.filename or up.src, e.strerror)) from None
+        counted.append(up.replace(files=files, bytes=size))
+        if _under(up.dest, DEFAULT_WORKDIR):
+            in_work += pages * 4096
+    if in_work > workdir_bytes(spec):
+        raise UsageError("--upload: the uploads into %s need %s, more than --workdir-size %s allows "
+                         "(raise --workdir-size)" % (DEFAULT_WORKDIR, human_bytes(in_work),
+                                                     human_bytes(workdir_bytes(spec))))
+    return spec.replace(uploads=tuple(counted))
+
+
+def human_bytes(n):
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return ("%d %s" if unit == "B" else "%.1f %s") % (n, unit)
+        n /= 1000.0
+
+
+# ---------------------------------------------------------------------------
+# Staging: the job's root and its files.  Everything below runs in the child,
+# as root, in the job's own mount namespace but BEFORE pivot_root, while the
+# host's paths are still visible.  So nothing here follows a symlink of the
+# job's root (or of an uploaded tree) with a plain path: jrun's own mount
+# points are made real directories (_safe_mkdirs), and a user's DEST is
+# resolved by the kernel with openat2(RESOLVE_IN_ROOT), where an absolute or
+# '..' symlink stays inside the job's root.  Files are created with
+# O_EXCL|O_NOFOLLOW relative to directory fds.
+# ---------------------------------------------------------------------------
+
+def _safe_mkdirs(root, rel, mode=0o755):
+    """Make root/rel a real directory, component by component, never
+    following a symlink: a hostile rootfs whose 'proc' or 'tmp' is a symlink
+    pointing outside gets it replaced (in the job's own writable layer)."""
+    path = root
+    for comp in rel.strip("/").split("/"):
+        if comp in ("", "."):
+            continue
+        if comp == "..":
+            raise SetupError("%r: '..' is not allowed in a path inside the job" % rel)
+        path = os.path.join(path, comp)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            os.mkdir(path, mode)
+            continue
+        import stat
+
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(path)
+            os.mkdir(path, mode)
+    return path
+
+
+def _safe_file(root, rel, mode=0o644, content=None):
+    """Make root/rel a regular file (for a bind mount target or a generated
+    /etc file), with the same no-symlink rule as _safe_mkdirs."""
+    parent = _safe_mkdirs(root, os.path.dirname(rel.strip("/")))
+    path = os.path.join(parent, os.path.basename(rel))
+    try:
+        st = os.lstat(path)
+        import stat
+
+        if not stat.S_ISREG(st.st_mode):
+            if stat.S_ISDIR(st.st_mode):
+                os.rmdir(path)
+            else:
+                os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise SetupError("cannot prepare %s in the job's root: %s" % (rel, e.strerror)) from None
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        if content:
+            os.write(fd, content.encode())
+    finally:
+        os.close(fd)
+    return path
+
+
+def open_tree(path, flags):
+    import ctypes
+
+    L = ctypes.c_long
+    nr = _SYSCALLS[os.uname().machine]["open_tree"]
+    return _check(_c().syscall(L(nr), L(-100), _b(path), L(flags)), "open_tree %s" % path)
+
+
+def move_mount(from_fd, to_fd):
+    import ctypes
+
+    L = ctypes.c_long
+    flags = 0x04 | 0x40  # MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH
+    nr = _SYSCALLS[os.uname().machine]["move_mount"]
+    _check(_c().syscall(L(nr), L(from_fd), b"", L(to_fd), b"", L(flags)), "move_mount")
+
+
+def bind_into(src, target_fd, attrs, userns_fd=0):
+    """Bind host path SRC, with its submounts, onto the mount point open as
+    TARGET_FD.  The copy of the tree is made read-only/nosuid/nodev while it
+    is still detached (open_tree, mount_setattr AT_RECURSIVE, move_mount), so
+    there is no moment at which the job's path is a writable view, and a
+    submount of SRC is as read-only as SRC itself (a MS_REMOUNT of the top
+    mount would leave submounts writable).  With MOUNT_ATTR_IDMAP, the
+    owners of the files are shifted through the user namespace USERNS_FD."""
+    tree = open_tree(src, OPEN_TREE_CLONE | AT_RECURSIVE | os.O_CLOEXEC)
+    try:
+        mount_setattr(tree, attrs, recursive=True, userns_fd=userns_fd)
+        move_mount(tree, target_fd)
+    finally:
+        os.close(tree)
+
+
+def open_dir_in_root(rootfd, path):
+    """An O_PATH fd of directory PATH of the job's root, made (mode 0755) if
+    missing.  Symlinks on the way are resolved by the kernel inside the
+    root: a rootfs whose 'opt' points to /etc of the host reaches the job's
+    own /etc, never the host's."""
+    fd = os.dup(rootfd)
+    done = ""
+    try:
+        for comp in path.strip("/").split("/"):
+            if comp in ("", "."):
+                continue
+            done += "/" + comp
+            try:
+                nfd = openat2(rootfd, done, os.O_PATH | os.O_DIRECTORY, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+            except FileNotFoundError:
+                try:
+                    os.mkdir(comp, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    raise SetupError("%s: a dangling symlink in the job's root" % done) from None
+                nfd = openat2(rootfd, done, os.O_PATH | os.O_DIRECTORY, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+            except NotADirectoryError:
+                raise SetupError("%s: not a directory in the job's root" % done) from None
+            os.close(fd)
+            fd = nfd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _clear_entry(dfd, name, keep_dir):
+    """Make room for NAME in directory DFD, never following it: an existing
+    symlink or file goes (in the job's own layer); an existing directory is
+    kept (merged into) when KEEP_DIR.  Returns True if a directory is there."""
+    import stat
+
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISDIR(st.st_mode):
+        if keep_dir:
+            return True
+        raise SetupError("%s is a directory in the job's root" % name)
+    os.unlink(name, dir_fd=dfd)
+    return False
+
+
+class Uploader:
+    """Copies host files into the job's root like `cp -a` run by root:
+    contents, modes, owners, times, hard links and directory structure; a
+    symlink is copied as a symlink and never followed; setuid and setgid bits
+    are dropped; device nodes and sockets are skipped (the mounts are nodev).
+    Sources are opened with O_NOFOLLOW relative to their directory's fd, and
+    destinations created with O_EXCL|O_NOFOLLOW relative to theirs, so a
+    symlink planted in the source tree, the rootfs or an earlier upload
+    cannot redirect a read or a write."""
+
+    STEP = 1 << 26  # bytes per copy call: progress and Ctrl-C are checked between calls
+
+    def __init__(self, uploads):
+        self.total_files = sum(u.files or 0 for u in uploads)
+        self.total_bytes = sum(u.bytes or 0 for u in uploads)
+        self.files = self.bytes = self.skipped = 0
+        self.fast = True  # copy_file_range until the kernel says EXDEV
+        self.tty = _log["format"] == "text" and LEVELS["info"] >= _log["level"] and os.isatty(2)
+        self.started = self.shown = time.monotonic()
+        self.links = {}
+
+    def run(self, rootfd, uploads):
+        self._say("", False)
+        for up in uploads:
+            try:
+                self.upload(rootfd, up)
+            except OSError as e:
+                raise SetupError("--upload %s: copying to %s: %s" % (up.src, up.dest, e.strerror)) from None
+            except SetupError as e:
+                raise SetupError("--upload %s: %s" % (up.src, e)) from None
+            except RecursionError:
+                raise SetupError("--upload %s: the tree is nested too deeply to copy" % up.src) from None
+        took = time.monotonic() - self.started
+        if self.tty:
+            self._say(" done in %.1fs" % took, True)
+        else:
+            log("info", "uploaded %s (%s) in %.1fs" % (self._files(), human_bytes(self.total_bytes), took))
+        if self.skipped:
+            log("warning", "--upload: skipped %d device nodes and sockets" % self.skipped)
+
+    def _say(self, tail, end):
+        if self.tty:
+            line = "\rjrun: Uploading %s (%s)...%s" % (self._files(), human_bytes(self.total_bytes), tail)
+            os.write(2, (line + ("\n" if end else "\033[K")).encode())
+
+    def _files(self):
+        return "%s file%s" % (format(self.total_files, ","), "" if self.total_files == 1 else "s")
+
+    def _progress(self):
+        now = time.monotonic()
+        if now - self.shown > 0.25:
+            self.shown = now
+            # The signals jrun forwards are blocked until exec; one pending
+            # means the caller wants to stop (Ctrl-C): do not finish a long copy.
+            pending = signal.sigpending() & set(FORWARDED_SIGNALS)
+            if pending:
+                raise SetupError("interrupted by %s" % signal.Signals(min(pending)).name)
+            self._say(" %d%%" % (100 * self.bytes // max(self.total_bytes, 1)), False)
+
+    def upload(self, rootfd, up):
+        parent, name = os.path.split(up.dest)
+        pfd = open_dir_in_root(rootfd, parent)
+        self.links = {}  # hard links are kept within one upload
+        try:
+            # SRC itself is followed if it is a symlink: the caller named it.
+            sfd = os.open(up.src, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                self._copy_open(sfd, os.fstat(sfd), pfd, name, (pfd, name))
+            finally:
+                os.close(sfd)
+        finally:
+            os.close(pfd)
+
+    def _copy_entry(self, sdir, sname, dfd, rel):
+        import stat
+
+        st = os.stat(sname, dir_fd=sdir, follow_symlinks=False)
+        mode = st.st_mode
+        if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            sfd = os.open(sname, flags | (os.O_DIRECTORY if stat.S_ISDIR(mode) else 0), dir_fd=sdir)
+            try:
+                self._copy_open(sfd, os.fstat(sfd), dfd, sname, rel)
+            finally:
+                os.close(sfd)
+        elif stat.S_ISLNK(mode):
+            target = os.readlink(sname, dir_fd=sdir)
+            _clear_entry(dfd, sname, False)
+            os.symlink(target, sname, dir_fd=dfd)
+            self._meta(None, st, dfd, sname)
+            self.files += 1
+        elif stat.S_ISFIFO(mode):
+            _clear_entry(dfd, sname, False)
+            os.mkfifo(sname, 0o600, dir_fd=dfd)
+            self._meta(None, st, dfd, sname)
+            self.files += 1
+        else:
+            self.skipped += 1
+
+    def _copy_open(self, sfd, st, dfd, name, rel):
+        import stat
+
+        if stat.S_ISDIR(st.st_mode):
+            if not _clear_entry(dfd, name, True):
+                os.mkdir(name, 0o700, dir_fd=dfd)
+            out = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            try:
+                for entry in os.scandir(sfd):
+                    self._copy_entry(sfd, entry.name, out, (rel, entry.name))
+                self._meta(out, st)
+            finally:
+                os.close(out)
+        elif stat.S_ISREG(st.st_mode):
+            self._copy_file(sfd, st, dfd, name, rel)
+        else:
+            self.skipped += 1
+
+    def _copy_file(self, sfd, st, dfd, name, rel):
+        _clear_entry(dfd, name, False)
+        self.files += 1
+        key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1:
+            if key in self.links:
+                try:
+                    first_dir, first_name = self.links[key]
+                    os.link(first_name, name, src_dir_fd=first_dir, dst_dir_fd=dfd, follow_symlinks=False)
+                    return
+                except OSError:
+                    pass  # across mounts: copy instead
+        out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                      dir_fd=dfd)
+        try:
+            self._copy_data(sfd, out)
+            self._meta(out, st)
+        finally:
+            os.close(out)
+        if st.st_nlink > 1:
+            self.links[key] = self._link_ref(rel)
+
+    def _link_ref(self, rel):
+        """REL is (parent rel, name) nested down from (upload's parent fd,
+        name); turn it into (fd, 'a/b/name') for linkat.  Every directory on
+        that path was made or checked by the copy, with no symlink in it."""
+        names = []
+        while isinstance(rel[0], tuple):
+            rel, name = rel
+            names.append(name)
+        fd, top = rel
+        return fd, "/".join([top] + names[::-1])
+
+    def _copy_data(self, sfd, out):
+        while True:
+            if self.fast:
+                try:
+                    n = os.copy_file_range(sfd, out, self.STEP)
+                except OSError as e:
+                    # Across filesystems of different types (ext4 -> tmpfs)
+                    # the kernel refuses; sendfile still copies in-kernel.
+                    if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+                    self.fast = False
+                    continue
+            else:
+                n = os.sendfile(out, sfd, None, self.STEP)
+            if not n:
+                return
+            self.bytes += n
+            self._progress()
+
+    def _meta(self, fd, st, dfd=None, name=None):
+        """Owner, then mode (chown clears setuid), then times."""
+        times = (st.st_atime_ns, st.st_mtime_ns)
+        if fd is None:
+            os.chown(name, st.st_uid, st.st_gid, dir_fd=dfd, follow_symlinks=False)
+            import stat
+
+            if not stat.S_ISLNK(st.st_mode):  # a fifo we just made: no symlink to follow
+                os.chmod(name, st.st_mode & 0o1777, dir_fd=dfd)
+            os.utime(name, ns=times, dir_fd=dfd, follow_symlinks=False)
+            return
+        os.fchown(fd, st.st_uid, st.st_gid)
+        os.fchmod(fd, st.st_mode & 0o1777)  # setuid (0o4000) and setgid (0o2000) dropped
+        os.utime(fd, ns=times)
+
+
+def prepare_volume(rootfd, v):
+    """The mount point of volume V in the job's root (a directory for a
+    directory, an empty file otherwise), as an O_PATH fd.  Made before any
+    volume is mounted, so that no path is ever created inside a host volume."""
+    try:
+        return _volume_target(rootfd, v)
+    except OSError as e:
+        raise SetupError("-v/--volume %s:%s: %s" % (v.src, v.dest, e.strerror)) from None
+    except SetupError as e:
+        raise SetupError("-v/--volume %s:%s: %s" % (v.src, v.dest, e)) from None
+
+
+def _volume_target(rootfd, v):
+    pfd = open_dir_in_root(rootfd, os.path.dirname(v.dest))
+    name = os.path.basename(v.dest)
+    try:
+        if os.path.isdir(v.src):
+            if not _clear_entry(pfd, name, True):
+                os.mkdir(name, 0o755, dir_fd=pfd)
+            return os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        try:
+            _clear_entry(pfd, name, False)
+        except SetupError:
+            raise SetupError("DEST is a directory in the job's root, SRC is not") from None
+        os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                         dir_fd=pfd))
+        return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+    finally:
+        os.close(pfd)
+
+
+def mount_volume(v, target_fd):
+    attrs = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | (MOUNT_ATTR_RDONLY if v.read_only else 0)
+    try:
+        bind_into(v.src, target_fd, attrs)
+    except OSError as e:
+        raise SetupError("-v/--volume %s:%s: %s" % (v.src, v.dest, e.strerror)) from None
+    audit("volume %s bound at %s (%s, nosuid, nodev, submounts included)"
+          % (v.src, v.dest, "read-only" if v.read_only else "read-write"))
+
+
+# --rootfs host: the host's system directories, read-only, on the job's own
+# tmpfs.  On merged-/usr systems bin, sbin and lib* are symlinks into usr.
+HOST_SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
+# What of the host's /etc a program needs to run (users, libraries, TLS roots,
+# time zone, interpreters' configuration); never shadow, gshadow, sudoers,
+# ssh host keys or ssl/private.  A name ending in '*' is a prefix.
+HOST_ETC = ("passwd", "group", "nsswitch.conf", "host.conf", "gai.conf", "protocols", "services",
+            "networks", "ethertypes", "rpc", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives",
+            "ssl/certs", "ssl/openssl.cnf", "ca-certificates", "ca-certificates.conf", "localtime",
+            "timezone", "os-release", "debian_version", "lsb-release", "mime.types", "magic", "magic.mime",
+            "locale.alias", "locale.conf", "default/locale", "profile", "bash.bashrc", "inputrc",
+            "environment", "mtab", "python3*", "perl", "fonts", "gitconfig", "pip.conf")
+# Copied rather than bound: the job (or jrun's network setup) may rewrite it.
+HOST_ETC_COPIED = ("resolv.conf",)
+RO = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
+
+
+def build_host_root(root):
+    """The root of --rootfs host: a tmpfs (the job's writable layer) with the
+    host's system directories and a safe part of /etc bound read-only."""
+    rootfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in HOST_SYSTEM_DIRS:
+            host = "/" + name
+            if os.path.islink(host):
+                os.symlink(os.readlink(host), name, dir_fd=rootfd)
+            elif os.path.isdir(host):
+                os.mkdir(name, 0o755, dir_fd=rootfd)
+                fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=rootfd)
+                try:
+                    bind_into(host, fd, RO)
+                finally:
+                    os.close(fd)
+        for d, mode in (("etc", 0o755), ("root", 0o700), ("home", 0o755), ("run", 0o755),
+                        ("var", 0o755), ("var/tmp", 0o1777), ("mnt", 0o755)):
+            os.mkdir(d, mode, dir_fd=rootfd)
+            os.chmod(d, mode, dir_fd=rootfd)  # past the umask
+        names = []
+        for pattern in HOST_ETC:
+            if pattern.endswith("*"):
+                names += sorted(n for n in os.listdir("/etc") if n.startswith(pattern[:-1]))
+            else:
+                names.append(pattern)
+        for rel in names:
+            _host_etc_entry(rootfd, rel)
+        for rel in HOST_ETC_COPIED:
+            try:
+                with open("/etc/" + rel, "rb") as f:
+                    data = f.read(1 << 20)
+            except OSError:
+                continue
+            _safe_file(root, "etc/" + rel, content=data.decode("utf-8", "replace"))
+    finally:
+        os.close(rootfd)
+    audit("root: a tmpfs with the host's %s and part of /etc, read-only, nosuid, nodev"
+          % ", ".join(n for n in HOST_SYSTEM_DIRS if os.path.lexists("/" + n)))
+
+
+def _host_etc_entry(rootfd, rel):
+    import stat
+
+    host = "/etc/" + rel
+    try:
+        st = os.lstat(host)
+    except OSError:
+        return
+    pfd = open_dir_in_root(rootfd, os.path.dirname("etc/" + rel))
+    name = os.path.basename(rel)
+    try:
+        if stat.S_ISLNK(st.st_mode):
+            # localtime, os-release, mtab: the target is a system path that
+            # the job has too, so the link is kept as a link.
+            os.symlink(os.readlink(host), name, dir_fd=pfd)
+            return
+        if stat.S_ISDIR(st.st_mode):
+            os.mkdir(name, 0o755, dir_fd=pfd)
+            fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        elif stat.S_ISREG(st.st_mode):
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o644, dir_fd=pfd))
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        else:
+            return
+        try:
+            bind_into(host, fd, RO)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(pfd)
+
+
+def make_root_read_only(root):
+    """--read-only: the root mount alone (not recursively), so /work, /tmp,
+    /dev and read-write volumes, mounted on top, stay writable."""
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        mount_setattr(fd, MOUNT_ATTR_RDONLY, recursive=False)
+    finally:
+        os.close(fd)
+    audit("root remounted read-only (workdir, /tmp, /dev and read-write volumes stay writable)")
 
 
 # ---------------------------------------------------------------------------
@@ -842,22 +1722,25 @@ def seccomp_program(machine, caps):
     ]
     if machine == "x86_64":
         prog += [(BPF_JGE_K, 0, 1, X32_SYSCALL_BIT), (BPF_RET_K, 0, 0, SECCOMP_RET_KILL_PROCESS)]
+    if "SYS_ADMIN" not in caps:
+        prog += [
+            # clone3 passes its flags in memory, which seccomp cannot read:
+            # ENOSYS makes glibc and musl fall back to clone(), checked next.
+            # First in the program, because clone is the one verdict the
+            # kernel cannot cache (it depends on an argument).
+            (BPF_JEQ_K, 0, 1, nrs["clone3"]), (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.ENOSYS),
+            (BPF_JEQ_K, 0, 4, nrs["clone"]),
+            (BPF_LD_W_ABS, 0, 0, 16),  # low 32 bits of args[0], clone's flags (little-endian)
+            (BPF_JSET_K, 0, 1, CLONE_NS_FLAGS),
+            (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.EPERM),
+            (BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
+        ]
     for cap, names in SECCOMP_DENY:
         if cap in caps:
             continue
         for name in names:
             if nrs[name] is not None:
                 prog += [(BPF_JEQ_K, 0, 1, nrs[name]), (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.EPERM)]
-    if "SYS_ADMIN" not in caps:
-        prog += [
-            # clone3 passes its flags in memory, which seccomp cannot read:
-            # ENOSYS makes glibc and musl fall back to clone(), checked below.
-            (BPF_JEQ_K, 0, 1, nrs["clone3"]), (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.ENOSYS),
-            (BPF_JEQ_K, 0, 3, nrs["clone"]),
-            (BPF_LD_W_ABS, 0, 0, 16),  # low 32 bits of args[0], clone's flags (little-endian)
-            (BPF_JSET_K, 0, 1, CLONE_NS_FLAGS),
-            (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.EPERM),
-        ]
     prog.append((BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW))
     return prog
 
@@ -967,6 +1850,7 @@ class JobState:
 #   setup(state)   parent, before the fork; records in state what it made
 #   attach(pid)    parent, once the child has its namespaces, before release
 #   enter()        child, after release, before the root is built
+#   enter_root()   child, after pivot_root, /proc and /sys
 #   collect(out)   parent, after the job ended (accounting)
 #   teardown()     parent or gc; idempotent, logs instead of raising
 # ---------------------------------------------------------------------------
@@ -987,6 +1871,9 @@ class Resource:
     def enter(self):
         pass
 
+    def enter_root(self):
+        """Child, after pivot_root and /proc, /sys: what the job sees of it."""
+
     def collect(self, out):
         pass
 
@@ -1001,6 +1888,391 @@ class Resource:
 
 
 # ---------------------------------------------------------------------------
+# cgroups: the second stage of resource control.  Every job gets its own
+# cgroup, with or without limits: it accounts for the job and lets teardown
+# find and kill every process of it.  CgroupV1 and CgroupV2 share one
+# interface; the version is detected once (cgroup_host()).
+#   setup()      parent, root, host namespaces: mkdir, write the limits
+#   attach(pid)  parent: the child into the cgroup, before it is released
+#   enter()      child, root, before its root is built: verify membership and
+#                limits, then its own cgroup namespace
+#   enter_root() child, after pivot_root: its cgroup visible read-only
+#   collect()    parent, after the job: the cgroup's own counters
+#   teardown()   parent or gc: kill what is left, rmdir
+# ---------------------------------------------------------------------------
+
+
+def _write(path, value):
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _read(path, default=None):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError:
+        return default
+
+
+def _keyed(text, key):
+    """The number after KEY in 'key value' lines (memory.events, cpu.stat)."""
+    for line in (text or "").splitlines():
+        k, _, v = line.partition(" ")
+        if k == key:
+            return int(v)
+    return None
+
+
+def fmt_size(n):
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            v = n / (1 << shift)
+            return ("%d %s" if v == int(v) else "%.1f %s") % (v, unit)
+    return "%d B" % n
+
+
+class Cgroup(Resource):
+    name = "cgroup"
+    version = 0
+
+    def __init__(self, spec, dirs=()):
+        super().__init__(spec)
+        self.dirs = list(dirs)  # the job's cgroup directories, one per hierarchy
+        self.checks = []  # (file, expected content): what the child verifies
+        self.where = {}  # v1: {controllers "cpu,cpuacct": directory}
+
+    @staticmethod
+    def for_job(spec):
+        return (CgroupV2 if cgroup_host().version == 2 else CgroupV1)(spec)
+
+    @classmethod
+    def from_state(cls, record):
+        cg = record.get("cgroup")
+        if not cg:
+            return None
+        return (CgroupV2 if cg.get("version") == 2 else CgroupV1)(None, cg.get("dirs", ()))
+
+    def setup(self, state):
+        self.plan()
+        # Recorded before the first mkdir: gc must find whatever a crash
+        # leaves, and teardown skips what was never made.
+        state.save(cgroup={"version": self.version, "dirs": self.dirs})
+        try:
+            self.create()
+            self.write_limits(self.spec.limits)
+        except OSError as e:
+            self.teardown()
+            raise SetupError("cgroup %s: %s" % (getattr(e, "filename", None) or self.dirs[0], e.strerror)) from None
+        audit("cgroup v%d: %s created with %s" % (self.version, ", ".join(self.dirs),
+                                                  "; ".join("%s=%s" % (os.path.basename(f), v.strip())
+                                                            for f, v in self.checks) or "no limits"))
+
+    def limit(self, path, value, shown=None):
+        """Write a limit, and note what the child must read back."""
+        _write(path, value)
+        self.checks.append((path, shown if shown is not None else value))
+
+    def attach(self, pid):
+        for d in self.dirs:
+            _write(os.path.join(d, "cgroup.procs"), str(pid))
+        audit("cgroup: job PID %d placed in %s" % (pid, ", ".join(self.dirs)))
+
+    def enter(self):
+        """Child: prove from /proc/self/cgroup that this process is in
+        exactly its own job cgroup on every hierarchy ("not in the root
+        cgroup" is no proof), and that the limits in force are exactly the
+        requested ones, before anything of the job runs."""
+        mine = {}
+        for line in _read("/proc/self/cgroup", "").splitlines():
+            _, ctrls, path = line.split(":", 2)
+            mine[ctrls] = path
+        for ctrls, d in self.where.items():
+            want = "/" + os.path.relpath(d, self.mountpoint(ctrls))
+            if mine.get(ctrls) != want:
+                raise SetupError("cgroup verification failed: in %s:%s, not in the job's %s"
+                                 % (ctrls or "unified", mine.get(ctrls), want))
+        for path, want in self.checks:
+            got = _read(path)
+            if got is None or sorted(got.split()) != sorted(want.split()):
+                raise SetupError("cgroup verification failed: %s is %r, not %r" % (path, got, want))
+        audit("cgroup verified: this process is in %s only, limits read back: %s" % (
+            ", ".join("%s:%s" % (c or "0:", mine[c]) for c in self.where),
+            "; ".join("%s=%s" % (os.path.basename(f), v.strip().replace("\n", " ")) for f, v in self.checks)
+            or "none"))
+        unshare(CLONE_NEWCGROUP)
+        audit("cgroup namespace: the job's cgroup is its root '/'")
+
+    def collect(self, out):
+        pass
+
+    def kill_all(self):
+        """SIGKILL every process still in the job's cgroups.  A pidfd is
+        taken before the membership check, so a pid reused by a host process
+        in between is never signalled."""
+        deadline = time.monotonic() + 2.0
+        job = "/" + "/".join(self.dirs[0].split("/")[-2:])  # <parent>/<id>
+        while True:
+            pids = set()
+            for d in self.dirs:
+                pids.update(int(p) for p in (_read(os.path.join(d, "cgroup.procs")) or "").split())
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    fd = os.pidfd_open(pid)
+                except OSError:
+                    continue
+                try:
+                    if any(line.split(":", 2)[2].endswith(job)
+                           for line in (_read("/proc/%d/cgroup" % pid) or "").splitlines()):
+                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+                except OSError:
+                    pass
+                finally:
+                    os.close(fd)
+            if time.monotonic() > deadline:
+                raise SetupError("processes %s survive SIGKILL" % sorted(pids))
+            time.sleep(0.005)
+
+    def teardown(self):
+        try:
+            self.kill_all()
+        except (OSError, SetupError) as e:
+            log("warning", "cgroup teardown: %s" % e)
+        for d in reversed(self.dirs):
+            # Right after the last process exits the kernel may still hold
+            # the cgroup busy for a moment (EBUSY): retry briefly.
+            for _ in range(200):
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as e:
+                    if e.errno != errno.EBUSY:
+                        log("warning", "cgroup teardown: cannot remove %s: %s" % (d, e.strerror))
+                        break
+                    time.sleep(0.005)
+            else:
+                log("warning", "cgroup teardown: %s is still busy; `jrun gc` will retry" % d)
+
+
+class CgroupV1(Cgroup):
+    """One directory per mounted v1 hierarchy: <mount>/<parent>/<id>."""
+
+    version = 1
+
+    def plan(self):
+        host = cgroup_host()
+        self.where = {}
+        for ctrl in cgroup_controllers(self.spec):
+            point, ctrls = host.mounts[ctrl]
+            self.where[ctrls] = os.path.join(point, cgroup_parent(self.spec), self.spec.id)
+        self.dirs = list(self.where.values())
+
+    def mountpoint(self, ctrls):
+        return cgroup_host().mounts[ctrls.split(",")[0]][0]
+
+    def create(self):
+        for ctrls, d in self.where.items():
+            p = os.path.dirname(d)
+            try:
+                os.mkdir(p, 0o755)  # the shared jrun subtree; --cgroup-parent exists already
+            except FileExistsError:
+                pass
+            if "cpuset" in ctrls.split(","):
+                # A new v1 cpuset has no CPUs and no memory nodes, and no
+                # task may join it until both are set: the shared subtree
+                # gets its own parent's.
+                for f in ("cpuset.cpus", "cpuset.mems"):
+                    if not _read(os.path.join(p, f), "").strip():
+                        _write(os.path.join(p, f), _read(os.path.join(os.path.dirname(p), f)).strip())
+            os.mkdir(d, 0o755)
+
+    def _dir(self, ctrl):
+        for ctrls, d in self.where.items():
+            if ctrl in ctrls.split(","):
+                return d
+        return None
+
+    def write_limits(self, lim):
+        cs = self._dir("cpuset")
+        if cs:
+            cpus = parse_cpuset("--cores", lim.cores) if lim.cores else _read_cpuset_file(
+                os.path.join(os.path.dirname(cs), "cpuset.cpus"))
+            self.limit(os.path.join(cs, "cpuset.cpus"), format_cpuset(cpus) + "\n")
+            mems = _read(os.path.join(os.path.dirname(cs), "cpuset.mems")).strip()
+            self.limit(os.path.join(cs, "cpuset.mems"), mems + "\n")
+        if lim.cpu is not None:
+            d = self._dir("cpu")
+            self.limit(os.path.join(d, "cpu.cfs_period_us"), "%d\n" % CPU_PERIOD_US)
+            self.limit(os.path.join(d, "cpu.cfs_quota_us"), "%d\n" % (lim.cpu * CPU_PERIOD_US // 100))
+        if lim.memory is not None:
+            d = self._dir("memory")
+            page = os.sysconf("SC_PAGE_SIZE")
+            mem = lim.memory // page * page
+            self.limit(os.path.join(d, "memory.limit_in_bytes"), "%d\n" % mem)
+            memsw = os.path.join(d, "memory.memsw.limit_in_bytes")
+            if os.path.exists(memsw):
+                # memory+swap: the same ceiling, so swap adds nothing.
+                self.limit(memsw, "%d\n" % mem)
+            else:
+                self.limit(os.path.join(d, "memory.swappiness"), "0\n")
+                if _read("/proc/swaps", "").count("\n") > 1:
+                    log("warning", "--memory: this kernel has no swap accounting (boot with swapaccount=1); "
+                        "the job's swappiness is 0, but swap is not strictly excluded")
+        if lim.pids is not None:
+            self.limit(os.path.join(self._dir("pids"), "pids.max"), "%d\n" % lim.pids)
+        if lim.io_bps is not None:
+            d = self._dir("blkio")
+            devs = block_devices(io_paths(self.spec))
+            for f in ("blkio.throttle.read_bps_device", "blkio.throttle.write_bps_device"):
+                for dev in devs:
+                    _write(os.path.join(d, f), "%s %d" % (dev, lim.io_bps))
+                self.checks.append((os.path.join(d, f), "".join("%s %d\n" % (dev, lim.io_bps) for dev in devs)))
+
+    def enter_root(self):
+        """A read-only tmpfs at /sys/fs/cgroup, and on it each of the job's
+        hierarchies read-only; in the job's cgroup namespace each shows the
+        job's own cgroup as its root."""
+        flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+        mount("cgroup", CGROUP_ROOT, "tmpfs", flags, "mode=0755,size=16k")
+        for ctrls, d in self.where.items():
+            target = os.path.join(CGROUP_ROOT, os.path.basename(self.mountpoint(ctrls)))
+            os.mkdir(target, 0o555)
+            mount("cgroup", target, "cgroup", flags | MS_RDONLY, ctrls)
+        mount(None, CGROUP_ROOT, None, MS_REMOUNT | MS_RDONLY | flags, "mode=0755,size=16k")
+        audit("%s: read-only tmpfs with the job's hierarchies %s, read-only"
+              % (CGROUP_ROOT, ", ".join(self.where)))
+
+    def collect(self, out):
+        cpu, mem = self._dir("cpuacct"), self._dir("memory")
+        usage = _read(os.path.join(cpu, "cpuacct.usage")) if cpu else None
+        out.cpu_s = int(usage) / 1e9 if usage else None
+        if mem:
+            peak = _read(os.path.join(mem, "memory.max_usage_in_bytes"))
+            out.memory_peak_bytes = int(peak) if peak else None
+            out.oom_kills = _keyed(_read(os.path.join(mem, "memory.oom_control")), "oom_kill") or 0
+        blk = self._dir("blkio")
+        if blk:
+            # Direct IO and reads; buffered writes are charged to the flusher
+            # thread on v1, not to the job.
+            text = _read(os.path.join(blk, "blkio.throttle.io_service_bytes_recursive"), "")
+            out.io_read_bytes = out.io_write_bytes = 0
+            for line in text.splitlines():
+                f = line.split()
+                if len(f) == 3 and f[1] in ("Read", "Write"):
+                    if f[1] == "Read":
+                        out.io_read_bytes += int(f[2])
+                    else:
+                        out.io_write_bytes += int(f[2])
+
+
+class CgroupV2(Cgroup):
+    """One directory in the unified hierarchy: /sys/fs/cgroup/<parent>/<id>.
+    Controllers are enabled in cgroup.subtree_control along the path; jrun
+    never puts a process in the parents (the no-internal-process rule)."""
+
+    version = 2
+
+    def plan(self):
+        self.controllers = cgroup_controllers(self.spec)
+        d = os.path.join(CGROUP_ROOT, cgroup_parent(self.spec), self.spec.id)
+        self.where = {"": d}
+        self.dirs = [d]
+
+    def mountpoint(self, ctrls):
+        return CGROUP_ROOT
+
+    def create(self):
+        d = self.dirs[0]
+        parent = os.path.dirname(d)
+        if not self.spec.cgroup_parent:
+            self._enable(CGROUP_ROOT)
+            try:
+                os.mkdir(parent, 0o755)
+            except FileExistsError:
+                pass
+        self._enable(parent)
+        os.mkdir(d, 0o755)
+
+    def _enable(self, cg):
+        on = set((_read(os.path.join(cg, "cgroup.subtree_control")) or "").split())
+        want = [c for c in self.controllers if c not in on]
+        if not want:
+            return
+        try:
+            _write(os.path.join(cg, "cgroup.subtree_control"), " ".join("+" + c for c in want))
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                raise SetupError("cannot enable %s in %s: it has processes of its own (cgroup v2 "
+                                 "no-internal-process rule); use --cgroup-parent with a delegated subtree"
+                                 % (" ".join(want), cg)) from None
+            raise
+
+    def write_limits(self, lim):
+        d = self.dirs[0]
+        if lim.cores is not None:
+            self.limit(os.path.join(d, "cpuset.cpus"), format_cpuset(parse_cpuset("--cores", lim.cores)) + "\n")
+        if lim.cpu is not None:
+            self.limit(os.path.join(d, "cpu.max"), "%d %d\n" % (lim.cpu * CPU_PERIOD_US // 100, CPU_PERIOD_US))
+        if lim.memory is not None:
+            page = os.sysconf("SC_PAGE_SIZE")
+            self.limit(os.path.join(d, "memory.max"), "%d\n" % (lim.memory // page * page))
+            if os.path.exists(os.path.join(d, "memory.swap.max")):
+                self.limit(os.path.join(d, "memory.swap.max"), "0\n")
+            elif _read("/proc/swaps", "").count("\n") > 1:
+                log("warning", "--memory: this kernel has no swap accounting; swap is not strictly excluded")
+            # Out of memory, the whole job is killed, not one process of it:
+            # jrun then reports exit 137 for the job as a whole.
+            self.limit(os.path.join(d, "memory.oom.group"), "1\n")
+        if lim.pids is not None:
+            self.limit(os.path.join(d, "pids.max"), "%d\n" % lim.pids)
+        if lim.io_bps is not None:
+            devs = block_devices(io_paths(self.spec))
+            for dev in devs:
+                _write(os.path.join(d, "io.max"), "%s rbps=%d wbps=%d" % (dev, lim.io_bps, lim.io_bps))
+            self.checks.append((os.path.join(d, "io.max"), "".join(
+                "%s rbps=%d wbps=%d riops=max wiops=max\n" % (dev, lim.io_bps, lim.io_bps) for dev in devs)))
+
+    def enter_root(self):
+        mount("cgroup2", CGROUP_ROOT, "cgroup2", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        audit("%s: the job's own cgroup2, read-only" % CGROUP_ROOT)
+
+    def collect(self, out):
+        d = self.dirs[0]
+        usage = _keyed(_read(os.path.join(d, "cpu.stat")), "usage_usec")
+        out.cpu_s = usage / 1e6 if usage is not None else None
+        # memory.peak is kernel 5.19+; before that there is no peak to read.
+        peak = _read(os.path.join(d, "memory.peak"))
+        out.memory_peak_bytes = int(peak) if peak else None
+        out.oom_kills = _keyed(_read(os.path.join(d, "memory.events")), "oom_kill") or 0
+        io = _read(os.path.join(d, "io.stat"))
+        if io is not None:
+            out.io_read_bytes = out.io_write_bytes = 0
+            for line in io.splitlines():
+                for kv in line.split()[1:]:
+                    k, _, v = kv.partition("=")
+                    if k == "rbytes":
+                        out.io_read_bytes += int(v)
+                    elif k == "wbytes":
+                        out.io_write_bytes += int(v)
+
+    def kill_all(self):
+        d = self.dirs[0]
+        if os.path.exists(os.path.join(d, "cgroup.kill")):  # kernel 5.14+
+            _write(os.path.join(d, "cgroup.kill"), "1")
+            deadline = time.monotonic() + 2.0
+            while "populated 1" in (_read(os.path.join(d, "cgroup.events")) or ""):
+                if time.monotonic() > deadline:
+                    raise SetupError("%s: processes survive cgroup.kill" % d)
+                time.sleep(0.002)
+        else:
+            super().kill_all()
 # The job's user namespace (--userns).  Created by the parent, as real root,
 # through a short-lived helper process, so that the maps are written by a
 # privileged process (no setgroups "deny" needed) before the child exists;
@@ -1122,10 +2394,10 @@ class JobUserNamespace(Resource):
 
 def host_resources(spec):
     """The resources a job needs, in setup order (torn down in reverse)."""
-    return [JobUserNamespace(spec)] if spec.userns else []
+    return [Cgroup.for_job(spec)] + ([JobUserNamespace(spec)] if spec.userns else [])
 
 
-RESOURCE_CLASSES = (JobUserNamespace,)
+RESOURCE_CLASSES = (Cgroup, JobUserNamespace)
 
 
 # ---------------------------------------------------------------------------
@@ -1134,57 +2406,6 @@ RESOURCE_CLASSES = (JobUserNamespace,)
 # execs COMMAND or reports an error through the close-on-exec status pipe and
 # exits.
 # ---------------------------------------------------------------------------
-
-
-def _safe_mkdirs(root, rel, mode=0o755):
-    """Make root/rel a real directory, component by component, never
-    following a symlink: a hostile rootfs whose 'proc' or 'tmp' is a symlink
-    pointing outside gets it replaced (in the job's own writable layer)."""
-    path = root
-    for comp in rel.strip("/").split("/"):
-        if comp in ("", "."):
-            continue
-        if comp == "..":
-            raise SetupError("%r: '..' is not allowed in a path inside the job" % rel)
-        path = os.path.join(path, comp)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            os.mkdir(path, mode)
-            continue
-        import stat
-
-        if not stat.S_ISDIR(st.st_mode):
-            os.unlink(path)
-            os.mkdir(path, mode)
-    return path
-
-
-def _safe_file(root, rel, mode=0o644, content=None):
-    """Make root/rel a regular file (for a bind mount target or a generated
-    /etc file), with the same no-symlink rule as _safe_mkdirs."""
-    parent = _safe_mkdirs(root, os.path.dirname(rel.strip("/")))
-    path = os.path.join(parent, os.path.basename(rel))
-    try:
-        st = os.lstat(path)
-        import stat
-
-        if not stat.S_ISREG(st.st_mode):
-            if stat.S_ISDIR(st.st_mode):
-                os.rmdir(path)
-            else:
-                os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise SetupError("cannot prepare %s in the job's root: %s" % (rel, e.strerror)) from None
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        if content:
-            os.write(fd, content.encode())
-    finally:
-        os.close(fd)
-    return path
 
 
 class ChildPlan(_Frozen):
@@ -1247,6 +2468,8 @@ def child_steps(plan):
     root = build_root(spec, plan.state_dir, userns)
     pivot_into(root)
     mount_proc_and_sys()
+    for res in plan.resources:
+        res.enter_root()
     harden_proc_and_sys()
     sethostname(spec.hostname)
     audit("hostname set to %s" % spec.hostname)
@@ -1278,10 +2501,12 @@ def child_steps(plan):
 
 
 def build_root(spec, state_dir, userns=None):
-    """The job's root: an overlay whose lower layer is the shared prebuilt
-    rootfs (never modified) and whose upper layer lives on a tmpfs inside the
-    job's own mount namespace, so it vanishes with the job even if jrun is
-    SIGKILLed, and concurrent jobs never see each other's writes.
+    """The job's root, on a tmpfs inside the job's own mount namespace, so
+    that everything the job writes vanishes with it even if jrun is
+    SIGKILLed, and concurrent jobs never see each other's writes: for
+    --rootfs minimal or PATH an overlay whose lower layer is that directory
+    (never modified) and whose upper layer is on the tmpfs; for --rootfs host
+    the tmpfs itself, with the host's system directories bound read-only.
 
     Under --userns the job's root is host uid B (userns.base): the rootfs is
     bound through an idmapped mount (its root-owned files appear owned by B,
@@ -1289,29 +2514,38 @@ def build_root(spec, state_dir, userns=None):
     tmpfs mounts belong to B."""
     base = os.path.join(state_dir, "root")
     mount("jrun-" + spec.id, base, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
-    for d in ("lower", "upper", "work", "root"):
-        os.mkdir(os.path.join(base, d), 0o755)
     root = os.path.join(base, "root")
-    lower = rootfs_path(spec)
-    owner = ""
-    if userns:
-        mount_idmapped(lower, os.path.join(base, "lower"), userns.fd)
-        chown_to_job(os.path.join(base, "upper"), userns.base)
-        owner = ",uid=%d,gid=%d" % (userns.base, userns.base)
+    owner = ",uid=%d,gid=%d" % (userns.base, userns.base) if userns else ""
+    os.mkdir(root, 0o755)
+    if spec.rootfs == "host":
+        mount("jrun-" + spec.id, root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755" + owner)
+        build_host_root(root)
     else:
-        mount(lower, os.path.join(base, "lower"), None, MS_BIND | MS_REC)
-    # Relative layer paths, so that the job's /proc/self/mountinfo names no
-    # host path (overlayfs shows its options as they were given).
-    os.chdir(base)
-    mount("overlay", root, "overlay", MS_NOSUID, "lowerdir=lower,upperdir=upper,workdir=work")
-    audit("root: overlay of %s with a private writable layer" % lower)
+        for d in ("lower", "upper", "work"):
+            os.mkdir(os.path.join(base, d), 0o755)
+        lower = rootfs_path(spec)
+        if userns:
+            fd = os.open(os.path.join(base, "lower"), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                bind_into(lower, fd, MOUNT_ATTR_IDMAP, userns.fd)
+            finally:
+                os.close(fd)
+            chown_to_job(os.path.join(base, "upper"), userns.base)
+        else:
+            mount(lower, os.path.join(base, "lower"), None, MS_BIND | MS_REC)
+        # Relative layer paths, so that the job's /proc/self/mountinfo names no
+        # host path (overlayfs shows its options as they were given).
+        os.chdir(base)
+        mount("overlay", root, "overlay", MS_NOSUID, "lowerdir=lower,upperdir=upper,workdir=work")
+        audit("root: overlay of %s with a private writable layer" % lower)
 
     tmp = _safe_mkdirs(root, "tmp", 0o1777)
     mount("tmpfs", tmp, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777" + owner)
-    work = _safe_mkdirs(root, spec.workdir)
-    if spec.workdir == DEFAULT_WORKDIR:
-        mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755" + owner)
-    audit("writable /tmp and %s mounted" % spec.workdir)
+    # /work is always the job's own bounded tmpfs, whatever -w says: a job
+    # that fills it gets ENOSPC, and the host's disk is never involved.
+    work = _safe_mkdirs(root, DEFAULT_WORKDIR)
+    mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=%s%s" % (spec.workdir_size, owner))
+    audit("writable /tmp and %s (tmpfs, size=%s) mounted" % (DEFAULT_WORKDIR, spec.workdir_size))
 
     build_dev(root, spec)
     _safe_mkdirs(root, "proc", 0o555)
@@ -1322,7 +2556,34 @@ def build_root(spec, state_dir, userns=None):
     if userns:
         for path in (hostname, hosts):
             chown_to_job(path, userns.base)
+    stage_files(spec, root, userns)
+    if spec.read_only:
+        make_root_read_only(root)
     return root
+
+
+def stage_files(spec, root, userns=None):
+    """The workdir, the volumes' mount points, the uploads, then the volumes:
+    every path is made before any host directory is bound into the root, so
+    none is ever made inside one.  Under --userns the uploads belong to the
+    job's root as the host sees it (userns.base)."""
+    rootfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    targets = []
+    try:
+        os.close(open_dir_in_root(rootfd, spec.workdir))
+        for v in spec.volumes:
+            targets.append(prepare_volume(rootfd, v))
+        if spec.uploads:
+            Uploader(spec.uploads).run(rootfd, spec.uploads)
+            if userns:
+                for u in spec.uploads:
+                    chown_to_job(os.path.join(root, u.dest.lstrip("/")), userns.base)
+        for v, fd in zip(spec.volumes, targets):
+            mount_volume(v, fd)
+    finally:
+        for fd in targets:
+            os.close(fd)
+        os.close(rootfd)
 
 
 def build_dev(root, spec):
@@ -1572,25 +2833,77 @@ class Outcome:
         self.timed_out = False
         self.killed = False
         self.error = None
+        # Accounting, from the job's cgroup (None: not measured here).
+        self.duration_s = None
+        self.cpu_s = None
+        self.memory_peak_bytes = None
+        self.io_read_bytes = None
+        self.io_write_bytes = None
+        self.oom_kills = 0
+
+    @property
+    def oom_killed(self):
+        return self.oom_kills > 0
+
+    def status_record(self, spec):
+        """The --json-status fields (see the contract)."""
+        r3 = (lambda v: None if v is None else round(v, 3))
+        return {"id": spec.id, "exit_code": self.exit_code, "signal": self.signal,
+                "oom_killed": self.oom_killed, "timed_out": self.timed_out,
+                "duration_s": r3(self.duration_s), "cpu_s": r3(self.cpu_s),
+                "memory_peak_bytes": self.memory_peak_bytes, "io_read_bytes": self.io_read_bytes,
+                "io_write_bytes": self.io_write_bytes}
+
+    def stats_line(self, spec):
+        def size(v):
+            return "n/a" if v is None else fmt_size(v)
+
+        return ("job %s: exit %s, wall %.2fs, cpu %s, memory peak %s, io read %s, written %s, oom kills %d"
+                % (spec.id, self.exit_code, self.duration_s or 0.0,
+                   "n/a" if self.cpu_s is None else "%.2fs" % self.cpu_s, size(self.memory_peak_bytes),
+                   size(self.io_read_bytes), size(self.io_write_bytes), self.oom_kills))
 
 
 def run_job(spec):
     validate(spec)
+    spec = survey_uploads(spec)
     teardown = Teardown()
     state = JobState(spec.id)
     state.create()
     teardown.push("state %s removed" % state.dir, state.remove)
+    out = Outcome()
     try:
         os.mkdir(os.path.join(state.dir, "root"), 0o700)
         state.save(id=spec.id, command=list(spec.command), hostname=spec.hostname,
                    started=time.time(), net=spec.net, jrun_pid=os.getpid())
-        return supervise(spec, state, teardown)
+        return supervise(spec, state, teardown, out)
     finally:
         teardown.run()
+        # After teardown: when the status file appears, nothing of the job
+        # is left on the host.
+        if out.exit_code is not None:
+            report_outcome(spec, out)
 
 
-def supervise(spec, state, teardown):
-    out = Outcome()
+def report_outcome(spec, out):
+    if spec.stats:
+        line = out.stats_line(spec)
+        if _log["format"] == "json":
+            rec = dict(time=round(time.time(), 6), level="info", msg=line, job=spec.id)
+            rec.update(out.status_record(spec))
+            line = dumps_json(rec)
+        else:
+            line = "jrun: " + line
+        os.write(2, (line + "\n").encode())
+    if spec.json_status:
+        try:
+            with open(spec.json_status, "w", encoding="utf-8") as f:
+                f.write(dumps_json(out.status_record(spec)) + "\n")
+        except OSError as e:
+            log("error", "--json-status: cannot write %s: %s" % (spec.json_status, e.strerror))
+
+
+def supervise(spec, state, teardown, out):
     all_sigs = set(FORWARDED_SIGNALS) | {signal.SIGCHLD}
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, all_sigs)
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
@@ -1614,7 +2927,6 @@ def supervise(spec, state, teardown):
     os.close(pidns)
     os.close(status_w)
     os.close(sync_r)
-    started = time.monotonic()
     state.save(pid=pid)
     reaped = None
     try:
@@ -1626,7 +2938,7 @@ def supervise(spec, state, teardown):
             # for EOF (jrun died) after its last credential change.
             os.write(sync_w, b"G")
             audit("child released from the sync pipe")
-            status = _read_status(status_r)
+            status = _read_status(status_r, relay_to=pid)
         if status and status.startswith("E"):
             code, _, msg = status[1:].partition(" ")
             out.error = msg
@@ -1635,9 +2947,16 @@ def supervise(spec, state, teardown):
             reaped = ws
             raise (NotFound if out.exit_code == EXIT_NOTFOUND else
                    NotExecutable if out.exit_code == EXIT_NOEXEC else SetupError)(msg)
+        # COMMAND runs from here: --timeout does not count the uploads' copy.
+        started = time.monotonic()
         reaped = wait_for_job(spec, pid, out, started)
+        out.duration_s = time.monotonic() - started
         for res in resources:
             res.collect(out)
+        if out.oom_killed and not out.timed_out:
+            out.exit_code = EXIT_OOM
+            log("error", "job killed: out of memory (limit %s)" % (
+                fmt_size(spec.limits.memory) if spec.limits.memory else "none: the host's"))
     finally:
         os.close(sync_w)
         os.close(status_r)
@@ -1647,10 +2966,20 @@ def supervise(spec, state, teardown):
     return out.exit_code
 
 
-def _read_status(fd):
-    """One line from the child's status pipe; '' at EOF (exec succeeded)."""
+def _read_status(fd, relay_to=None):
+    """One line from the child's status pipe; '' at EOF (exec succeeded).
+    With RELAY_TO, a signal to forward that arrives meanwhile (the child may
+    be copying uploads for a while) is passed on: the child keeps it blocked,
+    and either stops its copy or COMMAND gets it at exec."""
     buf = b""
     while not buf.endswith(b"\n"):
+        if relay_to is not None:
+            import select
+
+            while not select.select([fd], [], [], 0.2)[0]:
+                info = signal.sigtimedwait(FORWARDED_SIGNALS, 0)
+                if info is not None:
+                    _signal(relay_to, info.si_signo)
         chunk = os.read(fd, 1)
         if not chunk:
             break
@@ -1858,7 +3187,20 @@ def build_rootfs(force=False):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    if argv is None:
+        # Called as the program: skip the interpreter's teardown (2-3 ms of
+        # every job here); nothing of jrun's needs atexit handlers.
+        code = _main(sys.argv[1:])
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            code = code or 1
+        os._exit(code)
+    return _main(argv)
+
+
+def _main(argv):
     try:
         if argv[:1] and argv[0] in SUBCOMMANDS:
             sub, rest = argv[0], argv[1:]
