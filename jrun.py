@@ -2475,8 +2475,9 @@ def child_steps(plan):
     audit("hostname set to %s" % spec.hostname)
 
     uid, gid, home = resolve_user(spec)
-    if uid and spec.workdir == DEFAULT_WORKDIR:
-        chown_to_job(spec.workdir, userns.base if userns else 0, uid, gid)  # the job's own tmpfs
+    if uid:  # /work, the job's own tmpfs, is its user's (what was uploaded into it keeps its owner)
+        base = userns.base if userns else 0
+        os.chown(DEFAULT_WORKDIR, base + uid, base + gid)
     env = job_environment(spec, home)
     argv = resolve_command(spec, env)
     try:

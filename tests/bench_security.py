@@ -28,17 +28,15 @@ def run(opts):
                        + ["--", "/bin/true"], capture_output=True, text=True)
     wall = time.perf_counter() - t0
     assert p.returncode == 0, p.stderr
-    stamps = {}
-    for line in p.stderr.splitlines():
-        rec = json.loads(line)
-        stamps.setdefault(rec["msg"].split(":")[0].split(" (")[0], rec["time"])
-    return wall, stamps
+    return wall, [(rec["msg"], rec["time"]) for rec in map(json.loads, p.stderr.splitlines())]
 
 
 def span(stamps, start, end):
-    s = next(v for k, v in stamps.items() if k.startswith(start))
-    e = next(v for k, v in stamps.items() if k.startswith(end))
-    return e - s
+    """Seconds from the audit line starting with START (None: the line
+    just before END) to the one starting with END."""
+    e = next(i for i, (msg, _) in enumerate(stamps) if msg.startswith(end))
+    s = e - 1 if start is None else next(i for i, (msg, _) in enumerate(stamps) if msg.startswith(start))
+    return stamps[e][1] - stamps[s][1]
 
 
 def main():
@@ -50,7 +48,7 @@ def main():
         for name, opts in configs.items():
             w, st = run(opts)
             wall[name].append(w)
-            harden[name].append(span(st, "/sys mounted read-only", "/proc and /sys hardened"))
+            harden[name].append(span(st, None, "/proc and /sys hardened"))
             last[name].append(span(st, "new session", "exec "))
     ms = lambda xs: "%6.2f ms" % (1000 * statistics.median(xs))  # noqa: E731
     print("%d runs each, medians" % runs)
