@@ -2475,6 +2475,9 @@ def child_steps(plan):
     audit("hostname set to %s" % spec.hostname)
 
     uid, gid, home = resolve_user(spec)
+    if userns and max(uid, gid) >= USERNS_SIZE:
+        raise UsageError("-u/--user: %d:%d is not mapped under --userns (0 to %d are)"
+                         % (uid, gid, USERNS_SIZE - 1))
     if uid:  # /work, the job's own tmpfs, is its user's (what was uploaded into it keeps its owner)
         base = userns.base if userns else 0
         os.chown(DEFAULT_WORKDIR, base + uid, base + gid)
