@@ -584,3 +584,35 @@ def test_userns_files_in_a_volume_are_owned_by_the_mapped_uid(tmp_path):
     base = _uid_map(p.stdout)[1]
     st = os.stat(vol / "made-by-job")
     assert (st.st_uid, st.st_gid) == (base, base)
+
+
+@pytest.fixture
+def probe_rootfs(tmp_path, probe):
+    """A copy of the minimal rootfs with the probe installed setuid root
+    and a user whose uid is above --userns's range."""
+    root = tmp_path / "rootfs"
+    subprocess.run(["cp", "-a", "/var/lib/jrun/rootfs", str(root)], check=True)
+    path = root / "usr/bin/probe"
+    path.write_bytes(probe)
+    os.chown(path, 0, 0)
+    os.chmod(path, 0o4755)
+    with open(root / "etc/passwd", "a") as f:
+        f.write("big:x:70000:70000:big:/:/bin/sh\n")
+    return str(root)
+
+
+@needs_root
+def test_setuid_root_binary_of_the_rootfs_gains_nothing_for_a_user(probe_rootfs):
+    out = job("ls -ln /usr/bin/probe; /usr/bin/probe ids", "--rootfs", probe_rootfs, "-u", "1000")
+    mode, _, owner = out.split()[:3]
+    assert mode == "-rwsr-xr-x" and owner == "0"
+    assert out.split()[-3:] == ["1000", "1000", "1000"]
+
+
+@needs_root
+def test_userns_refuses_a_user_outside_the_mapped_range(probe_rootfs):
+    assert job("id -u", "--rootfs", probe_rootfs, "-u", "big").split() == ["70000"]
+    p = run_jrun("--net", "none", "--rootfs", probe_rootfs, "--userns", "-u", "big", "--", "id")
+    assert p.returncode == 125 and "is not mapped under --userns" in p.stderr, p.stderr
+    p = run_jrun("--net", "none", "--userns", "-u", "70000", "--", "id")
+    assert p.returncode == 125 and "is not mapped under --userns" in p.stderr, p.stderr
