@@ -1419,7 +1419,8 @@ class Uploader:
 
     STEP = 1 << 26  # bytes per copy call: progress and Ctrl-C are checked between calls
 
-    def __init__(self, uploads):
+    def __init__(self, uploads, owner=None):
+        self.owner = owner  # (uid, gid) for every copy instead of the source's
         self.total_files = sum(u.files or 0 for u in uploads)
         self.total_bytes = sum(u.bytes or 0 for u in uploads)
         self.bytes = self.skipped = 0
@@ -1584,15 +1585,16 @@ class Uploader:
     def _meta(self, fd, st, dfd=None, name=None):
         """Owner, then mode (chown clears setuid), then times."""
         times = (st.st_atime_ns, st.st_mtime_ns)
+        uid, gid = self.owner or (st.st_uid, st.st_gid)
         if fd is None:
-            os.chown(name, st.st_uid, st.st_gid, dir_fd=dfd, follow_symlinks=False)
+            os.chown(name, uid, gid, dir_fd=dfd, follow_symlinks=False)
             import stat
 
             if not stat.S_ISLNK(st.st_mode):  # a fifo we just made: no symlink to follow
                 os.chmod(name, st.st_mode & 0o1777, dir_fd=dfd)
             os.utime(name, ns=times, dir_fd=dfd, follow_symlinks=False)
             return
-        os.fchown(fd, st.st_uid, st.st_gid)
+        os.fchown(fd, uid, gid)
         os.fchmod(fd, st.st_mode & 0o1777)  # setuid (0o4000) and setgid (0o2000) dropped
         os.utime(fd, ns=times)
 
@@ -2403,8 +2405,10 @@ def _fnv1a(text):
 def chown_to_job(path, base, uid=0, gid=0):
     """lchown PATH and everything below it to the job's UID:GID as the host
     sees them: BASE+UID under --userns (BASE is the job's USERNS_BASE slot,
-    0 without --userns).  For whatever jrun puts in the job's root for it:
-    the writable layer, uploads."""
+    0 without --userns).  For the paths jrun itself made real in the job's
+    root (the writable layer, /etc/hostname): a path through a symlink of
+    the rootfs would lead to the host.  (Uploads get their owner from the
+    copy, see Uploader.)"""
     targets = [path]
     if os.path.isdir(path) and not os.path.islink(path):
         for d, dirs, files in os.walk(path):
@@ -2689,10 +2693,10 @@ def stage_files(spec, root, userns=None):
         for v in spec.volumes:
             targets.append(prepare_volume(rootfd, v))
         if spec.uploads:
-            Uploader(spec.uploads).run(rootfd, spec.uploads)
-            if userns:
-                for u in spec.uploads:
-                    chown_to_job(os.path.join(root, u.dest.lstrip("/")), userns.base)
+            # Owners are set by the copy itself, on its own fds: a chown by
+            # path afterwards would follow the rootfs's symlinks to the host.
+            owner = (userns.base, userns.base) if userns else None
+            Uploader(spec.uploads, owner).run(rootfd, spec.uploads)
         for v, fd in zip(spec.volumes, targets):
             mount_volume(v, fd)
     finally:

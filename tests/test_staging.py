@@ -181,6 +181,26 @@ def test_upload_never_writes_through_rootfs_symlinks(tmp_path):
     assert os.listdir(host) == []
 
 
+def test_upload_owner_under_userns_never_reaches_the_host_through_rootfs_symlinks(tmp_path):
+    # The rootfs's /opt points to a path that exists both in the job and on
+    # the host: the copy lands in the job's, and so must its owner change.
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "x").write_text("host's")
+    root = custom_rootfs(tmp_path / "root")
+    (root / str(victim)[1:]).mkdir(parents=True)
+    os.symlink(str(victim), root / "opt")
+    (tmp_path / "up").mkdir()
+    (tmp_path / "up" / "x").write_text("job's")
+    before = snapshot(tmp_path / "victim")
+    p = jrun("--net", "none", "--userns", "--rootfs", root, "--upload", "%s:/opt" % (tmp_path / "up"),
+             "--", "/bin/busybox", "sh", "-c", "/bin/busybox stat -c '%u %g' /opt/x; /bin/busybox cat /opt/x")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split("\n")[:2] == ["0 0", "job's"]
+    assert snapshot(tmp_path / "victim") == before
+    assert os.lstat(victim / "x").st_uid == 0
+
+
 def test_upload_progress_on_a_terminal_and_summary_otherwise(tmp_path):
     src = tmp_path / "tree"
     src.mkdir()
