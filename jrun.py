@@ -827,7 +827,7 @@ def run_help():
 CONFIG_RUN_KEYS = {
     "timeout": (str, int, float), "stop-timeout": (str, int, float), "init": bool,
     "cpu": (int, str), "cores": str, "memory": (str, int), "io-bps": (str, int), "pids": (int, str),
-    "workdir": str, "rootfs": str, "read-only": bool, "net": str, "seccomp": str,
+    "workdir": str, "workdir-size": (str, int), "rootfs": str, "read-only": bool, "net": str, "seccomp": str,
     "userns": bool, "stats": bool, "cgroup-parent": str, "log-level": str, "log-format": str,
 }
 CONFIG_HOST_KEYS = {  # key: module-level setting it replaces

@@ -245,6 +245,16 @@ def test_workdir_is_bounded_and_full_means_enospc():
     assert "tmp-still-writable" in p.stdout
 
 
+def test_workdir_size_from_the_config_file_and_the_command_line_wins(tmp_path):
+    cfg = tmp_path / "jrun.toml"
+    cfg.write_text('workdir-size = "3M"\n')
+    cfg.chmod(0o644)
+    df = "df -k /work | tail -1"
+    assert jrun("--config", cfg, "--net", "none", "--", "sh", "-c", df, check=0).stdout.split()[1] == "3072"
+    p = jrun("--config", cfg, "--net", "none", "--workdir-size", "5M", "--", "sh", "-c", df, check=0)
+    assert p.stdout.split()[1] == "5120"
+
+
 def test_workdir_default_size_is_a_quarter_of_ram():
     p = sh("df -k /work | tail -1", check=0)
     ram_k = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 1024
