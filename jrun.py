@@ -1359,11 +1359,11 @@ def bind_into(src, target_fd, attrs, userns_fd=0):
         os.close(tree)
 
 
-def open_dir_in_root(rootfd, path):
-    """An O_PATH fd of directory PATH of the job's root, made (mode 0755) if
-    missing.  Symlinks on the way are resolved by the kernel inside the
-    root: a rootfs whose 'opt' points to /etc of the host reaches the job's
-    own /etc, never the host's."""
+def open_dir_in_root(rootfd, path, owner=None):
+    """An O_PATH fd of directory PATH of the job's root, made (mode 0755,
+    owned by OWNER if given) if missing.  Symlinks on the way are resolved
+    by the kernel inside the root: a rootfs whose 'opt' points to /etc of
+    the host reaches the job's own /etc, never the host's."""
     fd = os.dup(rootfd)
     done = ""
     try:
@@ -1378,6 +1378,8 @@ def open_dir_in_root(rootfd, path):
                     os.mkdir(comp, 0o755, dir_fd=fd)
                 except FileExistsError:
                     raise SetupError("%s: a dangling symlink in the job's root" % done) from None
+                if owner:
+                    os.chown(comp, *owner, dir_fd=fd, follow_symlinks=False)
                 nfd = openat2(rootfd, done, os.O_PATH | os.O_DIRECTORY, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
             except NotADirectoryError:
                 raise SetupError("%s: not a directory in the job's root" % done) from None
@@ -1469,7 +1471,7 @@ class Uploader:
 
     def upload(self, rootfd, up):
         parent, name = os.path.split(up.dest)
-        pfd = open_dir_in_root(rootfd, parent)
+        pfd = open_dir_in_root(rootfd, parent, self.owner)
         self.links = {}  # hard links are kept within one upload
         try:
             # SRC itself is followed if it is a symlink: the caller named it.
@@ -2688,14 +2690,15 @@ def stage_files(spec, root, userns=None):
     job's root as the host sees it (userns.base)."""
     rootfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     targets = []
+    # What jrun makes for the job belongs to the job's root.  Owners are set
+    # on the fds of what was made: a chown by path afterwards would follow
+    # the rootfs's symlinks to the host.
+    owner = (userns.base, userns.base) if userns else None
     try:
-        os.close(open_dir_in_root(rootfd, spec.workdir))
+        os.close(open_dir_in_root(rootfd, spec.workdir, owner))
         for v in spec.volumes:
             targets.append(prepare_volume(rootfd, v))
         if spec.uploads:
-            # Owners are set by the copy itself, on its own fds: a chown by
-            # path afterwards would follow the rootfs's symlinks to the host.
-            owner = (userns.base, userns.base) if userns else None
             Uploader(spec.uploads, owner).run(rootfd, spec.uploads)
         for v, fd in zip(spec.volumes, targets):
             mount_volume(v, fd)

@@ -201,6 +201,13 @@ def test_upload_owner_under_userns_never_reaches_the_host_through_rootfs_symlink
     assert os.lstat(victim / "x").st_uid == 0
 
 
+def test_directories_jrun_makes_belong_to_the_jobs_root_under_userns(tmp_path):
+    (tmp_path / "f").write_text("x")
+    p = sh("stat -c '%u %n' /srv /srv/app /opt/d /opt/d/f; touch new /opt/d/new && echo writable",
+           "--userns", "-w", "/srv/app", "--upload", "%s:/opt/d/" % (tmp_path / "f"), check=0)
+    assert p.stdout.split("\n")[:5] == ["0 /srv", "0 /srv/app", "0 /opt/d", "0 /opt/d/f", "writable"]
+
+
 def test_upload_progress_on_a_terminal_and_summary_otherwise(tmp_path):
     src = tmp_path / "tree"
     src.mkdir()
