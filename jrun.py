@@ -509,6 +509,15 @@ def parse_size(opt, text, default_unit=1 << 20):
     return int(value * units[u])
 
 
+def fmt_size(n):
+    """67108864 -> '64 MiB': a size in the units parse_size reads."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            v = n / (1 << shift)
+            return ("%d %s" if v == int(v) else "%.1f %s") % (v, unit)
+    return "%d B" % n
+
+
 def parse_duration(opt, text):
     """'30' or '30s' -> 30.0; '5m' -> 300.0; '1h' -> 3600.0; '500ms' -> 0.5."""
     t = text.strip().lower()
@@ -1226,7 +1235,7 @@ def survey_uploads(spec):
     import stat
 
     counted = []
-    in_work = 0
+    in_work = in_memory = 0
     for up in spec.uploads:
         files = size = pages = 0
         todo = [up.src]
@@ -1248,12 +1257,19 @@ def survey_uploads(spec):
         except OSError as e:
             raise UsageError("--upload: %s: %s" % (e.filename or up.src, e.strerror)) from None
         counted.append(up.replace(files=files, bytes=size))
+        in_memory += pages * 4096
         if _under(up.dest, DEFAULT_WORKDIR):
             in_work += pages * 4096
     if in_work > workdir_bytes(spec):
         raise UsageError("--upload: the uploads into %s need %s, more than --workdir-size %s allows "
-                         "(raise --workdir-size)" % (DEFAULT_WORKDIR, human_bytes(in_work),
-                                                     human_bytes(workdir_bytes(spec))))
+                         "(raise --workdir-size)" % (DEFAULT_WORKDIR, fmt_size(in_work),
+                                                     fmt_size(workdir_bytes(spec))))
+    # Every upload lands on a tmpfs whose pages are charged to the job's
+    # memory cgroup: more than --memory would be an OOM kill while staging.
+    if spec.limits.memory and in_memory > spec.limits.memory:
+        raise UsageError("--upload: the uploads need %s of memory (the job's files are in memory), more "
+                         "than --memory %s allows (raise --memory, or bind the data with -v SRC:DEST:ro)"
+                         % (fmt_size(in_memory), fmt_size(spec.limits.memory)))
     return spec.replace(uploads=tuple(counted))
 
 
@@ -2038,14 +2054,6 @@ def _keyed(text, key):
         if k == key:
             return int(v)
     return None
-
-
-def fmt_size(n):
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
-            v = n / (1 << shift)
-            return ("%d %s" if v == int(v) else "%.1f %s") % (v, unit)
-    return "%d B" % n
 
 
 class Cgroup(Resource):

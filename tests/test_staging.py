@@ -275,6 +275,15 @@ def test_uploads_larger_than_the_workdir_are_refused(tmp_path):
     refused("--workdir-size", "1M", "--upload", str(big), fragment="--workdir-size")
 
 
+def test_uploads_larger_than_the_memory_limit_are_refused(tmp_path):
+    big = tmp_path / "big"
+    with open(big, "wb") as f:
+        f.truncate(3 << 20)
+    refused("--memory", "2M", "--upload", str(big), fragment="--memory")
+    p = sh("wc -c < /opt/big", "--memory", "64M", "--upload", "%s:/opt/" % big, check=0)
+    assert p.stdout.strip() == str(3 << 20)
+
+
 def test_other_workdir_is_created_and_is_the_cwd():
     p = sh("pwd; touch x && ls", "-w", "/srv/job", check=0)
     assert p.stdout.split() == ["/srv/job", "x"]
