@@ -80,10 +80,95 @@ MNT_DETACH = 2
 # grace period after which jrun sends SIGKILL.
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
-_SYSCALLS = {  # <asm/unistd.h>: pivot_root, close_range
-    "x86_64": {"pivot_root": 155},
-    "aarch64": {"pivot_root": 41},
+# <asm/unistd_64.h> (x86_64) and <asm-generic/unistd.h> (aarch64): the
+# syscalls jrun calls by number, and those the default seccomp filter refuses.
+# (tests/test_security.py checks them against the installed headers.)
+_SYSCALL_NAMES = (
+    "pivot_root", "clone", "clone3", "unshare", "setns", "mount", "umount2", "move_mount", "fsopen",
+    "fsconfig", "fsmount", "fspick", "open_tree", "open_tree_attr", "mount_setattr", "quotactl",
+    "quotactl_fd", "swapon", "swapoff", "lookup_dcookie", "nfsservctl", "fanotify_init", "keyctl",
+    "add_key", "request_key", "io_uring_setup", "io_uring_enter", "io_uring_register", "init_module",
+    "finit_module", "delete_module", "reboot", "kexec_load", "kexec_file_load", "settimeofday",
+    "clock_settime", "clock_adjtime", "acct", "iopl", "ioperm", "open_by_handle_at",
+    "name_to_handle_at", "bpf", "perf_event_open", "userfaultfd", "syslog", "vhangup",
+)
+_SYSCALLS = {
+    "x86_64": dict(zip(_SYSCALL_NAMES, (
+        155, 56, 435, 272, 308, 165, 166, 429, 430,
+        431, 432, 433, 428, 467, 442, 179,
+        443, 167, 168, 212, 180, 300, 250,
+        248, 249, 425, 426, 427, 175,
+        313, 176, 169, 246, 320, 164,
+        227, 305, 163, 172, 173, 304,
+        303, 321, 298, 323, 103, 153))),
+    "aarch64": dict(zip(_SYSCALL_NAMES, (
+        41, 220, 435, 97, 268, 40, 39, 429, 430,
+        431, 432, 433, 428, 467, 442, 60,
+        443, 224, 225, 18, 42, 262, 219,
+        217, 218, 425, 426, 427, 105,
+        273, 106, 142, 104, 294, 170,
+        112, 266, 89, None, None, 265,
+        264, 280, 241, 282, 116, 58))),
 }
+
+# <linux/audit.h>: the architecture tag of a syscall as seccomp sees it.
+AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+X32_SYSCALL_BIT = 0x40000000  # <asm/unistd.h>: x32 ABI syscalls on x86_64
+
+# <linux/capability.h>, by number.
+CAPABILITIES = (
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
+    "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW",
+    "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT",
+    "SYS_ADMIN", "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD",
+    "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG",
+    "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE",
+)
+# What a job that is root inside keeps: what ordinary software needs as root
+# (own its files, switch users, bind port 80, chroot), podman's default set.
+# Left out on purpose, beyond the obvious (SYS_ADMIN, SYS_MODULE, ...):
+# MKNOD (device nodes: /dev is jrun's), NET_RAW (packet sockets: ARP/IP
+# spoofing on a shared bridge and a steady source of kernel CVEs such as
+# CVE-2020-14386; ping works through ICMP datagram sockets instead, see
+# harden_proc_and_sys) and AUDIT_WRITE (the audit log is the host's, not
+# namespaced).
+DEFAULT_CAPS = frozenset((
+    "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "SETPCAP",
+    "SETFCAP", "NET_BIND_SERVICE", "SYS_CHROOT",
+))
+
+RLIMIT_CORE = 4  # <asm-generic/resource.h>
+
+# <linux/mount.h>, <linux/fcntl.h>: the new mount API, for idmapped mounts.
+OPEN_TREE_CLONE = 1
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOUNT_ATTR_IDMAP = 0x00100000
+
+# --userns: each job's root is mapped to its own range of USERNS_SIZE host
+# uids (and gids) in [USERNS_BASE, 2^32): above every range useradd hands
+# out in /etc/subuid (100000 + 65536 per user), so no host user or rootless
+# container owns them, and below (uid_t)-1.  2^31 / 65536 - 1 = 32767 slots
+# (the last one would reach (uid_t)-1).
+USERNS_BASE = 1 << 31
+USERNS_SIZE = 65536
+USERNS_SLOTS = (1 << 31) // USERNS_SIZE - 1
+
+# <linux/prctl.h>, <linux/seccomp.h>, <linux/filter.h>
+PR_CAPBSET_DROP = 24
+PR_SET_SECCOMP = 22
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+SECCOMP_MODE_FILTER = 2
+SECCOMP_RET_KILL_PROCESS = 0x80000000
+SECCOMP_RET_ERRNO = 0x00050000
+SECCOMP_RET_ALLOW = 0x7FFF0000
+BPF_LD_W_ABS = 0x20
+BPF_JEQ_K = 0x15
+BPF_JGE_K = 0x35
+BPF_JSET_K = 0x45
+BPF_RET_K = 0x06
 
 # ---------------------------------------------------------------------------
 # Errors: one root; main() alone prints them and turns them into a status.
@@ -214,6 +299,65 @@ def setns(fd, nstype):
 def pivot_root(new_root, put_old):
     nr = _SYSCALLS[os.uname().machine]["pivot_root"]
     _check(_c().syscall(nr, _b(new_root), _b(put_old)), "pivot_root")
+
+
+def sys_prctl(option, *args):
+    """prctl(2) for the options python-prctl does not know (ambient
+    capabilities, seccomp, capabilities above its compile-time last one);
+    every argument is passed as an unsigned long, as the kernel reads it."""
+    import ctypes
+
+    args = [ctypes.c_ulong(a) if isinstance(a, int) else a for a in args]
+    args += [ctypes.c_ulong(0)] * (4 - len(args))
+    return _check(_c().prctl(ctypes.c_int(option), *args), "prctl %d" % option)
+
+
+def seccomp_set_filter(prog):
+    """Install a classic BPF program, a list of (code, jt, jf, k), as this
+    thread's seccomp filter (inherited by every later child and exec)."""
+    import ctypes
+
+    class SockFilter(ctypes.Structure):  # <linux/filter.h>
+        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),
+                    ("k", ctypes.c_uint)]
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+
+    insns = (SockFilter * len(prog))(*[SockFilter(*i) for i in prog])
+    fprog = SockFprog(len(prog), insns)
+    sys_prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog))
+
+
+def mount_idmapped(source, target, userns_fd):
+    """Bind SOURCE (recursively) on TARGET with its owners shifted through
+    the user namespace USERNS_FD: open_tree, mount_setattr, move_mount."""
+    import ctypes
+
+    class MountAttr(ctypes.Structure):  # struct mount_attr, <linux/mount.h>
+        _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                    ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+    nrs, c = _SYSCALLS[os.uname().machine], _c()
+    fd = _check(c.syscall(ctypes.c_long(nrs["open_tree"]), ctypes.c_int(-100), _b(source),
+                          ctypes.c_uint(OPEN_TREE_CLONE | os.O_CLOEXEC | AT_RECURSIVE)), "open_tree %s" % source)
+    try:
+        attr = MountAttr(MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
+        _check(c.syscall(ctypes.c_long(nrs["mount_setattr"]), ctypes.c_int(fd), b"",
+                         ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE), ctypes.byref(attr),
+                         ctypes.c_size_t(ctypes.sizeof(attr))), "mount_setattr idmap %s" % source)
+        _check(c.syscall(ctypes.c_long(nrs["move_mount"]), ctypes.c_int(fd), b"", ctypes.c_int(-100),
+                         _b(target), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)), "move_mount %s" % target)
+    finally:
+        os.close(fd)
+
+
+def setrlimit(resource, soft, hard):
+    """(This Python is built without the resource module.)"""
+    import ctypes
+
+    lim = (ctypes.c_ulong * 2)(soft, hard)
+    _check(_c().setrlimit(resource, lim), "setrlimit %d" % resource)
 
 
 def sethostname(name):
@@ -453,6 +597,9 @@ def parse_run(argv, config=None):
         io_bps=parse_size("--io-bps", o["io_bps"], default_unit=1) if "io_bps" in o else None,
         pids=parse_int("--pids", o["pids"], 1) if "pids" in o else None,
     )
+    if o.get("user") and o.get("cap_add") and o["user"].partition(":")[0] not in ("0", "root"):
+        raise UsageError("--cap-add: a -u/--user job runs with no capabilities at all; "
+                         "run it as root inside (without --user) to give it %s" % ", ".join(o["cap_add"]))
     workdir = o.get("workdir", DEFAULT_WORKDIR)
     if not workdir.startswith("/") or "\0" in workdir:
         raise UsageError("-w/--workdir: %r must be an absolute path inside the job" % workdir)
@@ -465,13 +612,47 @@ def parse_run(argv, config=None):
         uploads=tuple(o.get("upload", ())), volumes=tuple(o.get("volume", ())),
         workdir=os.path.normpath(workdir), env=tuple(parse_env(o)),
         rootfs=o.get("rootfs", "minimal"), read_only=bool(o.get("read_only")),
-        net=o.get("net", "bridge"), user=o.get("user"),
-        cap_add=tuple(o.get("cap_add", ())), cap_drop=tuple(o.get("cap_drop", ())),
+        net=o.get("net", "bridge"), user=parse_user(o["user"]) if "user" in o else None,
+        cap_add=parse_caps("--cap-add", o.get("cap_add", ())),
+        cap_drop=parse_caps("--cap-drop", o.get("cap_drop", ())),
         seccomp=o.get("seccomp", "default"), userns=bool(o.get("userns")),
         stats=bool(o.get("stats")), json_status=o.get("json_status"),
         cgroup_parent=o.get("cgroup_parent"), log_level=level,
         log_format=o.get("log_format", "text"),
     )
+
+
+_USER_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+def parse_user(text):
+    """'UID[:GID]' -> (user, group or None), each a number or a name; names
+    are resolved later, in the job's own /etc/passwd and /etc/group."""
+    user, _, group = text.partition(":")
+    out = []
+    for part in (user, group) if ":" in text else (user,):
+        if part.isdigit():
+            if int(part) > 0xFFFFFFFE:  # (uid_t)-1 means "unchanged" to setuid(2)
+                raise UsageError("-u/--user: %r: %s is out of range (0 to 4294967294)" % (text, part))
+        elif not part or not set(part) <= _USER_CHARS or part[0] in "-.":
+            raise UsageError("-u/--user: %r is not UID[:GID] (numbers, or names from the job's "
+                             "/etc/passwd and /etc/group)" % text)
+        out.append(part)
+    return (out[0], out[1] if len(out) > 1 else None)
+
+
+def parse_caps(opt, names):
+    """Capability names as the user wrote them -> ('NET_ADMIN', 'ALL', ...):
+    CAP_ prefix optional, any case."""
+    out = []
+    for name in names:
+        key = name.upper()
+        key = key[4:] if key.startswith("CAP_") else key
+        if key != "ALL" and key not in CAPABILITIES:
+            raise UsageError("%s: %r is not a capability (e.g. NET_ADMIN, SYS_PTRACE, or ALL; "
+                             "see capabilities(7))" % (opt, name))
+        out.append(key)
+    return tuple(out)
 
 
 def parse_env(o):
@@ -771,13 +952,14 @@ def validate(spec):
     unsupported += ["--net %s" % spec.net] if spec.net != "none" else []
     unsupported += [o for o, v in (("--upload", spec.uploads), ("-v/--volume", spec.volumes),
                                    ("--read-only", spec.read_only), ("--rootfs", spec.rootfs != "minimal")) if v]
-    unsupported += [o for o, v in (("-u/--user", spec.user), ("--cap-add", spec.cap_add),
-                                   ("--cap-drop", spec.cap_drop), ("--userns", spec.userns)) if v]
     if unsupported:
         raise UsageError("%s: not supported by this version of jrun yet" % ", ".join(unsupported))
     if os.geteuid() != 0:
         raise UsageError("must run as root (try: sudo jrun ...)")
     validate_limits(spec)
+    if spec.userns and spec.user and any(p and p.isdigit() and int(p) >= USERNS_SIZE for p in spec.user):
+        raise UsageError("-u/--user: %s is not mapped under --userns (0 to %d are)"
+                         % (":".join(p for p in spec.user if p), USERNS_SIZE - 1))
     root = rootfs_path(spec)
     if not os.path.isfile(os.path.join(root, "bin/busybox")) and spec.rootfs == "minimal":
         raise SetupError("the minimal rootfs is not built at %s (run: sudo jrun rootfs build)" % root)
@@ -785,6 +967,116 @@ def validate(spec):
         raise SetupError("--init needs %s (apt-get install tini)" % TINI)
     if os.uname().machine not in _SYSCALLS:
         raise SetupError("unsupported architecture %s (x86_64 and aarch64 are)" % os.uname().machine)
+
+
+# ---------------------------------------------------------------------------
+# Least privilege, the policy: the job's capability set and its seccomp
+# filter, computed from the JobSpec.  Pure logic; the child applies them as
+# its last steps before exec (drop_privileges).
+# ---------------------------------------------------------------------------
+
+
+def job_capabilities(spec):
+    """The capability names COMMAND runs with.  Docker's rules: --cap-add ALL
+    starts from every capability, --cap-drop ALL from none, otherwise from
+    DEFAULT_CAPS; then the named adds, then the named drops.  A -u/--user
+    job that is not root inside gets none (and --cap-add is refused)."""
+    if spec.user and spec.user[0] not in ("0", "root"):
+        return frozenset()
+    caps = set(DEFAULT_CAPS)
+    if "ALL" in spec.cap_drop:
+        caps = set()
+    if "ALL" in spec.cap_add:
+        caps = set(CAPABILITIES)
+    caps |= set(spec.cap_add) - {"ALL"}
+    caps -= set(spec.cap_drop)
+    return frozenset(caps)
+
+
+# What the default filter refuses with EPERM, and the capability whose
+# --cap-add lifts each group (as docker's profile does: a user who adds
+# SYS_TIME wants to set the clock).  The capabilities already refuse most of
+# these; the filter is the second wall, and the only one for the syscalls
+# that need no capability yet widen the kernel's attack surface: the kernel
+# keyring (not namespaced), io_uring (a long CVE list; it also bypasses
+# seccomp for the operations it performs), user namespaces (unprivileged
+# CLONE_NEWUSER hands out a full capability set in a new namespace),
+# userfaultfd, bpf, perf_event_open.
+SECCOMP_DENY = (
+    (None, ("keyctl", "add_key", "request_key", "io_uring_setup", "io_uring_enter", "io_uring_register")),
+    ("SYS_ADMIN", ("mount", "umount2", "pivot_root", "move_mount", "fsopen", "fsconfig", "fsmount",
+                   "fspick", "open_tree", "open_tree_attr", "mount_setattr", "unshare", "setns",
+                   "quotactl", "quotactl_fd", "swapon", "swapoff", "lookup_dcookie", "nfsservctl",
+                   "fanotify_init")),
+    ("SYS_MODULE", ("init_module", "finit_module", "delete_module")),
+    ("SYS_BOOT", ("reboot", "kexec_load", "kexec_file_load")),
+    ("SYS_TIME", ("settimeofday", "clock_settime", "clock_adjtime")),
+    ("SYS_PACCT", ("acct",)),
+    ("SYS_RAWIO", ("iopl", "ioperm")),
+    ("DAC_READ_SEARCH", ("open_by_handle_at", "name_to_handle_at")),  # "shocker", 2014
+    ("BPF", ("bpf",)),
+    ("PERFMON", ("perf_event_open",)),
+    ("SYS_PTRACE", ("userfaultfd",)),
+    ("SYSLOG", ("syslog",)),
+    ("SYS_TTY_CONFIG", ("vhangup",)),
+)
+# clone(2) flags that create namespaces (refused without SYS_ADMIN, like
+# unshare and setns).  CLONE_NEWTIME is left out: in clone()'s flags 0x80
+# is part of the exit signal; it can only be asked for through clone3 or
+# unshare, both refused.
+CLONE_NS_FLAGS = (CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER
+                  | CLONE_NEWPID | CLONE_NEWNET)
+
+
+def seccomp_program(machine, caps):
+    """The default filter as a classic BPF program: a list of (code, jt, jf,
+    k) sock_filter tuples.
+
+    Why hand-made BPF rather than libseccomp: the filter is a deny list of
+    ~50 numbers and one argument test, which is ~110 straight-line
+    instructions that a reviewer can read (and tests/test_security.py
+    decodes and runs).  libseccomp's own Python binding is not published
+    on PyPI (Debian's python3-seccomp is built for the system python, not
+    /opt/jrun's), the PyPI stand-ins are unmaintained (pyseccomp: 2021) or
+    third-party rebuilds, and either would be a bigger thing to trust than
+    this function.  Each refused syscall is a pair
+    `jeq NR / ret ERRNO` so that no jump needs an offset over 255; the
+    kernel's seccomp action cache (5.11+) turns every syscall whose verdict
+    does not depend on its arguments (all but clone) into a bitmap lookup,
+    so the length of the list costs nothing at run time.
+
+    A syscall of another architecture (i386 through int 0x80, or x32 on
+    x86_64; arm32 on aarch64) kills the process (SIGSYS) rather than
+    returning EPERM: the numbers differ there, so a deny list written for
+    the native table would be bypassed, and a 32-bit program that gets EPERM
+    even from exit() would spin instead of failing clearly."""
+    nrs = _SYSCALLS[machine]
+    prog = [
+        (BPF_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
+        (BPF_JEQ_K, 1, 0, AUDIT_ARCH[machine]),
+        (BPF_RET_K, 0, 0, SECCOMP_RET_KILL_PROCESS),
+        (BPF_LD_W_ABS, 0, 0, 0),  # seccomp_data.nr
+    ]
+    if machine == "x86_64":
+        prog += [(BPF_JGE_K, 0, 1, X32_SYSCALL_BIT), (BPF_RET_K, 0, 0, SECCOMP_RET_KILL_PROCESS)]
+    for cap, names in SECCOMP_DENY:
+        if cap in caps:
+            continue
+        for name in names:
+            if nrs[name] is not None:
+                prog += [(BPF_JEQ_K, 0, 1, nrs[name]), (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.EPERM)]
+    if "SYS_ADMIN" not in caps:
+        prog += [
+            # clone3 passes its flags in memory, which seccomp cannot read:
+            # ENOSYS makes glibc and musl fall back to clone(), checked below.
+            (BPF_JEQ_K, 0, 1, nrs["clone3"]), (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.ENOSYS),
+            (BPF_JEQ_K, 0, 3, nrs["clone"]),
+            (BPF_LD_W_ABS, 0, 0, 16),  # low 32 bits of args[0], clone's flags (little-endian)
+            (BPF_JSET_K, 0, 1, CLONE_NS_FLAGS),
+            (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.EPERM),
+        ]
+    prog.append((BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW))
+    return prog
 
 
 # ---------------------------------------------------------------------------
@@ -1315,14 +1607,130 @@ class CgroupV2(Cgroup):
                 time.sleep(0.002)
         else:
             super().kill_all()
+# The job's user namespace (--userns).  Created by the parent, as real root,
+# through a short-lived helper process, so that the maps are written by a
+# privileged process (no setgroups "deny" needed) before the child exists;
+# the child uses it twice: as the idmap of the rootfs (so that the job's root
+# owns the rootfs files it sees) and, last of all, joins it (setns) before
+# dropping privileges.  Every other namespace of the job was created by
+# real root and stays owned by the host's user namespace: the job's root
+# holds its capabilities over nothing but its own files and processes.
+# ---------------------------------------------------------------------------
+
+
+def _fnv1a(text):
+    h = 0x811C9DC5
+    for byte in text.encode():
+        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return h
+
+
+def chown_to_job(path, base, uid=0, gid=0):
+    """lchown PATH and everything below it to the job's UID:GID as the host
+    sees them: BASE+UID under --userns (BASE is the job's USERNS_BASE slot,
+    0 without --userns).  For whatever jrun puts in the job's root for it:
+    the writable layer, uploads."""
+    targets = [path]
+    if os.path.isdir(path) and not os.path.islink(path):
+        for d, dirs, files in os.walk(path):
+            targets += [os.path.join(d, n) for n in dirs + files]
+    for p in targets:
+        os.lchown(p, base + uid, base + gid)
+
+
+class JobUserNamespace(Resource):
+    name = "user namespace"
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.base = None
+        self.fd = None
+
+    def setup(self, state):
+        self.base = self._allocate(state)
+        self.fd = self._create()
+        audit("user namespace: uid and gid 0-%d inside are %d-%d on the host"
+              % (USERNS_SIZE - 1, self.base, self.base + USERNS_SIZE - 1))
+
+    def _allocate(self, state):
+        """A slot derived from the job id (a --name job gets the same host
+        uids every run, so its volumes keep their owner), moved on while a
+        live job holds it; the state directory's flock makes the choice and
+        its record atomic."""
+        import json
+
+        lock = os.open(STATE_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            taken = set()
+            for other in os.listdir(STATE_DIR):
+                if other == self.spec.id:
+                    continue
+                try:
+                    with open(os.path.join(STATE_DIR, other, "job.json"), encoding="utf-8") as f:
+                        rec = json.load(f)
+                except (OSError, ValueError):
+                    continue
+                if rec.get("userns_base") and JobState(other).is_live():
+                    taken.add(rec["userns_base"])
+            slot = _fnv1a(self.spec.id) % USERNS_SLOTS
+            for i in range(USERNS_SLOTS):
+                base = USERNS_BASE + ((slot + i) % USERNS_SLOTS) * USERNS_SIZE
+                if base not in taken:
+                    state.save(userns_base=base)
+                    return base
+            raise SetupError("--userns: all %d uid ranges are in use by running jobs" % USERNS_SLOTS)
+        finally:
+            os.close(lock)
+
+    def _create(self):
+        """A helper process unshares a user namespace; jrun writes its maps
+        and keeps a reference (an fd of /proc/PID/ns/user); the helper
+        exits when jrun closes the pipe."""
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        hold_r, hold_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(ready_r)
+                os.close(hold_w)
+                unshare(CLONE_NEWUSER)
+                os.write(ready_w, b"u")
+                os.read(hold_r, 1)
+            finally:
+                os._exit(0)
+        os.close(ready_w)
+        os.close(hold_r)
+        try:
+            if os.read(ready_r, 1) != b"u":
+                raise SetupError("--userns: cannot create a user namespace (user.max_user_namespaces?)")
+            for name in ("uid_map", "gid_map"):
+                with open("/proc/%d/%s" % (pid, name), "w") as f:
+                    f.write("0 %d %d\n" % (self.base, USERNS_SIZE))
+            return os.open("/proc/%d/ns/user" % pid, os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            os.close(ready_r)
+            os.close(hold_w)
+            os.waitpid(pid, 0)
+
+    def join(self):
+        """Child, last steps: enter the namespace.  The child's uids do not
+        change by this (setresuid does it next); it gains every capability
+        inside this namespace and keeps none outside."""
+        setns(self.fd, CLONE_NEWUSER)
+
+    def teardown(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def host_resources(spec):
     """The resources a job needs, in setup order (torn down in reverse)."""
-    return [Cgroup.for_job(spec)]
+    return [Cgroup.for_job(spec)] + ([JobUserNamespace(spec)] if spec.userns else [])
 
 
-RESOURCE_CLASSES = (Cgroup,)
+RESOURCE_CLASSES = (Cgroup, JobUserNamespace)
 
 
 # ---------------------------------------------------------------------------
@@ -1424,6 +1832,10 @@ def child_steps(plan):
     # (getppid() is 0 here: the parent lives outside our PID namespace; a
     # parent that died before this point closes the sync pipe instead.)
     prctl.set_pdeathsig(signal.SIGKILL)
+    # Not dumpable until exec (which resets it for COMMAND): no process of
+    # the job can ptrace this interpreter or open its /proc/1/mem, environ
+    # or fds while it still holds privileges and host file descriptors.
+    prctl.set_dumpable(0)
     unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET)
     audit("namespaces created: pid (PID %d inside), mount, uts, ipc, net" % os.getpid())
     os.write(plan.status_w, b"R\n")
@@ -1431,33 +1843,37 @@ def child_steps(plan):
     # without "G" means the parent gave up: exit quietly.
     if os.read(plan.sync_r, 1) != b"G":
         os._exit(EXIT_JRUN)
-    os.close(plan.sync_r)
     for res in plan.resources:
         res.enter()
+    userns = next((r for r in plan.resources if isinstance(r, JobUserNamespace)), None)
 
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     audit("mounts made private (recursively) before anything was mounted")
-    root = build_root(spec, plan.state_dir)
+    root = build_root(spec, plan.state_dir, userns)
     pivot_into(root)
     mount_proc_and_sys()
     for res in plan.resources:
         res.enter_root()
+    harden_proc_and_sys()
     sethostname(spec.hostname)
     audit("hostname set to %s" % spec.hostname)
 
-    env = job_environment(spec)
+    uid, gid, home = resolve_user(spec)
+    if uid and spec.workdir == DEFAULT_WORKDIR:
+        chown_to_job(spec.workdir, userns.base if userns else 0, uid, gid)  # the job's own tmpfs
+    env = job_environment(spec, home)
     argv = resolve_command(spec, env)
     try:
         os.chdir(spec.workdir)
     except OSError as e:
         raise SetupError("-w/--workdir %s: %s" % (spec.workdir, e.strerror)) from None
-    close_inherited_fds(plan.status_w)
+    close_inherited_fds((plan.status_w, plan.sync_r) + ((userns.fd,) if userns else ()))
     os.setsid()
     audit("new session: the job has no controlling terminal (TIOCSTI, CVE-2017-5226)")
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # ignored by Python, not by COMMAND
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, plan.sigmask)
-    drop_privileges(spec)
+    drop_privileges(spec, uid, gid, plan.sync_r, userns)
     audit("exec %s" % " ".join(argv))
     try:
         os.execve(argv[0], argv, env)
@@ -1468,18 +1884,29 @@ def child_steps(plan):
             "%s: cannot execute: %s%s" % (spec.command[0], e.strerror, hint)) from None
 
 
-def build_root(spec, state_dir):
+def build_root(spec, state_dir, userns=None):
     """The job's root: an overlay whose lower layer is the shared prebuilt
     rootfs (never modified) and whose upper layer lives on a tmpfs inside the
     job's own mount namespace, so it vanishes with the job even if jrun is
-    SIGKILLed, and concurrent jobs never see each other's writes."""
+    SIGKILLed, and concurrent jobs never see each other's writes.
+
+    Under --userns the job's root is host uid B (userns.base): the rootfs is
+    bound through an idmapped mount (its root-owned files appear owned by B,
+    so copy-ups stay B's too) and the roots of the writable layer and of the
+    tmpfs mounts belong to B."""
     base = os.path.join(state_dir, "root")
     mount("jrun-" + spec.id, base, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
     for d in ("lower", "upper", "work", "root"):
         os.mkdir(os.path.join(base, d), 0o755)
     root = os.path.join(base, "root")
     lower = rootfs_path(spec)
-    mount(lower, os.path.join(base, "lower"), None, MS_BIND | MS_REC)
+    owner = ""
+    if userns:
+        mount_idmapped(lower, os.path.join(base, "lower"), userns.fd)
+        chown_to_job(os.path.join(base, "upper"), userns.base)
+        owner = ",uid=%d,gid=%d" % (userns.base, userns.base)
+    else:
+        mount(lower, os.path.join(base, "lower"), None, MS_BIND | MS_REC)
     # Relative layer paths, so that the job's /proc/self/mountinfo names no
     # host path (overlayfs shows its options as they were given).
     os.chdir(base)
@@ -1487,18 +1914,21 @@ def build_root(spec, state_dir):
     audit("root: overlay of %s with a private writable layer" % lower)
 
     tmp = _safe_mkdirs(root, "tmp", 0o1777)
-    mount("tmpfs", tmp, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    mount("tmpfs", tmp, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777" + owner)
     work = _safe_mkdirs(root, spec.workdir)
     if spec.workdir == DEFAULT_WORKDIR:
-        mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
+        mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755" + owner)
     audit("writable /tmp and %s mounted" % spec.workdir)
 
     build_dev(root, spec)
     _safe_mkdirs(root, "proc", 0o555)
     _safe_mkdirs(root, "sys", 0o555)
-    _safe_file(root, "etc/hostname", content=spec.hostname + "\n")
-    _safe_file(root, "etc/hosts", content="127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"
-                                         "127.0.1.1\t%s\n" % spec.hostname)
+    hostname = _safe_file(root, "etc/hostname", content=spec.hostname + "\n")
+    hosts = _safe_file(root, "etc/hosts", content="127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"
+                                                 "127.0.1.1\t%s\n" % spec.hostname)
+    if userns:
+        for path in (hostname, hosts):
+            chown_to_job(path, userns.base)
     return root
 
 
@@ -1549,8 +1979,44 @@ def mount_proc_and_sys():
     audit("/sys mounted read-only")
 
 
-def job_environment(spec):
-    env = {"PATH": DEFAULT_PATH, "HOME": "/root", "HOSTNAME": spec.hostname,
+# /proc and /sys entries that tell about the host or act on it, handled as
+# runc handles them: files masked by /dev/null, directories by an empty
+# read-only tmpfs, and the kernel's knobs read-only.  /sys is read-only as a
+# whole, /sys/fs/cgroup included.  (/proc/kallsyms is left alone: without
+# CAP_SYSLOG it shows zeros for every address.)
+MASKED_FILES = ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug",
+                "/proc/latency_stats")
+MASKED_DIRS = ("/proc/acpi", "/proc/asound", "/proc/scsi", "/sys/firmware",
+               "/sys/devices/virtual/powercap")  # powercap: the PLATYPUS side channel, CVE-2020-8694
+READ_ONLY_PROC = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+
+
+def harden_proc_and_sys():
+    # ping without NET_RAW, through ICMP datagram sockets, for every group,
+    # as docker does; a per-network-namespace sysctl, so this is the job's
+    # own, and it must be written before /proc/sys goes read-only.
+    try:
+        with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
+            f.write("0 2147483647")
+    except OSError:
+        pass
+    for path in MASKED_FILES:
+        if os.path.exists(path):
+            mount("/dev/null", path, None, MS_BIND)
+    for path in MASKED_DIRS:
+        if os.path.isdir(path):
+            mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=0,mode=0555")
+    for path in READ_ONLY_PROC:
+        if os.path.exists(path):
+            mount(path, path, None, MS_BIND | MS_REC)
+            mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    audit("/proc and /sys hardened: %s masked; %s read-only"
+          % (" ".join(p.split("/", 2)[2] for p in MASKED_FILES + MASKED_DIRS),
+             " ".join(p.split("/", 2)[2] for p in READ_ONLY_PROC)))
+
+
+def job_environment(spec, home):
+    env = {"PATH": DEFAULT_PATH, "HOME": home, "HOSTNAME": spec.hostname,
            "JRUN_JOB_ID": spec.id, "container": "jrun"}
     term = os.environ.get("TERM")
     if term:
@@ -1584,16 +2050,121 @@ def resolve_command(spec, env):
     return argv
 
 
-def drop_privileges(spec):
-    """The last step before exec: capabilities, no_new_privs, user, seccomp
-    (see the security issue).  Nothing yet beyond what the core does."""
-
-
 def close_inherited_fds(keep):
-    """The job inherits fds 0, 1 and 2 only, whatever the caller leaked."""
-    os.closerange(3, keep)
-    os.closerange(keep + 1, 1 << 20)
+    """The job inherits fds 0, 1 and 2 only, whatever the caller leaked
+    (jrun's own pipes in KEEP are close-on-exec)."""
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)
     audit("file descriptors above 2 closed")
+
+
+# ---------------------------------------------------------------------------
+# The child's last steps: who COMMAND runs as, and with which privileges.
+# Still root with every capability, in the job's new root; from here on
+# only files of the job's own root are read.
+# ---------------------------------------------------------------------------
+
+
+def _db(path, nfields):
+    """The well-formed lines of a passwd(5) or group(5) file, split."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return [line.split(":") for line in f.read().splitlines() if line.count(":") == nfields - 1]
+    except OSError:
+        return []
+
+
+def resolve_user(spec):
+    """-u/--user -> (uid, gid, HOME), from the job's own /etc/passwd and
+    /etc/group (never the host's).  A numeric UID needs no entry; then the
+    GID defaults to the UID (not to 0, as docker's does: a job should not
+    get group root by accident) and HOME is /."""
+    if spec.user is None:
+        return 0, 0, "/root"
+    user, group = spec.user
+    if user.isdigit():
+        pw = next((e for e in _db("/etc/passwd", 7) if e[2].isdigit() and int(e[2]) == int(user)), None)
+        uid = int(user)
+    else:
+        pw = next((e for e in _db("/etc/passwd", 7) if e[0] == user), None)
+        if pw is None or not pw[2].isdigit():
+            raise UsageError("-u/--user: no user %r in the job's /etc/passwd" % user)
+        uid = int(pw[2])
+    if group is None:
+        gid = int(pw[3]) if pw and pw[3].isdigit() else uid
+    elif group.isdigit():
+        gid = int(group)
+    else:
+        gr = next((e for e in _db("/etc/group", 4) if e[0] == group and e[2].isdigit()), None)
+        if gr is None:
+            raise UsageError("-u/--user: no group %r in the job's /etc/group" % group)
+        gid = int(gr[2])
+    return uid, gid, (pw[5] if pw and pw[5] else "/")
+
+
+def drop_privileges(spec, uid, gid, sync_r, userns=None):
+    """The last steps before exec, in the only order that works: what needs
+    a capability (bounding set, setuid) before the capabilities go, and the
+    seccomp filter last, so that it need not allow what jrun itself calls.
+    execve stays allowed."""
+    import prctl
+
+    # No core dumps, and no way back up (the hard limit): the host's
+    # core_pattern may pipe a dump to a host program running as root.
+    setrlimit(RLIMIT_CORE, 0, 0)
+    if userns:
+        userns.join()
+        audit("joined the job's user namespace: uid %d is %d on the host" % (uid, userns.base + uid))
+    caps = job_capabilities(spec) if uid == 0 else frozenset()
+    keep = {CAPABILITIES.index(c) for c in caps}
+    # The bounding set decides what a root COMMAND gets at exec.  Counted
+    # up to the running kernel's last capability (EINVAL past it), which
+    # may be newer than the names python-prctl was built with.
+    for n in range(64):
+        if n not in keep:
+            try:
+                sys_prctl(PR_CAPBSET_DROP, n)
+            except OSError as e:
+                if e.errno == errno.EINVAL:
+                    break
+                raise
+    # Supplementary groups are cleared for root too: the invoker's (disk,
+    # docker, adm, ...) must not follow it into the job.
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    # A change of euid clears the parent-death signal (commit_creds): arm it
+    # again, then check that jrun did not die in between (its end of the
+    # sync pipe, held open for the job's life, would read as EOF).
+    prctl.set_pdeathsig(signal.SIGKILL)
+    os.set_blocking(sync_r, False)
+    try:
+        os.read(sync_r, 1)
+        os._exit(EXIT_JRUN)
+    except BlockingIOError:
+        pass
+    # A non-root uid already lost the effective and permitted sets at
+    # setresuid; root keeps exactly KEEP.  The inheritable and ambient sets
+    # are emptied for both (CVE-2022-24769: a non-empty inheritable set
+    # leaks capabilities to programs with file capabilities).
+    known = prctl.ALL_CAPS
+    prctl.set_caps(([n for n in known if n not in keep], (prctl.CAP_EFFECTIVE, prctl.CAP_PERMITTED), False),
+                   (known, prctl.CAP_INHERITABLE, False))
+    sys_prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    audit("user %d:%d, no supplementary groups; capabilities: %s"
+          % (uid, gid, ", ".join(sorted(caps)) or "none (all sets empty, bounding and ambient too)"))
+    # setuid, setgid and file-capability binaries gain nothing from now on.
+    prctl.set_no_new_privs(1)
+    audit("no_new_privs set; core dumps off")
+    if spec.seccomp == "default":
+        prog = seccomp_program(os.uname().machine, caps)
+        seccomp_set_filter(prog)
+        audit("seccomp filter installed (%d instructions)" % len(prog))
+    else:
+        audit("no seccomp filter (--seccomp unconfined)")
 
 
 # ---------------------------------------------------------------------------
@@ -1709,9 +2280,9 @@ def supervise(spec, state, teardown, out):
         if status == "R":
             for res in resources:
                 res.attach(pid)
+            # sync_w stays open for the job's life: the child checks it
+            # for EOF (jrun died) after its last credential change.
             os.write(sync_w, b"G")
-            os.close(sync_w)
-            sync_w = None
             audit("child released from the sync pipe")
             status = _read_status(status_r)
         if status and status.startswith("E"):
@@ -1731,8 +2302,7 @@ def supervise(spec, state, teardown, out):
             log("error", "job killed: out of memory (limit %s)" % (
                 fmt_size(spec.limits.memory) if spec.limits.memory else "none: the host's"))
     finally:
-        if sync_w is not None:
-            os.close(sync_w)
+        os.close(sync_w)
         os.close(status_r)
         if reaped is None:
             _kill_and_reap(pid)
@@ -1951,7 +2521,20 @@ def build_rootfs(force=False):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    if argv is None:
+        # Called as the program: skip the interpreter's teardown (2-3 ms of
+        # every job here); nothing of jrun's needs atexit handlers.
+        code = _main(sys.argv[1:])
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            code = code or 1
+        os._exit(code)
+    return _main(argv)
+
+
+def _main(argv):
     try:
         if argv[:1] and argv[0] in SUBCOMMANDS:
             sub, rest = argv[0], argv[1:]
