@@ -105,14 +105,16 @@ def test_fork_bomb_is_contained_and_jrun_returns():
     proc = subprocess.Popen(JRUN + ["--net", "none", "--name", n, "--pids", "20", "--timeout", "3",
                                     "--stop-timeout", "1", "--", "/bin/sh", "-c", bomb],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak = 0
+    peak = refused = 0
     try:
         while proc.poll() is None and time.monotonic() - t < 3:
             for d in job_cgroups(n):
                 try:
                     with open(os.path.join(d, "pids.current")) as f:
                         peak = max(peak, int(f.read()))
-                except OSError:
+                    with open(os.path.join(d, "pids.events")) as f:
+                        refused = max(refused, int(f.read().split()[1]))  # "max N": forks refused
+                except (OSError, IndexError):
                     pass
             time.sleep(0.05)
         proc.wait(timeout=30)
@@ -121,7 +123,9 @@ def test_fork_bomb_is_contained_and_jrun_returns():
         proc.wait()
     took = time.monotonic() - t
     assert proc.returncode == 124, proc.stderr.read()
-    assert 10 <= peak <= 20, "peak of %d processes in the job" % peak  # it ran, and stayed inside
+    # The bomb hit the limit (ash dies when a fork fails, so it burns out
+    # fast), and never had more than 20 processes.
+    assert refused > 0 and 1 <= peak <= 20, (refused, peak)
     assert took < 15
     assert job_cgroups(n) == []
 
@@ -135,9 +139,10 @@ def test_cpu_50_uses_half_a_cpu(tmp_path):
     _, st = status(tmp_path, "--cpu", "50", script=BUSY)
     share = st["cpu_s"] / st["duration_s"]
     assert 0.35 <= share <= 0.65, st
-    # Unlimited, the same loop takes a whole CPU: the limit made the difference.
+    # Unlimited, the same loop takes more (a whole CPU on an idle host, less
+    # while other jobs run): the limit made the difference.
     _, st = status(tmp_path, script=BUSY)
-    assert st["cpu_s"] / st["duration_s"] > 0.8, st
+    assert st["cpu_s"] / st["duration_s"] > 1.3 * share, (share, st)
 
 
 def test_cores_pins_the_job():
@@ -268,7 +273,7 @@ def test_gc_removes_the_cgroup_of_a_killed_jrun():
     try:
         left = job_cgroups(n)
         assert left, "the killed jrun's cgroup should be there for gc to find"
-        jrun("gc", check=0)
+        jrun("gc")  # (its status may tell of other runs' leftovers)
         assert job_cgroups(n) == [] and n not in state_dirs()
     finally:
         jrun("gc")
