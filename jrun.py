@@ -762,6 +762,15 @@ class CgroupHost:
                     ctrls = [o for o in opts.split(",") if o in V1_CONTROLLERS]
                     for c in ctrls:
                         self.mounts.setdefault(c, (point, ",".join(ctrls)))
+        if self.version == 1:
+            # A hierarchy is named by all its controllers, as /proc/self/cgroup
+            # spells them ("cpu,cpuacct", "net_cls,net_prio"), whatever jrun uses.
+            with open("/proc/self/cgroup", encoding="utf-8") as f:
+                for line in f:
+                    ctrls = line.split(":", 2)[1]
+                    for c in ctrls.split(","):
+                        if c in self.mounts:
+                            self.mounts[c] = (self.mounts[c][0], ctrls)
 
     def controllers(self, parent):
         """The controllers a job under PARENT (relative to the root) can use."""
@@ -915,7 +924,6 @@ def cgroup_controllers(spec):
 def validate_limits(spec):
     """Stage 1 of resource control: every limit against this host."""
     lim = spec.limits
-    host = cgroup_host()
     parent = cgroup_parent(spec)
     if ".." in parent.split("/") or "\0" in parent:
         raise UsageError("--cgroup-parent: %r must not contain '..'" % spec.cgroup_parent)
