@@ -286,9 +286,10 @@ def test_cgroup_parent_places_the_job_under_it():
     for r in roots:
         os.mkdir(r)
     try:
-        if V2:
-            with open(os.path.join(roots[0], "cgroup.subtree_control"), "w") as f:
-                f.write("+memory +pids")
+        if V2:  # delegate as a manager would: controllers enabled down to the parent
+            for cg in ("/sys/fs/cgroup", roots[0]):
+                with open(os.path.join(cg, "cgroup.subtree_control"), "w") as f:
+                    f.write("+memory +pids")
         n = name("par")
         proc = subprocess.Popen(JRUN + ["--net", "none", "--name", n, "--cgroup-parent", "/" + parent,
                                         "--memory", "64M", "--stop-timeout", "1", "--",
@@ -306,6 +307,29 @@ def test_cgroup_parent_places_the_job_under_it():
     finally:
         for r in roots:
             os.rmdir(r)
+
+
+@pytest.mark.skipif(not V2, reason="the no-internal-process rule is cgroup v2's")
+def test_cgroup_parent_with_processes_of_its_own_is_refused():
+    parent = "/sys/fs/cgroup/jrun-test-busy-%s" % uuid.uuid4().hex[:6]
+    os.mkdir(parent)
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        with open(os.path.join(parent, "cgroup.procs"), "w") as f:
+            f.write(str(sleeper.pid))
+        n = name("busy")
+        p = sh("true", "--name", n, "--cgroup-parent", parent[len("/sys/fs/cgroup"):], "--memory", "64M")
+        assert p.returncode == 125 and "no-internal-process" in p.stderr, p.stderr
+        assert not os.path.exists(os.path.join(parent, n)) and n not in state_dirs()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for _ in range(100):
+            try:
+                os.rmdir(parent)
+                break
+            except OSError:
+                time.sleep(0.01)
 
 
 # --- what the job sees ------------------------------------------------------
