@@ -1313,10 +1313,10 @@ class Cgroup(Resource):
                                                   "; ".join("%s=%s" % (os.path.basename(f), v.strip())
                                                             for f, v in self.checks) or "no limits"))
 
-    def limit(self, path, value, shown=None):
+    def limit(self, path, value):
         """Write a limit, and note what the child must read back."""
         _write(path, value)
-        self.checks.append((path, shown if shown is not None else value))
+        self.checks.append((path, value))
 
     def attach(self, pid):
         for d in self.dirs:
@@ -1348,13 +1348,12 @@ class Cgroup(Resource):
         unshare(CLONE_NEWCGROUP)
         audit("cgroup namespace: the job's cgroup is its root '/'")
 
-    def collect(self, out):
-        pass
-
     def kill_all(self):
         """SIGKILL every process still in the job's cgroups.  A pidfd is
         taken before the membership check, so a pid reused by a host process
         in between is never signalled."""
+        if not self.dirs:
+            return
         deadline = time.monotonic() + 2.0
         job = "/" + "/".join(self.dirs[0].split("/")[-2:])  # <parent>/<id>
         while True:
@@ -1417,7 +1416,8 @@ class CgroupV1(Cgroup):
         self.dirs = list(self.where.values())
 
     def mountpoint(self, ctrls):
-        return cgroup_host().mounts[ctrls.split(",")[0]][0]
+        mounts = cgroup_host().mounts
+        return next(mounts[c][0] for c in ctrls.split(",") if c in mounts)
 
     def create(self):
         for ctrls, d in self.where.items():
@@ -1426,10 +1426,11 @@ class CgroupV1(Cgroup):
                 os.mkdir(p, 0o755)  # the shared jrun subtree; --cgroup-parent exists already
             except FileExistsError:
                 pass
-            if "cpuset" in ctrls.split(","):
+            if "cpuset" in ctrls.split(",") and not self.spec.cgroup_parent:
                 # A new v1 cpuset has no CPUs and no memory nodes, and no
                 # task may join it until both are set: the shared subtree
-                # gets its own parent's.
+                # gets its own parent's.  (A delegated parent is its
+                # manager's to set up.)
                 for f in ("cpuset.cpus", "cpuset.mems"):
                     if not _read(os.path.join(p, f), "").strip():
                         _write(os.path.join(p, f), _read(os.path.join(os.path.dirname(p), f)).strip())
@@ -1442,12 +1443,10 @@ class CgroupV1(Cgroup):
         return None
 
     def write_limits(self, lim):
-        cs = self._dir("cpuset")
-        if cs:
-            cpus = parse_cpuset("--cores", lim.cores) if lim.cores else _read_cpuset_file(
-                os.path.join(os.path.dirname(cs), "cpuset.cpus"))
-            self.limit(os.path.join(cs, "cpuset.cpus"), format_cpuset(cpus) + "\n")
-            mems = _read(os.path.join(os.path.dirname(cs), "cpuset.mems")).strip()
+        if lim.cores is not None:
+            cs = self._dir("cpuset")
+            self.limit(os.path.join(cs, "cpuset.cpus"), format_cpuset(parse_cpuset("--cores", lim.cores)) + "\n")
+            mems = _read(os.path.join(os.path.dirname(cs), "cpuset.mems"), "").strip()
             self.limit(os.path.join(cs, "cpuset.mems"), mems + "\n")
         if lim.cpu is not None:
             d = self._dir("cpu")
