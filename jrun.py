@@ -1294,15 +1294,23 @@ class Cgroup(Resource):
     @classmethod
     def from_state(cls, record):
         cg = record.get("cgroup")
-        if not cg:
+        if cg:
+            return (CgroupV2 if cg.get("version") == 2 else CgroupV1)(None, cg.get("dirs", ()))
+        if not record.get("id"):
             return None
-        return (CgroupV2 if cg.get("version") == 2 else CgroupV1)(None, cg.get("dirs", ()))
+        # The default place needs no record: <hierarchy>/jrun/<id>.
+        host = cgroup_host()
+        points = [CGROUP_ROOT] if host.version == 2 else sorted({p for p, _ in host.mounts.values()})
+        dirs = [d for d in (os.path.join(p, CGROUP_SUBTREE, record["id"]) for p in points) if os.path.isdir(d)]
+        return (CgroupV2 if host.version == 2 else CgroupV1)(None, dirs) if dirs else None
 
     def setup(self, state):
         self.plan()
-        # Recorded before the first mkdir: gc must find whatever a crash
-        # leaves, and teardown skips what was never made.
-        state.save(cgroup={"version": self.version, "dirs": self.dirs})
+        if self.spec.cgroup_parent:
+            # Recorded before the first mkdir, so that gc finds whatever a
+            # crash leaves (teardown skips what was never made).  The default
+            # place, jrun/<id>, gc finds from the job id alone: no write.
+            state.save(cgroup={"version": self.version, "dirs": self.dirs})
         try:
             self.create()
             self.write_limits(self.spec.limits)
@@ -1323,11 +1331,15 @@ class Cgroup(Resource):
             _write(os.path.join(d, "cgroup.procs"), str(pid))
         audit("cgroup: job PID %d placed in %s" % (pid, ", ".join(self.dirs)))
 
+    def join(self):
+        """Child: nothing to do when the parent has placed it (attach)."""
+
     def enter(self):
         """Child: prove from /proc/self/cgroup that this process is in
         exactly its own job cgroup on every hierarchy ("not in the root
         cgroup" is no proof), and that the limits in force are exactly the
         requested ones, before anything of the job runs."""
+        self.join()
         mine = {}
         for line in _read("/proc/self/cgroup", "").splitlines():
             _, ctrls, path = line.split(":", 2)
@@ -1406,6 +1418,20 @@ class CgroupV1(Cgroup):
     """One directory per mounted v1 hierarchy: <mount>/<parent>/<id>."""
 
     version = 1
+
+    def attach(self, pid):
+        """The child moves itself (join): see there."""
+
+    def join(self):
+        """Child, single-threaded, right after release.  Moving a process
+        (a PID into cgroup.procs) takes the kernel's global threadgroup lock
+        for writing, which waits for an RCU grace period: 5-20 ms per job on
+        this host.  A thread moving itself (0 into tasks) is exempt, and a
+        single-threaded process that moves its only thread has moved whole."""
+        alone = len(os.listdir("/proc/self/task")) == 1
+        for d in self.dirs:
+            _write(os.path.join(d, "tasks" if alone else "cgroup.procs"), "0" if alone else str(os.getpid()))
+        audit("cgroup: the job's PID 1 moved itself into %s" % ", ".join(self.dirs))
 
     def plan(self):
         host = cgroup_host()
@@ -1491,13 +1517,17 @@ class CgroupV1(Cgroup):
               % (CGROUP_ROOT, ", ".join(self.where)))
 
     def collect(self, out):
-        cpu, mem = self._dir("cpuacct"), self._dir("memory")
+        mem = self._dir("memory")
+        if mem:
+            out.oom_kills = _keyed(_read(os.path.join(mem, "memory.oom_control")), "oom_kill") or 0
+        if not (self.spec.stats or self.spec.json_status):
+            return  # the rest is only read when asked for
+        cpu = self._dir("cpuacct")
         usage = _read(os.path.join(cpu, "cpuacct.usage")) if cpu else None
         out.cpu_s = int(usage) / 1e9 if usage else None
         if mem:
             peak = _read(os.path.join(mem, "memory.max_usage_in_bytes"))
             out.memory_peak_bytes = int(peak) if peak else None
-            out.oom_kills = _keyed(_read(os.path.join(mem, "memory.oom_control")), "oom_kill") or 0
         blk = self._dir("blkio")
         if blk:
             # Direct IO and reads; buffered writes are charged to the flusher
@@ -1586,12 +1616,14 @@ class CgroupV2(Cgroup):
 
     def collect(self, out):
         d = self.dirs[0]
+        out.oom_kills = _keyed(_read(os.path.join(d, "memory.events")), "oom_kill") or 0
+        if not (self.spec.stats or self.spec.json_status):
+            return  # the rest is only read when asked for
         usage = _keyed(_read(os.path.join(d, "cpu.stat")), "usage_usec")
         out.cpu_s = usage / 1e6 if usage is not None else None
         # memory.peak is kernel 5.19+; before that there is no peak to read.
         peak = _read(os.path.join(d, "memory.peak"))
         out.memory_peak_bytes = int(peak) if peak else None
-        out.oom_kills = _keyed(_read(os.path.join(d, "memory.events")), "oom_kill") or 0
         io = _read(os.path.join(d, "io.stat"))
         if io is not None:
             out.io_read_bytes = out.io_write_bytes = 0

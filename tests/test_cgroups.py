@@ -304,6 +304,17 @@ def test_cgroup_parent_places_the_job_under_it():
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)
         assert not any(os.path.exists(os.path.join(r, n)) for r in roots)
+        # After kill -9 of jrun, gc finds the job's cgroup under the parent
+        # from the path recorded in the job's state.
+        proc = subprocess.Popen(JRUN + ["--net", "none", "--name", n, "--cgroup-parent", "/" + parent,
+                                        "--", "/bin/sh", "-c", "echo ready; sleep 30"],
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline() == "ready\n"
+        proc.kill()
+        proc.wait()
+        assert any(os.path.exists(os.path.join(r, n)) for r in roots)
+        jrun("gc")
+        assert not any(os.path.exists(os.path.join(r, n)) for r in roots)
     finally:
         for r in roots:
             os.rmdir(r)
