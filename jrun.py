@@ -453,7 +453,7 @@ RUN_OPTIONS = (
     Opt("--init", None, None, "run a small reaper (tini) as PID 1 that forwards signals and reaps zombies"),
     Opt("--cpu", None, "PCT", "CPU bandwidth in percent of one CPU (25 = a quarter core)"),
     Opt("--cores", None, "LIST", "pin to CPUs, cpuset syntax 0-1,3"),
-    Opt("--memory", None, "SIZE", "hard memory limit: 64M, 1G, 512K; a plain number is MiB"),
+    Opt("--memory", None, "SIZE", "hard memory limit: 64M, 1G, 512K; a plain number is MiB; OOM: exit 137"),
     Opt("--io-bps", None, "RATE", "read and write bandwidth limit in bytes/s (K/M/G suffix)"),
     Opt("--pids", None, "N", "maximum number of processes and threads in the job"),
     Opt("--upload", None, "SRC[:DEST]", "copy a host file or directory into the job (repeatable)", repeat=True),
@@ -474,7 +474,7 @@ RUN_OPTIONS = (
     Opt("--userns", None, None, "map the job's root to an unprivileged host uid range"),
     Opt("--stats", None, None, "print a resource-usage summary on stderr when the job ends"),
     Opt("--json-status", None, "FILE", "write the job's result as JSON to FILE"),
-    Opt("--cgroup-parent", None, "PATH", "create the job's cgroup under PATH"),
+    Opt("--cgroup-parent", None, "PATH", "create the job's cgroup under PATH (an existing, delegated subtree)"),
     Opt("--quiet", "-q", None, "only print errors"),
     Opt("--log-level", None, "LEVEL", "debug, info, warning or error; debug shows the isolation audit trail",
         choices=tuple(LEVELS)),
@@ -966,6 +966,15 @@ class CgroupHost:
                     ctrls = [o for o in opts.split(",") if o in V1_CONTROLLERS]
                     for c in ctrls:
                         self.mounts.setdefault(c, (point, ",".join(ctrls)))
+        if self.version == 1:
+            # A hierarchy is named by all its controllers, as /proc/self/cgroup
+            # spells them ("cpu,cpuacct", "net_cls,net_prio"), whatever jrun uses.
+            with open("/proc/self/cgroup", encoding="utf-8") as f:
+                for line in f:
+                    ctrls = line.split(":", 2)[1]
+                    for c in ctrls.split(","):
+                        if c in self.mounts:
+                            self.mounts[c] = (self.mounts[c][0], ctrls)
 
     def controllers(self, parent):
         """The controllers a job under PARENT (relative to the root) can use."""
@@ -1119,7 +1128,6 @@ def cgroup_controllers(spec):
 def validate_limits(spec):
     """Stage 1 of resource control: every limit against this host."""
     lim = spec.limits
-    host = cgroup_host()
     parent = cgroup_parent(spec)
     if ".." in parent.split("/") or "\0" in parent:
         raise UsageError("--cgroup-parent: %r must not contain '..'" % spec.cgroup_parent)
@@ -2073,15 +2081,23 @@ class Cgroup(Resource):
     @classmethod
     def from_state(cls, record):
         cg = record.get("cgroup")
-        if not cg:
+        if cg:
+            return (CgroupV2 if cg.get("version") == 2 else CgroupV1)(None, cg.get("dirs", ()))
+        if not record.get("id"):
             return None
-        return (CgroupV2 if cg.get("version") == 2 else CgroupV1)(None, cg.get("dirs", ()))
+        # The default place needs no record: <hierarchy>/jrun/<id>.
+        host = cgroup_host()
+        points = [CGROUP_ROOT] if host.version == 2 else sorted({p for p, _ in host.mounts.values()})
+        dirs = [d for d in (os.path.join(p, CGROUP_SUBTREE, record["id"]) for p in points) if os.path.isdir(d)]
+        return (CgroupV2 if host.version == 2 else CgroupV1)(None, dirs) if dirs else None
 
     def setup(self, state):
         self.plan()
-        # Recorded before the first mkdir: gc must find whatever a crash
-        # leaves, and teardown skips what was never made.
-        state.save(cgroup={"version": self.version, "dirs": self.dirs})
+        if self.spec.cgroup_parent:
+            # Recorded before the first mkdir, so that gc finds whatever a
+            # crash leaves (teardown skips what was never made).  The default
+            # place, jrun/<id>, gc finds from the job id alone: no write.
+            state.save(cgroup={"version": self.version, "dirs": self.dirs})
         try:
             self.create()
             self.write_limits(self.spec.limits)
@@ -2092,21 +2108,25 @@ class Cgroup(Resource):
                                                   "; ".join("%s=%s" % (os.path.basename(f), v.strip())
                                                             for f, v in self.checks) or "no limits"))
 
-    def limit(self, path, value, shown=None):
+    def limit(self, path, value):
         """Write a limit, and note what the child must read back."""
         _write(path, value)
-        self.checks.append((path, shown if shown is not None else value))
+        self.checks.append((path, value))
 
     def attach(self, pid):
         for d in self.dirs:
             _write(os.path.join(d, "cgroup.procs"), str(pid))
         audit("cgroup: job PID %d placed in %s" % (pid, ", ".join(self.dirs)))
 
+    def join(self):
+        """Child: nothing to do when the parent has placed it (attach)."""
+
     def enter(self):
         """Child: prove from /proc/self/cgroup that this process is in
         exactly its own job cgroup on every hierarchy ("not in the root
         cgroup" is no proof), and that the limits in force are exactly the
         requested ones, before anything of the job runs."""
+        self.join()
         mine = {}
         for line in _read("/proc/self/cgroup", "").splitlines():
             _, ctrls, path = line.split(":", 2)
@@ -2127,13 +2147,12 @@ class Cgroup(Resource):
         unshare(CLONE_NEWCGROUP)
         audit("cgroup namespace: the job's cgroup is its root '/'")
 
-    def collect(self, out):
-        pass
-
     def kill_all(self):
         """SIGKILL every process still in the job's cgroups.  A pidfd is
         taken before the membership check, so a pid reused by a host process
         in between is never signalled."""
+        if not self.dirs:
+            return
         deadline = time.monotonic() + 2.0
         job = "/" + "/".join(self.dirs[0].split("/")[-2:])  # <parent>/<id>
         while True:
@@ -2187,6 +2206,20 @@ class CgroupV1(Cgroup):
 
     version = 1
 
+    def attach(self, pid):
+        """The child moves itself (join): see there."""
+
+    def join(self):
+        """Child, single-threaded, right after release.  Moving a process
+        (a PID into cgroup.procs) takes the kernel's global threadgroup lock
+        for writing, which waits for an RCU grace period: 5-20 ms per job on
+        this host.  A thread moving itself (0 into tasks) is exempt, and a
+        single-threaded process that moves its only thread has moved whole."""
+        alone = len(os.listdir("/proc/self/task")) == 1
+        for d in self.dirs:
+            _write(os.path.join(d, "tasks" if alone else "cgroup.procs"), "0" if alone else str(os.getpid()))
+        audit("cgroup: the job's PID 1 moved itself into %s" % ", ".join(self.dirs))
+
     def plan(self):
         host = cgroup_host()
         self.where = {}
@@ -2196,7 +2229,8 @@ class CgroupV1(Cgroup):
         self.dirs = list(self.where.values())
 
     def mountpoint(self, ctrls):
-        return cgroup_host().mounts[ctrls.split(",")[0]][0]
+        mounts = cgroup_host().mounts
+        return next(mounts[c][0] for c in ctrls.split(",") if c in mounts)
 
     def create(self):
         for ctrls, d in self.where.items():
@@ -2205,10 +2239,11 @@ class CgroupV1(Cgroup):
                 os.mkdir(p, 0o755)  # the shared jrun subtree; --cgroup-parent exists already
             except FileExistsError:
                 pass
-            if "cpuset" in ctrls.split(","):
+            if "cpuset" in ctrls.split(",") and not self.spec.cgroup_parent:
                 # A new v1 cpuset has no CPUs and no memory nodes, and no
                 # task may join it until both are set: the shared subtree
-                # gets its own parent's.
+                # gets its own parent's.  (A delegated parent is its
+                # manager's to set up.)
                 for f in ("cpuset.cpus", "cpuset.mems"):
                     if not _read(os.path.join(p, f), "").strip():
                         _write(os.path.join(p, f), _read(os.path.join(os.path.dirname(p), f)).strip())
@@ -2221,12 +2256,10 @@ class CgroupV1(Cgroup):
         return None
 
     def write_limits(self, lim):
-        cs = self._dir("cpuset")
-        if cs:
-            cpus = parse_cpuset("--cores", lim.cores) if lim.cores else _read_cpuset_file(
-                os.path.join(os.path.dirname(cs), "cpuset.cpus"))
-            self.limit(os.path.join(cs, "cpuset.cpus"), format_cpuset(cpus) + "\n")
-            mems = _read(os.path.join(os.path.dirname(cs), "cpuset.mems")).strip()
+        if lim.cores is not None:
+            cs = self._dir("cpuset")
+            self.limit(os.path.join(cs, "cpuset.cpus"), format_cpuset(parse_cpuset("--cores", lim.cores)) + "\n")
+            mems = _read(os.path.join(os.path.dirname(cs), "cpuset.mems"), "").strip()
             self.limit(os.path.join(cs, "cpuset.mems"), mems + "\n")
         if lim.cpu is not None:
             d = self._dir("cpu")
@@ -2271,13 +2304,17 @@ class CgroupV1(Cgroup):
               % (CGROUP_ROOT, ", ".join(self.where)))
 
     def collect(self, out):
-        cpu, mem = self._dir("cpuacct"), self._dir("memory")
+        mem = self._dir("memory")
+        if mem:
+            out.oom_kills = _keyed(_read(os.path.join(mem, "memory.oom_control")), "oom_kill") or 0
+        if not (self.spec.stats or self.spec.json_status):
+            return  # the rest is only read when asked for
+        cpu = self._dir("cpuacct")
         usage = _read(os.path.join(cpu, "cpuacct.usage")) if cpu else None
         out.cpu_s = int(usage) / 1e9 if usage else None
         if mem:
             peak = _read(os.path.join(mem, "memory.max_usage_in_bytes"))
             out.memory_peak_bytes = int(peak) if peak else None
-            out.oom_kills = _keyed(_read(os.path.join(mem, "memory.oom_control")), "oom_kill") or 0
         blk = self._dir("blkio")
         if blk:
             # Direct IO and reads; buffered writes are charged to the flusher
@@ -2366,12 +2403,14 @@ class CgroupV2(Cgroup):
 
     def collect(self, out):
         d = self.dirs[0]
+        out.oom_kills = _keyed(_read(os.path.join(d, "memory.events")), "oom_kill") or 0
+        if not (self.spec.stats or self.spec.json_status):
+            return  # the rest is only read when asked for
         usage = _keyed(_read(os.path.join(d, "cpu.stat")), "usage_usec")
         out.cpu_s = usage / 1e6 if usage is not None else None
         # memory.peak is kernel 5.19+; before that there is no peak to read.
         peak = _read(os.path.join(d, "memory.peak"))
         out.memory_peak_bytes = int(peak) if peak else None
-        out.oom_kills = _keyed(_read(os.path.join(d, "memory.events")), "oom_kill") or 0
         io = _read(os.path.join(d, "io.stat"))
         if io is not None:
             out.io_read_bytes = out.io_write_bytes = 0

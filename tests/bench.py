@@ -8,7 +8,7 @@ Run as root on an otherwise idle machine.  Each contender runs /bin/true
 rootfs; the table shows medians and ratios to bwrap.  This is a benchmark,
 not a test: it asserts nothing and is not run by the test suite.
 
-Other sections (network, staging, security) live in bench_*.py beside this
+Other sections (cgroups, network, staging, security) live in bench_*.py beside this
 file and run after the core table when present.
 """
 import argparse
@@ -96,7 +96,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--jrun", help="command that runs jrun (default: %s)" % shlex.join(default_jrun()))
-    ap.add_argument("--only", choices=("core", "network", "staging", "security"))
+    ap.add_argument("--only", choices=("core", "cgroups", "network", "staging", "security"))
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench.py: run as root")
@@ -104,7 +104,7 @@ def main():
     if not a.only or a.only == "core":
         core_table(jrun, a.runs)
     sys.path.insert(0, HERE)
-    for section in ("network", "staging", "security"):
+    for section in ("cgroups", "network", "staging", "security"):
         if a.only and a.only != section:
             continue
         if os.path.exists(os.path.join(HERE, "bench_%s.py" % section)):

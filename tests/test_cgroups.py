@@ -99,12 +99,33 @@ def test_pids_limit_blocks_the_next_fork():
 
 def test_fork_bomb_is_contained_and_jrun_returns():
     n = name("bomb")
+    # PID 1 starts the bomb, then spins without forking (it could not).
+    bomb = "b() { b | b & }; b 2>/dev/null; while :; do :; done"
     t = time.monotonic()
-    p = sh("b() { b | b & }; b 2>/dev/null; sleep 2; ls /proc | grep -c '^[0-9]'", "--name", n,
-           "--pids", "20", "--timeout", "20", timeout=60)
+    proc = subprocess.Popen(JRUN + ["--net", "none", "--name", n, "--pids", "20", "--timeout", "3",
+                                    "--stop-timeout", "1", "--", "/bin/sh", "-c", bomb],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = refused = 0
+    try:
+        while proc.poll() is None and time.monotonic() - t < 3:
+            for d in job_cgroups(n):
+                try:
+                    with open(os.path.join(d, "pids.current")) as f:
+                        peak = max(peak, int(f.read()))
+                    with open(os.path.join(d, "pids.events")) as f:
+                        refused = max(refused, int(f.read().split()[1]))  # "max N": forks refused
+                except (OSError, IndexError):
+                    pass
+            time.sleep(0.05)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
     took = time.monotonic() - t
-    assert p.returncode == 0, p.stderr
-    assert 1 <= int(p.stdout.split()[-1]) <= 20
+    assert proc.returncode == 124, proc.stderr.read()
+    # The bomb hit the limit (ash dies when a fork fails, so it burns out
+    # fast), and never had more than 20 processes.
+    assert refused > 0 and 1 <= peak <= 20, (refused, peak)
     assert took < 15
     assert job_cgroups(n) == []
 
@@ -118,9 +139,10 @@ def test_cpu_50_uses_half_a_cpu(tmp_path):
     _, st = status(tmp_path, "--cpu", "50", script=BUSY)
     share = st["cpu_s"] / st["duration_s"]
     assert 0.35 <= share <= 0.65, st
-    # Unlimited, the same loop takes a whole CPU: the limit made the difference.
+    # Unlimited, the same loop takes more (a whole CPU on an idle host, less
+    # while other jobs run): the limit made the difference.
     _, st = status(tmp_path, script=BUSY)
-    assert st["cpu_s"] / st["duration_s"] > 0.8, st
+    assert st["cpu_s"] / st["duration_s"] > 1.3 * share, (share, st)
 
 
 def test_cores_pins_the_job():
@@ -155,7 +177,7 @@ def test_io_bps_throttles_direct_reads(tmp_path):
     rate = 2 << 20
     got, st = _read_rate(tmp_path, "--io-bps", "2M")
     assert got <= 1.3 * rate, "read %.0f B/s with --io-bps 2M" % got
-    assert st["io_read_bytes"] >= 3 * os.path.getsize("/var/lib/jrun/rootfs/bin/busybox")
+    assert st["io_read_bytes"] >= 0.9 * 3 * os.path.getsize("/var/lib/jrun/rootfs/bin/busybox")
     free, _ = _read_rate(tmp_path)
     assert free > 2 * rate, "unthrottled direct reads are too slow here to prove anything: %.0f B/s" % free
 
@@ -221,7 +243,7 @@ def test_bad_values_refused_and_nothing_created(opts, opt):
 def test_cgroup_exists_during_the_job_and_is_gone_after():
     n = name("life")
     proc = subprocess.Popen(JRUN + ["--net", "none", "--name", n, "--memory", "64M", "--stop-timeout", "1",
-                                    "--", "/bin/sh", "-c", "echo ready; sleep 30; true"],
+                                    "--", "/bin/sh", "-c", "sleep 30 & echo ready; wait"],
                             stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline() == "ready\n"
@@ -251,7 +273,7 @@ def test_gc_removes_the_cgroup_of_a_killed_jrun():
     try:
         left = job_cgroups(n)
         assert left, "the killed jrun's cgroup should be there for gc to find"
-        jrun("gc", check=0)
+        jrun("gc")  # (its status may tell of other runs' leftovers)
         assert job_cgroups(n) == [] and n not in state_dirs()
     finally:
         jrun("gc")
@@ -264,9 +286,10 @@ def test_cgroup_parent_places_the_job_under_it():
     for r in roots:
         os.mkdir(r)
     try:
-        if V2:
-            with open(os.path.join(roots[0], "cgroup.subtree_control"), "w") as f:
-                f.write("+memory +pids")
+        if V2:  # delegate as a manager would: controllers enabled down to the parent
+            for cg in ("/sys/fs/cgroup", roots[0]):
+                with open(os.path.join(cg, "cgroup.subtree_control"), "w") as f:
+                    f.write("+memory +pids")
         n = name("par")
         proc = subprocess.Popen(JRUN + ["--net", "none", "--name", n, "--cgroup-parent", "/" + parent,
                                         "--memory", "64M", "--stop-timeout", "1", "--",
@@ -281,9 +304,43 @@ def test_cgroup_parent_places_the_job_under_it():
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)
         assert not any(os.path.exists(os.path.join(r, n)) for r in roots)
+        # After kill -9 of jrun, gc finds the job's cgroup under the parent
+        # from the path recorded in the job's state.
+        proc = subprocess.Popen(JRUN + ["--net", "none", "--name", n, "--cgroup-parent", "/" + parent,
+                                        "--", "/bin/sh", "-c", "echo ready; sleep 30"],
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline() == "ready\n"
+        proc.kill()
+        proc.wait()
+        assert any(os.path.exists(os.path.join(r, n)) for r in roots)
+        jrun("gc")
+        assert not any(os.path.exists(os.path.join(r, n)) for r in roots)
     finally:
         for r in roots:
             os.rmdir(r)
+
+
+@pytest.mark.skipif(not V2, reason="the no-internal-process rule is cgroup v2's")
+def test_cgroup_parent_with_processes_of_its_own_is_refused():
+    parent = "/sys/fs/cgroup/jrun-test-busy-%s" % uuid.uuid4().hex[:6]
+    os.mkdir(parent)
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        with open(os.path.join(parent, "cgroup.procs"), "w") as f:
+            f.write(str(sleeper.pid))
+        n = name("busy")
+        p = sh("true", "--name", n, "--cgroup-parent", parent[len("/sys/fs/cgroup"):], "--memory", "64M")
+        assert p.returncode == 125 and "no-internal-process" in p.stderr, p.stderr
+        assert not os.path.exists(os.path.join(parent, n)) and n not in state_dirs()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for _ in range(100):
+            try:
+                os.rmdir(parent)
+                break
+            except OSError:
+                time.sleep(0.01)
 
 
 # --- what the job sees ------------------------------------------------------
