@@ -1930,8 +1930,13 @@ class JobState:
                 gc_job(self.id)  # a dead job's leftovers: clean, then take the name
         else:
             raise SetupError("cannot create %s" % self.dir)
-        self.lock_fd = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # The lock file appears under its final name already locked, so that
+        # nobody (gc, a job asking for the same --name) can ever find it
+        # unlocked and take a starting job for a dead one.
+        tmp = os.path.join(self.dir, ".lock-%d" % os.getpid())
+        self.lock_fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
+        os.rename(tmp, os.path.join(self.dir, "lock"))
         audit("state: %s created and locked" % self.dir)
 
     def is_live(self):
@@ -1970,7 +1975,11 @@ class JobState:
         return self.record
 
     def remove(self):
-        for name in ("job.json", "job.json.tmp", "root", "lock"):
+        try:
+            strays = [n for n in os.listdir(self.dir) if n.startswith(".lock-")]
+        except FileNotFoundError:
+            strays = []
+        for name in ["job.json", "job.json.tmp", "root", "lock"] + strays:
             p = os.path.join(self.dir, name)
             try:
                 os.rmdir(p) if name == "root" else os.unlink(p)
