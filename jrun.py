@@ -55,6 +55,7 @@ DEFAULT_WORKDIR = "/work"
 DEFAULT_STOP_TIMEOUT = 10.0
 
 EXIT_TIMEOUT = 124
+EXIT_OOM = 137
 EXIT_JRUN = 125
 EXIT_NOEXEC = 126
 EXIT_NOTFOUND = 127
@@ -83,10 +84,95 @@ MNT_DETACH = 2
 # grace period after which jrun sends SIGKILL.
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
-_SYSCALLS = {  # <asm/unistd.h>: pivot_root, close_range
-    "x86_64": {"pivot_root": 155},
-    "aarch64": {"pivot_root": 41},
+# <asm/unistd_64.h> (x86_64) and <asm-generic/unistd.h> (aarch64): the
+# syscalls jrun calls by number, and those the default seccomp filter refuses.
+# (tests/test_security.py checks them against the installed headers.)
+_SYSCALL_NAMES = (
+    "pivot_root", "clone", "clone3", "unshare", "setns", "mount", "umount2", "move_mount", "fsopen",
+    "fsconfig", "fsmount", "fspick", "open_tree", "open_tree_attr", "mount_setattr", "quotactl",
+    "quotactl_fd", "swapon", "swapoff", "lookup_dcookie", "nfsservctl", "fanotify_init", "keyctl",
+    "add_key", "request_key", "io_uring_setup", "io_uring_enter", "io_uring_register", "init_module",
+    "finit_module", "delete_module", "reboot", "kexec_load", "kexec_file_load", "settimeofday",
+    "clock_settime", "clock_adjtime", "acct", "iopl", "ioperm", "open_by_handle_at",
+    "name_to_handle_at", "bpf", "perf_event_open", "userfaultfd", "syslog", "vhangup",
+)
+_SYSCALLS = {
+    "x86_64": dict(zip(_SYSCALL_NAMES, (
+        155, 56, 435, 272, 308, 165, 166, 429, 430,
+        431, 432, 433, 428, 467, 442, 179,
+        443, 167, 168, 212, 180, 300, 250,
+        248, 249, 425, 426, 427, 175,
+        313, 176, 169, 246, 320, 164,
+        227, 305, 163, 172, 173, 304,
+        303, 321, 298, 323, 103, 153))),
+    "aarch64": dict(zip(_SYSCALL_NAMES, (
+        41, 220, 435, 97, 268, 40, 39, 429, 430,
+        431, 432, 433, 428, 467, 442, 60,
+        443, 224, 225, 18, 42, 262, 219,
+        217, 218, 425, 426, 427, 105,
+        273, 106, 142, 104, 294, 170,
+        112, 266, 89, None, None, 265,
+        264, 280, 241, 282, 116, 58))),
 }
+
+# <linux/audit.h>: the architecture tag of a syscall as seccomp sees it.
+AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+X32_SYSCALL_BIT = 0x40000000  # <asm/unistd.h>: x32 ABI syscalls on x86_64
+
+# <linux/capability.h>, by number.
+CAPABILITIES = (
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
+    "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW",
+    "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT",
+    "SYS_ADMIN", "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD",
+    "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG",
+    "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE",
+)
+# What a job that is root inside keeps: what ordinary software needs as root
+# (own its files, switch users, bind port 80, chroot), podman's default set.
+# Left out on purpose, beyond the obvious (SYS_ADMIN, SYS_MODULE, ...):
+# MKNOD (device nodes: /dev is jrun's), NET_RAW (packet sockets: ARP/IP
+# spoofing on a shared bridge and a steady source of kernel CVEs such as
+# CVE-2020-14386; ping works through ICMP datagram sockets instead, see
+# harden_proc_and_sys) and AUDIT_WRITE (the audit log is the host's, not
+# namespaced).
+DEFAULT_CAPS = frozenset((
+    "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "SETPCAP",
+    "SETFCAP", "NET_BIND_SERVICE", "SYS_CHROOT",
+))
+
+RLIMIT_CORE = 4  # <asm-generic/resource.h>
+
+# <linux/mount.h>, <linux/fcntl.h>: the new mount API, for idmapped mounts.
+OPEN_TREE_CLONE = 1
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOUNT_ATTR_IDMAP = 0x00100000
+
+# --userns: each job's root is mapped to its own range of USERNS_SIZE host
+# uids (and gids) in [USERNS_BASE, 2^32): above every range useradd hands
+# out in /etc/subuid (100000 + 65536 per user), so no host user or rootless
+# container owns them, and below (uid_t)-1.  2^31 / 65536 - 1 = 32767 slots
+# (the last one would reach (uid_t)-1).
+USERNS_BASE = 1 << 31
+USERNS_SIZE = 65536
+USERNS_SLOTS = (1 << 31) // USERNS_SIZE - 1
+
+# <linux/prctl.h>, <linux/seccomp.h>, <linux/filter.h>
+PR_CAPBSET_DROP = 24
+PR_SET_SECCOMP = 22
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+SECCOMP_MODE_FILTER = 2
+SECCOMP_RET_KILL_PROCESS = 0x80000000
+SECCOMP_RET_ERRNO = 0x00050000
+SECCOMP_RET_ALLOW = 0x7FFF0000
+BPF_LD_W_ABS = 0x20
+BPF_JEQ_K = 0x15
+BPF_JGE_K = 0x35
+BPF_JSET_K = 0x45
+BPF_RET_K = 0x06
 
 # ---------------------------------------------------------------------------
 # Errors: one root; main() alone prints them and turns them into a status.
@@ -217,6 +303,65 @@ def setns(fd, nstype):
 def pivot_root(new_root, put_old):
     nr = _SYSCALLS[os.uname().machine]["pivot_root"]
     _check(_c().syscall(nr, _b(new_root), _b(put_old)), "pivot_root")
+
+
+def sys_prctl(option, *args):
+    """prctl(2) for the options python-prctl does not know (ambient
+    capabilities, seccomp, capabilities above its compile-time last one);
+    every argument is passed as an unsigned long, as the kernel reads it."""
+    import ctypes
+
+    args = [ctypes.c_ulong(a) if isinstance(a, int) else a for a in args]
+    args += [ctypes.c_ulong(0)] * (4 - len(args))
+    return _check(_c().prctl(ctypes.c_int(option), *args), "prctl %d" % option)
+
+
+def seccomp_set_filter(prog):
+    """Install a classic BPF program, a list of (code, jt, jf, k), as this
+    thread's seccomp filter (inherited by every later child and exec)."""
+    import ctypes
+
+    class SockFilter(ctypes.Structure):  # <linux/filter.h>
+        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),
+                    ("k", ctypes.c_uint)]
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+
+    insns = (SockFilter * len(prog))(*[SockFilter(*i) for i in prog])
+    fprog = SockFprog(len(prog), insns)
+    sys_prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog))
+
+
+def mount_idmapped(source, target, userns_fd):
+    """Bind SOURCE (recursively) on TARGET with its owners shifted through
+    the user namespace USERNS_FD: open_tree, mount_setattr, move_mount."""
+    import ctypes
+
+    class MountAttr(ctypes.Structure):  # struct mount_attr, <linux/mount.h>
+        _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                    ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+    nrs, c = _SYSCALLS[os.uname().machine], _c()
+    fd = _check(c.syscall(ctypes.c_long(nrs["open_tree"]), ctypes.c_int(-100), _b(source),
+                          ctypes.c_uint(OPEN_TREE_CLONE | os.O_CLOEXEC | AT_RECURSIVE)), "open_tree %s" % source)
+    try:
+        attr = MountAttr(MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
+        _check(c.syscall(ctypes.c_long(nrs["mount_setattr"]), ctypes.c_int(fd), b"",
+                         ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE), ctypes.byref(attr),
+                         ctypes.c_size_t(ctypes.sizeof(attr))), "mount_setattr idmap %s" % source)
+        _check(c.syscall(ctypes.c_long(nrs["move_mount"]), ctypes.c_int(fd), b"", ctypes.c_int(-100),
+                         _b(target), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)), "move_mount %s" % target)
+    finally:
+        os.close(fd)
+
+
+def setrlimit(resource, soft, hard):
+    """(This Python is built without the resource module.)"""
+    import ctypes
+
+    lim = (ctypes.c_ulong * 2)(soft, hard)
+    _check(_c().setrlimit(resource, lim), "setrlimit %d" % resource)
 
 
 def sethostname(name):
@@ -458,6 +603,9 @@ def parse_run(argv, config=None):
         io_bps=parse_size("--io-bps", o["io_bps"], default_unit=1) if "io_bps" in o else None,
         pids=parse_int("--pids", o["pids"], 1) if "pids" in o else None,
     )
+    if o.get("user") and o.get("cap_add") and o["user"].partition(":")[0] not in ("0", "root"):
+        raise UsageError("--cap-add: a -u/--user job runs with no capabilities at all; "
+                         "run it as root inside (without --user) to give it %s" % ", ".join(o["cap_add"]))
     workdir = o.get("workdir", DEFAULT_WORKDIR)
     if not workdir.startswith("/") or "\0" in workdir:
         raise UsageError("-w/--workdir: %r must be an absolute path inside the job" % workdir)
@@ -470,13 +618,47 @@ def parse_run(argv, config=None):
         uploads=tuple(o.get("upload", ())), volumes=tuple(o.get("volume", ())),
         workdir=os.path.normpath(workdir), env=tuple(parse_env(o)),
         rootfs=o.get("rootfs", "minimal"), read_only=bool(o.get("read_only")),
-        net=o.get("net", "bridge"), user=o.get("user"),
-        cap_add=tuple(o.get("cap_add", ())), cap_drop=tuple(o.get("cap_drop", ())),
+        net=o.get("net", "bridge"), user=parse_user(o["user"]) if "user" in o else None,
+        cap_add=parse_caps("--cap-add", o.get("cap_add", ())),
+        cap_drop=parse_caps("--cap-drop", o.get("cap_drop", ())),
         seccomp=o.get("seccomp", "default"), userns=bool(o.get("userns")),
         stats=bool(o.get("stats")), json_status=o.get("json_status"),
         cgroup_parent=o.get("cgroup_parent"), log_level=level,
         log_format=o.get("log_format", "text"),
     )
+
+
+_USER_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+def parse_user(text):
+    """'UID[:GID]' -> (user, group or None), each a number or a name; names
+    are resolved later, in the job's own /etc/passwd and /etc/group."""
+    user, _, group = text.partition(":")
+    out = []
+    for part in (user, group) if ":" in text else (user,):
+        if part.isdigit():
+            if int(part) > 0xFFFFFFFE:  # (uid_t)-1 means "unchanged" to setuid(2)
+                raise UsageError("-u/--user: %r: %s is out of range (0 to 4294967294)" % (text, part))
+        elif not part or not set(part) <= _USER_CHARS or part[0] in "-.":
+            raise UsageError("-u/--user: %r is not UID[:GID] (numbers, or names from the job's "
+                             "/etc/passwd and /etc/group)" % text)
+        out.append(part)
+    return (out[0], out[1] if len(out) > 1 else None)
+
+
+def parse_caps(opt, names):
+    """Capability names as the user wrote them -> ('NET_ADMIN', 'ALL', ...):
+    CAP_ prefix optional, any case."""
+    out = []
+    for name in names:
+        key = name.upper()
+        key = key[4:] if key.startswith("CAP_") else key
+        if key != "ALL" and key not in CAPABILITIES:
+            raise UsageError("%s: %r is not a capability (e.g. NET_ADMIN, SYS_PTRACE, or ALL; "
+                             "see capabilities(7))" % (opt, name))
+        out.append(key)
+    return tuple(out)
 
 
 def parse_env(o):
@@ -646,24 +828,241 @@ def rootfs_path(spec):
     return ROOTFS_DIR if spec.rootfs == "minimal" else spec.rootfs
 
 
+# What this host's cgroups look like, learnt once per run from
+# /proc/self/mounts: cgroup v2 if /sys/fs/cgroup itself is a cgroup2 mount,
+# else the v1 hierarchies (a hybrid host's /sys/fs/cgroup/unified holds no
+# controller jrun uses).  validate() checks limits against it; the cgroup
+# section below builds on it.
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+CGROUP_SUBTREE = "jrun"
+CPU_PERIOD_US = 100000
+# Below this a job cannot even start (the child's own pages, busybox's page
+# cache); a limit under it would fail in confusing ways, so it is refused.
+MEMORY_FLOOR = 4 << 20
+V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio")
+# The controllers each limit needs, by cgroup version.
+_LIMIT_CONTROLLERS = {
+    "cpu": ("--cpu", "cpu", "cpu"), "cores": ("--cores", "cpuset", "cpuset"),
+    "memory": ("--memory", "memory", "memory"), "pids": ("--pids", "pids", "pids"),
+    "io_bps": ("--io-bps", "blkio", "io"),
+}
+
+
+class CgroupHost:
+    """version 1 or 2; v1: mounts = {controller: (mountpoint, options)}."""
+
+    def __init__(self):
+        self.version = 1
+        self.mounts = {}
+        with open("/proc/self/mounts", encoding="utf-8") as f:
+            for line in f:
+                _src, point, fstype, opts = line.split()[:4]
+                if point == CGROUP_ROOT and fstype == "cgroup2":
+                    self.version, self.mounts = 2, {}
+                    break
+                if fstype == "cgroup":
+                    ctrls = [o for o in opts.split(",") if o in V1_CONTROLLERS]
+                    for c in ctrls:
+                        self.mounts.setdefault(c, (point, ",".join(ctrls)))
+
+    def controllers(self, parent):
+        """The controllers a job under PARENT (relative to the root) can use."""
+        if self.version == 1:
+            return set(self.mounts)
+        try:
+            with open(os.path.join(CGROUP_ROOT, parent, "cgroup.controllers"), encoding="utf-8") as f:
+                return set(f.read().split())
+        except FileNotFoundError:
+            return set()
+
+
+_cgroup_host = []
+
+
+def cgroup_host():
+    if not _cgroup_host:
+        _cgroup_host.append(CgroupHost())
+    return _cgroup_host[0]
+
+
+def cgroup_parent(spec):
+    """--cgroup-parent as a path relative to each hierarchy's root."""
+    return (spec.cgroup_parent or CGROUP_SUBTREE).strip("/")
+
+
+def parse_cpuset(opt, text):
+    """'0-1,3' -> (0, 1, 3)."""
+    cpus = set()
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        if not (lo.isdigit() and (not dash or hi.isdigit())) or (dash and int(hi) < int(lo)):
+            raise UsageError("%s: %r is not a CPU list (use e.g. 0, 0-1, 0-1,3)" % (opt, text))
+        cpus.update(range(int(lo), int(hi if dash else lo) + 1))
+    return tuple(sorted(cpus))
+
+
+def format_cpuset(cpus):
+    """(0, 1, 3) -> '0-1,3', the kernel's own spelling."""
+    out, cpus = [], sorted(cpus)
+    i = 0
+    while i < len(cpus):
+        j = i
+        while j + 1 < len(cpus) and cpus[j + 1] == cpus[j] + 1:
+            j += 1
+        out.append(str(cpus[i]) if i == j else "%d-%d" % (cpus[i], cpus[j]))
+        i = j + 1
+    return ",".join(out)
+
+
+def _read_cpuset_file(path):
+    with open(path, encoding="utf-8") as f:
+        text = f.read().strip()
+    return parse_cpuset(path, text) if text else ()
+
+
+def _mount_of(path):
+    """(fstype, source, super options) of the mount holding PATH."""
+    path = os.path.realpath(path)
+    best = ("", "", "", "")
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            pre, _, post = line.partition(" - ")
+            point = pre.split()[4].replace("\\040", " ")
+            if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best[0]):
+                fstype, source, opts = (post.split() + ["", "", ""])[:3]
+                best = (point, fstype, source, opts)
+    return best[1:]
+
+
+def block_devices(paths, _depth=0):
+    """The whole disks ("major:minor") that back PATHS, found at run time:
+    st_dev for a filesystem on a block device (a partition is walked up to
+    its disk, because the throttle works per disk); an overlay is followed to
+    its layers; tmpfs and other memory filesystems have no disk and add none."""
+    devs = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        dev = "%d:%d" % (os.major(st.st_dev), os.minor(st.st_dev))
+        if os.major(st.st_dev) == 0:  # btrfs, overlay, tmpfs: an anonymous device
+            fstype, source, opts = _mount_of(p)
+            dev = None
+            if fstype == "overlay" and _depth < 4:
+                layers = [o.split("=", 1)[1] for o in opts.split(",") if o.startswith(("lowerdir=", "upperdir="))]
+                devs += [d for d in block_devices([x for lay in layers for x in lay.split(":")], _depth + 1)
+                         if d not in devs]
+            elif source.startswith("/dev/"):
+                try:
+                    rdev = os.stat(source).st_rdev
+                    dev = "%d:%d" % (os.major(rdev), os.minor(rdev))
+                except OSError:
+                    pass
+        sysdir = "/sys/dev/block/%s" % dev
+        if dev is None or not os.path.isdir(sysdir):
+            continue
+        if os.path.exists(os.path.join(sysdir, "partition")):
+            with open(os.path.join(sysdir, "..", "dev"), encoding="utf-8") as f:
+                dev = f.read().strip()
+        if dev not in devs:
+            devs.append(dev)
+    return devs
+
+
+def io_paths(spec):
+    """Where the job's files live on the host: its root's lower layer (the
+    writable layer, /tmp and the default workdir are tmpfs: no disk IO)."""
+    return [rootfs_path(spec)]
+
+
+ACCOUNTING_CONTROLLERS = {1: ("memory", "pids", "cpuacct", "blkio"), 2: ("memory", "pids", "io")}
+
+
+def cgroup_controllers(spec):
+    """The controllers the job's cgroup uses: those its limits need (each
+    must exist here, or the run is refused) and those that account for it
+    (--stats, --json-status, and killing every process at the end), where the
+    host has them."""
+    host = cgroup_host()
+    parent = cgroup_parent(spec)
+    if host.version == 2:
+        where = os.path.join(CGROUP_ROOT, parent) if spec.cgroup_parent else CGROUP_ROOT
+        if not os.path.isdir(where):
+            raise UsageError("--cgroup-parent: %s does not exist (create or delegate it first)" % where)
+        have = host.controllers(parent if spec.cgroup_parent else "")
+    else:
+        have = {c for c, (point, _) in host.mounts.items()
+                if not spec.cgroup_parent or os.path.isdir(os.path.join(point, parent))}
+    need = []
+    for field, (opt, v1, v2) in _LIMIT_CONTROLLERS.items():
+        ctrl = v1 if host.version == 1 else v2
+        if getattr(spec.limits, field) is None:
+            continue
+        if ctrl not in have:
+            if spec.cgroup_parent and (host.version == 2 or ctrl in host.mounts):
+                raise UsageError("%s: the cgroup v%d '%s' controller is not available under --cgroup-parent %s"
+                                 " (delegate it, or create the parent in that hierarchy)"
+                                 % (opt, host.version, ctrl, spec.cgroup_parent))
+            raise UsageError("%s: this host has no cgroup v%d '%s' controller" % (opt, host.version, ctrl))
+        need.append(ctrl)
+    if not have and spec.cgroup_parent:
+        raise UsageError("--cgroup-parent: %s does not exist (create or delegate it first)" % os.path.join(
+            host.mounts.get("memory", (CGROUP_ROOT + "/memory",))[0], parent))
+    if not have:
+        raise SetupError("no cgroup v1 hierarchy of %s is mounted under %s" % (", ".join(V1_CONTROLLERS), CGROUP_ROOT))
+    return sorted(set(need) | (set(ACCOUNTING_CONTROLLERS[host.version]) & have))
+
+
+def validate_limits(spec):
+    """Stage 1 of resource control: every limit against this host."""
+    lim = spec.limits
+    host = cgroup_host()
+    parent = cgroup_parent(spec)
+    if ".." in parent.split("/") or "\0" in parent:
+        raise UsageError("--cgroup-parent: %r must not contain '..'" % spec.cgroup_parent)
+    ncpu = os.cpu_count() or 1
+    if lim.cpu is not None and lim.cpu > 100 * ncpu:
+        raise UsageError("--cpu: '%d' is out of range (1 to %d: percent of one CPU, this host has %d CPUs)"
+                         % (lim.cpu, 100 * ncpu, ncpu))
+    if lim.memory is not None and lim.memory < MEMORY_FLOOR:
+        raise UsageError("--memory: %r is below the %d MiB a job needs to start" % (
+            "%dK" % (lim.memory >> 10), MEMORY_FLOOR >> 20))
+    if lim.cores is not None:
+        cpus = parse_cpuset("--cores", lim.cores)
+        online = _read_cpuset_file("/sys/devices/system/cpu/online")
+        allowed = sorted(set(online) & os.sched_getaffinity(0))
+        bad = [c for c in cpus if c not in allowed]
+        if bad:
+            raise UsageError("--cores: %r names CPU %s, which %s (CPUs usable here: %s)" % (
+                lim.cores, format_cpuset(bad), "does not exist" if bad[0] not in online else "jrun may not use",
+                format_cpuset(allowed)))
+    cgroup_controllers(spec)
+    if lim.io_bps is not None and not block_devices(io_paths(spec)):
+        raise UsageError("--io-bps: the job's files (%s) are on no block device: nothing to throttle"
+                         % ", ".join(io_paths(spec)))
+    if spec.json_status:
+        d = os.path.dirname(os.path.abspath(spec.json_status))
+        if os.path.isdir(spec.json_status) or not os.access(d, os.W_OK):
+            raise UsageError("--json-status: cannot write %r (a writable file path is needed)" % spec.json_status)
+
+
 def validate(spec):
     unsupported = []
-    lim = spec.limits
     # Options whose implementation has not landed yet are refused, never
     # silently ignored.
-    unsupported += [o for o, v in (("--cpu", lim.cpu), ("--cores", lim.cores), ("--memory", lim.memory),
-                                   ("--io-bps", lim.io_bps), ("--pids", lim.pids), ("--stats", spec.stats),
-                                   ("--json-status", spec.json_status),
-                                   ("--cgroup-parent", spec.cgroup_parent)) if v]
     unsupported += ["--net %s" % spec.net] if spec.net != "none" else []
     unsupported += [o for o, v in (("--upload", spec.uploads), ("-v/--volume", spec.volumes),
                                    ("--read-only", spec.read_only), ("--rootfs", spec.rootfs != "minimal")) if v]
-    unsupported += [o for o, v in (("-u/--user", spec.user), ("--cap-add", spec.cap_add),
-                                   ("--cap-drop", spec.cap_drop), ("--userns", spec.userns)) if v]
     if unsupported:
         raise UsageError("%s: not supported by this version of jrun yet" % ", ".join(unsupported))
     if os.geteuid() != 0:
         raise UsageError("must run as root (try: sudo jrun ...)")
+    validate_limits(spec)
+    if spec.userns and spec.user and any(p and p.isdigit() and int(p) >= USERNS_SIZE for p in spec.user):
+        raise UsageError("-u/--user: %s is not mapped under --userns (0 to %d are)"
+                         % (":".join(p for p in spec.user if p), USERNS_SIZE - 1))
     root = rootfs_path(spec)
     if not os.path.isfile(os.path.join(root, "bin/busybox")) and spec.rootfs == "minimal":
         raise SetupError("the minimal rootfs is not built at %s (run: sudo jrun rootfs build)" % root)
@@ -671,6 +1070,116 @@ def validate(spec):
         raise SetupError("--init needs %s (apt-get install tini)" % TINI)
     if os.uname().machine not in _SYSCALLS:
         raise SetupError("unsupported architecture %s (x86_64 and aarch64 are)" % os.uname().machine)
+
+
+# ---------------------------------------------------------------------------
+# Least privilege, the policy: the job's capability set and its seccomp
+# filter, computed from the JobSpec.  Pure logic; the child applies them as
+# its last steps before exec (drop_privileges).
+# ---------------------------------------------------------------------------
+
+
+def job_capabilities(spec):
+    """The capability names COMMAND runs with.  Docker's rules: --cap-add ALL
+    starts from every capability, --cap-drop ALL from none, otherwise from
+    DEFAULT_CAPS; then the named adds, then the named drops.  A -u/--user
+    job that is not root inside gets none (and --cap-add is refused)."""
+    if spec.user and spec.user[0] not in ("0", "root"):
+        return frozenset()
+    caps = set(DEFAULT_CAPS)
+    if "ALL" in spec.cap_drop:
+        caps = set()
+    if "ALL" in spec.cap_add:
+        caps = set(CAPABILITIES)
+    caps |= set(spec.cap_add) - {"ALL"}
+    caps -= set(spec.cap_drop)
+    return frozenset(caps)
+
+
+# What the default filter refuses with EPERM, and the capability whose
+# --cap-add lifts each group (as docker's profile does: a user who adds
+# SYS_TIME wants to set the clock).  The capabilities already refuse most of
+# these; the filter is the second wall, and the only one for the syscalls
+# that need no capability yet widen the kernel's attack surface: the kernel
+# keyring (not namespaced), io_uring (a long CVE list; it also bypasses
+# seccomp for the operations it performs), user namespaces (unprivileged
+# CLONE_NEWUSER hands out a full capability set in a new namespace),
+# userfaultfd, bpf, perf_event_open.
+SECCOMP_DENY = (
+    (None, ("keyctl", "add_key", "request_key", "io_uring_setup", "io_uring_enter", "io_uring_register")),
+    ("SYS_ADMIN", ("mount", "umount2", "pivot_root", "move_mount", "fsopen", "fsconfig", "fsmount",
+                   "fspick", "open_tree", "open_tree_attr", "mount_setattr", "unshare", "setns",
+                   "quotactl", "quotactl_fd", "swapon", "swapoff", "lookup_dcookie", "nfsservctl",
+                   "fanotify_init")),
+    ("SYS_MODULE", ("init_module", "finit_module", "delete_module")),
+    ("SYS_BOOT", ("reboot", "kexec_load", "kexec_file_load")),
+    ("SYS_TIME", ("settimeofday", "clock_settime", "clock_adjtime")),
+    ("SYS_PACCT", ("acct",)),
+    ("SYS_RAWIO", ("iopl", "ioperm")),
+    ("DAC_READ_SEARCH", ("open_by_handle_at", "name_to_handle_at")),  # "shocker", 2014
+    ("BPF", ("bpf",)),
+    ("PERFMON", ("perf_event_open",)),
+    ("SYS_PTRACE", ("userfaultfd",)),
+    ("SYSLOG", ("syslog",)),
+    ("SYS_TTY_CONFIG", ("vhangup",)),
+)
+# clone(2) flags that create namespaces (refused without SYS_ADMIN, like
+# unshare and setns).  CLONE_NEWTIME is left out: in clone()'s flags 0x80
+# is part of the exit signal; it can only be asked for through clone3 or
+# unshare, both refused.
+CLONE_NS_FLAGS = (CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER
+                  | CLONE_NEWPID | CLONE_NEWNET)
+
+
+def seccomp_program(machine, caps):
+    """The default filter as a classic BPF program: a list of (code, jt, jf,
+    k) sock_filter tuples.
+
+    Why hand-made BPF rather than libseccomp: the filter is a deny list of
+    ~50 numbers and one argument test, which is ~110 straight-line
+    instructions that a reviewer can read (and tests/test_security.py
+    decodes and runs).  libseccomp's own Python binding is not published
+    on PyPI (Debian's python3-seccomp is built for the system python, not
+    /opt/jrun's), the PyPI stand-ins are unmaintained (pyseccomp: 2021) or
+    third-party rebuilds, and either would be a bigger thing to trust than
+    this function.  Each refused syscall is a pair
+    `jeq NR / ret ERRNO` so that no jump needs an offset over 255; the
+    kernel's seccomp action cache (5.11+) turns every syscall whose verdict
+    does not depend on its arguments (all but clone) into a bitmap lookup,
+    so the length of the list costs nothing at run time.
+
+    A syscall of another architecture (i386 through int 0x80, or x32 on
+    x86_64; arm32 on aarch64) kills the process (SIGSYS) rather than
+    returning EPERM: the numbers differ there, so a deny list written for
+    the native table would be bypassed, and a 32-bit program that gets EPERM
+    even from exit() would spin instead of failing clearly."""
+    nrs = _SYSCALLS[machine]
+    prog = [
+        (BPF_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
+        (BPF_JEQ_K, 1, 0, AUDIT_ARCH[machine]),
+        (BPF_RET_K, 0, 0, SECCOMP_RET_KILL_PROCESS),
+        (BPF_LD_W_ABS, 0, 0, 0),  # seccomp_data.nr
+    ]
+    if machine == "x86_64":
+        prog += [(BPF_JGE_K, 0, 1, X32_SYSCALL_BIT), (BPF_RET_K, 0, 0, SECCOMP_RET_KILL_PROCESS)]
+    for cap, names in SECCOMP_DENY:
+        if cap in caps:
+            continue
+        for name in names:
+            if nrs[name] is not None:
+                prog += [(BPF_JEQ_K, 0, 1, nrs[name]), (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.EPERM)]
+    if "SYS_ADMIN" not in caps:
+        prog += [
+            # clone3 passes its flags in memory, which seccomp cannot read:
+            # ENOSYS makes glibc and musl fall back to clone(), checked below.
+            (BPF_JEQ_K, 0, 1, nrs["clone3"]), (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.ENOSYS),
+            (BPF_JEQ_K, 0, 3, nrs["clone"]),
+            (BPF_LD_W_ABS, 0, 0, 16),  # low 32 bits of args[0], clone's flags (little-endian)
+            (BPF_JSET_K, 0, 1, CLONE_NS_FLAGS),
+            (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.EPERM),
+        ]
+    prog.append((BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW))
+    return prog
 
 
 # ---------------------------------------------------------------------------
@@ -778,6 +1287,7 @@ class JobState:
 #   setup(state)   parent, before the fork; records in state what it made
 #   attach(pid)    parent, once the child has its namespaces, before release
 #   enter()        child, after release, before the root is built
+#   enter_root()   child, after pivot_root, /proc and /sys
 #   collect(out)   parent, after the job ended (accounting)
 #   teardown()     parent or gc; idempotent, logs instead of raising
 # ---------------------------------------------------------------------------
@@ -798,6 +1308,9 @@ class Resource:
     def enter(self):
         pass
 
+    def enter_root(self):
+        """Child, after pivot_root and /proc, /sys: what the job sees of it."""
+
     def collect(self, out):
         pass
 
@@ -811,12 +1324,516 @@ class Resource:
         return None
 
 
+# ---------------------------------------------------------------------------
+# cgroups: the second stage of resource control.  Every job gets its own
+# cgroup, with or without limits: it accounts for the job and lets teardown
+# find and kill every process of it.  CgroupV1 and CgroupV2 share one
+# interface; the version is detected once (cgroup_host()).
+#   setup()      parent, root, host namespaces: mkdir, write the limits
+#   attach(pid)  parent: the child into the cgroup, before it is released
+#   enter()      child, root, before its root is built: verify membership and
+#                limits, then its own cgroup namespace
+#   enter_root() child, after pivot_root: its cgroup visible read-only
+#   collect()    parent, after the job: the cgroup's own counters
+#   teardown()   parent or gc: kill what is left, rmdir
+# ---------------------------------------------------------------------------
+
+
+def _write(path, value):
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _read(path, default=None):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError:
+        return default
+
+
+def _keyed(text, key):
+    """The number after KEY in 'key value' lines (memory.events, cpu.stat)."""
+    for line in (text or "").splitlines():
+        k, _, v = line.partition(" ")
+        if k == key:
+            return int(v)
+    return None
+
+
+def fmt_size(n):
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            v = n / (1 << shift)
+            return ("%d %s" if v == int(v) else "%.1f %s") % (v, unit)
+    return "%d B" % n
+
+
+class Cgroup(Resource):
+    name = "cgroup"
+    version = 0
+
+    def __init__(self, spec, dirs=()):
+        super().__init__(spec)
+        self.dirs = list(dirs)  # the job's cgroup directories, one per hierarchy
+        self.checks = []  # (file, expected content): what the child verifies
+        self.where = {}  # v1: {controllers "cpu,cpuacct": directory}
+
+    @staticmethod
+    def for_job(spec):
+        return (CgroupV2 if cgroup_host().version == 2 else CgroupV1)(spec)
+
+    @classmethod
+    def from_state(cls, record):
+        cg = record.get("cgroup")
+        if not cg:
+            return None
+        return (CgroupV2 if cg.get("version") == 2 else CgroupV1)(None, cg.get("dirs", ()))
+
+    def setup(self, state):
+        self.plan()
+        # Recorded before the first mkdir: gc must find whatever a crash
+        # leaves, and teardown skips what was never made.
+        state.save(cgroup={"version": self.version, "dirs": self.dirs})
+        try:
+            self.create()
+            self.write_limits(self.spec.limits)
+        except OSError as e:
+            self.teardown()
+            raise SetupError("cgroup %s: %s" % (getattr(e, "filename", None) or self.dirs[0], e.strerror)) from None
+        audit("cgroup v%d: %s created with %s" % (self.version, ", ".join(self.dirs),
+                                                  "; ".join("%s=%s" % (os.path.basename(f), v.strip())
+                                                            for f, v in self.checks) or "no limits"))
+
+    def limit(self, path, value, shown=None):
+        """Write a limit, and note what the child must read back."""
+        _write(path, value)
+        self.checks.append((path, shown if shown is not None else value))
+
+    def attach(self, pid):
+        for d in self.dirs:
+            _write(os.path.join(d, "cgroup.procs"), str(pid))
+        audit("cgroup: job PID %d placed in %s" % (pid, ", ".join(self.dirs)))
+
+    def enter(self):
+        """Child: prove from /proc/self/cgroup that this process is in
+        exactly its own job cgroup on every hierarchy ("not in the root
+        cgroup" is no proof), and that the limits in force are exactly the
+        requested ones, before anything of the job runs."""
+        mine = {}
+        for line in _read("/proc/self/cgroup", "").splitlines():
+            _, ctrls, path = line.split(":", 2)
+            mine[ctrls] = path
+        for ctrls, d in self.where.items():
+            want = "/" + os.path.relpath(d, self.mountpoint(ctrls))
+            if mine.get(ctrls) != want:
+                raise SetupError("cgroup verification failed: in %s:%s, not in the job's %s"
+                                 % (ctrls or "unified", mine.get(ctrls), want))
+        for path, want in self.checks:
+            got = _read(path)
+            if got is None or sorted(got.split()) != sorted(want.split()):
+                raise SetupError("cgroup verification failed: %s is %r, not %r" % (path, got, want))
+        audit("cgroup verified: this process is in %s only, limits read back: %s" % (
+            ", ".join("%s:%s" % (c or "0:", mine[c]) for c in self.where),
+            "; ".join("%s=%s" % (os.path.basename(f), v.strip().replace("\n", " ")) for f, v in self.checks)
+            or "none"))
+        unshare(CLONE_NEWCGROUP)
+        audit("cgroup namespace: the job's cgroup is its root '/'")
+
+    def collect(self, out):
+        pass
+
+    def kill_all(self):
+        """SIGKILL every process still in the job's cgroups.  A pidfd is
+        taken before the membership check, so a pid reused by a host process
+        in between is never signalled."""
+        deadline = time.monotonic() + 2.0
+        job = "/" + "/".join(self.dirs[0].split("/")[-2:])  # <parent>/<id>
+        while True:
+            pids = set()
+            for d in self.dirs:
+                pids.update(int(p) for p in (_read(os.path.join(d, "cgroup.procs")) or "").split())
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    fd = os.pidfd_open(pid)
+                except OSError:
+                    continue
+                try:
+                    if any(line.split(":", 2)[2].endswith(job)
+                           for line in (_read("/proc/%d/cgroup" % pid) or "").splitlines()):
+                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+                except OSError:
+                    pass
+                finally:
+                    os.close(fd)
+            if time.monotonic() > deadline:
+                raise SetupError("processes %s survive SIGKILL" % sorted(pids))
+            time.sleep(0.005)
+
+    def teardown(self):
+        try:
+            self.kill_all()
+        except (OSError, SetupError) as e:
+            log("warning", "cgroup teardown: %s" % e)
+        for d in reversed(self.dirs):
+            # Right after the last process exits the kernel may still hold
+            # the cgroup busy for a moment (EBUSY): retry briefly.
+            for _ in range(200):
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as e:
+                    if e.errno != errno.EBUSY:
+                        log("warning", "cgroup teardown: cannot remove %s: %s" % (d, e.strerror))
+                        break
+                    time.sleep(0.005)
+            else:
+                log("warning", "cgroup teardown: %s is still busy; `jrun gc` will retry" % d)
+
+
+class CgroupV1(Cgroup):
+    """One directory per mounted v1 hierarchy: <mount>/<parent>/<id>."""
+
+    version = 1
+
+    def plan(self):
+        host = cgroup_host()
+        self.where = {}
+        for ctrl in cgroup_controllers(self.spec):
+            point, ctrls = host.mounts[ctrl]
+            self.where[ctrls] = os.path.join(point, cgroup_parent(self.spec), self.spec.id)
+        self.dirs = list(self.where.values())
+
+    def mountpoint(self, ctrls):
+        return cgroup_host().mounts[ctrls.split(",")[0]][0]
+
+    def create(self):
+        for ctrls, d in self.where.items():
+            p = os.path.dirname(d)
+            try:
+                os.mkdir(p, 0o755)  # the shared jrun subtree; --cgroup-parent exists already
+            except FileExistsError:
+                pass
+            if "cpuset" in ctrls.split(","):
+                # A new v1 cpuset has no CPUs and no memory nodes, and no
+                # task may join it until both are set: the shared subtree
+                # gets its own parent's.
+                for f in ("cpuset.cpus", "cpuset.mems"):
+                    if not _read(os.path.join(p, f), "").strip():
+                        _write(os.path.join(p, f), _read(os.path.join(os.path.dirname(p), f)).strip())
+            os.mkdir(d, 0o755)
+
+    def _dir(self, ctrl):
+        for ctrls, d in self.where.items():
+            if ctrl in ctrls.split(","):
+                return d
+        return None
+
+    def write_limits(self, lim):
+        cs = self._dir("cpuset")
+        if cs:
+            cpus = parse_cpuset("--cores", lim.cores) if lim.cores else _read_cpuset_file(
+                os.path.join(os.path.dirname(cs), "cpuset.cpus"))
+            self.limit(os.path.join(cs, "cpuset.cpus"), format_cpuset(cpus) + "\n")
+            mems = _read(os.path.join(os.path.dirname(cs), "cpuset.mems")).strip()
+            self.limit(os.path.join(cs, "cpuset.mems"), mems + "\n")
+        if lim.cpu is not None:
+            d = self._dir("cpu")
+            self.limit(os.path.join(d, "cpu.cfs_period_us"), "%d\n" % CPU_PERIOD_US)
+            self.limit(os.path.join(d, "cpu.cfs_quota_us"), "%d\n" % (lim.cpu * CPU_PERIOD_US // 100))
+        if lim.memory is not None:
+            d = self._dir("memory")
+            page = os.sysconf("SC_PAGE_SIZE")
+            mem = lim.memory // page * page
+            self.limit(os.path.join(d, "memory.limit_in_bytes"), "%d\n" % mem)
+            memsw = os.path.join(d, "memory.memsw.limit_in_bytes")
+            if os.path.exists(memsw):
+                # memory+swap: the same ceiling, so swap adds nothing.
+                self.limit(memsw, "%d\n" % mem)
+            else:
+                self.limit(os.path.join(d, "memory.swappiness"), "0\n")
+                if _read("/proc/swaps", "").count("\n") > 1:
+                    log("warning", "--memory: this kernel has no swap accounting (boot with swapaccount=1); "
+                        "the job's swappiness is 0, but swap is not strictly excluded")
+        if lim.pids is not None:
+            self.limit(os.path.join(self._dir("pids"), "pids.max"), "%d\n" % lim.pids)
+        if lim.io_bps is not None:
+            d = self._dir("blkio")
+            devs = block_devices(io_paths(self.spec))
+            for f in ("blkio.throttle.read_bps_device", "blkio.throttle.write_bps_device"):
+                for dev in devs:
+                    _write(os.path.join(d, f), "%s %d" % (dev, lim.io_bps))
+                self.checks.append((os.path.join(d, f), "".join("%s %d\n" % (dev, lim.io_bps) for dev in devs)))
+
+    def enter_root(self):
+        """A read-only tmpfs at /sys/fs/cgroup, and on it each of the job's
+        hierarchies read-only; in the job's cgroup namespace each shows the
+        job's own cgroup as its root."""
+        flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+        mount("cgroup", CGROUP_ROOT, "tmpfs", flags, "mode=0755,size=16k")
+        for ctrls, d in self.where.items():
+            target = os.path.join(CGROUP_ROOT, os.path.basename(self.mountpoint(ctrls)))
+            os.mkdir(target, 0o555)
+            mount("cgroup", target, "cgroup", flags | MS_RDONLY, ctrls)
+        mount(None, CGROUP_ROOT, None, MS_REMOUNT | MS_RDONLY | flags, "mode=0755,size=16k")
+        audit("%s: read-only tmpfs with the job's hierarchies %s, read-only"
+              % (CGROUP_ROOT, ", ".join(self.where)))
+
+    def collect(self, out):
+        cpu, mem = self._dir("cpuacct"), self._dir("memory")
+        usage = _read(os.path.join(cpu, "cpuacct.usage")) if cpu else None
+        out.cpu_s = int(usage) / 1e9 if usage else None
+        if mem:
+            peak = _read(os.path.join(mem, "memory.max_usage_in_bytes"))
+            out.memory_peak_bytes = int(peak) if peak else None
+            out.oom_kills = _keyed(_read(os.path.join(mem, "memory.oom_control")), "oom_kill") or 0
+        blk = self._dir("blkio")
+        if blk:
+            # Direct IO and reads; buffered writes are charged to the flusher
+            # thread on v1, not to the job.
+            text = _read(os.path.join(blk, "blkio.throttle.io_service_bytes_recursive"), "")
+            out.io_read_bytes = out.io_write_bytes = 0
+            for line in text.splitlines():
+                f = line.split()
+                if len(f) == 3 and f[1] in ("Read", "Write"):
+                    if f[1] == "Read":
+                        out.io_read_bytes += int(f[2])
+                    else:
+                        out.io_write_bytes += int(f[2])
+
+
+class CgroupV2(Cgroup):
+    """One directory in the unified hierarchy: /sys/fs/cgroup/<parent>/<id>.
+    Controllers are enabled in cgroup.subtree_control along the path; jrun
+    never puts a process in the parents (the no-internal-process rule)."""
+
+    version = 2
+
+    def plan(self):
+        self.controllers = cgroup_controllers(self.spec)
+        d = os.path.join(CGROUP_ROOT, cgroup_parent(self.spec), self.spec.id)
+        self.where = {"": d}
+        self.dirs = [d]
+
+    def mountpoint(self, ctrls):
+        return CGROUP_ROOT
+
+    def create(self):
+        d = self.dirs[0]
+        parent = os.path.dirname(d)
+        if not self.spec.cgroup_parent:
+            self._enable(CGROUP_ROOT)
+            try:
+                os.mkdir(parent, 0o755)
+            except FileExistsError:
+                pass
+        self._enable(parent)
+        os.mkdir(d, 0o755)
+
+    def _enable(self, cg):
+        on = set((_read(os.path.join(cg, "cgroup.subtree_control")) or "").split())
+        want = [c for c in self.controllers if c not in on]
+        if not want:
+            return
+        try:
+            _write(os.path.join(cg, "cgroup.subtree_control"), " ".join("+" + c for c in want))
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                raise SetupError("cannot enable %s in %s: it has processes of its own (cgroup v2 "
+                                 "no-internal-process rule); use --cgroup-parent with a delegated subtree"
+                                 % (" ".join(want), cg)) from None
+            raise
+
+    def write_limits(self, lim):
+        d = self.dirs[0]
+        if lim.cores is not None:
+            self.limit(os.path.join(d, "cpuset.cpus"), format_cpuset(parse_cpuset("--cores", lim.cores)) + "\n")
+        if lim.cpu is not None:
+            self.limit(os.path.join(d, "cpu.max"), "%d %d\n" % (lim.cpu * CPU_PERIOD_US // 100, CPU_PERIOD_US))
+        if lim.memory is not None:
+            page = os.sysconf("SC_PAGE_SIZE")
+            self.limit(os.path.join(d, "memory.max"), "%d\n" % (lim.memory // page * page))
+            if os.path.exists(os.path.join(d, "memory.swap.max")):
+                self.limit(os.path.join(d, "memory.swap.max"), "0\n")
+            elif _read("/proc/swaps", "").count("\n") > 1:
+                log("warning", "--memory: this kernel has no swap accounting; swap is not strictly excluded")
+            # Out of memory, the whole job is killed, not one process of it:
+            # jrun then reports exit 137 for the job as a whole.
+            self.limit(os.path.join(d, "memory.oom.group"), "1\n")
+        if lim.pids is not None:
+            self.limit(os.path.join(d, "pids.max"), "%d\n" % lim.pids)
+        if lim.io_bps is not None:
+            devs = block_devices(io_paths(self.spec))
+            for dev in devs:
+                _write(os.path.join(d, "io.max"), "%s rbps=%d wbps=%d" % (dev, lim.io_bps, lim.io_bps))
+            self.checks.append((os.path.join(d, "io.max"), "".join(
+                "%s rbps=%d wbps=%d riops=max wiops=max\n" % (dev, lim.io_bps, lim.io_bps) for dev in devs)))
+
+    def enter_root(self):
+        mount("cgroup2", CGROUP_ROOT, "cgroup2", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        audit("%s: the job's own cgroup2, read-only" % CGROUP_ROOT)
+
+    def collect(self, out):
+        d = self.dirs[0]
+        usage = _keyed(_read(os.path.join(d, "cpu.stat")), "usage_usec")
+        out.cpu_s = usage / 1e6 if usage is not None else None
+        # memory.peak is kernel 5.19+; before that there is no peak to read.
+        peak = _read(os.path.join(d, "memory.peak"))
+        out.memory_peak_bytes = int(peak) if peak else None
+        out.oom_kills = _keyed(_read(os.path.join(d, "memory.events")), "oom_kill") or 0
+        io = _read(os.path.join(d, "io.stat"))
+        if io is not None:
+            out.io_read_bytes = out.io_write_bytes = 0
+            for line in io.splitlines():
+                for kv in line.split()[1:]:
+                    k, _, v = kv.partition("=")
+                    if k == "rbytes":
+                        out.io_read_bytes += int(v)
+                    elif k == "wbytes":
+                        out.io_write_bytes += int(v)
+
+    def kill_all(self):
+        d = self.dirs[0]
+        if os.path.exists(os.path.join(d, "cgroup.kill")):  # kernel 5.14+
+            _write(os.path.join(d, "cgroup.kill"), "1")
+            deadline = time.monotonic() + 2.0
+            while "populated 1" in (_read(os.path.join(d, "cgroup.events")) or ""):
+                if time.monotonic() > deadline:
+                    raise SetupError("%s: processes survive cgroup.kill" % d)
+                time.sleep(0.002)
+        else:
+            super().kill_all()
+# The job's user namespace (--userns).  Created by the parent, as real root,
+# through a short-lived helper process, so that the maps are written by a
+# privileged process (no setgroups "deny" needed) before the child exists;
+# the child uses it twice: as the idmap of the rootfs (so that the job's root
+# owns the rootfs files it sees) and, last of all, joins it (setns) before
+# dropping privileges.  Every other namespace of the job was created by
+# real root and stays owned by the host's user namespace: the job's root
+# holds its capabilities over nothing but its own files and processes.
+# ---------------------------------------------------------------------------
+
+
+def _fnv1a(text):
+    h = 0x811C9DC5
+    for byte in text.encode():
+        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return h
+
+
+def chown_to_job(path, base, uid=0, gid=0):
+    """lchown PATH and everything below it to the job's UID:GID as the host
+    sees them: BASE+UID under --userns (BASE is the job's USERNS_BASE slot,
+    0 without --userns).  For whatever jrun puts in the job's root for it:
+    the writable layer, uploads."""
+    targets = [path]
+    if os.path.isdir(path) and not os.path.islink(path):
+        for d, dirs, files in os.walk(path):
+            targets += [os.path.join(d, n) for n in dirs + files]
+    for p in targets:
+        os.lchown(p, base + uid, base + gid)
+
+
+class JobUserNamespace(Resource):
+    name = "user namespace"
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.base = None
+        self.fd = None
+
+    def setup(self, state):
+        self.base = self._allocate(state)
+        self.fd = self._create()
+        audit("user namespace: uid and gid 0-%d inside are %d-%d on the host"
+              % (USERNS_SIZE - 1, self.base, self.base + USERNS_SIZE - 1))
+
+    def _allocate(self, state):
+        """A slot derived from the job id (a --name job gets the same host
+        uids every run, so its volumes keep their owner), moved on while a
+        live job holds it; the state directory's flock makes the choice and
+        its record atomic."""
+        import json
+
+        lock = os.open(STATE_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            taken = set()
+            for other in os.listdir(STATE_DIR):
+                if other == self.spec.id:
+                    continue
+                try:
+                    with open(os.path.join(STATE_DIR, other, "job.json"), encoding="utf-8") as f:
+                        rec = json.load(f)
+                except (OSError, ValueError):
+                    continue
+                if rec.get("userns_base") and JobState(other).is_live():
+                    taken.add(rec["userns_base"])
+            slot = _fnv1a(self.spec.id) % USERNS_SLOTS
+            for i in range(USERNS_SLOTS):
+                base = USERNS_BASE + ((slot + i) % USERNS_SLOTS) * USERNS_SIZE
+                if base not in taken:
+                    state.save(userns_base=base)
+                    return base
+            raise SetupError("--userns: all %d uid ranges are in use by running jobs" % USERNS_SLOTS)
+        finally:
+            os.close(lock)
+
+    def _create(self):
+        """A helper process unshares a user namespace; jrun writes its maps
+        and keeps a reference (an fd of /proc/PID/ns/user); the helper
+        exits when jrun closes the pipe."""
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        hold_r, hold_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(ready_r)
+                os.close(hold_w)
+                unshare(CLONE_NEWUSER)
+                os.write(ready_w, b"u")
+                os.read(hold_r, 1)
+            finally:
+                os._exit(0)
+        os.close(ready_w)
+        os.close(hold_r)
+        try:
+            if os.read(ready_r, 1) != b"u":
+                raise SetupError("--userns: cannot create a user namespace (user.max_user_namespaces?)")
+            for name in ("uid_map", "gid_map"):
+                with open("/proc/%d/%s" % (pid, name), "w") as f:
+                    f.write("0 %d %d\n" % (self.base, USERNS_SIZE))
+            return os.open("/proc/%d/ns/user" % pid, os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            os.close(ready_r)
+            os.close(hold_w)
+            os.waitpid(pid, 0)
+
+    def join(self):
+        """Child, last steps: enter the namespace.  The child's uids do not
+        change by this (setresuid does it next); it gains every capability
+        inside this namespace and keeps none outside."""
+        setns(self.fd, CLONE_NEWUSER)
+
+    def teardown(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 def host_resources(spec):
     """The resources a job needs, in setup order (torn down in reverse)."""
-    return []
+    return [Cgroup.for_job(spec)] + ([JobUserNamespace(spec)] if spec.userns else [])
 
 
-RESOURCE_CLASSES = ()
+RESOURCE_CLASSES = (Cgroup, JobUserNamespace)
 
 
 # ---------------------------------------------------------------------------
@@ -918,6 +1935,10 @@ def child_steps(plan):
     # (getppid() is 0 here: the parent lives outside our PID namespace; a
     # parent that died before this point closes the sync pipe instead.)
     prctl.set_pdeathsig(signal.SIGKILL)
+    # Not dumpable until exec (which resets it for COMMAND): no process of
+    # the job can ptrace this interpreter or open its /proc/1/mem, environ
+    # or fds while it still holds privileges and host file descriptors.
+    prctl.set_dumpable(0)
     unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET)
     audit("namespaces created: pid (PID %d inside), mount, uts, ipc, net" % os.getpid())
     os.write(plan.status_w, b"R\n")
@@ -925,31 +1946,37 @@ def child_steps(plan):
     # without "G" means the parent gave up: exit quietly.
     if os.read(plan.sync_r, 1) != b"G":
         os._exit(EXIT_JRUN)
-    os.close(plan.sync_r)
     for res in plan.resources:
         res.enter()
+    userns = next((r for r in plan.resources if isinstance(r, JobUserNamespace)), None)
 
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     audit("mounts made private (recursively) before anything was mounted")
-    root = build_root(spec, plan.state_dir)
+    root = build_root(spec, plan.state_dir, userns)
     pivot_into(root)
     mount_proc_and_sys()
+    for res in plan.resources:
+        res.enter_root()
+    harden_proc_and_sys()
     sethostname(spec.hostname)
     audit("hostname set to %s" % spec.hostname)
 
-    env = job_environment(spec)
+    uid, gid, home = resolve_user(spec)
+    if uid and spec.workdir == DEFAULT_WORKDIR:
+        chown_to_job(spec.workdir, userns.base if userns else 0, uid, gid)  # the job's own tmpfs
+    env = job_environment(spec, home)
     argv = resolve_command(spec, env)
     try:
         os.chdir(spec.workdir)
     except OSError as e:
         raise SetupError("-w/--workdir %s: %s" % (spec.workdir, e.strerror)) from None
-    close_inherited_fds(plan.status_w)
+    close_inherited_fds((plan.status_w, plan.sync_r) + ((userns.fd,) if userns else ()))
     os.setsid()
     audit("new session: the job has no controlling terminal (TIOCSTI, CVE-2017-5226)")
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # ignored by Python, not by COMMAND
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, plan.sigmask)
-    drop_privileges(spec)
+    drop_privileges(spec, uid, gid, plan.sync_r, userns)
     audit("exec %s" % " ".join(argv))
     try:
         os.execve(argv[0], argv, env)
@@ -960,18 +1987,29 @@ def child_steps(plan):
             "%s: cannot execute: %s%s" % (spec.command[0], e.strerror, hint)) from None
 
 
-def build_root(spec, state_dir):
+def build_root(spec, state_dir, userns=None):
     """The job's root: an overlay whose lower layer is the shared prebuilt
     rootfs (never modified) and whose upper layer lives on a tmpfs inside the
     job's own mount namespace, so it vanishes with the job even if jrun is
-    SIGKILLed, and concurrent jobs never see each other's writes."""
+    SIGKILLed, and concurrent jobs never see each other's writes.
+
+    Under --userns the job's root is host uid B (userns.base): the rootfs is
+    bound through an idmapped mount (its root-owned files appear owned by B,
+    so copy-ups stay B's too) and the roots of the writable layer and of the
+    tmpfs mounts belong to B."""
     base = os.path.join(state_dir, "root")
     mount("jrun-" + spec.id, base, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
     for d in ("lower", "upper", "work", "root"):
         os.mkdir(os.path.join(base, d), 0o755)
     root = os.path.join(base, "root")
     lower = rootfs_path(spec)
-    mount(lower, os.path.join(base, "lower"), None, MS_BIND | MS_REC)
+    owner = ""
+    if userns:
+        mount_idmapped(lower, os.path.join(base, "lower"), userns.fd)
+        chown_to_job(os.path.join(base, "upper"), userns.base)
+        owner = ",uid=%d,gid=%d" % (userns.base, userns.base)
+    else:
+        mount(lower, os.path.join(base, "lower"), None, MS_BIND | MS_REC)
     # Relative layer paths, so that the job's /proc/self/mountinfo names no
     # host path (overlayfs shows its options as they were given).
     os.chdir(base)
@@ -979,18 +2017,21 @@ def build_root(spec, state_dir):
     audit("root: overlay of %s with a private writable layer" % lower)
 
     tmp = _safe_mkdirs(root, "tmp", 0o1777)
-    mount("tmpfs", tmp, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    mount("tmpfs", tmp, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777" + owner)
     work = _safe_mkdirs(root, spec.workdir)
     if spec.workdir == DEFAULT_WORKDIR:
-        mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
+        mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755" + owner)
     audit("writable /tmp and %s mounted" % spec.workdir)
 
     build_dev(root, spec)
     _safe_mkdirs(root, "proc", 0o555)
     _safe_mkdirs(root, "sys", 0o555)
-    _safe_file(root, "etc/hostname", content=spec.hostname + "\n")
-    _safe_file(root, "etc/hosts", content="127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"
-                                         "127.0.1.1\t%s\n" % spec.hostname)
+    hostname = _safe_file(root, "etc/hostname", content=spec.hostname + "\n")
+    hosts = _safe_file(root, "etc/hosts", content="127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"
+                                                 "127.0.1.1\t%s\n" % spec.hostname)
+    if userns:
+        for path in (hostname, hosts):
+            chown_to_job(path, userns.base)
     return root
 
 
@@ -1041,8 +2082,44 @@ def mount_proc_and_sys():
     audit("/sys mounted read-only")
 
 
-def job_environment(spec):
-    env = {"PATH": DEFAULT_PATH, "HOME": "/root", "HOSTNAME": spec.hostname,
+# /proc and /sys entries that tell about the host or act on it, handled as
+# runc handles them: files masked by /dev/null, directories by an empty
+# read-only tmpfs, and the kernel's knobs read-only.  /sys is read-only as a
+# whole, /sys/fs/cgroup included.  (/proc/kallsyms is left alone: without
+# CAP_SYSLOG it shows zeros for every address.)
+MASKED_FILES = ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug",
+                "/proc/latency_stats")
+MASKED_DIRS = ("/proc/acpi", "/proc/asound", "/proc/scsi", "/sys/firmware",
+               "/sys/devices/virtual/powercap")  # powercap: the PLATYPUS side channel, CVE-2020-8694
+READ_ONLY_PROC = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+
+
+def harden_proc_and_sys():
+    # ping without NET_RAW, through ICMP datagram sockets, for every group,
+    # as docker does; a per-network-namespace sysctl, so this is the job's
+    # own, and it must be written before /proc/sys goes read-only.
+    try:
+        with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
+            f.write("0 2147483647")
+    except OSError:
+        pass
+    for path in MASKED_FILES:
+        if os.path.exists(path):
+            mount("/dev/null", path, None, MS_BIND)
+    for path in MASKED_DIRS:
+        if os.path.isdir(path):
+            mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=0,mode=0555")
+    for path in READ_ONLY_PROC:
+        if os.path.exists(path):
+            mount(path, path, None, MS_BIND | MS_REC)
+            mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    audit("/proc and /sys hardened: %s masked; %s read-only"
+          % (" ".join(p.split("/", 2)[2] for p in MASKED_FILES + MASKED_DIRS),
+             " ".join(p.split("/", 2)[2] for p in READ_ONLY_PROC)))
+
+
+def job_environment(spec, home):
+    env = {"PATH": DEFAULT_PATH, "HOME": home, "HOSTNAME": spec.hostname,
            "JRUN_JOB_ID": spec.id, "container": "jrun"}
     term = os.environ.get("TERM")
     if term:
@@ -1076,16 +2153,121 @@ def resolve_command(spec, env):
     return argv
 
 
-def drop_privileges(spec):
-    """The last step before exec: capabilities, no_new_privs, user, seccomp
-    (see the security issue).  Nothing yet beyond what the core does."""
-
-
 def close_inherited_fds(keep):
-    """The job inherits fds 0, 1 and 2 only, whatever the caller leaked."""
-    os.closerange(3, keep)
-    os.closerange(keep + 1, 1 << 20)
+    """The job inherits fds 0, 1 and 2 only, whatever the caller leaked
+    (jrun's own pipes in KEEP are close-on-exec)."""
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)
     audit("file descriptors above 2 closed")
+
+
+# ---------------------------------------------------------------------------
+# The child's last steps: who COMMAND runs as, and with which privileges.
+# Still root with every capability, in the job's new root; from here on
+# only files of the job's own root are read.
+# ---------------------------------------------------------------------------
+
+
+def _db(path, nfields):
+    """The well-formed lines of a passwd(5) or group(5) file, split."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return [line.split(":") for line in f.read().splitlines() if line.count(":") == nfields - 1]
+    except OSError:
+        return []
+
+
+def resolve_user(spec):
+    """-u/--user -> (uid, gid, HOME), from the job's own /etc/passwd and
+    /etc/group (never the host's).  A numeric UID needs no entry; then the
+    GID defaults to the UID (not to 0, as docker's does: a job should not
+    get group root by accident) and HOME is /."""
+    if spec.user is None:
+        return 0, 0, "/root"
+    user, group = spec.user
+    if user.isdigit():
+        pw = next((e for e in _db("/etc/passwd", 7) if e[2].isdigit() and int(e[2]) == int(user)), None)
+        uid = int(user)
+    else:
+        pw = next((e for e in _db("/etc/passwd", 7) if e[0] == user), None)
+        if pw is None or not pw[2].isdigit():
+            raise UsageError("-u/--user: no user %r in the job's /etc/passwd" % user)
+        uid = int(pw[2])
+    if group is None:
+        gid = int(pw[3]) if pw and pw[3].isdigit() else uid
+    elif group.isdigit():
+        gid = int(group)
+    else:
+        gr = next((e for e in _db("/etc/group", 4) if e[0] == group and e[2].isdigit()), None)
+        if gr is None:
+            raise UsageError("-u/--user: no group %r in the job's /etc/group" % group)
+        gid = int(gr[2])
+    return uid, gid, (pw[5] if pw and pw[5] else "/")
+
+
+def drop_privileges(spec, uid, gid, sync_r, userns=None):
+    """The last steps before exec, in the only order that works: what needs
+    a capability (bounding set, setuid) before the capabilities go, and the
+    seccomp filter last, so that it need not allow what jrun itself calls.
+    execve stays allowed."""
+    import prctl
+
+    # No core dumps, and no way back up (the hard limit): the host's
+    # core_pattern may pipe a dump to a host program running as root.
+    setrlimit(RLIMIT_CORE, 0, 0)
+    if userns:
+        userns.join()
+        audit("joined the job's user namespace: uid %d is %d on the host" % (uid, userns.base + uid))
+    caps = job_capabilities(spec) if uid == 0 else frozenset()
+    keep = {CAPABILITIES.index(c) for c in caps}
+    # The bounding set decides what a root COMMAND gets at exec.  Counted
+    # up to the running kernel's last capability (EINVAL past it), which
+    # may be newer than the names python-prctl was built with.
+    for n in range(64):
+        if n not in keep:
+            try:
+                sys_prctl(PR_CAPBSET_DROP, n)
+            except OSError as e:
+                if e.errno == errno.EINVAL:
+                    break
+                raise
+    # Supplementary groups are cleared for root too: the invoker's (disk,
+    # docker, adm, ...) must not follow it into the job.
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    # A change of euid clears the parent-death signal (commit_creds): arm it
+    # again, then check that jrun did not die in between (its end of the
+    # sync pipe, held open for the job's life, would read as EOF).
+    prctl.set_pdeathsig(signal.SIGKILL)
+    os.set_blocking(sync_r, False)
+    try:
+        os.read(sync_r, 1)
+        os._exit(EXIT_JRUN)
+    except BlockingIOError:
+        pass
+    # A non-root uid already lost the effective and permitted sets at
+    # setresuid; root keeps exactly KEEP.  The inheritable and ambient sets
+    # are emptied for both (CVE-2022-24769: a non-empty inheritable set
+    # leaks capabilities to programs with file capabilities).
+    known = prctl.ALL_CAPS
+    prctl.set_caps(([n for n in known if n not in keep], (prctl.CAP_EFFECTIVE, prctl.CAP_PERMITTED), False),
+                   (known, prctl.CAP_INHERITABLE, False))
+    sys_prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    audit("user %d:%d, no supplementary groups; capabilities: %s"
+          % (uid, gid, ", ".join(sorted(caps)) or "none (all sets empty, bounding and ambient too)"))
+    # setuid, setgid and file-capability binaries gain nothing from now on.
+    prctl.set_no_new_privs(1)
+    audit("no_new_privs set; core dumps off")
+    if spec.seccomp == "default":
+        prog = seccomp_program(os.uname().machine, caps)
+        seccomp_set_filter(prog)
+        audit("seccomp filter installed (%d instructions)" % len(prog))
+    else:
+        audit("no seccomp filter (--seccomp unconfined)")
 
 
 # ---------------------------------------------------------------------------
@@ -1179,6 +2361,35 @@ class Outcome:
         self.timed_out = False
         self.killed = False
         self.error = None
+        # Accounting, from the job's cgroup (None: not measured here).
+        self.duration_s = None
+        self.cpu_s = None
+        self.memory_peak_bytes = None
+        self.io_read_bytes = None
+        self.io_write_bytes = None
+        self.oom_kills = 0
+
+    @property
+    def oom_killed(self):
+        return self.oom_kills > 0
+
+    def status_record(self, spec):
+        """The --json-status fields (see the contract)."""
+        r3 = (lambda v: None if v is None else round(v, 3))
+        return {"id": spec.id, "exit_code": self.exit_code, "signal": self.signal,
+                "oom_killed": self.oom_killed, "timed_out": self.timed_out,
+                "duration_s": r3(self.duration_s), "cpu_s": r3(self.cpu_s),
+                "memory_peak_bytes": self.memory_peak_bytes, "io_read_bytes": self.io_read_bytes,
+                "io_write_bytes": self.io_write_bytes}
+
+    def stats_line(self, spec):
+        def size(v):
+            return "n/a" if v is None else fmt_size(v)
+
+        return ("job %s: exit %s, wall %.2fs, cpu %s, memory peak %s, io read %s, written %s, oom kills %d"
+                % (spec.id, self.exit_code, self.duration_s or 0.0,
+                   "n/a" if self.cpu_s is None else "%.2fs" % self.cpu_s, size(self.memory_peak_bytes),
+                   size(self.io_read_bytes), size(self.io_write_bytes), self.oom_kills))
 
 
 def run_job(spec):
@@ -1204,8 +2415,30 @@ def run_job(spec):
         raise
     finally:
         teardown.run()
+        # After teardown: when the status file appears, nothing of the job
+        # is left on the host.
+        if out.exit_code is not None and started is not None:
+            report_outcome(spec, out)
         if started is not None:
             append_audit_log(end_record(spec, out, time.monotonic() - started))
+
+
+def report_outcome(spec, out):
+    if spec.stats:
+        line = out.stats_line(spec)
+        if _log["format"] == "json":
+            rec = dict(time=round(time.time(), 6), level="info", msg=line, job=spec.id)
+            rec.update(out.status_record(spec))
+            line = dumps_json(rec)
+        else:
+            line = "jrun: " + line
+        os.write(2, (line + "\n").encode())
+    if spec.json_status:
+        try:
+            with open(spec.json_status, "w", encoding="utf-8") as f:
+                f.write(dumps_json(out.status_record(spec)) + "\n")
+        except OSError as e:
+            log("error", "--json-status: cannot write %s: %s" % (spec.json_status, e.strerror))
 
 
 def supervise(spec, state, teardown, out):
@@ -1240,9 +2473,9 @@ def supervise(spec, state, teardown, out):
         if status == "R":
             for res in resources:
                 res.attach(pid)
+            # sync_w stays open for the job's life: the child checks it
+            # for EOF (jrun died) after its last credential change.
             os.write(sync_w, b"G")
-            os.close(sync_w)
-            sync_w = None
             audit("child released from the sync pipe")
             status = _read_status(status_r)
         if status and status.startswith("E"):
@@ -1254,11 +2487,15 @@ def supervise(spec, state, teardown, out):
             raise (NotFound if out.exit_code == EXIT_NOTFOUND else
                    NotExecutable if out.exit_code == EXIT_NOEXEC else SetupError)(msg)
         reaped = wait_for_job(spec, pid, out, started)
+        out.duration_s = time.monotonic() - started
         for res in resources:
             res.collect(out)
+        if out.oom_killed and not out.timed_out:
+            out.exit_code = EXIT_OOM
+            log("error", "job killed: out of memory (limit %s)" % (
+                fmt_size(spec.limits.memory) if spec.limits.memory else "none: the host's"))
     finally:
-        if sync_w is not None:
-            os.close(sync_w)
+        os.close(sync_w)
         os.close(status_r)
         if reaped is None:
             _kill_and_reap(pid)
@@ -1396,18 +2633,21 @@ def running_jobs():
     return jobs
 
 
-def _fmt_size(n):
-    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
-        if n >= 1 << shift and n % (1 << shift) == 0:
-            return "%d%s" % (n >> shift, unit)
-    return str(n)
+def _fmt_cgroup(cg):
+    """job.json's cgroup record -> the job's cgroup path, as in
+    /proc/PID/cgroup ('/jrun/ID')."""
+    dirs = cg.get("dirs") if isinstance(cg, dict) else None
+    if not dirs:
+        return str(cg or "-")
+    rel = os.path.relpath(dirs[0], CGROUP_ROOT).split("/")
+    return "/" + "/".join(rel[1:] if cg.get("version") == 1 else rel)
 
 
 def _fmt_limits(limits):
     parts = []
     for k, v in sorted((limits or {}).items()):
         if k in ("memory", "io_bps") and isinstance(v, int):
-            v = _fmt_size(v)
+            v = fmt_size(v).replace(" ", "")
         elif k == "timeout_s":
             k, v = "timeout", _fmt_dur(v)
         elif k == "cpu":
@@ -1442,7 +2682,7 @@ def cmd_ps(argv):
         if j.get("address"):
             net = "%s %s" % (net, j["address"])
         rows.append((j["id"], str(j.get("pid")), time.strftime("%H:%M:%S", time.localtime(started)),
-                     _fmt_age(now - started), _fmt_limits(j.get("limits")), net, str(j.get("cgroup") or "-"),
+                     _fmt_age(now - started), _fmt_limits(j.get("limits")), net, _fmt_cgroup(j.get("cgroup")),
                      " ".join(j.get("command") or ())))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
@@ -1704,72 +2944,43 @@ def _proc_status(text):
     return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
 
 
-def cgroup_mounts():
-    """{controller: mount point} of the cgroup hierarchies, with the v2
-    hierarchy under the key '' (on a hybrid host, /sys/fs/cgroup/unified)."""
-    mounts = {}
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            pre, _, post = line.partition(" - ")
-            fstype, _, opts = post.split()[:3]
-            point = pre.split()[4]
-            if fstype == "cgroup2":
-                mounts.setdefault("", point)
-            elif fstype == "cgroup":
-                for o in opts.split(","):
-                    if o in ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "io"):
-                        mounts.setdefault(o, point)
-    return mounts
+def verify_cgroup_host():
+    """The controllers a job can use here, and a one-line description of
+    the host's cgroup setup (from the cgroup section's CgroupHost)."""
+    host = cgroup_host()
+    have = host.controllers("")
+    if host.version == 2:
+        return have, "v2 (%s)" % " ".join(sorted(have))
+    hybrid = os.path.exists(os.path.join(CGROUP_ROOT, "unified", "cgroup.controllers"))
+    return have, "v1%s (%s)" % (" hybrid" if hybrid else "", " ".join(sorted(have)))
 
 
-def cgroup_controllers():
-    """The controllers usable by jobs, and a one-line description of the
-    host's cgroup setup."""
-    mounts = cgroup_mounts()
-    v1 = {c for c in mounts if c}
-    v2 = set()
-    if "" in mounts:
-        try:
-            with open(os.path.join(mounts[""], "cgroup.controllers")) as f:
-                v2 = set(f.read().split())
-        except OSError:
-            pass
-    if v1 and "" in mounts:
-        mode = "hybrid (v1 controllers %s; v2 %s)" % (" ".join(sorted(v1)), " ".join(sorted(v2)) or "empty")
-    elif v1:
-        mode = "v1 (%s)" % " ".join(sorted(v1))
-    else:
-        mode = "v2 (%s)" % " ".join(sorted(v2))
-    return v1 | v2, mode
+def _need_controller(*fields):
+    """Skip the check if the host lacks the controller of a limit field."""
+    have, mode = verify_cgroup_host()
+    version = cgroup_host().version
+    for field in fields:
+        opt, v1, v2 = _LIMIT_CONTROLLERS[field]
+        ctrl = v1 if version == 1 else v2
+        if ctrl not in have:
+            raise _Skip("this host has no %s cgroup controller (cgroup %s); jrun refuses %s here"
+                        % (ctrl, mode, opt))
 
 
-def _need_controller(*names):
-    have, mode = cgroup_controllers()
-    for name in names:
-        alt = {"blkio": "io", "io": "blkio"}.get(name)
-        if name not in have and alt not in have:
-            raise _Skip("this host has no %s cgroup controller (cgroup %s); jrun refuses the "
-                        "option that needs it" % (name, mode))
-
-
-def _job_cgroup_dir(pid, controller):
-    """The host directory of PID's cgroup for CONTROLLER (v1 or v2)."""
-    mounts = cgroup_mounts()
+def _job_cgroup_dir(pid, field):
+    """The host directory of PID's cgroup for a limit field's controller,
+    read from /proc/PID/cgroup: where the kernel says the job is."""
+    host = cgroup_host()
     with open("/proc/%d/cgroup" % pid) as f:
         lines = [line.rstrip("\n").split(":", 2) for line in f]
-    v1names = {controller, {"io": "blkio", "blkio": "io"}.get(controller)}
-    for hier, ctrls, path in lines:
-        if hier != "0" and v1names & set(ctrls.split(",")):
-            return os.path.join(mounts.get(controller) or mounts.get("blkio") or mounts["io"], path.lstrip("/"))
-    for hier, ctrls, path in lines:
-        if hier == "0" and "" in mounts:
-            return os.path.join(mounts[""], path.lstrip("/"))
-    raise AssertionError("PID %d is in no %s cgroup" % (pid, controller))
-
-
-def _read(path):
-    with open(path) as f:
-        return f.read().strip()
+    if host.version == 2:
+        path = next(p for h, _, p in lines if h == "0")
+        return os.path.join(CGROUP_ROOT, path.lstrip("/"))
+    ctrl = _LIMIT_CONTROLLERS[field][1]
+    for _, ctrls, path in lines:
+        if ctrl in ctrls.split(","):
+            return os.path.join(host.mounts[ctrl][0], path.lstrip("/"))
+    raise AssertionError("PID %d is in no %s cgroup" % (pid, ctrl))
 
 
 @_verify_check("Process isolation")
@@ -1951,7 +3162,7 @@ def verify_cpu(v):
 
 @_verify_check("cgroup membership")
 def verify_cgroup_membership(v):
-    _need_controller("memory", "pids", "cpu")
+    _need_controller("memory", "pids", "cpu", "cores")
     name = v.name("cg")
     proc, _ = v.start(["--name", name, "--memory", "48M", "--pids", "32", "--cpu", "50", "--cores", "0"],
                       "echo ready; read x")
@@ -1969,10 +3180,10 @@ def verify_cgroup_membership(v):
             d = _job_cgroup_dir(pid, ctrl)
             if name not in d:
                 problems.append("%s cgroup %s is not the job's" % (ctrl, d))
-            if str(pid) not in _read(os.path.join(d, "cgroup.procs")).split():
+            if str(pid) not in _read(os.path.join(d, "cgroup.procs"), "").split():
                 problems.append("PID %d is not in %s" % (pid, d))
             f = next((os.path.join(d, x) for x in files if os.path.exists(os.path.join(d, x))), None)
-            value = _read(f) if f else "?"
+            value = _read(f, "?").strip() if f else "?"
             if not want(value):
                 problems.append("%s = %s" % (f or ctrl, value))
             seen.append("%s=%s" % (os.path.basename(f or ctrl), value))
@@ -1980,7 +3191,7 @@ def verify_cgroup_membership(v):
             cpus = _proc_status(f.read()).get("Cpus_allowed_list", "?").strip()
         if cpus != "0":
             problems.append("Cpus_allowed_list = %s (wanted 0)" % cpus)
-        ev = "PID %d in %s: %s, cpus=%s" % (pid, os.path.dirname(_job_cgroup_dir(pid, "pids")) + "/...",
+        ev = "PID %d in %s: %s, cpus=%s" % (pid, _job_cgroup_dir(pid, "pids"),
                                              " ".join(seen), cpus)
     finally:
         v.stop(proc)
@@ -1990,15 +3201,15 @@ def verify_cgroup_membership(v):
 
 @_verify_check("I/O limit")
 def verify_io(v):
-    _need_controller("blkio")
+    _need_controller("io_bps")
     name = v.name("io")
     proc, _ = v.start(["--name", name, "--io-bps", "1M"], "echo ready; read x")
     try:
         job = next((j for j in running_jobs() if j["id"] == name), None)
-        d = _job_cgroup_dir(job["pid"], "blkio")
+        d = _job_cgroup_dir(job["pid"], "io_bps")
         files = [f for f in ("blkio.throttle.read_bps_device", "blkio.throttle.write_bps_device", "io.max")
                  if os.path.exists(os.path.join(d, f))]
-        text = " ".join(_read(os.path.join(d, f)) for f in files)
+        text = " ".join(_read(os.path.join(d, f), "").strip() for f in files)
     finally:
         v.stop(proc)
     ok = str(1 << 20) in text and name in d
@@ -2107,7 +3318,7 @@ def cmd_verify(argv):
     if os.geteuid() != 0:
         raise UsageError("verify must run as root (try: sudo jrun verify)")
     u = os.uname()
-    _, mode = cgroup_controllers()
+    _, mode = verify_cgroup_host()
     host = {"kernel": u.release, "machine": u.machine, "cgroup": mode, "jrun": __version__,
             "extra_options": extra}
     results = run_verification(extra)
@@ -2306,7 +3517,20 @@ def build_rootfs(force=False):
 def main(argv=None):
     if "_ARGCOMPLETE" in os.environ:  # shell completion; never on a normal run
         return complete()
-    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv is None:
+        # Called as the program: skip the interpreter's teardown (2-3 ms of
+        # every job here); nothing of jrun's needs atexit handlers.
+        code = _main(sys.argv[1:])
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            code = code or 1
+        os._exit(code)
+    return _main(list(argv))
+
+
+def _main(argv):
     try:
         _early_log_settings(argv)
         config_path, explicit = CONFIG_FILE, False

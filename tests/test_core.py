@@ -114,13 +114,13 @@ def test_exit_126_script_without_interpreter_is_127():
 
 
 def test_exit_125_bad_option_creates_nothing():
-    before = state_dirs()
-    p = jrun("--memory", "12Q", "--", "true")
+    name = "badopt-" + uuid.uuid4().hex[:6]
+    p = jrun("--name", name, "--memory", "12Q", "--", "true")
     assert p.returncode == 125
     assert p.stderr.startswith("jrun: --memory") and len(p.stderr.strip().splitlines()) == 1
-    p = jrun("--timeout", "never", "--", "true")
+    p = jrun("--name", name, "--timeout", "never", "--", "true")
     assert p.returncode == 125 and "--timeout" in p.stderr
-    assert state_dirs() == before
+    assert name not in state_dirs()
 
 
 def test_exit_128_plus_signal_with_init():

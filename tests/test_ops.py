@@ -507,8 +507,8 @@ def test_verify_refuses_a_command_and_bad_options():
 def test_verify_skips_what_the_host_cannot_support(monkeypatch):
     import jrun as J
 
-    monkeypatch.setattr(J, "cgroup_controllers", lambda: ({"cpu"}, "v1 (cpu)"))
-    with pytest.raises(J._Skip, match="no memory cgroup controller"):
+    monkeypatch.setattr(J, "verify_cgroup_host", lambda: ({"cpu"}, "v1 (cpu)"))
+    with pytest.raises(J._Skip, match="no memory cgroup controller.*refuses --memory"):
         J._need_controller("memory")
     J._need_controller("cpu")
     monkeypatch.setattr(J, "VERIFY_CHECKS", [("Memory limit", J.verify_memory)])
@@ -605,3 +605,15 @@ def test_man_options_match_help():
     help_opts = {w.rstrip(",") for line in help_text.splitlines() if line.startswith("  ")
                  for w in line.split()[:3] if w.startswith("-")}
     assert help_opts == set(table)
+
+
+def test_no_top_level_name_is_defined_twice():
+    # jrun.py is one namespace: a helper merged in from another branch must
+    # not silently replace one of the same name.
+    import ast
+
+    tree = ast.parse(open(os.path.join(ROOT, "jrun.py")).read())
+    names = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    names += [t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)
+              and t.id != "_o"]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
