@@ -14,10 +14,13 @@ One privileged invocation, no daemon, no setuid helper.  The order of a run:
      unshares mount, UTS, IPC and network namespaces and reports "ready";
   4. parent: put the child in its cgroup, move its veth in, release it
      through the sync pipe;
-  5. child: cgroup namespace, private mounts, a per-job overlay root on a
-     tmpfs, /proc, a minimal /dev, pivot_root, old root detached, hostname,
-     new session, privileges dropped, seccomp, exec COMMAND (a failure before
-     exec is reported through a close-on-exec error pipe);
+  5. child: cgroup namespace, private mounts, a per-job root on a tmpfs
+     (an overlay, or the host's system dirs read-only), /work, a minimal
+     /dev, uploads copied and volumes bound (all still before pivot_root,
+     never following a symlink of the job's root out of it), pivot_root,
+     old root detached, /proc, hostname, new session, privileges dropped,
+     seccomp, exec COMMAND (a failure before exec is reported through a
+     close-on-exec error pipe);
   6. parent: forward signals, enforce --timeout, reap, tear down in reverse.
 
 Exit status: COMMAND's own; 128+N if killed by signal N; 137 OOM-killed;
@@ -52,6 +55,7 @@ TINI = "/usr/bin/tini-static"
 BUSYBOX = "/bin/busybox"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_WORKDIR = "/work"
+DEFAULT_WORKDIR_SIZE = "25%"  # of RAM, like tmpfs's own default (50%) but halved
 DEFAULT_STOP_TIMEOUT = 10.0
 
 EXIT_TIMEOUT = 124
@@ -79,6 +83,16 @@ MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
+
+# <linux/openat2.h>, <linux/mount.h>, <linux/fcntl.h>: path resolution that
+# cannot leave a directory, and per-mount attributes set recursively.
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_IN_ROOT = 0x10
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
 
 # Signals jrun relays to the job; each asks it to end, so each starts the
 # grace period after which jrun sends SIGKILL.
@@ -114,6 +128,8 @@ _SYSCALLS = {
         112, 266, 89, None, None, 265,
         264, 280, 241, 282, 116, 58))),
 }
+for _table in _SYSCALLS.values():
+    _table["openat2"] = 437  # not filtered: staging resolves paths with it
 
 # <linux/audit.h>: the architecture tag of a syscall as seccomp sees it.
 AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
@@ -144,9 +160,7 @@ DEFAULT_CAPS = frozenset((
 RLIMIT_CORE = 4  # <asm-generic/resource.h>
 
 # <linux/mount.h>, <linux/fcntl.h>: the new mount API, for idmapped mounts.
-OPEN_TREE_CLONE = 1
-AT_EMPTY_PATH = 0x1000
-AT_RECURSIVE = 0x8000
+OPEN_TREE_CLONE = 1  # AT_EMPTY_PATH and AT_RECURSIVE: above
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 MOUNT_ATTR_IDMAP = 0x00100000
 
@@ -369,6 +383,31 @@ def sethostname(name):
     _check(_c().sethostname(raw, len(raw)), "sethostname")
 
 
+def openat2(dirfd, path, flags, resolve, mode=0):
+    """openat2(2): the kernel resolves PATH under its RESOLVE_* rules, with no
+    window between a check and the use (what a userspace walk cannot give)."""
+    import ctypes
+
+    how = (ctypes.c_uint64 * 3)(flags | os.O_CLOEXEC, mode, resolve)
+    nr = _SYSCALLS[os.uname().machine]["openat2"]
+    L = ctypes.c_long
+    return _check(_c().syscall(L(nr), L(dirfd), _b(path), ctypes.byref(how), L(ctypes.sizeof(how))),
+                  "openat2 %s" % path)
+
+
+def mount_setattr(fd, attr_set, recursive=True):
+    """mount_setattr(2) on the mount FD is open on: unlike MS_REMOUNT it sets
+    only the given flags, and with AT_RECURSIVE on every submount too."""
+    import ctypes
+
+    attr = (ctypes.c_uint64 * 4)(attr_set, 0, 0, 0)  # set, clr, propagation, userns_fd
+    nr = _SYSCALLS[os.uname().machine]["mount_setattr"]
+    flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
+    L = ctypes.c_long
+    _check(_c().syscall(L(nr), L(fd), b"", L(flags), ctypes.byref(attr), L(ctypes.sizeof(attr))),
+           "mount_setattr")
+
+
 # ---------------------------------------------------------------------------
 # JobSpec & parsing.  argv is parsed once, by one table, into a frozen
 # JobSpec; nothing below the parser sees raw options.  The same table writes
@@ -402,7 +441,8 @@ class _Frozen:
 
 
 class Upload(_Frozen):
-    __slots__ = ("src", "dest")
+    # files and bytes are counted by survey_uploads() before any side effect.
+    __slots__ = ("src", "dest", "files", "bytes")
 
 
 class Volume(_Frozen):
@@ -416,7 +456,7 @@ class Limits(_Frozen):
 class JobSpec(_Frozen):
     __slots__ = (
         "id", "named", "command", "hostname", "timeout", "stop_timeout", "init",
-        "limits", "uploads", "volumes", "workdir", "env", "rootfs", "read_only",
+        "limits", "uploads", "volumes", "workdir", "workdir_size", "env", "rootfs", "read_only",
         "net", "user", "cap_add", "cap_drop", "seccomp", "userns", "stats",
         "json_status", "cgroup_parent", "log_level", "log_format",
     )
@@ -446,6 +486,8 @@ RUN_OPTIONS = (
     Opt("--upload", None, "SRC[:DEST]", "copy a host file or directory into the job (repeatable)", repeat=True),
     Opt("--volume", "-v", "SRC:DEST[:ro]", "bind a host path into the job (repeatable)", repeat=True),
     Opt("--workdir", "-w", "DIR", "working directory inside the job (default /work)"),
+    Opt("--workdir-size", None, "SIZE", "bound of the /work tmpfs: 512M, 2G or a percentage of RAM "
+        "(default %s)" % DEFAULT_WORKDIR_SIZE),
     Opt("--env", "-e", "KEY[=VALUE]", "set a variable, or pass the caller's value (repeatable)", repeat=True),
     Opt("--env-file", None, "FILE", "read KEY=VALUE lines from FILE (repeatable)", repeat=True),
     Opt("--rootfs", None, "minimal|host|PATH", "the job's root filesystem (default minimal)"),
@@ -609,15 +651,18 @@ def parse_run(argv, config=None):
     workdir = o.get("workdir", DEFAULT_WORKDIR)
     if not workdir.startswith("/") or "\0" in workdir:
         raise UsageError("-w/--workdir: %r must be an absolute path inside the job" % workdir)
+    workdir = os.path.normpath(workdir).replace("//", "/")
     return JobSpec(
         id=job_id, named=named, command=tuple(command), hostname=hostname,
         timeout=parse_duration("--timeout", o["timeout"]) if "timeout" in o else None,
         stop_timeout=(parse_duration("--stop-timeout", o["stop_timeout"]) if "stop_timeout" in o
                       else DEFAULT_STOP_TIMEOUT),
         init=bool(o.get("init")), limits=limits,
-        uploads=tuple(o.get("upload", ())), volumes=tuple(o.get("volume", ())),
-        workdir=os.path.normpath(workdir), env=tuple(parse_env(o)),
-        rootfs=o.get("rootfs", "minimal"), read_only=bool(o.get("read_only")),
+        uploads=tuple(parse_upload(u, workdir) for u in o.get("upload", ())),
+        volumes=tuple(parse_volume(v) for v in o.get("volume", ())),
+        workdir=workdir, workdir_size=parse_workdir_size(o.get("workdir_size", DEFAULT_WORKDIR_SIZE)),
+        env=tuple(parse_env(o)), rootfs=parse_rootfs(o.get("rootfs", "minimal")),
+        read_only=bool(o.get("read_only")),
         net=o.get("net", "bridge"), user=parse_user(o["user"]) if "user" in o else None,
         cap_add=parse_caps("--cap-add", o.get("cap_add", ())),
         cap_drop=parse_caps("--cap-drop", o.get("cap_drop", ())),
@@ -661,6 +706,75 @@ def parse_caps(opt, names):
     return tuple(out)
 
 
+# Where the kernel's own filesystems are mounted: nothing is uploaded or bound
+# there (a DEST in them would be hidden, or would meet the kernel's files).
+KERNEL_DIRS = ("/proc", "/sys", "/dev")
+
+
+def job_path(opt, value, base="/"):
+    """VALUE as a normalized absolute path inside the job (relative paths are
+    under BASE).  '..' is refused outright rather than resolved: its meaning
+    would depend on symlinks in the job's root, which jrun never follows."""
+    if not value or "\0" in value or ".." in value.split("/"):
+        raise UsageError("%s: %r: a path inside the job may not be empty or contain '..'" % (opt, value))
+    path = "/" + os.path.normpath(os.path.join(base, value)).lstrip("/")
+    if path == "/":
+        raise UsageError("%s: %r: the job's root itself cannot be a destination" % (opt, value))
+    for d in KERNEL_DIRS:
+        if path == d or path.startswith(d + "/"):
+            raise UsageError("%s: %r: %s belongs to the kernel inside the job; choose another DEST"
+                             % (opt, value, d))
+    return path
+
+
+def parse_upload(text, workdir):
+    """SRC[:DEST] -> Upload.  DEST defaults to SRC's name in the workdir; a
+    relative DEST is under the workdir; a DEST ending in '/' is a directory
+    that receives SRC under its own name (like cp)."""
+    src, sep, dest = text.partition(":")
+    if not src or (sep and not dest):
+        raise UsageError("--upload: %r is not SRC[:DEST]" % text)
+    src = os.path.abspath(src)
+    name = os.path.basename(src)
+    if not name:
+        raise UsageError("--upload: %r: refusing to upload the host's root directory" % text)
+    if not sep:
+        dest = name
+    elif dest.endswith("/"):
+        dest += name
+    return Upload(src=src, dest=job_path("--upload", dest, workdir))
+
+
+def parse_volume(text):
+    """SRC:DEST[:ro|rw] -> Volume (absolute paths on both sides, like docker)."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not parts[0] or not parts[1] or parts[2:] not in ([], ["ro"], ["rw"]):
+        raise UsageError("-v/--volume: %r is not SRC:DEST[:ro]" % text)
+    src, dest = parts[0], parts[1]
+    if not src.startswith("/") or "\0" in src:
+        raise UsageError("-v/--volume: %r: SRC must be an absolute host path" % text)
+    if not dest.startswith("/"):
+        raise UsageError("-v/--volume: %r: DEST must be an absolute path inside the job" % text)
+    return Volume(src=os.path.normpath(src), dest=job_path("-v/--volume", dest),
+                  read_only=parts[2:] == ["ro"])
+
+
+def parse_workdir_size(text):
+    """A tmpfs size= value: bytes, or a percentage of RAM ('25%')."""
+    if text.endswith("%"):
+        pct = parse_int("--workdir-size", text[:-1], 1, 100)
+        return "%d%%" % pct
+    return str(parse_size("--workdir-size", text))
+
+
+def parse_rootfs(text):
+    if text in ("minimal", "host"):
+        return text
+    if not text or "\0" in text:
+        raise UsageError("--rootfs: %r is not minimal, host or a directory" % text)
+    return os.path.abspath(text)
+
+
 def parse_env(o):
     """-e and --env-file, in order of the command line; later wins."""
     out = {}
@@ -670,6 +784,8 @@ def parse_env(o):
                 lines = f.read().splitlines()
         except OSError as e:
             raise UsageError("--env-file: cannot read %r: %s" % (path, e.strerror)) from None
+        except UnicodeDecodeError:
+            raise UsageError("--env-file: %r is not UTF-8 text" % path) from None
         for n, line in enumerate(lines, 1):
             line = line.strip()
             if not line or line.startswith("#"):
@@ -677,7 +793,7 @@ def parse_env(o):
             if line.startswith("export "):
                 line = line[7:].lstrip()
             key, eq, value = line.partition("=")
-            if not eq or not _env_key_ok(key):
+            if not eq or not _env_key_ok(key) or "\0" in value:
                 raise UsageError("--env-file: %s:%d: expected KEY=VALUE" % (path, n))
             out[key] = value
     for item in o.get("env", ()):
@@ -691,8 +807,11 @@ def parse_env(o):
     return out.items()
 
 
+_ENV_KEY_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+
 def _env_key_ok(key):
-    return bool(key) and not key[0].isdigit() and all(c.isalnum() or c == "_" for c in key)
+    return bool(key) and not key[0].isdigit() and set(key) <= _ENV_KEY_CHARS
 
 
 def run_help():
@@ -1053,8 +1172,6 @@ def validate(spec):
     # Options whose implementation has not landed yet are refused, never
     # silently ignored.
     unsupported += ["--net %s" % spec.net] if spec.net != "none" else []
-    unsupported += [o for o, v in (("--upload", spec.uploads), ("-v/--volume", spec.volumes),
-                                   ("--read-only", spec.read_only), ("--rootfs", spec.rootfs != "minimal")) if v]
     if unsupported:
         raise UsageError("%s: not supported by this version of jrun yet" % ", ".join(unsupported))
     if os.geteuid() != 0:
@@ -1070,6 +1187,577 @@ def validate(spec):
         raise SetupError("--init needs %s (apt-get install tini)" % TINI)
     if os.uname().machine not in _SYSCALLS:
         raise SetupError("unsupported architecture %s (x86_64 and aarch64 are)" % os.uname().machine)
+    check_staging_paths(spec)
+    check_staging_sources(spec)
+
+
+def _under(path, top):
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def check_staging_paths(spec):
+    """Cross-checks of uploads and volumes (pure logic).  A volume is the
+    host's own directory: jrun never creates a mount point or copies a file
+    inside one, so nested volumes and uploads into a volume are refused."""
+    for i, v in enumerate(spec.volumes):
+        for w in spec.volumes[:i]:
+            if _under(v.dest, w.dest) or _under(w.dest, v.dest):
+                raise UsageError("-v/--volume: %s and %s: one DEST is inside the other (bind each "
+                                 "host directory to its own place)" % (w.dest, v.dest))
+    for up in spec.uploads:
+        for v in spec.volumes:
+            if _under(up.dest, v.dest):
+                raise UsageError("--upload: %s: DEST %s is inside the volume %s, which is the host's %s "
+                                 "(upload elsewhere, or put the file in %s on the host)"
+                                 % (up.src, up.dest, v.dest, v.src, v.src))
+
+
+def check_staging_sources(spec):
+    """The host side of uploads, volumes and --rootfs PATH (stat only)."""
+    import stat
+
+    for up in spec.uploads:
+        try:
+            st = os.stat(up.src)
+        except OSError as e:
+            raise UsageError("--upload: %s: %s" % (up.src, e.strerror)) from None
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            raise UsageError("--upload: %s is not a regular file or a directory" % up.src)
+    for v in spec.volumes:
+        try:
+            st = os.stat(v.src)
+        except OSError as e:
+            raise UsageError("-v/--volume: %s: %s (SRC must exist on the host)" % (v.src, e.strerror)) from None
+        if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            raise UsageError("-v/--volume: %s is a device node; volumes are mounted nodev" % v.src)
+    if spec.rootfs not in ("minimal", "host"):
+        if not os.path.isdir(spec.rootfs):
+            raise UsageError("--rootfs: %r is not a directory (use minimal, host or a directory)" % spec.rootfs)
+        if os.path.realpath(spec.rootfs) == "/":
+            raise UsageError("--rootfs: '/' is the host itself (use --rootfs host for its system "
+                             "directories, read-only)")
+
+
+def workdir_bytes(spec):
+    """The /work tmpfs's size= in bytes (a percentage is of RAM, as tmpfs has it)."""
+    if spec.workdir_size.endswith("%"):
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return ram * int(spec.workdir_size[:-1]) // 100
+    return int(spec.workdir_size)
+
+
+def survey_uploads(spec):
+    """Count the files and bytes of every upload (the parent, before any side
+    effect): for the progress line, and to refuse uploads that cannot fit in
+    the /work tmpfs.  Returns the spec with the counts in its Upload records."""
+    import stat
+
+    counted = []
+    in_work = 0
+    for up in spec.uploads:
+        files = size = pages = 0
+        todo = [up.src]
+        try:
+            st = os.stat(up.src)
+            if stat.S_ISREG(st.st_mode):
+                files, size, pages, todo = 1, st.st_size, -(-st.st_size // 4096), []
+            while todo:
+                with os.scandir(todo.pop()) as it:
+                    for e in it:
+                        if e.is_dir(follow_symlinks=False):
+                            todo.append(e.path)
+                            continue
+                        files += 1
+                        if e.is_file(follow_symlinks=False):
+                            n = e.stat(follow_symlinks=False).st_size
+                            size += n
+                            pages += -(-n // 4096)
+        except OSError as e:
+            raise UsageError("--upload: %s: %s" % (e.filename or up.src, e.strerror)) from None
+        counted.append(up.replace(files=files, bytes=size))
+        if _under(up.dest, DEFAULT_WORKDIR):
+            in_work += pages * 4096
+    if in_work > workdir_bytes(spec):
+        raise UsageError("--upload: the uploads into %s need %s, more than --workdir-size %s allows "
+                         "(raise --workdir-size)" % (DEFAULT_WORKDIR, human_bytes(in_work),
+                                                     human_bytes(workdir_bytes(spec))))
+    return spec.replace(uploads=tuple(counted))
+
+
+def human_bytes(n):
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return ("%d %s" if unit == "B" else "%.1f %s") % (n, unit)
+        n /= 1000.0
+
+
+# ---------------------------------------------------------------------------
+# Staging: the job's root and its files.  Everything below runs in the child,
+# as root, in the job's own mount namespace but BEFORE pivot_root, while the
+# host's paths are still visible.  So nothing here follows a symlink of the
+# job's root (or of an uploaded tree) with a plain path: jrun's own mount
+# points are made real directories (_safe_mkdirs), and a user's DEST is
+# resolved by the kernel with openat2(RESOLVE_IN_ROOT), where an absolute or
+# '..' symlink stays inside the job's root.  Files are created with
+# O_EXCL|O_NOFOLLOW relative to directory fds.
+# ---------------------------------------------------------------------------
+
+def _safe_mkdirs(root, rel, mode=0o755):
+    """Make root/rel a real directory, component by component, never
+    following a symlink: a hostile rootfs whose 'proc' or 'tmp' is a symlink
+    pointing outside gets it replaced (in the job's own writable layer)."""
+    path = root
+    for comp in rel.strip("/").split("/"):
+        if comp in ("", "."):
+            continue
+        if comp == "..":
+            raise SetupError("%r: '..' is not allowed in a path inside the job" % rel)
+        path = os.path.join(path, comp)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            os.mkdir(path, mode)
+            continue
+        import stat
+
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(path)
+            os.mkdir(path, mode)
+    return path
+
+
+def _safe_file(root, rel, mode=0o644, content=None):
+    """Make root/rel a regular file (for a bind mount target or a generated
+    /etc file), with the same no-symlink rule as _safe_mkdirs."""
+    parent = _safe_mkdirs(root, os.path.dirname(rel.strip("/")))
+    path = os.path.join(parent, os.path.basename(rel))
+    try:
+        st = os.lstat(path)
+        import stat
+
+        if not stat.S_ISREG(st.st_mode):
+            if stat.S_ISDIR(st.st_mode):
+                os.rmdir(path)
+            else:
+                os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise SetupError("cannot prepare %s in the job's root: %s" % (rel, e.strerror)) from None
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        if content:
+            os.write(fd, content.encode())
+    finally:
+        os.close(fd)
+    return path
+
+
+def open_tree(path, flags):
+    import ctypes
+
+    L = ctypes.c_long
+    nr = 428  # the same on x86_64 and aarch64 (the unified syscall table)
+    return _check(_c().syscall(L(nr), L(-100), _b(path), L(flags)), "open_tree %s" % path)
+
+
+def move_mount(from_fd, to_fd):
+    import ctypes
+
+    L = ctypes.c_long
+    flags = 0x04 | 0x40  # MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH
+    _check(_c().syscall(L(429), L(from_fd), b"", L(to_fd), b"", L(flags)), "move_mount")
+
+
+def bind_into(src, target_fd, attrs):
+    """Bind host path SRC, with its submounts, onto the mount point open as
+    TARGET_FD.  The copy of the tree is made read-only/nosuid/nodev while it
+    is still detached (open_tree, mount_setattr AT_RECURSIVE, move_mount), so
+    there is no moment at which the job's path is a writable view, and a
+    submount of SRC is as read-only as SRC itself (a MS_REMOUNT of the top
+    mount would leave submounts writable)."""
+    tree = open_tree(src, 1 | AT_RECURSIVE | os.O_CLOEXEC)  # OPEN_TREE_CLONE
+    try:
+        mount_setattr(tree, attrs, recursive=True)
+        move_mount(tree, target_fd)
+    finally:
+        os.close(tree)
+
+
+def open_dir_in_root(rootfd, path):
+    """An O_PATH fd of directory PATH of the job's root, made (mode 0755) if
+    missing.  Symlinks on the way are resolved by the kernel inside the
+    root: a rootfs whose 'opt' points to /etc of the host reaches the job's
+    own /etc, never the host's."""
+    fd = os.dup(rootfd)
+    done = ""
+    try:
+        for comp in path.strip("/").split("/"):
+            if comp in ("", "."):
+                continue
+            done += "/" + comp
+            try:
+                nfd = openat2(rootfd, done, os.O_PATH | os.O_DIRECTORY, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+            except FileNotFoundError:
+                try:
+                    os.mkdir(comp, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    raise SetupError("%s: a dangling symlink in the job's root" % done) from None
+                nfd = openat2(rootfd, done, os.O_PATH | os.O_DIRECTORY, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+            except NotADirectoryError:
+                raise SetupError("%s: not a directory in the job's root" % done) from None
+            os.close(fd)
+            fd = nfd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _clear_entry(dfd, name, keep_dir):
+    """Make room for NAME in directory DFD, never following it: an existing
+    symlink or file goes (in the job's own layer); an existing directory is
+    kept (merged into) when KEEP_DIR.  Returns True if a directory is there."""
+    import stat
+
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISDIR(st.st_mode):
+        if keep_dir:
+            return True
+        raise SetupError("%s is a directory in the job's root" % name)
+    os.unlink(name, dir_fd=dfd)
+    return False
+
+
+class Uploader:
+    """Copies host files into the job's root like `cp -a` run by root:
+    contents, modes, owners, times, hard links and directory structure; a
+    symlink is copied as a symlink and never followed; setuid and setgid bits
+    are dropped; device nodes and sockets are skipped (the mounts are nodev).
+    Sources are opened with O_NOFOLLOW relative to their directory's fd, and
+    destinations created with O_EXCL|O_NOFOLLOW relative to theirs, so a
+    symlink planted in the source tree, the rootfs or an earlier upload
+    cannot redirect a read or a write."""
+
+    STEP = 1 << 26  # bytes per copy call: progress and Ctrl-C are checked between calls
+
+    def __init__(self, uploads):
+        self.total_files = sum(u.files or 0 for u in uploads)
+        self.total_bytes = sum(u.bytes or 0 for u in uploads)
+        self.files = self.bytes = self.skipped = 0
+        self.fast = True  # copy_file_range until the kernel says EXDEV
+        self.tty = _log["format"] == "text" and LEVELS["info"] >= _log["level"] and os.isatty(2)
+        self.started = self.shown = time.monotonic()
+        self.links = {}
+
+    def run(self, rootfd, uploads):
+        self._say("", False)
+        for up in uploads:
+            try:
+                self.upload(rootfd, up)
+            except OSError as e:
+                raise SetupError("--upload %s: copying to %s: %s" % (up.src, up.dest, e.strerror)) from None
+            except SetupError as e:
+                raise SetupError("--upload %s: %s" % (up.src, e)) from None
+            except RecursionError:
+                raise SetupError("--upload %s: the tree is nested too deeply to copy" % up.src) from None
+        took = time.monotonic() - self.started
+        if self.tty:
+            self._say(" done in %.1fs" % took, True)
+        else:
+            log("info", "uploaded %s (%s) in %.1fs" % (self._files(), human_bytes(self.total_bytes), took))
+        if self.skipped:
+            log("warning", "--upload: skipped %d device nodes and sockets" % self.skipped)
+
+    def _say(self, tail, end):
+        if self.tty:
+            line = "\rjrun: Uploading %s (%s)...%s" % (self._files(), human_bytes(self.total_bytes), tail)
+            os.write(2, (line + ("\n" if end else "\033[K")).encode())
+
+    def _files(self):
+        return "%s file%s" % (format(self.total_files, ","), "" if self.total_files == 1 else "s")
+
+    def _progress(self):
+        now = time.monotonic()
+        if now - self.shown > 0.25:
+            self.shown = now
+            # The signals jrun forwards are blocked until exec; one pending
+            # means the caller wants to stop (Ctrl-C): do not finish a long copy.
+            pending = signal.sigpending() & set(FORWARDED_SIGNALS)
+            if pending:
+                raise SetupError("interrupted by %s" % signal.Signals(min(pending)).name)
+            self._say(" %d%%" % (100 * self.bytes // max(self.total_bytes, 1)), False)
+
+    def upload(self, rootfd, up):
+        parent, name = os.path.split(up.dest)
+        pfd = open_dir_in_root(rootfd, parent)
+        self.links = {}  # hard links are kept within one upload
+        try:
+            # SRC itself is followed if it is a symlink: the caller named it.
+            sfd = os.open(up.src, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                self._copy_open(sfd, os.fstat(sfd), pfd, name, (pfd, name))
+            finally:
+                os.close(sfd)
+        finally:
+            os.close(pfd)
+
+    def _copy_entry(self, sdir, sname, dfd, rel):
+        import stat
+
+        st = os.stat(sname, dir_fd=sdir, follow_symlinks=False)
+        mode = st.st_mode
+        if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            sfd = os.open(sname, flags | (os.O_DIRECTORY if stat.S_ISDIR(mode) else 0), dir_fd=sdir)
+            try:
+                self._copy_open(sfd, os.fstat(sfd), dfd, sname, rel)
+            finally:
+                os.close(sfd)
+        elif stat.S_ISLNK(mode):
+            target = os.readlink(sname, dir_fd=sdir)
+            _clear_entry(dfd, sname, False)
+            os.symlink(target, sname, dir_fd=dfd)
+            self._meta(None, st, dfd, sname)
+            self.files += 1
+        elif stat.S_ISFIFO(mode):
+            _clear_entry(dfd, sname, False)
+            os.mkfifo(sname, 0o600, dir_fd=dfd)
+            self._meta(None, st, dfd, sname)
+            self.files += 1
+        else:
+            self.skipped += 1
+
+    def _copy_open(self, sfd, st, dfd, name, rel):
+        import stat
+
+        if stat.S_ISDIR(st.st_mode):
+            if not _clear_entry(dfd, name, True):
+                os.mkdir(name, 0o700, dir_fd=dfd)
+            out = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            try:
+                for entry in os.scandir(sfd):
+                    self._copy_entry(sfd, entry.name, out, (rel, entry.name))
+                self._meta(out, st)
+            finally:
+                os.close(out)
+        elif stat.S_ISREG(st.st_mode):
+            self._copy_file(sfd, st, dfd, name, rel)
+        else:
+            self.skipped += 1
+
+    def _copy_file(self, sfd, st, dfd, name, rel):
+        _clear_entry(dfd, name, False)
+        self.files += 1
+        key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1:
+            if key in self.links:
+                try:
+                    first_dir, first_name = self.links[key]
+                    os.link(first_name, name, src_dir_fd=first_dir, dst_dir_fd=dfd, follow_symlinks=False)
+                    return
+                except OSError:
+                    pass  # across mounts: copy instead
+        out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                      dir_fd=dfd)
+        try:
+            self._copy_data(sfd, out)
+            self._meta(out, st)
+        finally:
+            os.close(out)
+        if st.st_nlink > 1:
+            self.links[key] = self._link_ref(rel)
+
+    def _link_ref(self, rel):
+        """REL is (parent rel, name) nested down from (upload's parent fd,
+        name); turn it into (fd, 'a/b/name') for linkat.  Every directory on
+        that path was made or checked by the copy, with no symlink in it."""
+        names = []
+        while isinstance(rel[0], tuple):
+            rel, name = rel
+            names.append(name)
+        fd, top = rel
+        return fd, "/".join([top] + names[::-1])
+
+    def _copy_data(self, sfd, out):
+        while True:
+            if self.fast:
+                try:
+                    n = os.copy_file_range(sfd, out, self.STEP)
+                except OSError as e:
+                    # Across filesystems of different types (ext4 -> tmpfs)
+                    # the kernel refuses; sendfile still copies in-kernel.
+                    if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+                    self.fast = False
+                    continue
+            else:
+                n = os.sendfile(out, sfd, None, self.STEP)
+            if not n:
+                return
+            self.bytes += n
+            self._progress()
+
+    def _meta(self, fd, st, dfd=None, name=None):
+        """Owner, then mode (chown clears setuid), then times."""
+        times = (st.st_atime_ns, st.st_mtime_ns)
+        if fd is None:
+            os.chown(name, st.st_uid, st.st_gid, dir_fd=dfd, follow_symlinks=False)
+            import stat
+
+            if not stat.S_ISLNK(st.st_mode):  # a fifo we just made: no symlink to follow
+                os.chmod(name, st.st_mode & 0o1777, dir_fd=dfd)
+            os.utime(name, ns=times, dir_fd=dfd, follow_symlinks=False)
+            return
+        os.fchown(fd, st.st_uid, st.st_gid)
+        os.fchmod(fd, st.st_mode & 0o1777)  # setuid (0o4000) and setgid (0o2000) dropped
+        os.utime(fd, ns=times)
+
+
+def prepare_volume(rootfd, v):
+    """The mount point of volume V in the job's root (a directory for a
+    directory, an empty file otherwise), as an O_PATH fd.  Made before any
+    volume is mounted, so that no path is ever created inside a host volume."""
+    try:
+        return _volume_target(rootfd, v)
+    except OSError as e:
+        raise SetupError("-v/--volume %s:%s: %s" % (v.src, v.dest, e.strerror)) from None
+    except SetupError as e:
+        raise SetupError("-v/--volume %s:%s: %s" % (v.src, v.dest, e)) from None
+
+
+def _volume_target(rootfd, v):
+    pfd = open_dir_in_root(rootfd, os.path.dirname(v.dest))
+    name = os.path.basename(v.dest)
+    try:
+        if os.path.isdir(v.src):
+            if not _clear_entry(pfd, name, True):
+                os.mkdir(name, 0o755, dir_fd=pfd)
+            return os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        try:
+            _clear_entry(pfd, name, False)
+        except SetupError:
+            raise SetupError("DEST is a directory in the job's root, SRC is not") from None
+        os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                         dir_fd=pfd))
+        return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+    finally:
+        os.close(pfd)
+
+
+def mount_volume(v, target_fd):
+    attrs = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | (MOUNT_ATTR_RDONLY if v.read_only else 0)
+    try:
+        bind_into(v.src, target_fd, attrs)
+    except OSError as e:
+        raise SetupError("-v/--volume %s:%s: %s" % (v.src, v.dest, e.strerror)) from None
+    audit("volume %s bound at %s (%s, nosuid, nodev, submounts included)"
+          % (v.src, v.dest, "read-only" if v.read_only else "read-write"))
+
+
+# --rootfs host: the host's system directories, read-only, on the job's own
+# tmpfs.  On merged-/usr systems bin, sbin and lib* are symlinks into usr.
+HOST_SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
+# What of the host's /etc a program needs to run (users, libraries, TLS roots,
+# time zone, interpreters' configuration); never shadow, gshadow, sudoers,
+# ssh host keys or ssl/private.  A name ending in '*' is a prefix.
+HOST_ETC = ("passwd", "group", "nsswitch.conf", "host.conf", "gai.conf", "protocols", "services",
+            "networks", "ethertypes", "rpc", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives",
+            "ssl/certs", "ssl/openssl.cnf", "ca-certificates", "ca-certificates.conf", "localtime",
+            "timezone", "os-release", "debian_version", "lsb-release", "mime.types", "magic", "magic.mime",
+            "locale.alias", "locale.conf", "default/locale", "profile", "bash.bashrc", "inputrc",
+            "environment", "mtab", "python3*", "perl", "fonts", "gitconfig", "pip.conf")
+# Copied rather than bound: the job (or jrun's network setup) may rewrite it.
+HOST_ETC_COPIED = ("resolv.conf",)
+RO = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
+
+
+def build_host_root(root):
+    """The root of --rootfs host: a tmpfs (the job's writable layer) with the
+    host's system directories and a safe part of /etc bound read-only."""
+    rootfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in HOST_SYSTEM_DIRS:
+            host = "/" + name
+            if os.path.islink(host):
+                os.symlink(os.readlink(host), name, dir_fd=rootfd)
+            elif os.path.isdir(host):
+                os.mkdir(name, 0o755, dir_fd=rootfd)
+                fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=rootfd)
+                try:
+                    bind_into(host, fd, RO)
+                finally:
+                    os.close(fd)
+        for d, mode in (("etc", 0o755), ("root", 0o700), ("home", 0o755), ("run", 0o755),
+                        ("var", 0o755), ("var/tmp", 0o1777), ("mnt", 0o755)):
+            os.mkdir(d, mode, dir_fd=rootfd)
+            os.chmod(d, mode, dir_fd=rootfd)  # past the umask
+        names = []
+        for pattern in HOST_ETC:
+            if pattern.endswith("*"):
+                names += sorted(n for n in os.listdir("/etc") if n.startswith(pattern[:-1]))
+            else:
+                names.append(pattern)
+        for rel in names:
+            _host_etc_entry(rootfd, rel)
+        for rel in HOST_ETC_COPIED:
+            try:
+                with open("/etc/" + rel, "rb") as f:
+                    data = f.read(1 << 20)
+            except OSError:
+                continue
+            _safe_file(root, "etc/" + rel, content=data.decode("utf-8", "replace"))
+    finally:
+        os.close(rootfd)
+    audit("root: a tmpfs with the host's %s and part of /etc, read-only, nosuid, nodev"
+          % ", ".join(n for n in HOST_SYSTEM_DIRS if os.path.lexists("/" + n)))
+
+
+def _host_etc_entry(rootfd, rel):
+    import stat
+
+    host = "/etc/" + rel
+    try:
+        st = os.lstat(host)
+    except OSError:
+        return
+    pfd = open_dir_in_root(rootfd, os.path.dirname("etc/" + rel))
+    name = os.path.basename(rel)
+    try:
+        if stat.S_ISLNK(st.st_mode):
+            # localtime, os-release, mtab: the target is a system path that
+            # the job has too, so the link is kept as a link.
+            os.symlink(os.readlink(host), name, dir_fd=pfd)
+            return
+        if stat.S_ISDIR(st.st_mode):
+            os.mkdir(name, 0o755, dir_fd=pfd)
+            fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        elif stat.S_ISREG(st.st_mode):
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o644, dir_fd=pfd))
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        else:
+            return
+        try:
+            bind_into(host, fd, RO)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(pfd)
+
+
+def make_root_read_only(root):
+    """--read-only: the root mount alone (not recursively), so /work, /tmp,
+    /dev and read-write volumes, mounted on top, stay writable."""
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        mount_setattr(fd, MOUNT_ATTR_RDONLY, recursive=False)
+    finally:
+        os.close(fd)
+    audit("root remounted read-only (workdir, /tmp, /dev and read-write volumes stay writable)")
 
 
 # ---------------------------------------------------------------------------
@@ -1844,57 +2532,6 @@ RESOURCE_CLASSES = (Cgroup, JobUserNamespace)
 # ---------------------------------------------------------------------------
 
 
-def _safe_mkdirs(root, rel, mode=0o755):
-    """Make root/rel a real directory, component by component, never
-    following a symlink: a hostile rootfs whose 'proc' or 'tmp' is a symlink
-    pointing outside gets it replaced (in the job's own writable layer)."""
-    path = root
-    for comp in rel.strip("/").split("/"):
-        if comp in ("", "."):
-            continue
-        if comp == "..":
-            raise SetupError("%r: '..' is not allowed in a path inside the job" % rel)
-        path = os.path.join(path, comp)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            os.mkdir(path, mode)
-            continue
-        import stat
-
-        if not stat.S_ISDIR(st.st_mode):
-            os.unlink(path)
-            os.mkdir(path, mode)
-    return path
-
-
-def _safe_file(root, rel, mode=0o644, content=None):
-    """Make root/rel a regular file (for a bind mount target or a generated
-    /etc file), with the same no-symlink rule as _safe_mkdirs."""
-    parent = _safe_mkdirs(root, os.path.dirname(rel.strip("/")))
-    path = os.path.join(parent, os.path.basename(rel))
-    try:
-        st = os.lstat(path)
-        import stat
-
-        if not stat.S_ISREG(st.st_mode):
-            if stat.S_ISDIR(st.st_mode):
-                os.rmdir(path)
-            else:
-                os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise SetupError("cannot prepare %s in the job's root: %s" % (rel, e.strerror)) from None
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        if content:
-            os.write(fd, content.encode())
-    finally:
-        os.close(fd)
-    return path
-
-
 class ChildPlan(_Frozen):
     """What the child needs beyond the JobSpec, computed by the parent."""
 
@@ -1988,10 +2625,12 @@ def child_steps(plan):
 
 
 def build_root(spec, state_dir, userns=None):
-    """The job's root: an overlay whose lower layer is the shared prebuilt
-    rootfs (never modified) and whose upper layer lives on a tmpfs inside the
-    job's own mount namespace, so it vanishes with the job even if jrun is
-    SIGKILLed, and concurrent jobs never see each other's writes.
+    """The job's root, on a tmpfs inside the job's own mount namespace, so
+    that everything the job writes vanishes with it even if jrun is
+    SIGKILLed, and concurrent jobs never see each other's writes: for
+    --rootfs minimal or PATH an overlay whose lower layer is that directory
+    (never modified) and whose upper layer is on the tmpfs; for --rootfs host
+    the tmpfs itself, with the host's system directories bound read-only.
 
     Under --userns the job's root is host uid B (userns.base): the rootfs is
     bound through an idmapped mount (its root-owned files appear owned by B,
@@ -1999,29 +2638,34 @@ def build_root(spec, state_dir, userns=None):
     tmpfs mounts belong to B."""
     base = os.path.join(state_dir, "root")
     mount("jrun-" + spec.id, base, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
-    for d in ("lower", "upper", "work", "root"):
-        os.mkdir(os.path.join(base, d), 0o755)
     root = os.path.join(base, "root")
-    lower = rootfs_path(spec)
-    owner = ""
-    if userns:
-        mount_idmapped(lower, os.path.join(base, "lower"), userns.fd)
-        chown_to_job(os.path.join(base, "upper"), userns.base)
-        owner = ",uid=%d,gid=%d" % (userns.base, userns.base)
+    owner = ",uid=%d,gid=%d" % (userns.base, userns.base) if userns else ""
+    os.mkdir(root, 0o755)
+    if spec.rootfs == "host":
+        mount("jrun-" + spec.id, root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755" + owner)
+        build_host_root(root)
     else:
-        mount(lower, os.path.join(base, "lower"), None, MS_BIND | MS_REC)
-    # Relative layer paths, so that the job's /proc/self/mountinfo names no
-    # host path (overlayfs shows its options as they were given).
-    os.chdir(base)
-    mount("overlay", root, "overlay", MS_NOSUID, "lowerdir=lower,upperdir=upper,workdir=work")
-    audit("root: overlay of %s with a private writable layer" % lower)
+        for d in ("lower", "upper", "work"):
+            os.mkdir(os.path.join(base, d), 0o755)
+        lower = rootfs_path(spec)
+        if userns:
+            mount_idmapped(lower, os.path.join(base, "lower"), userns.fd)
+            chown_to_job(os.path.join(base, "upper"), userns.base)
+        else:
+            mount(lower, os.path.join(base, "lower"), None, MS_BIND | MS_REC)
+        # Relative layer paths, so that the job's /proc/self/mountinfo names no
+        # host path (overlayfs shows its options as they were given).
+        os.chdir(base)
+        mount("overlay", root, "overlay", MS_NOSUID, "lowerdir=lower,upperdir=upper,workdir=work")
+        audit("root: overlay of %s with a private writable layer" % lower)
 
     tmp = _safe_mkdirs(root, "tmp", 0o1777)
     mount("tmpfs", tmp, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777" + owner)
-    work = _safe_mkdirs(root, spec.workdir)
-    if spec.workdir == DEFAULT_WORKDIR:
-        mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755" + owner)
-    audit("writable /tmp and %s mounted" % spec.workdir)
+    # /work is always the job's own bounded tmpfs, whatever -w says: a job
+    # that fills it gets ENOSPC, and the host's disk is never involved.
+    work = _safe_mkdirs(root, DEFAULT_WORKDIR)
+    mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=%s%s" % (spec.workdir_size, owner))
+    audit("writable /tmp and %s (tmpfs, size=%s) mounted" % (DEFAULT_WORKDIR, spec.workdir_size))
 
     build_dev(root, spec)
     _safe_mkdirs(root, "proc", 0o555)
@@ -2032,7 +2676,34 @@ def build_root(spec, state_dir, userns=None):
     if userns:
         for path in (hostname, hosts):
             chown_to_job(path, userns.base)
+    stage_files(spec, root, userns)
+    if spec.read_only:
+        make_root_read_only(root)
     return root
+
+
+def stage_files(spec, root, userns=None):
+    """The workdir, the volumes' mount points, the uploads, then the volumes:
+    every path is made before any host directory is bound into the root, so
+    none is ever made inside one.  Under --userns the uploads belong to the
+    job's root as the host sees it (userns.base)."""
+    rootfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    targets = []
+    try:
+        os.close(open_dir_in_root(rootfd, spec.workdir))
+        for v in spec.volumes:
+            targets.append(prepare_volume(rootfd, v))
+        if spec.uploads:
+            Uploader(spec.uploads).run(rootfd, spec.uploads)
+            if userns:
+                for u in spec.uploads:
+                    chown_to_job(os.path.join(root, u.dest.lstrip("/")), userns.base)
+        for v, fd in zip(spec.volumes, targets):
+            mount_volume(v, fd)
+    finally:
+        for fd in targets:
+            os.close(fd)
+        os.close(rootfd)
 
 
 def build_dev(root, spec):
@@ -2394,6 +3065,7 @@ class Outcome:
 
 def run_job(spec):
     validate(spec)
+    spec = survey_uploads(spec)
     teardown = Teardown()
     state = JobState(spec.id)
     state.create()
@@ -2465,7 +3137,6 @@ def supervise(spec, state, teardown, out):
     os.close(pidns)
     os.close(status_w)
     os.close(sync_r)
-    started = time.monotonic()
     state.save(pid=pid)
     reaped = None
     try:
@@ -2477,7 +3148,7 @@ def supervise(spec, state, teardown, out):
             # for EOF (jrun died) after its last credential change.
             os.write(sync_w, b"G")
             audit("child released from the sync pipe")
-            status = _read_status(status_r)
+            status = _read_status(status_r, relay_to=pid)
         if status and status.startswith("E"):
             code, _, msg = status[1:].partition(" ")
             out.error = msg
@@ -2486,6 +3157,8 @@ def supervise(spec, state, teardown, out):
             reaped = ws
             raise (NotFound if out.exit_code == EXIT_NOTFOUND else
                    NotExecutable if out.exit_code == EXIT_NOEXEC else SetupError)(msg)
+        # COMMAND runs from here: --timeout does not count the uploads' copy.
+        started = time.monotonic()
         reaped = wait_for_job(spec, pid, out, started)
         out.duration_s = time.monotonic() - started
         for res in resources:
@@ -2503,10 +3176,20 @@ def supervise(spec, state, teardown, out):
     return out.exit_code
 
 
-def _read_status(fd):
-    """One line from the child's status pipe; '' at EOF (exec succeeded)."""
+def _read_status(fd, relay_to=None):
+    """One line from the child's status pipe; '' at EOF (exec succeeded).
+    With RELAY_TO, a signal to forward that arrives meanwhile (the child may
+    be copying uploads for a while) is passed on: the child keeps it blocked,
+    and either stops its copy or COMMAND gets it at exec."""
     buf = b""
     while not buf.endswith(b"\n"):
+        if relay_to is not None:
+            import select
+
+            while not select.select([fd], [], [], 0.2)[0]:
+                info = signal.sigtimedwait(FORWARDED_SIGNALS, 0)
+                if info is not None:
+                    _signal(relay_to, info.si_signo)
         chunk = os.read(fd, 1)
         if not chunk:
             break
@@ -3383,10 +4066,11 @@ def _add_run_options(parser):
     }
     for o in RUN_OPTIONS:
         flags = [o.long] + ([o.short] if o.short else [])
+        helptext = o.help.replace("%", "%%")  # argparse formats help with %
         if o.long in FLAG_OPTIONS:
-            action = parser.add_argument(*flags, action="store_true", help=o.help)
+            action = parser.add_argument(*flags, action="store_true", help=helptext)
         else:
-            action = parser.add_argument(*flags, metavar=o.metavar, help=o.help, choices=o.choices,
+            action = parser.add_argument(*flags, metavar=o.metavar, help=helptext, choices=o.choices,
                                          action="append" if o.repeat else "store")
         if o.long in completers:
             action.completer = completers[o.long]
