@@ -50,7 +50,6 @@ CONFIG_FILE = "/etc/jrun/jrun.toml"
 STATE_DIR = "/run/jrun"
 ROOTFS_DIR = "/var/lib/jrun/rootfs"
 AUDIT_LOG = "/var/log/jrun/audit.log"
-SUBNET = "10.88.0.0/16"  # read by the network section
 TINI = "/usr/bin/tini-static"
 BUSYBOX = "/bin/busybox"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -857,8 +856,9 @@ CONFIG_RUN_KEYS = {
     "workdir": str, "rootfs": str, "read-only": bool, "net": str, "seccomp": str,
     "userns": bool, "stats": bool, "cgroup-parent": str, "log-level": str, "log-format": str,
 }
-CONFIG_HOST_KEYS = {  # key: module-level setting it replaces
-    "state-dir": "STATE_DIR", "rootfs-dir": "ROOTFS_DIR", "audit-log": "AUDIT_LOG", "subnet": "SUBNET",
+CONFIG_HOST_KEYS = {  # key: module-level setting it replaces (the subnets: the network section's)
+    "state-dir": "STATE_DIR", "rootfs-dir": "ROOTFS_DIR", "audit-log": "AUDIT_LOG",
+    "subnet": "DEFAULT_SUBNET", "net-pool": "DEFAULT_NET_POOL",
 }
 
 
@@ -922,15 +922,16 @@ def load_config(path, explicit=False):
 
 
 def _check_host_setting(path, key, value):
-    if key == "subnet":
+    if key in ("subnet", "net-pool"):
         import ipaddress
 
         try:
             net = ipaddress.ip_network(value)
         except ValueError as e:
-            raise UsageError("%s: subnet: %s" % (path, e)) from None
-        if net.version != 4 or net.prefixlen > 28:
-            raise UsageError("%s: subnet: %r must be an IPv4 network of at most /28" % (path, value))
+            raise UsageError("%s: %s: %s" % (path, key, e)) from None
+        if net.version != 4 or net.prefixlen > (28 if key == "subnet" else 24):
+            raise UsageError("%s: %s: %r must be an IPv4 network of at most /%d"
+                             % (path, key, value, 28 if key == "subnet" else 24))
     elif key == "audit-log" and value == "":
         pass  # no audit log
     elif not value.startswith("/") or "\0" in value:
@@ -3283,10 +3284,8 @@ def job_ids():
         names = os.listdir(STATE_DIR)
     except FileNotFoundError:
         return []
-    # /run/jrun/net belongs to the named networks, not to a job; no job
-    # name starts with a dot.
-    return sorted(n for n in names if n != "net" and not n.startswith(".")
-                  and os.path.isdir(os.path.join(STATE_DIR, n)))
+    # No job name starts with a dot: /run/jrun/.net belongs to the networks.
+    return sorted(n for n in names if not n.startswith(".") and os.path.isdir(os.path.join(STATE_DIR, n)))
 
 
 def _pid_alive(pid):
@@ -4036,13 +4035,20 @@ def cmd_verify(argv):
 
 def network_names():
     """bridge, none and the named networks that exist now."""
-    names = ["bridge", "none"]
+    names = {"bridge", "none"}
+    # /run/jrun/.net/jrun*: one file per network, with a line 'name NAME'.
+    net_dir = os.path.join(STATE_DIR, ".net")
     try:
-        names += sorted({n.rsplit(".", 1)[0] if n.endswith(".json") else n
-                         for n in os.listdir(os.path.join(STATE_DIR, "net"))} - set(names))
+        files = [f for f in os.listdir(net_dir) if f.startswith("jrun") and "." not in f]
     except OSError:
-        pass
-    return names
+        files = []
+    for f in files:
+        try:
+            with open(os.path.join(net_dir, f), encoding="utf-8") as fh:
+                names.update(w[1] for w in (line.split() for line in fh) if w[:1] == ["name"] and len(w) == 2)
+        except OSError:
+            pass
+    return sorted(names)
 
 
 def _capability_names():

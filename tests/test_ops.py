@@ -396,6 +396,7 @@ def test_config_defaults_and_command_line_wins(tmp_path):
     ('log-level = "loud"\n', "log-level: 'loud' is not one of"),
     ('state-dir = "relative"\n', "state-dir: 'relative' must be an absolute path"),
     ('subnet = "10.1.2.0/33"\n', "subnet:"),
+    ('net-pool = "10.1.2.0/28"\n', "net-pool: '10.1.2.0/28' must be an IPv4 network of at most /24"),
 ])
 def test_invalid_config_values(tmp_path, text, msg):
     cfg = _config(tmp_path, text)
@@ -425,12 +426,14 @@ def test_config_unit_parsing(tmp_path, monkeypatch):
     import jrun as J
 
     for k in J.CONFIG_HOST_KEYS.values():
-        monkeypatch.setattr(J, k, getattr(J, k))
+        monkeypatch.setattr(J, k, getattr(J, k, None), raising=False)
     cfg = _config(tmp_path, 'timeout = 30\nmemory = 512\ninit = true\nread-only = false\n'
-                            'state-dir = "/tmp/x"\naudit-log = ""\nsubnet = "10.99.0.0/16"\n')
+                            'state-dir = "/tmp/x"\naudit-log = ""\nsubnet = "10.99.0.0/24"\n'
+                            'net-pool = "10.98.0.0/16"\n')
     d = J.load_config(str(cfg))
     assert d == {"timeout": "30", "memory": "512", "init": True}
-    assert (J.STATE_DIR, J.AUDIT_LOG, J.SUBNET) == ("/tmp/x", "", "10.99.0.0/16")
+    assert (J.STATE_DIR, J.AUDIT_LOG) == ("/tmp/x", "")
+    assert (J.DEFAULT_SUBNET, J.DEFAULT_NET_POOL) == ("10.99.0.0/24", "10.98.0.0/16")
     s = J.parse_run(["--timeout", "5", "true"], {"timeout": "30", "init": True, "net": "none"})
     assert s.timeout == 5 and s.init is True and s.net == "none"
     assert J.load_config(str(tmp_path / "absent.toml")) == {}
@@ -541,6 +544,17 @@ def test_completion_of_options_and_subcommands(tmp_path):
     assert _complete("jrun ps --j", tmp_path) == {"--json"}
     assert "TERM" in _complete("jrun kill -s ", tmp_path)
     assert _complete("jrun rootfs ", tmp_path) >= {"build", "path"}
+
+
+def test_completion_of_network_names(tmp_path, monkeypatch):
+    import jrun as J
+
+    net = tmp_path / ".net"
+    net.mkdir()
+    (net / "jrun-0a1b2c3d4e").write_text("name lab\nsubnet 172.31.128.0/24\n")
+    (net / "jrun-0a1b2c3d4e.tmp").write_text("name half-written\n")
+    monkeypatch.setattr(J, "STATE_DIR", str(tmp_path))
+    assert J.network_names() == ["bridge", "lab", "none"]
 
 
 def test_completion_of_running_job_ids(tmp_path):
