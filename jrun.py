@@ -3361,8 +3361,9 @@ def cmd_ps(argv):
     for j in jobs:
         started = j.get("started") or now
         net = j.get("net") or "-"
-        if j.get("address"):
-            net = "%s %s" % (net, j["address"])
+        address = j.get("net_address") or j.get("address")
+        if address:
+            net = "%s %s" % (net, address)
         rows.append((j["id"], str(j.get("pid")), time.strftime("%H:%M:%S", time.localtime(started)),
                      _fmt_age(now - started), _fmt_limits(j.get("limits")), net, _fmt_cgroup(j.get("cgroup")),
                      " ".join(j.get("command") or ())))
