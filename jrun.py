@@ -1916,11 +1916,19 @@ class JobState:
                 other = JobState(self.id)
                 if other.is_live():
                     raise UsageError("--name %s: a job with this name is already running" % self.id) from None
-                gc_job(self.id)  # a dead job's leftovers: clean, then take the name
+                # A dead job's leftovers: clean, then take the name (if a
+                # concurrent `jrun gc` is at it, give it a moment).
+                if not gc_job(self.id):
+                    time.sleep(0.2)
         else:
             raise SetupError("cannot create %s" % self.dir)
-        self.lock_fd = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # The lock file appears already locked (made under another name,
+        # locked, renamed): a `jrun gc` that finds "lock" and can take it
+        # knows the job is gone, never that it has not locked it yet.
+        tmp = os.path.join(self.dir, "lock.new")
+        self.lock_fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(tmp, os.path.join(self.dir, "lock"))
         audit("state: %s created and locked" % self.dir)
 
     def is_live(self):
@@ -1959,7 +1967,7 @@ class JobState:
         return self.record
 
     def remove(self):
-        for name in ("job.json", "job.json.tmp", "root", "lock"):
+        for name in ("job.json", "job.json.tmp", "root", "lock.new", "lock"):
             p = os.path.join(self.dir, name)
             try:
                 os.rmdir(p) if name == "root" else os.unlink(p)
@@ -2081,6 +2089,49 @@ class Cgroup(Resource):
         if not cg:
             return None
         return (CgroupV2 if cg.get("version") == 2 else CgroupV1)(None, cg.get("dirs", ()))
+
+    # A job cgroup under jrun's own subtree whose job has no state directory
+    # is an orphan for gc (see the contract of orphans() there), unless a
+    # process is in it or it is younger than this: a job of a jrun with
+    # another state-dir (--config) shares the subtree, and one being set up
+    # right now has an empty cgroup for a moment.  --cgroup-parent trees
+    # are their owner's to clean.
+    ORPHAN_MIN_AGE = 60.0
+
+    @classmethod
+    def orphans(cls, known_ids):
+        host = cgroup_host()
+        points = [CGROUP_ROOT] if host.version == 2 else sorted({p for p, _ in host.mounts.values()})
+        found = {}
+        for point in points:
+            sub = os.path.join(point, CGROUP_SUBTREE)
+            try:
+                names = os.listdir(sub)
+            except OSError:
+                continue
+            for n in names:
+                if os.path.isdir(os.path.join(sub, n)):
+                    found.setdefault(n, []).append(os.path.join(sub, n))
+        known = known_ids()  # after the listing: see gc
+        now = time.time()
+        for job_id, dirs in sorted(found.items()):
+            if job_id in known or any(cls._in_use(d, now) for d in dirs):
+                continue
+            res = (CgroupV2 if host.version == 2 else CgroupV1)(None, dirs)
+            res.name = "cgroup %s" % job_id
+            yield res
+
+    @classmethod
+    def _in_use(cls, d, now):
+        try:
+            if now - os.stat(d).st_mtime < cls.ORPHAN_MIN_AGE:
+                return True
+        except OSError:
+            return True  # gone meanwhile: nothing to do
+        events = _read(os.path.join(d, "cgroup.events"))
+        if events is not None:  # v2: processes here or below
+            return "populated 0" not in events
+        return bool(_read(os.path.join(d, "cgroup.procs"), "x").strip())
 
     def setup(self, state):
         self.plan()
@@ -4253,6 +4304,13 @@ def _main(argv):
     except BrokenPipeError:  # jrun ps | head
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
         return 128 + signal.SIGPIPE
+    except Exception as e:  # noqa: BLE001 - a bug of jrun: one line, in the caller's log format
+        log("error", "internal error: %s: %s (a bug; --log-level debug shows where)" % (type(e).__name__, e))
+        if _log["level"] <= LEVELS["debug"]:
+            import traceback
+
+            log("debug", "".join(traceback.format_exception(e)).rstrip())
+        return EXIT_JRUN
 
 
 def _early_log_settings(argv, config=None):

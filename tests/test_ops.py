@@ -30,8 +30,21 @@ def _start(*args, config=None):
 
 
 def _stop(proc):
-    if proc.poll() is None:
-        proc.kill()
+    """End a job so that its jrun cleans up: stdin closed (jobs wait on
+    'read'), else SIGTERM (relayed, SIGKILL after the stop timeout); SIGKILL
+    of jrun only as a last resort."""
+    for step in ("stdin", "term", "kill"):
+        if proc.poll() is not None:
+            break
+        if step == "stdin":
+            proc.stdin.close()
+            proc.stdin = None  # communicate() must not flush it
+        else:
+            proc.terminate() if step == "term" else proc.kill()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
     proc.communicate(timeout=30)
 
 
@@ -222,7 +235,7 @@ def test_gc_never_touches_live_or_starting_jobs():
 
 
 def test_gc_concurrently_with_many_jobs():
-    names = [_name("cgc") for _ in range(12)]
+    names = [_name("cgc") for _ in range(24)]
     stop = []
 
     def gc_loop():
@@ -235,8 +248,8 @@ def test_gc_concurrently_with_many_jobs():
     def job(n):
         return oj("--net", "none", "--name", n, "--", "/bin/sh", "-c", "sleep 0.3; hostname")
 
-    with ThreadPoolExecutor(14) as ex:
-        gcs = [ex.submit(gc_loop) for _ in range(2)]
+    with ThreadPoolExecutor(15) as ex:
+        gcs = [ex.submit(gc_loop) for _ in range(3)]
         results = list(ex.map(job, names))
         stop.append(True)
         assert all(g.result() >= 1 for g in gcs)
@@ -631,3 +644,41 @@ def test_no_top_level_name_is_defined_twice():
     names += [t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)
               and t.id != "_o"]
     assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
+def test_gc_removes_orphan_cgroups_but_never_busy_or_young_ones():
+    import jrun as J
+
+    host = J.cgroup_host()
+    points = [J.CGROUP_ROOT] if host.version == 2 else sorted({p for p, _ in host.mounts.values()})[:2]
+    old, young, busy = (_name("orphan"), _name("young"), _name("busy"))
+    made = []
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        for name in (old, young, busy):
+            for point in points:
+                d = os.path.join(point, J.CGROUP_SUBTREE, name)
+                os.makedirs(d)
+                made.append(d)
+                if name != young:
+                    os.utime(d, (time.time() - 600,) * 2)
+        with open(os.path.join(points[-1], J.CGROUP_SUBTREE, busy, "cgroup.procs"), "w") as f:
+            f.write(str(sleeper.pid))
+        found = {r.name: r for r in J.Cgroup.orphans(lambda: set(J.job_ids()))}
+        assert "cgroup " + old in found
+        assert "cgroup " + young not in found and "cgroup " + busy not in found
+        assert sorted(found["cgroup " + old].dirs) == sorted(d for d in made if d.endswith(old))
+        found["cgroup " + old].teardown()  # only ours: others' orphans are theirs
+        assert not any(os.path.exists(d) for d in made if d.endswith(old))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for d in made:
+            for _ in range(100):
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.02)
