@@ -196,13 +196,17 @@ def test_kill_refuses_unknown_jobs_and_signals():
 
 def test_gc_after_kill_9_of_jrun_mid_job():
     name = _name("gc9")
-    proc = ostart("--net", "none", "--name", name, "--", "/bin/sh", "-c", "echo ready; sleep 60")
+    proc = ostart("--net", "none", "--name", name, "--memory", "64M", "--", "/bin/sh", "-c",
+                  "echo ready; sleep 60")
+    with open(os.path.join(OWN["state"], name, "job.json")) as f:
+        cgroups = json.load(f)["cgroup"]["dirs"]
+    assert cgroups and all(name in d and os.path.isdir(d) for d in cgroups)
     proc.kill()
     proc.communicate()
-    assert name in odirs()
+    assert name in odirs() and all(os.path.isdir(d) for d in cgroups)  # left behind
     p = oj("gc", check=0)
     assert "gc: removed leftovers of job %s" % name in p.stderr
-    assert name not in odirs()
+    assert name not in odirs() and not any(os.path.exists(d) for d in cgroups)
     # A second gc has nothing of this job to do and says nothing about it.
     assert name not in oj("gc", check=0).stderr
 
