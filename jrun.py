@@ -3335,6 +3335,8 @@ def job_ids():
         names = os.listdir(STATE_DIR)
     except FileNotFoundError:
         return []
+    except PermissionError:
+        raise UsageError("cannot read %s: permission denied (run as root: sudo jrun ...)" % STATE_DIR) from None
     # No job name starts with a dot: /run/jrun/.net belongs to the networks.
     return sorted(n for n in names if not n.startswith(".") and os.path.isdir(os.path.join(STATE_DIR, n)))
 

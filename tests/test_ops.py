@@ -686,3 +686,11 @@ def test_gc_removes_orphan_cgroups_but_never_busy_or_young_ones():
                     break
                 except OSError:
                     time.sleep(0.02)
+
+
+@pytest.mark.parametrize("cmd", [["ps"], ["kill", "x"], ["gc"], ["verify"]])
+def test_subcommands_refuse_non_root_with_one_line(cmd):
+    p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] + JRUN + cmd,
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 125 and p.stdout == ""
+    assert p.stderr.startswith("jrun: ") and len(p.stderr.splitlines()) == 1 and "root" in p.stderr
