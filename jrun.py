@@ -90,6 +90,8 @@ RESOLVE_IN_ROOT = 0x10
 MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_IDMAP = 0x00100000
+OPEN_TREE_CLONE = 1
 AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
 
@@ -107,7 +109,7 @@ _SYSCALL_NAMES = (
     "add_key", "request_key", "io_uring_setup", "io_uring_enter", "io_uring_register", "init_module",
     "finit_module", "delete_module", "reboot", "kexec_load", "kexec_file_load", "settimeofday",
     "clock_settime", "clock_adjtime", "acct", "iopl", "ioperm", "open_by_handle_at",
-    "name_to_handle_at", "bpf", "perf_event_open", "userfaultfd", "syslog", "vhangup",
+    "name_to_handle_at", "bpf", "perf_event_open", "userfaultfd", "syslog", "vhangup", "openat2",
 )
 _SYSCALLS = {
     "x86_64": dict(zip(_SYSCALL_NAMES, (
@@ -117,7 +119,7 @@ _SYSCALLS = {
         248, 249, 425, 426, 427, 175,
         313, 176, 169, 246, 320, 164,
         227, 305, 163, 172, 173, 304,
-        303, 321, 298, 323, 103, 153))),
+        303, 321, 298, 323, 103, 153, 437))),
     "aarch64": dict(zip(_SYSCALL_NAMES, (
         41, 220, 435, 97, 268, 40, 39, 429, 430,
         431, 432, 433, 428, 467, 442, 60,
@@ -125,10 +127,8 @@ _SYSCALLS = {
         217, 218, 425, 426, 427, 105,
         273, 106, 142, 104, 294, 170,
         112, 266, 89, None, None, 265,
-        264, 280, 241, 282, 116, 58))),
+        264, 280, 241, 282, 116, 58, 437))),
 }
-for _table in _SYSCALLS.values():
-    _table["openat2"] = 437  # not filtered: staging resolves paths with it
 
 # <linux/audit.h>: the architecture tag of a syscall as seccomp sees it.
 AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
@@ -157,11 +157,6 @@ DEFAULT_CAPS = frozenset((
 ))
 
 RLIMIT_CORE = 4  # <asm-generic/resource.h>
-
-# <linux/mount.h>, <linux/fcntl.h>: the new mount API, for idmapped mounts.
-OPEN_TREE_CLONE = 1  # AT_EMPTY_PATH and AT_RECURSIVE: above
-MOVE_MOUNT_F_EMPTY_PATH = 0x4
-MOUNT_ATTR_IDMAP = 0x00100000
 
 # --userns: each job's root is mapped to its own range of USERNS_SIZE host
 # uids (and gids) in [USERNS_BASE, 2^32): above every range useradd hands
@@ -346,29 +341,6 @@ def seccomp_set_filter(prog):
     sys_prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog))
 
 
-def mount_idmapped(source, target, userns_fd):
-    """Bind SOURCE (recursively) on TARGET with its owners shifted through
-    the user namespace USERNS_FD: open_tree, mount_setattr, move_mount."""
-    import ctypes
-
-    class MountAttr(ctypes.Structure):  # struct mount_attr, <linux/mount.h>
-        _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                    ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
-
-    nrs, c = _SYSCALLS[os.uname().machine], _c()
-    fd = _check(c.syscall(ctypes.c_long(nrs["open_tree"]), ctypes.c_int(-100), _b(source),
-                          ctypes.c_uint(OPEN_TREE_CLONE | os.O_CLOEXEC | AT_RECURSIVE)), "open_tree %s" % source)
-    try:
-        attr = MountAttr(MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
-        _check(c.syscall(ctypes.c_long(nrs["mount_setattr"]), ctypes.c_int(fd), b"",
-                         ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE), ctypes.byref(attr),
-                         ctypes.c_size_t(ctypes.sizeof(attr))), "mount_setattr idmap %s" % source)
-        _check(c.syscall(ctypes.c_long(nrs["move_mount"]), ctypes.c_int(fd), b"", ctypes.c_int(-100),
-                         _b(target), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)), "move_mount %s" % target)
-    finally:
-        os.close(fd)
-
-
 def setrlimit(resource, soft, hard):
     """(This Python is built without the resource module.)"""
     import ctypes
@@ -394,12 +366,13 @@ def openat2(dirfd, path, flags, resolve, mode=0):
                   "openat2 %s" % path)
 
 
-def mount_setattr(fd, attr_set, recursive=True):
+def mount_setattr(fd, attr_set, recursive=True, userns_fd=0):
     """mount_setattr(2) on the mount FD is open on: unlike MS_REMOUNT it sets
-    only the given flags, and with AT_RECURSIVE on every submount too."""
+    only the given flags, and with AT_RECURSIVE on every submount too.
+    USERNS_FD goes with MOUNT_ATTR_IDMAP."""
     import ctypes
 
-    attr = (ctypes.c_uint64 * 4)(attr_set, 0, 0, 0)  # set, clr, propagation, userns_fd
+    attr = (ctypes.c_uint64 * 4)(attr_set, 0, 0, userns_fd)  # set, clr, propagation, userns_fd
     nr = _SYSCALLS[os.uname().machine]["mount_setattr"]
     flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
     L = ctypes.c_long
@@ -1358,7 +1331,7 @@ def open_tree(path, flags):
     import ctypes
 
     L = ctypes.c_long
-    nr = 428  # the same on x86_64 and aarch64 (the unified syscall table)
+    nr = _SYSCALLS[os.uname().machine]["open_tree"]
     return _check(_c().syscall(L(nr), L(-100), _b(path), L(flags)), "open_tree %s" % path)
 
 
@@ -1367,19 +1340,21 @@ def move_mount(from_fd, to_fd):
 
     L = ctypes.c_long
     flags = 0x04 | 0x40  # MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH
-    _check(_c().syscall(L(429), L(from_fd), b"", L(to_fd), b"", L(flags)), "move_mount")
+    nr = _SYSCALLS[os.uname().machine]["move_mount"]
+    _check(_c().syscall(L(nr), L(from_fd), b"", L(to_fd), b"", L(flags)), "move_mount")
 
 
-def bind_into(src, target_fd, attrs):
+def bind_into(src, target_fd, attrs, userns_fd=0):
     """Bind host path SRC, with its submounts, onto the mount point open as
     TARGET_FD.  The copy of the tree is made read-only/nosuid/nodev while it
     is still detached (open_tree, mount_setattr AT_RECURSIVE, move_mount), so
     there is no moment at which the job's path is a writable view, and a
     submount of SRC is as read-only as SRC itself (a MS_REMOUNT of the top
-    mount would leave submounts writable)."""
-    tree = open_tree(src, 1 | AT_RECURSIVE | os.O_CLOEXEC)  # OPEN_TREE_CLONE
+    mount would leave submounts writable).  With MOUNT_ATTR_IDMAP, the
+    owners of the files are shifted through the user namespace USERNS_FD."""
+    tree = open_tree(src, OPEN_TREE_CLONE | AT_RECURSIVE | os.O_CLOEXEC)
     try:
-        mount_setattr(tree, attrs, recursive=True)
+        mount_setattr(tree, attrs, recursive=True, userns_fd=userns_fd)
         move_mount(tree, target_fd)
     finally:
         os.close(tree)
@@ -1851,22 +1826,25 @@ def seccomp_program(machine, caps):
     ]
     if machine == "x86_64":
         prog += [(BPF_JGE_K, 0, 1, X32_SYSCALL_BIT), (BPF_RET_K, 0, 0, SECCOMP_RET_KILL_PROCESS)]
+    if "SYS_ADMIN" not in caps:
+        prog += [
+            # clone3 passes its flags in memory, which seccomp cannot read:
+            # ENOSYS makes glibc and musl fall back to clone(), checked next.
+            # First in the program, because clone is the one verdict the
+            # kernel cannot cache (it depends on an argument).
+            (BPF_JEQ_K, 0, 1, nrs["clone3"]), (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.ENOSYS),
+            (BPF_JEQ_K, 0, 4, nrs["clone"]),
+            (BPF_LD_W_ABS, 0, 0, 16),  # low 32 bits of args[0], clone's flags (little-endian)
+            (BPF_JSET_K, 0, 1, CLONE_NS_FLAGS),
+            (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.EPERM),
+            (BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
+        ]
     for cap, names in SECCOMP_DENY:
         if cap in caps:
             continue
         for name in names:
             if nrs[name] is not None:
                 prog += [(BPF_JEQ_K, 0, 1, nrs[name]), (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.EPERM)]
-    if "SYS_ADMIN" not in caps:
-        prog += [
-            # clone3 passes its flags in memory, which seccomp cannot read:
-            # ENOSYS makes glibc and musl fall back to clone(), checked below.
-            (BPF_JEQ_K, 0, 1, nrs["clone3"]), (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.ENOSYS),
-            (BPF_JEQ_K, 0, 3, nrs["clone"]),
-            (BPF_LD_W_ABS, 0, 0, 16),  # low 32 bits of args[0], clone's flags (little-endian)
-            (BPF_JSET_K, 0, 1, CLONE_NS_FLAGS),
-            (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.EPERM),
-        ]
     prog.append((BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW))
     return prog
 
@@ -2499,9 +2477,9 @@ class JobUserNamespace(Resource):
         """A slot derived from the job id (a --name job gets the same host
         uids every run, so its volumes keep their owner), moved on while a
         live job holds it; the state directory's flock makes the choice and
-        its record atomic."""
-        import json
-
+        its record atomic.  (job.json is dumps_json's flat record: one
+        integer field is read without the json module, which costs 15 ms
+        here, more than all the rest of --userns.)"""
         lock = os.open(STATE_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -2511,11 +2489,12 @@ class JobUserNamespace(Resource):
                     continue
                 try:
                     with open(os.path.join(STATE_DIR, other, "job.json"), encoding="utf-8") as f:
-                        rec = json.load(f)
-                except (OSError, ValueError):
+                        _, found, rest = f.read().partition('"userns_base": ')
+                except OSError:
                     continue
-                if rec.get("userns_base") and JobState(other).is_live():
-                    taken.add(rec["userns_base"])
+                digits = rest[:12].split(",")[0].split("}")[0].strip()
+                if found and digits.isdigit() and JobState(other).is_live():
+                    taken.add(int(digits))
             slot = _fnv1a(self.spec.id) % USERNS_SLOTS
             for i in range(USERNS_SLOTS):
                 base = USERNS_BASE + ((slot + i) % USERNS_SLOTS) * USERNS_SIZE
@@ -2651,8 +2630,12 @@ def child_steps(plan):
     audit("hostname set to %s" % spec.hostname)
 
     uid, gid, home = resolve_user(spec)
-    if uid and spec.workdir == DEFAULT_WORKDIR:
-        chown_to_job(spec.workdir, userns.base if userns else 0, uid, gid)  # the job's own tmpfs
+    if userns and max(uid, gid) >= USERNS_SIZE:
+        raise UsageError("-u/--user: %d:%d is not mapped under --userns (0 to %d are)"
+                         % (uid, gid, USERNS_SIZE - 1))
+    if uid:  # /work, the job's own tmpfs, is its user's (what was uploaded into it keeps its owner)
+        base = userns.base if userns else 0
+        os.chown(DEFAULT_WORKDIR, base + uid, base + gid)
     env = job_environment(spec, home)
     argv = resolve_command(spec, env)
     try:
@@ -2701,7 +2684,11 @@ def build_root(spec, state_dir, userns=None):
             os.mkdir(os.path.join(base, d), 0o755)
         lower = rootfs_path(spec)
         if userns:
-            mount_idmapped(lower, os.path.join(base, "lower"), userns.fd)
+            fd = os.open(os.path.join(base, "lower"), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                bind_into(lower, fd, MOUNT_ATTR_IDMAP, userns.fd)
+            finally:
+                os.close(fd)
             chown_to_job(os.path.join(base, "upper"), userns.base)
         else:
             mount(lower, os.path.join(base, "lower"), None, MS_BIND | MS_REC)
@@ -2831,7 +2818,7 @@ def harden_proc_and_sys():
             mount("/dev/null", path, None, MS_BIND)
     for path in MASKED_DIRS:
         if os.path.isdir(path):
-            mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=0,mode=0555")
+            mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0555")
     for path in READ_ONLY_PROC:
         if os.path.exists(path):
             mount(path, path, None, MS_BIND | MS_REC)

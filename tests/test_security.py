@@ -176,6 +176,7 @@ def test_syscall_numbers_match_the_kernel_headers(machine, header):
                 if parts[2].isdigit():
                     defined[name] = int(parts[2])
     checked = 0
+    assert len(jrun._SYSCALLS[machine]) == len(jrun._SYSCALL_NAMES)
     for name, nr in jrun._SYSCALLS[machine].items():
         if name in defined:
             assert nr == defined[name], name
@@ -236,6 +237,7 @@ def probe(tmp_path_factory):
         return f.read()
 
 
+IS_ROOT = os.geteuid() == 0
 _refused = {}
 
 
@@ -250,9 +252,6 @@ def rootfs(request):
     if _refused[request.param]:
         pytest.skip("--rootfs %s is not supported by this jrun yet" % request.param)
     return opts
-
-
-IS_ROOT = os.geteuid() == 0
 
 
 def job(script, *opts, probe=None, check=0, **kw):
@@ -270,6 +269,28 @@ def job(script, *opts, probe=None, check=0, **kw):
 def status(text):
     fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
     return {k: v.strip() for k, v in fields.items()}
+
+
+def _job_process(p, name):
+    """The host pid of the job started by jrun process P, once it runs NAME."""
+    for _ in range(200):
+        try:
+            with open("/proc/%d/task/%d/children" % (p.pid, p.pid)) as f:
+                kids = f.read().split()
+            if kids:
+                with open("/proc/%s/status" % kids[0]) as f:
+                    st = status(f.read())
+                if st["Name"] == name:
+                    return int(kids[0]), st
+        except FileNotFoundError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("the job never ran %s" % name)
+
+
+def _uid_map(text):
+    inside, outside, count = text.split()
+    return int(inside), int(outside), int(count)
 
 
 @needs_root
@@ -301,12 +322,12 @@ def test_user_names_resolved_in_the_jobs_own_passwd():
     # Names only the host has are unknown in the job.
     host_only = next((line.split(":")[0] for line in open("/etc/passwd")
                       if line.split(":")[0] not in ("root", "daemon", "bin", "sys", "nobody", "user")), None)
-    before = state_dirs()
-    for user, msg in ((host_only, "no user %r in the job's /etc/passwd" % host_only),
-                      ("1000:nosuchgroup", "no group 'nosuchgroup' in the job's /etc/group")):
-        p = run_jrun("--net", "none", "-u", user, "--", "id")
+    for n, (user, msg) in enumerate(((host_only, "no user %r in the job's /etc/passwd" % host_only),
+                                     ("1000:nosuchgroup", "no group 'nosuchgroup' in the job's /etc/group"))):
+        name = "sec-baduser-%d-%d" % (os.getpid(), n)
+        p = run_jrun("--net", "none", "--name", name, "-u", user, "--", "id")
         assert p.returncode == 125 and msg in p.stderr, p.stderr
-    assert state_dirs() == before
+        assert name not in state_dirs()
 
 
 @needs_root
@@ -354,6 +375,7 @@ def test_admin_operations_fail(rootfs):
     ("userfaultfd", "EPERM"), ("perf_event_open", "EPERM"), ("open_by_handle_at", "EPERM"),
     ("io_uring_setup", "EPERM"), ("clone3", "ENOSYS"), ("clone-newuser", "EPERM"),
     ("unshare-user", "EPERM"), ("mount-proc", "EPERM"), ("clone-plain", "ok"),
+    ("raw-socket", "EPERM"), ("icmp-socket", "ok"),  # no NET_RAW, yet ping's datagram socket works
 ])
 def test_syscalls_refused_in_the_job(probe, what, want):
     assert job("/tmp/p " + what, probe=probe, check=None).strip() == want
@@ -453,22 +475,10 @@ def test_job_dies_with_jrun_after_switching_user():
     name = "sec-pdeath-%d" % os.getpid()
     p = subprocess.Popen(JRUN + ["--net", "none", "--name", name, "-u", "1000", "--", "sleep", "300"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = None
     try:
-        child = None
-        for _ in range(100):
-            try:
-                with open("/proc/%d/task/%d/children" % (p.pid, p.pid)) as f:
-                    kids = f.read().split()
-            except FileNotFoundError:
-                kids = []
-            if kids:
-                with open("/proc/%s/status" % kids[0]) as f:
-                    st = status(f.read())
-                if st["Uid"].split()[0] == "1000" and st["Name"] == "sleep":
-                    child = int(kids[0])
-                    break
-            time.sleep(0.05)
-        assert child is not None, "the job never started as uid 1000"
+        child, st = _job_process(p, "sleep")
+        assert st["Uid"].split()[0] == "1000"
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
         for _ in range(100):
@@ -480,29 +490,9 @@ def test_job_dies_with_jrun_after_switching_user():
         if p.poll() is None:
             p.kill()
             p.wait()
+        if child and os.path.exists("/proc/%d" % child):  # the defence failed: end the orphan
+            os.kill(child, signal.SIGKILL)
         jrun.gc_job(name)  # the state a SIGKILLed jrun left (this job's only)
-
-
-def _job_process(p, name):
-    """The host pid of the job started by jrun process P, once it runs NAME."""
-    for _ in range(200):
-        try:
-            with open("/proc/%d/task/%d/children" % (p.pid, p.pid)) as f:
-                kids = f.read().split()
-            if kids:
-                with open("/proc/%s/status" % kids[0]) as f:
-                    st = status(f.read())
-                if st["Name"] == name:
-                    return int(kids[0]), st
-        except FileNotFoundError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError("the job never ran %s" % name)
-
-
-def _uid_map(text):
-    inside, outside, count = text.split()
-    return int(inside), int(outside), int(count)
 
 
 @needs_root
@@ -594,3 +584,35 @@ def test_userns_files_in_a_volume_are_owned_by_the_mapped_uid(tmp_path):
     base = _uid_map(p.stdout)[1]
     st = os.stat(vol / "made-by-job")
     assert (st.st_uid, st.st_gid) == (base, base)
+
+
+@pytest.fixture
+def probe_rootfs(tmp_path, probe):
+    """A copy of the minimal rootfs with the probe installed setuid root
+    and a user whose uid is above --userns's range."""
+    root = tmp_path / "rootfs"
+    subprocess.run(["cp", "-a", "/var/lib/jrun/rootfs", str(root)], check=True)
+    path = root / "usr/bin/probe"
+    path.write_bytes(probe)
+    os.chown(path, 0, 0)
+    os.chmod(path, 0o4755)
+    with open(root / "etc/passwd", "a") as f:
+        f.write("big:x:70000:70000:big:/:/bin/sh\n")
+    return str(root)
+
+
+@needs_root
+def test_setuid_root_binary_of_the_rootfs_gains_nothing_for_a_user(probe_rootfs):
+    out = job("ls -ln /usr/bin/probe; /usr/bin/probe ids", "--rootfs", probe_rootfs, "-u", "1000")
+    mode, _, owner = out.split()[:3]
+    assert mode == "-rwsr-xr-x" and owner == "0"
+    assert out.split()[-3:] == ["1000", "1000", "1000"]
+
+
+@needs_root
+def test_userns_refuses_a_user_outside_the_mapped_range(probe_rootfs):
+    assert job("id -u", "--rootfs", probe_rootfs, "-u", "big").split() == ["70000"]
+    p = run_jrun("--net", "none", "--rootfs", probe_rootfs, "--userns", "-u", "big", "--", "id")
+    assert p.returncode == 125 and "is not mapped under --userns" in p.stderr, p.stderr
+    p = run_jrun("--net", "none", "--userns", "-u", "70000", "--", "id")
+    assert p.returncode == 125 and "is not mapped under --userns" in p.stderr, p.stderr

@@ -12,7 +12,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <grp.h>
+#include <netinet/in.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -79,6 +81,10 @@ int main(int argc, char **argv)
         mkdir("/tmp/probe-proc", 0755);
         return report(mount("proc", "/tmp/probe-proc", "proc", 0, NULL));
     }
+    if (!strcmp(what, "icmp-socket"))  /* what ping uses without NET_RAW */
+        return report(socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP));
+    if (!strcmp(what, "raw-socket"))
+        return report(socket(AF_INET, SOCK_RAW, IPPROTO_ICMP));
     if (!strcmp(what, "tiocsti")) {  /* push a keystroke into the terminal on fd 2 */
         char c = '\n';
         return report(ioctl(2, TIOCSTI, &c));
@@ -113,6 +119,6 @@ int main(int argc, char **argv)
     }
     fprintf(stderr, "usage: probe keyctl|add_key|init_module|bpf|userfaultfd|perf_event_open|"
             "open_by_handle_at|io_uring_setup|clone3|clone-newuser|clone-plain|unshare-user|"
-            "mount-proc|tiocsti|ids|as UID PROG ARGS|chroot-escape [fd]\n");
+            "mount-proc|icmp-socket|raw-socket|tiocsti|ids|as UID PROG ARGS|chroot-escape [fd]\n");
     return 2;
 }
