@@ -3967,25 +3967,32 @@ _DANGEROUS_CAPS = {21: "SYS_ADMIN", 16: "SYS_MODULE", 17: "SYS_RAWIO", 19: "SYS_
                    39: "BPF", 34: "SYSLOG", 24: "SYS_RESOURCE", 2: "DAC_READ_SEARCH"}
 
 
-def _job_status(v):
-    return _proc_status(v.run([], "cat /proc/self/status").stdout)
+def _job_status(v, probe=""):
+    """The job's /proc/self/status, and the stderr of PROBE run after it."""
+    p = v.run([], "cat /proc/self/status; echo ---; %s" % (probe or "true"))
+    status, _, rest = p.stdout.partition("---\n")
+    return _proc_status(status), (rest + p.stderr).strip()
 
 
 @_verify_check("Capabilities")
 def verify_caps(v):
-    st = _job_status(v)
+    # sethostname in the job's own UTS namespace needs CAP_SYS_ADMIN and
+    # nothing else (the syscall filter allows it): it must fail.
+    st, probe = _job_status(v, "hostname verify-caps 2>&1 && echo SETHOSTNAME-ALLOWED")
     eff, bnd = (int(st.get(k, "0").strip() or "0", 16) for k in ("CapEff", "CapBnd"))
     held = [n for bit, n in sorted(_DANGEROUS_CAPS.items()) if (eff | bnd) >> bit & 1]
-    ev = "CapEff=%s CapBnd=%s%s" % (st.get("CapEff", "?").strip(), st.get("CapBnd", "?").strip(),
-                                    "; holds " + ",".join(held) if held else "; none of " + ",".join(
-                                        sorted(_DANGEROUS_CAPS.values())[:5]) + ",...")
-    return not held, ev, "the job keeps capabilities that give root over the host", \
+    bit = "SETHOSTNAME-ALLOWED" in probe
+    ev = "CapEff=%s CapBnd=%s%s; sethostname: %s" % (
+        st.get("CapEff", "?").strip(), st.get("CapBnd", "?").strip(),
+        "; holds " + ",".join(held) if held else "; none of " + ",".join(sorted(_DANGEROUS_CAPS.values())[:4])
+        + ",...", "ALLOWED" if bit else _excerpt(probe.split(":")[-1], 30) or "refused")
+    return not held and not bit, ev, "the job keeps capabilities that give root over the host", \
         "do not pass --cap-add for these; use a jrun that drops capabilities"
 
 
 @_verify_check("no_new_privs")
 def verify_nnp(v):
-    st = _job_status(v)
+    st, _ = _job_status(v)
     value = st.get("NoNewPrivs", "?").strip()
     return value == "1", "NoNewPrivs: %s" % value, "setuid programs in the job could gain privileges", \
         "use a jrun that sets PR_SET_NO_NEW_PRIVS"
@@ -3993,12 +4000,19 @@ def verify_nnp(v):
 
 @_verify_check("Seccomp")
 def verify_seccomp(v):
-    st = _job_status(v)
+    # unshare(CLONE_NEWUSER) needs no capability: only the filter stops it.
+    st, probe = _job_status(v, "unshare -U true 2>&1 && echo UNSHARE-ALLOWED")
     mode = st.get("Seccomp", "?").strip()
     filters = st.get("Seccomp_filters", "").strip()
-    return mode == "2", "Seccomp: %s%s" % (mode, " (%s filter(s))" % filters if filters else ""), \
-        "the job runs without a syscall filter", \
-        "do not pass --seccomp unconfined; the kernel needs CONFIG_SECCOMP_FILTER"
+    bit = "UNSHARE-ALLOWED" not in probe
+    ev = "Seccomp: %s%s; unshare(CLONE_NEWUSER): %s" % (
+        mode, " (%s filter(s))" % filters if filters else "",
+        _excerpt(probe.split(":")[-1], 30) if bit else "ALLOWED")
+    if mode != "2":
+        return False, ev, "the job runs without a syscall filter", \
+            "do not pass --seccomp unconfined; the kernel needs CONFIG_SECCOMP_FILTER"
+    return bit, ev, "the syscall filter lets the job create namespaces (relaxed for CAP_SYS_ADMIN, as docker's is)", \
+        "do not pass --cap-add SYS_ADMIN"
 
 
 def run_verification(extra):

@@ -507,6 +507,7 @@ def test_verify_fails_a_check_when_a_defence_is_turned_off():
     p, report, checks = _verify("--seccomp", "unconfined")
     assert p.returncode == 1 and report["ok"] is False
     assert checks["Seccomp"]["status"] == "fail" and "Seccomp: 0" in checks["Seccomp"]["evidence"]
+    assert "unshare(CLONE_NEWUSER): ALLOWED" in checks["Seccomp"]["evidence"]
     assert report["host"]["extra_options"] == ["--seccomp", "unconfined"]
     for name in CORE_CHECKS:
         assert checks[name]["status"] == "pass"
@@ -517,6 +518,17 @@ def test_verify_fails_a_check_when_a_defence_is_turned_off():
     assert any(x.startswith("\u2705 Process isolation") and "PID 1 = '/bin/ps aux'" in x
                for x in text.stdout.splitlines())
     assert "checks:" in text.stdout.splitlines()[-1]
+
+
+def test_verify_fails_capabilities_when_sys_admin_is_added():
+    p, report, checks = _verify("--cap-add", "SYS_ADMIN")
+    assert p.returncode == 1
+    c = checks["Capabilities"]
+    assert c["status"] == "fail" and "holds SYS_ADMIN" in c["evidence"] and "sethostname: ALLOWED" in c["evidence"]
+    # The default filter is relaxed for CAP_SYS_ADMIN (as docker's is): namespaces become possible.
+    c = checks["Seccomp"]
+    assert c["status"] == "fail" and "Seccomp: 2" in c["evidence"] and "SYS_ADMIN" in c["fix"]
+    assert checks["no_new_privs"]["status"] == "pass"
 
 
 def test_verify_refuses_a_command_and_bad_options():
