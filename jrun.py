@@ -3439,8 +3439,7 @@ def _ppid(pid):
 def cmd_kill(argv):
     p = _subparser("jrun kill", "Send a signal to a running job (default SIGTERM).")
     p.add_argument("-s", "--signal", default="TERM", help="signal name or number (default TERM)")
-    job_arg = p.add_argument("job", help="the job id (see jrun ps)")
-    job_arg.completer = lambda **kw: [j["id"] for j in running_jobs()]
+    p.add_argument("job", help="the job id (see jrun ps)")
     args = p.parse_args(argv)
     sig = parse_signal(args.signal)
     job = next((j for j in running_jobs() if j["id"] == args.job), None)
