@@ -42,7 +42,7 @@ def _stop(proc):
         else:
             proc.terminate() if step == "term" else proc.kill()
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=5 if step == "stdin" else 20)
         except subprocess.TimeoutExpired:
             pass
     proc.communicate(timeout=30)
@@ -95,12 +95,12 @@ def _ps_json(*pre):
 def test_ps_lists_running_jobs_with_their_fields():
     name = _name("ps")
     proc = ostart("--net", "none", "--name", name, "--timeout", "5m", "--", "/bin/sh", "-c",
-                  "echo ready; sleep 60")
+                  "echo ready; read x")
     try:
         jobs = {j["id"]: j for j in _ps_json("--config", OWN["cfg"])}
         assert name in jobs
         j = jobs[name]
-        assert j["command"] == ["/bin/sh", "-c", "echo ready; sleep 60"]
+        assert j["command"] == ["/bin/sh", "-c", "echo ready; read x"]
         assert j["jrun_pid"] == proc.pid and j["net"] == "none"
         assert j["limits"] == {"timeout_s": 300.0}
         assert abs(j["started"] - time.time()) < 30
@@ -109,7 +109,8 @@ def test_ps_lists_running_jobs_with_their_fields():
         table = oj("ps", check=0).stdout.splitlines()
         assert table[0].split()[:4] == ["ID", "PID", "STARTED", "UP"]
         row = next(line for line in table if line.startswith(name + " "))
-        assert str(j["pid"]) in row.split() and "timeout=5m" in row and row.endswith("sleep 60")
+        assert str(j["pid"]) in row.split() and "timeout=5m" in row and row.endswith("read x")
+        assert "/jrun/%s" % name in row.split()  # the job's cgroup
     finally:
         _stop(proc)
     assert name not in {j["id"] for j in _ps_json("--config", OWN["cfg"])}
@@ -329,10 +330,15 @@ def test_audit_log_timeout_signal_and_failure(tmp_path):
     assert jrun("--config", cfg, "--timeout", "1", "--stop-timeout", "1", "--", "sleep", "30").returncode == 124
     assert jrun("--config", cfg, "--", "no-such-cmd").returncode == 127
     assert jrun("--config", cfg, "--memory", "12Q", "--", "true").returncode == 125  # nothing started
+    assert jrun("--config", cfg, "--memory", "16M", "--", "dd", "if=/dev/zero", "of=/dev/null",
+                "bs=64M", "count=1").returncode == 137
     recs = _lines(log)
-    assert [r["event"] for r in recs] == ["start", "end", "start", "end"]
+    assert [r["event"] for r in recs] == ["start", "end"] * 3
     assert recs[1]["timed_out"] is True and recs[1]["exit_code"] == 124 and recs[1]["signal"] == 9
     assert recs[3]["exit_code"] == 127 and "not found" in recs[3]["error"]
+    assert recs[4]["limits"] == {"memory": 16 << 20}
+    assert recs[5]["exit_code"] == 137 and recs[5]["oom_killed"] is True and recs[5]["memory_peak_bytes"] > 0
+    assert recs[1]["oom_killed"] is False
 
 
 def test_audit_log_twenty_concurrent_jobs(tmp_path):
