@@ -3718,7 +3718,7 @@ def verify_processes(v):
 @_verify_check("Filesystem isolation")
 def verify_filesystem(v):
     marker = "jrun-verify-marker-" + os.urandom(6).hex()
-    places = ["/tmp", "/root", os.path.dirname(os.path.abspath(__file__))]
+    places = ["/tmp", "/root", "/var/tmp", STATE_DIR]
     made = []
     try:
         for d in places:
@@ -3741,8 +3741,9 @@ def verify_filesystem(v):
     ok = not leaked and ".jrun-rootfs" in top and "home" in top and set(dev.split()) <= {
         "fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin", "stdout", "tty", "urandom",
         "zero", "init"}
-    ev = "ls -a /: %s; /dev: %s; host marker in %d places: %s" % (
-        " ".join(top), " ".join(dev.split()), len(made), "READ BY THE JOB" if leaked else "unreachable")
+    ev = "host marker in %s: %s; ls -a /: %s; /dev: %s" % (
+        " ".join(os.path.dirname(m) for m in made), "READ BY THE JOB" if leaked else "unreachable",
+        " ".join(top), " ".join(dev.split()))
     return ok, ev, "the job can see host files or a host /dev", \
         "check --rootfs and -v/--volume options; the default rootfs must be built by 'jrun rootfs build'"
 
