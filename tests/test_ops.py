@@ -537,6 +537,15 @@ def test_verify_fails_capabilities_when_sys_admin_is_added():
     assert checks["no_new_privs"]["status"] == "pass"
 
 
+def test_verify_with_net_none_skips_the_network_checks():
+    p, report, checks = _verify("--net", "none")
+    for name in ("Network readiness", "Network isolation"):
+        assert checks[name]["status"] == "skip" and "--net none" in checks[name]["why"]
+    assert checks["Network namespace"]["status"] == "pass"
+    text = jrun("verify", "--net", "none", timeout=300).stdout
+    assert any(x.startswith("\u26a0\ufe0f") and "Network readiness" in x for x in text.splitlines())
+
+
 def test_verify_refuses_a_command_and_bad_options():
     assert jrun("verify", "--", "ls").returncode == 125
     assert jrun("verify", "--memory", "12Q").returncode == 125
