@@ -30,8 +30,21 @@ def _start(*args, config=None):
 
 
 def _stop(proc):
-    if proc.poll() is None:
-        proc.kill()
+    """End a job so that its jrun cleans up: stdin closed (jobs wait on
+    'read'), else SIGTERM (relayed, SIGKILL after the stop timeout); SIGKILL
+    of jrun only as a last resort."""
+    for step in ("stdin", "term", "kill"):
+        if proc.poll() is not None:
+            break
+        if step == "stdin":
+            proc.stdin.close()
+            proc.stdin = None  # communicate() must not flush it
+        else:
+            proc.terminate() if step == "term" else proc.kill()
+        try:
+            proc.wait(timeout=5 if step == "stdin" else 20)
+        except subprocess.TimeoutExpired:
+            pass
     proc.communicate(timeout=30)
 
 
@@ -82,12 +95,12 @@ def _ps_json(*pre):
 def test_ps_lists_running_jobs_with_their_fields():
     name = _name("ps")
     proc = ostart("--net", "none", "--name", name, "--timeout", "5m", "--", "/bin/sh", "-c",
-                  "echo ready; sleep 60")
+                  "echo ready; read x")
     try:
         jobs = {j["id"]: j for j in _ps_json("--config", OWN["cfg"])}
         assert name in jobs
         j = jobs[name]
-        assert j["command"] == ["/bin/sh", "-c", "echo ready; sleep 60"]
+        assert j["command"] == ["/bin/sh", "-c", "echo ready; read x"]
         assert j["jrun_pid"] == proc.pid and j["net"] == "none"
         assert j["limits"] == {"timeout_s": 300.0}
         assert abs(j["started"] - time.time()) < 30
@@ -96,7 +109,8 @@ def test_ps_lists_running_jobs_with_their_fields():
         table = oj("ps", check=0).stdout.splitlines()
         assert table[0].split()[:4] == ["ID", "PID", "STARTED", "UP"]
         row = next(line for line in table if line.startswith(name + " "))
-        assert str(j["pid"]) in row.split() and "timeout=5m" in row and row.endswith("sleep 60")
+        assert str(j["pid"]) in row.split() and "timeout=5m" in row and row.endswith("read x")
+        assert "/jrun/%s" % name in row.split()  # the job's cgroup
     finally:
         _stop(proc)
     assert name not in {j["id"] for j in _ps_json("--config", OWN["cfg"])}
@@ -183,13 +197,17 @@ def test_kill_refuses_unknown_jobs_and_signals():
 
 def test_gc_after_kill_9_of_jrun_mid_job():
     name = _name("gc9")
-    proc = ostart("--net", "none", "--name", name, "--", "/bin/sh", "-c", "echo ready; sleep 60")
+    proc = ostart("--net", "none", "--name", name, "--memory", "64M", "--", "/bin/sh", "-c",
+                  "echo ready; sleep 60")
+    with open(os.path.join(OWN["state"], name, "job.json")) as f:
+        cgroups = json.load(f)["cgroup"]["dirs"]
+    assert cgroups and all(name in d and os.path.isdir(d) for d in cgroups)
     proc.kill()
     proc.communicate()
-    assert name in odirs()
+    assert name in odirs() and all(os.path.isdir(d) for d in cgroups)  # left behind
     p = oj("gc", check=0)
     assert "gc: removed leftovers of job %s" % name in p.stderr
-    assert name not in odirs()
+    assert name not in odirs() and not any(os.path.exists(d) for d in cgroups)
     # A second gc has nothing of this job to do and says nothing about it.
     assert name not in oj("gc", check=0).stderr
 
@@ -222,7 +240,7 @@ def test_gc_never_touches_live_or_starting_jobs():
 
 
 def test_gc_concurrently_with_many_jobs():
-    names = [_name("cgc") for _ in range(12)]
+    names = [_name("cgc") for _ in range(24)]
     stop = []
 
     def gc_loop():
@@ -235,8 +253,8 @@ def test_gc_concurrently_with_many_jobs():
     def job(n):
         return oj("--net", "none", "--name", n, "--", "/bin/sh", "-c", "sleep 0.3; hostname")
 
-    with ThreadPoolExecutor(14) as ex:
-        gcs = [ex.submit(gc_loop) for _ in range(2)]
+    with ThreadPoolExecutor(15) as ex:
+        gcs = [ex.submit(gc_loop) for _ in range(3)]
         results = list(ex.map(job, names))
         stop.append(True)
         assert all(g.result() >= 1 for g in gcs)
@@ -312,10 +330,15 @@ def test_audit_log_timeout_signal_and_failure(tmp_path):
     assert jrun("--config", cfg, "--timeout", "1", "--stop-timeout", "1", "--", "sleep", "30").returncode == 124
     assert jrun("--config", cfg, "--", "no-such-cmd").returncode == 127
     assert jrun("--config", cfg, "--memory", "12Q", "--", "true").returncode == 125  # nothing started
+    assert jrun("--config", cfg, "--memory", "16M", "--", "dd", "if=/dev/zero", "of=/dev/null",
+                "bs=64M", "count=1").returncode == 137
     recs = _lines(log)
-    assert [r["event"] for r in recs] == ["start", "end", "start", "end"]
+    assert [r["event"] for r in recs] == ["start", "end"] * 3
     assert recs[1]["timed_out"] is True and recs[1]["exit_code"] == 124 and recs[1]["signal"] == 9
     assert recs[3]["exit_code"] == 127 and "not found" in recs[3]["error"]
+    assert recs[4]["limits"] == {"memory": 16 << 20}
+    assert recs[5]["exit_code"] == 137 and recs[5]["oom_killed"] is True and recs[5]["memory_peak_bytes"] > 0
+    assert recs[1]["oom_killed"] is False
 
 
 def test_audit_log_twenty_concurrent_jobs(tmp_path):
@@ -396,6 +419,7 @@ def test_config_defaults_and_command_line_wins(tmp_path):
     ('log-level = "loud"\n', "log-level: 'loud' is not one of"),
     ('state-dir = "relative"\n', "state-dir: 'relative' must be an absolute path"),
     ('subnet = "10.1.2.0/33"\n', "subnet:"),
+    ('net-pool = "10.1.2.0/28"\n', "net-pool: '10.1.2.0/28' must be an IPv4 network of at most /24"),
 ])
 def test_invalid_config_values(tmp_path, text, msg):
     cfg = _config(tmp_path, text)
@@ -425,12 +449,14 @@ def test_config_unit_parsing(tmp_path, monkeypatch):
     import jrun as J
 
     for k in J.CONFIG_HOST_KEYS.values():
-        monkeypatch.setattr(J, k, getattr(J, k))
+        monkeypatch.setattr(J, k, getattr(J, k, None), raising=False)
     cfg = _config(tmp_path, 'timeout = 30\nmemory = 512\ninit = true\nread-only = false\n'
-                            'state-dir = "/tmp/x"\naudit-log = ""\nsubnet = "10.99.0.0/16"\n')
+                            'state-dir = "/tmp/x"\naudit-log = ""\nsubnet = "10.99.0.0/24"\n'
+                            'net-pool = "10.98.0.0/16"\n')
     d = J.load_config(str(cfg))
     assert d == {"timeout": "30", "memory": "512", "init": True}
-    assert (J.STATE_DIR, J.AUDIT_LOG, J.SUBNET) == ("/tmp/x", "", "10.99.0.0/16")
+    assert (J.STATE_DIR, J.AUDIT_LOG) == ("/tmp/x", "")
+    assert (J.DEFAULT_SUBNET, J.DEFAULT_NET_POOL) == ("10.99.0.0/24", "10.98.0.0/16")
     s = J.parse_run(["--timeout", "5", "true"], {"timeout": "30", "init": True, "net": "none"})
     assert s.timeout == 5 and s.init is True and s.net == "none"
     assert J.load_config(str(tmp_path / "absent.toml")) == {}
@@ -487,6 +513,7 @@ def test_verify_fails_a_check_when_a_defence_is_turned_off():
     p, report, checks = _verify("--seccomp", "unconfined")
     assert p.returncode == 1 and report["ok"] is False
     assert checks["Seccomp"]["status"] == "fail" and "Seccomp: 0" in checks["Seccomp"]["evidence"]
+    assert "unshare(CLONE_NEWUSER): ALLOWED" in checks["Seccomp"]["evidence"]
     assert report["host"]["extra_options"] == ["--seccomp", "unconfined"]
     for name in CORE_CHECKS:
         assert checks[name]["status"] == "pass"
@@ -499,6 +526,26 @@ def test_verify_fails_a_check_when_a_defence_is_turned_off():
     assert "checks:" in text.stdout.splitlines()[-1]
 
 
+def test_verify_fails_capabilities_when_sys_admin_is_added():
+    p, report, checks = _verify("--cap-add", "SYS_ADMIN")
+    assert p.returncode == 1
+    c = checks["Capabilities"]
+    assert c["status"] == "fail" and "holds SYS_ADMIN" in c["evidence"] and "sethostname: ALLOWED" in c["evidence"]
+    # The default filter is relaxed for CAP_SYS_ADMIN (as docker's is): namespaces become possible.
+    c = checks["Seccomp"]
+    assert c["status"] == "fail" and "Seccomp: 2" in c["evidence"] and "SYS_ADMIN" in c["fix"]
+    assert checks["no_new_privs"]["status"] == "pass"
+
+
+def test_verify_with_net_none_skips_the_network_checks():
+    p, report, checks = _verify("--net", "none")
+    for name in ("Network readiness", "Network isolation"):
+        assert checks[name]["status"] == "skip" and "--net none" in checks[name]["why"]
+    assert checks["Network namespace"]["status"] == "pass"
+    text = jrun("verify", "--net", "none", timeout=300).stdout
+    assert any(x.startswith("\u26a0\ufe0f") and "Network readiness" in x for x in text.splitlines())
+
+
 def test_verify_refuses_a_command_and_bad_options():
     assert jrun("verify", "--", "ls").returncode == 125
     assert jrun("verify", "--memory", "12Q").returncode == 125
@@ -507,8 +554,8 @@ def test_verify_refuses_a_command_and_bad_options():
 def test_verify_skips_what_the_host_cannot_support(monkeypatch):
     import jrun as J
 
-    monkeypatch.setattr(J, "verify_cgroup_controllers", lambda: ({"cpu"}, "v1 (cpu)"))
-    with pytest.raises(J._Skip, match="no memory cgroup controller"):
+    monkeypatch.setattr(J, "verify_cgroup_host", lambda: ({"cpu"}, "v1 (cpu)"))
+    with pytest.raises(J._Skip, match="no memory cgroup controller.*refuses --memory"):
         J._need_controller("memory")
     J._need_controller("cpu")
     monkeypatch.setattr(J, "VERIFY_CHECKS", [("Memory limit", J.verify_memory)])
@@ -541,6 +588,17 @@ def test_completion_of_options_and_subcommands(tmp_path):
     assert _complete("jrun ps --j", tmp_path) == {"--json"}
     assert "TERM" in _complete("jrun kill -s ", tmp_path)
     assert _complete("jrun rootfs ", tmp_path) >= {"build", "path"}
+
+
+def test_completion_of_network_names(tmp_path, monkeypatch):
+    import jrun as J
+
+    net = tmp_path / ".net"
+    net.mkdir()
+    (net / "jrun-0a1b2c3d4e").write_text("name lab\nsubnet 172.31.128.0/24\n")
+    (net / "jrun-0a1b2c3d4e.tmp").write_text("name half-written\n")
+    monkeypatch.setattr(J, "STATE_DIR", str(tmp_path))
+    assert J.network_names() == ["bridge", "lab", "none"]
 
 
 def test_completion_of_running_job_ids(tmp_path):
@@ -605,3 +663,61 @@ def test_man_options_match_help():
     help_opts = {w.rstrip(",") for line in help_text.splitlines() if line.startswith("  ")
                  for w in line.split()[:3] if w.startswith("-")}
     assert help_opts == set(table)
+
+
+def test_no_top_level_name_is_defined_twice():
+    # jrun.py is one namespace: a helper merged in from another branch must
+    # not silently replace one of the same name.
+    import ast
+
+    tree = ast.parse(open(os.path.join(ROOT, "jrun.py")).read())
+    names = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    names += [t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)
+              and t.id != "_o"]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
+def test_gc_removes_orphan_cgroups_but_never_busy_or_young_ones():
+    import jrun as J
+
+    host = J.cgroup_host()
+    points = [J.CGROUP_ROOT] if host.version == 2 else sorted({p for p, _ in host.mounts.values()})[:2]
+    old, young, busy = (_name("orphan"), _name("young"), _name("busy"))
+    made = []
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        for name in (old, young, busy):
+            for point in points:
+                d = os.path.join(point, J.CGROUP_SUBTREE, name)
+                os.makedirs(d)
+                made.append(d)
+                if name != young:
+                    os.utime(d, (time.time() - 600,) * 2)
+        with open(os.path.join(points[-1], J.CGROUP_SUBTREE, busy, "cgroup.procs"), "w") as f:
+            f.write(str(sleeper.pid))
+        found = {r.name: r for r in J.Cgroup.orphans(lambda: set(J.job_ids()))}
+        assert "cgroup " + old in found
+        assert "cgroup " + young not in found and "cgroup " + busy not in found
+        assert sorted(found["cgroup " + old].dirs) == sorted(d for d in made if d.endswith(old))
+        found["cgroup " + old].teardown()  # only ours: others' orphans are theirs
+        assert not any(os.path.exists(d) for d in made if d.endswith(old))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for d in made:
+            for _ in range(100):
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.02)
+
+
+@pytest.mark.parametrize("cmd", [["ps"], ["kill", "x"], ["gc"], ["verify"]])
+def test_subcommands_refuse_non_root_with_one_line(cmd):
+    p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] + JRUN + cmd,
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 125 and p.stdout == ""
+    assert p.stderr.startswith("jrun: ") and len(p.stderr.splitlines()) == 1 and "root" in p.stderr
