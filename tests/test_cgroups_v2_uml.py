@@ -38,7 +38,7 @@ export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp PYTHONDONTWRITEBYTECODE=1
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 {cgroups}
-for d in /run /tmp; do mount -t tmpfs tmpfs $d; done
+for d in /run /tmp /var/log; do mount -t tmpfs tmpfs $d; done
 mkdir -p /dev/shm && mount -t tmpfs tmpfs /dev/shm
 # overlayfs is a module in this kernel; kmod may not be installed, and
 # finit_module(2) is all insmod would do.
