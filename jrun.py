@@ -1276,6 +1276,9 @@ class Network(Resource):
         new = f is None
         if new:
             f = self._new_network()
+        elif f.name != self.net:
+            raise SetupError("--net %s: its bridge name %s is taken by network %s (rename one of them)"
+                             % (self.net, self.bridge, f.name))
         f.prune(keep=self.job)
         self.address = f.allocate(self.job)
         self.net_file = f
@@ -1283,11 +1286,13 @@ class Network(Resource):
         state.save(net_bridge=self.bridge, net_veth=self.veth, net_address=format_ip(self.address))
         f.save()
         missing = _ifindex(self.bridge) is None
-        if missing:
-            self._create_bridge(f)
         if new or missing:
+            # Rules first: a bridge never exists without them, whenever a
+            # jrun may have been killed.
             _sync_nft()
             _enable_forwarding()
+        if missing:
+            self._create_bridge(f)
         audit("network %s: address %s/%d leased on %s" % (self.net, format_ip(self.address), f.subnet[1],
                                                           self.bridge))
 
