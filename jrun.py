@@ -1505,8 +1505,8 @@ def gc_networks():
         for name in os.listdir(NET_DIR):
             if name.endswith(".tmp"):
                 os.unlink(os.path.join(NET_DIR, name))
-        if not NetFile.all() and done:
-            _sync_nft()
+        if NetFile.all() or done:
+            _sync_nft()  # also puts the rules back after a firewall reload flushed them
     return done
 
 
