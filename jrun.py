@@ -1212,6 +1212,59 @@ def _ifindex(name):
         return None
 
 
+_host_nl = []
+
+
+def _net_error(net, e):
+    """An OSError of a network step as jrun's one-line message."""
+    what = e.args[1] if len(e.args) > 1 and isinstance(e.args[1], str) else str(e)
+    return SetupError("--net %s: %s%s" % (net, what, ": %s" % e.filename if e.filename else ""))
+
+
+def _host_netlink():
+    """The parent's one rtnetlink socket in the host's namespace."""
+    if not _host_nl:
+        _host_nl.append(Netlink())
+    return _host_nl[0]
+
+
+def _delete_link(nl, name):
+    """Delete a network device; False if it was gone already (a veth goes
+    with the job's namespace, when that dies first)."""
+    index = _ifindex(name)
+    if index is None:
+        return False
+    try:
+        nl.do(("delete %s" % name, nl.message(nl.link, nl.DELLINK, nl.F_ACK, index=index)))
+    except OSError as e:
+        if e.errno != errno.ENODEV:
+            raise
+        return False
+    return True
+
+
+def _remove_network(nl, f):
+    """No job is left on f's network: its bridge, rules and file go (lock
+    held).  The file goes last, so a crash in between leaves it for gc."""
+    if _delete_link(nl, f.bridge):
+        audit("network %s: bridge %s deleted (no job left on it)" % (f.name, f.bridge))
+    _sync_nft(without=f.bridge)
+    f.remove()
+
+
+def _enable_forwarding():
+    """NAT needs the host to forward IPv4, as for docker, podman and libvirt.
+    It is left on when the last network goes: another tool that started
+    meanwhile may rely on it."""
+    path = "/proc/sys/net/ipv4/ip_forward"
+    with open(path) as f:
+        if f.read().strip() == "1":
+            return
+    with open(path, "w") as f:
+        f.write("1\n")
+    log("info", "net.ipv4.ip_forward set to 1 (needed for the jobs' NAT)")
+
+
 class Network(Resource):
     """The job's network: its own namespace (made by the child) with an eth0
     whose other end is a port of the network's host bridge, an address from
@@ -1253,21 +1306,25 @@ class Network(Resource):
             raise SetupError("--net %s: nft not found (apt-get install nftables, or use --net none)" % spec.net)
         if spec.net != "bridge":
             return  # a named network's subnet is chosen free when it is made
-        nl = _host_netlink()
-        clash = _host_routes_overlapping(nl, subnet, _ifindex(DEFAULT_BRIDGE))
+        try:
+            clash = _host_routes_overlapping(_host_netlink(), subnet, _ifindex(DEFAULT_BRIDGE))
+        except OSError as e:
+            raise _net_error(spec.net, e) from None
         if clash:
             raise UsageError("--net bridge: the jrun subnet %s overlaps the host's route to %s "
-                             "(choose another network subnet, or use --net none)" % (cfg["subnet"], clash[0]))
+                             "(use --net NAME, which picks a free subnet, or --net none)" % (cfg["subnet"], clash[0]))
 
     # -- parent, before the fork --------------------------------------------
 
     def setup(self, state):
-        self.nl = _host_netlink()
         try:
+            self.nl = _host_netlink()
             with _NetLock():
                 self._lease(state)
-        except BaseException:
+        except BaseException as e:
             self.teardown()
+            if isinstance(e, OSError):
+                raise _net_error(self.net, e) from None
             raise
         self.resolv = host_resolvers()
 
@@ -1312,7 +1369,7 @@ class Network(Resource):
 
     def _create_bridge(self, f):
         nl = self.nl
-        mac = "02:6a:72:" + ":".join("%02x" % b for b in os.urandom(3))
+        mac = "06:6a:72:" + ":".join("%02x" % b for b in os.urandom(3))  # jobs' are 02:6a:...
         nl.do(("create bridge %s" % self.bridge,
                nl.message(nl.link, nl.NEWLINK, nl.F_ACK | nl.F_CREATE | nl.F_EXCL, flags=1, change=1, attrs=[
                    ("IFLA_IFNAME", self.bridge),
@@ -1337,7 +1394,13 @@ class Network(Resource):
         """The veth pair is made here, with its job end created straight
         inside the child's namespace as eth0: moving a device between
         namespaces costs a 20 ms RCU grace period here, creating it there
-        costs nothing extra."""
+        costs nothing extra.  (Teardown, registered at setup, undoes it.)"""
+        try:
+            self._attach(pid)
+        except OSError as e:
+            raise _net_error(self.net, e) from None
+
+    def _attach(self, pid):
         nl, f, ip = self.nl, self.net_file, self.address
         ns = os.open("/proc/%d/ns/net" % pid, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -1401,14 +1464,10 @@ class Network(Resource):
     def teardown(self):
         nl = self.nl or _host_netlink()
         with _NetLock():
-            index = _ifindex(self.veth)
-            if index is not None:
-                try:
-                    nl.do(("delete veth %s" % self.veth, nl.message(nl.link, nl.DELLINK, nl.F_ACK, index=index)))
-                    audit("network: veth %s deleted" % self.veth)
-                except OSError as e:
-                    if e.errno != errno.ENODEV:  # the dying job namespace took it first
-                        raise
+            if _delete_link(nl, self.veth):
+                audit("network: veth %s deleted" % self.veth)
+            else:
+                audit("network: veth %s went with the job's network namespace" % self.veth)
             f = NetFile.load(self.bridge) if self.bridge else None
             if f is None:
                 return
@@ -1431,42 +1490,15 @@ class Network(Resource):
         return self
 
 
-_host_nl = []
+def _is_job_veth(name):
+    return len(name) == 12 and name[:2] == "jr" and all(c in "0123456789abcdef" for c in name[2:])
 
 
-def _host_netlink():
-    """The parent's one rtnetlink socket in the host's namespace."""
-    if not _host_nl:
-        _host_nl.append(Netlink())
-    return _host_nl[0]
-
-
-def _remove_network(nl, f):
-    """No job is left on f's network: its bridge, rules and file go (lock
-    held).  The file goes last, so a crash in between leaves it for gc."""
-    index = _ifindex(f.bridge)
-    if index is not None:
-        try:
-            nl.do(("delete bridge %s" % f.bridge, nl.message(nl.link, nl.DELLINK, nl.F_ACK, index=index)))
-        except OSError as e:
-            if e.errno != errno.ENODEV:
-                raise
-        audit("network %s: bridge %s deleted (no job left on it)" % (f.name, f.bridge))
-    _sync_nft(without=f.bridge)
-    f.remove()
-
-
-def _enable_forwarding():
-    """NAT needs the host to forward IPv4, as for docker, podman and libvirt.
-    It is left on when the last network goes: another tool that started
-    meanwhile may rely on it."""
-    path = "/proc/sys/net/ipv4/ip_forward"
-    with open(path) as f:
-        if f.read().strip() == "1":
-            return
-    with open(path, "w") as f:
-        f.write("1\n")
-    log("info", "net.ipv4.ip_forward set to 1 (needed for the jobs' NAT)")
+def _net_devices():
+    try:
+        return os.listdir("/sys/class/net")
+    except OSError:
+        return []
 
 
 def gc_networks():
@@ -1484,15 +1516,7 @@ def gc_networks():
     nl = _host_netlink()
     done = []
     with _NetLock():
-        for name in orphans:
-            index = _ifindex(name)
-            if index is not None:
-                try:
-                    nl.do(("delete veth %s" % name, nl.message(nl.link, nl.DELLINK, nl.F_ACK, index=index)))
-                    done.append("veth %s" % name)
-                except OSError as e:
-                    if e.errno != errno.ENODEV:
-                        raise
+        done += ["veth %s" % name for name in orphans if _delete_link(nl, name)]
         for f in NetFile.all():
             before = len(f.leases)
             f.prune()
@@ -1508,17 +1532,6 @@ def gc_networks():
         if NetFile.all() or done:
             _sync_nft()  # also puts the rules back after a firewall reload flushed them
     return done
-
-
-def _is_job_veth(name):
-    return len(name) == 12 and name[:2] == "jr" and all(c in "0123456789abcdef" for c in name[2:])
-
-
-def _net_devices():
-    try:
-        return os.listdir("/sys/class/net")
-    except OSError:
-        return []
 
 
 RESOURCE_CLASSES = (Network,)
