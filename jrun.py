@@ -858,14 +858,16 @@ def named_subnet(name, pool, used):
 def nft_ruleset(networks):
     """The whole `inet jrun` table for the networks that exist now, as nft
     input; [] of networks deletes it.  The table is replaced in one
-    transaction ('add; delete; define' is nft's idempotent replace).
+    transaction: 'add; flush; define' is idempotent, and 3 ms when the table
+    is new where 'add; delete; define' takes 16 ms (the chains keep their
+    hooks, so the kernel waits for no RCU grace period).
 
     networks: [(bridge, 'a.b.c.d/n', isolated)].  inet, not ip: a job also
     has an IPv6 link-local address, and the host's services listen on [::]
     too."""
-    head = "add table %s\ndelete table %s\n" % (NFT_TABLE, NFT_TABLE)
     if not networks:
-        return head
+        return "add table %s\ndelete table %s\n" % (NFT_TABLE, NFT_TABLE)
+    head = "add table %s\nflush table %s\n" % (NFT_TABLE, NFT_TABLE)
     bridges = "{ %s }" % ", ".join('"%s"' % b for b, _, _ in networks)
     rules = [
         "table %s {" % NFT_TABLE,

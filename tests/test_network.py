@@ -108,7 +108,7 @@ def test_allocation_reserves_network_gateway_broadcast_and_rotates(tmp_path, mon
 
 def test_nft_ruleset():
     text = jrun.nft_ruleset([("jrun0", "172.31.254.0/24", True), ("jrun-abc", "172.31.200.0/24", False)])
-    assert text.startswith("add table inet jrun\ndelete table inet jrun\ntable inet jrun {")
+    assert text.startswith("add table inet jrun\nflush table inet jrun\ntable inet jrun {")
     assert 'ip saddr 172.31.254.0/24 oifname != "jrun0" masquerade' in text
     assert 'ip saddr 172.31.200.0/24 oifname != "jrun-abc" masquerade' in text
     assert 'iifname { "jrun0", "jrun-abc" } drop' in text  # input: nothing of the host
