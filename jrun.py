@@ -1189,19 +1189,29 @@ def _sync_nft(without=None):
     audit("nft: table %s %s" % (NFT_TABLE, "holds %d network(s)" % len(nets) if nets else "deleted"))
 
 
-def _host_routes_overlapping(nl, subnet, skip_ifindex=None):
+def _host_routes_overlapping(nl, subnet, own_bridge=None):
     """The host's IPv4 routes (all tables, default routes aside) that overlap
-    subnet, as 'dst/len' strings; routes through skip_ifindex are jrun's own."""
+    subnet, as 'dst/len' strings; routes through own_bridge are jrun's own.
+    (Told by the device's name after the dump: a concurrent jrun may create
+    the bridge while this one looks.)"""
+    import socket
+
     out = []
     for r in nl.dump(nl.route, Netlink.GETROUTE, family=2):
         plen = r["dst_len"]
         dst = r.get_attr("RTA_DST")
         if plen == 0 or dst is None or ":" in dst:
             continue
-        if skip_ifindex is not None and r.get_attr("RTA_OIF") == skip_ifindex:
+        if not subnets_overlap((parse_ip(dst) & _mask(plen), plen), subnet):
             continue
-        if subnets_overlap((parse_ip(dst) & _mask(plen), plen), subnet):
-            out.append("%s/%d" % (dst, plen))
+        oif = r.get_attr("RTA_OIF")
+        if oif is not None and own_bridge is not None:
+            try:
+                if socket.if_indextoname(oif) == own_bridge:
+                    continue
+            except OSError:
+                continue  # its device is gone, and the route with it
+        out.append("%s/%d" % (dst, plen))
     return out
 
 
@@ -1309,7 +1319,7 @@ class Network(Resource):
         if spec.net != "bridge":
             return  # a named network's subnet is chosen free when it is made
         try:
-            clash = _host_routes_overlapping(_host_netlink(), subnet, _ifindex(DEFAULT_BRIDGE))
+            clash = _host_routes_overlapping(_host_netlink(), subnet, DEFAULT_BRIDGE)
         except OSError as e:
             raise _net_error(spec.net, e) from None
         if clash:
@@ -1507,12 +1517,15 @@ def gc_networks():
     """What crashed jobs left of the networks: leases of dead jobs, bridges
     and files of networks no job uses, veths of no running job, and the nft
     table when no network is left."""
+    # Devices first, jobs second: a job's state exists before its veth, so
+    # every veth listed belongs to a job listed after it, if that still runs.
+    veths = [n for n in _net_devices() if _is_job_veth(n)]
     try:
         jobs = [n for n in os.listdir(STATE_DIR) if not n.startswith(".")]
     except FileNotFoundError:
         jobs = []
     live = {veth_name(j) for j in jobs if JobState(j).is_live()}
-    orphans = [n for n in _net_devices() if _is_job_veth(n) and n not in live]
+    orphans = [n for n in veths if n not in live]
     if not os.path.isdir(NET_DIR) and not orphans:
         return []
     nl = _host_netlink()

@@ -103,7 +103,8 @@ def main():
         for _ in range(ROUNDS):
             for name, cmd in cases.items():
                 if cmd == "warm":
-                    holder = subprocess.Popen(JRUN + ["--init", "--", "sleep", "30"], stdout=subprocess.DEVNULL)
+                    holder = subprocess.Popen(JRUN + ["--init", "--", "sleep", "30"], stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.DEVNULL)
                     while "jrun0" not in os.listdir("/sys/class/net"):
                         time.sleep(0.01)
                     time.sleep(0.05)

@@ -377,15 +377,27 @@ def test_egress_is_masqueraded_to_the_hosts_address(upstream):
     assert_no_network_left()
 
 
+def run_together(n, *opts):
+    """n jobs started at once that each print their address and then wait
+    on stdin, so all n hold their lease at the same time; returns the
+    addresses once every job has printed one, then lets them all end."""
+    procs = [subprocess.Popen(JRUN + list(opts) + ["--", "sh", "-c", "ip -4 -o addr show eth0; read x; true"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(n)]
+    try:
+        with ThreadPoolExecutor(n) as pool:
+            lines = list(pool.map(lambda p: p.stdout.readline(), procs))
+        assert all(lines), [p.stderr.read() for p, line in zip(procs, lines) if not line]
+        return [job_address(line) for line in lines]
+    finally:
+        for p in procs:
+            p.stdin.close()
+        assert [p.wait(timeout=60) for p in procs] == [0] * n
+
+
 @root
 def test_30_concurrent_jobs_get_distinct_addresses():
-    def one(_):
-        return run_jrun("--", "sh", "-c", "ip -4 -o addr show eth0", timeout=120)
-
-    with ThreadPoolExecutor(30) as pool:
-        results = list(pool.map(one, range(30)))
-    assert [p.returncode for p in results] == [0] * 30, [p.stderr for p in results if p.returncode]
-    addrs = [job_address(p.stdout) for p in results]
+    addrs = run_together(30)
     assert len(set(addrs)) == 30 and all(a.startswith("172.31.254.") for a in addrs), addrs
     assert not any(a in ("172.31.254.0", "172.31.254.1", "172.31.254.255") for a in addrs)
     assert_no_network_left()
@@ -459,4 +471,25 @@ def test_subnet_overlapping_a_host_route_is_refused_and_nothing_created():
         assert not job_address(p.stdout).startswith("172.31.254.")
     finally:
         subprocess.run(["ip", "link", "del", dummy], check=True)
+    assert_no_network_left()
+
+
+@root
+def test_concurrent_first_jobs_of_a_named_network_share_one_bridge_and_subnet():
+    addrs = run_together(8, "--net", "t-" + uuid.uuid4().hex[:8])
+    assert len(set(addrs)) == 8 and len({a.rsplit(".", 1)[0] for a in addrs}) == 1, addrs
+    assert_no_network_left()
+
+
+@root
+def test_gc_leaves_running_jobs_alone():
+    srv = Listener("--net", "t-" + uuid.uuid4().hex[:8])
+    try:
+        veths = job_veths()
+        run_jrun("gc", check=0)
+        assert job_veths() >= veths and len(veths) == 1
+        with socket.create_connection((srv.address, 5000), timeout=5) as s:
+            assert s.recv(16) == b"hello\n"
+    finally:
+        srv.stop()
     assert_no_network_left()
