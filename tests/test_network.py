@@ -493,3 +493,10 @@ def test_gc_leaves_running_jobs_alone():
     finally:
         srv.stop()
     assert_no_network_left()
+
+
+@root
+def test_timeout_leaves_no_network_behind():
+    p = run_jrun("--timeout", "1", "--stop-timeout", "1", "--", "sleep", "30", timeout=60)
+    assert p.returncode == 124
+    assert_no_network_left()
