@@ -143,6 +143,12 @@ def main():
     for p in bad[:3]:
         print("  error:", p.stderr.strip())
 
+    with open(JRUN[1]) as f:
+        src = f.read()
+    t = time.perf_counter()
+    compile(src, JRUN[1], "exec")
+    print("\ncompiling jrun.py (%d lines), paid by every run without a .pyc (a script run, or "
+          "PYTHONDONTWRITEBYTECODE): %.1f ms" % (src.count("\n"), (time.perf_counter() - t) * 1e3))
     breakdown()
     shutil.rmtree(tmp)
 
