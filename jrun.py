@@ -1475,6 +1475,12 @@ class Network(Resource):
     # -- parent after the job, or gc ------------------------------------------
 
     def teardown(self):
+        try:
+            self._teardown()
+        except (JrunError, OSError) as e:
+            log("warning", "network teardown of job %s: %s (run: jrun gc)" % (self.job, e))
+
+    def _teardown(self):
         nl = self.nl or _host_netlink()
         with _NetLock():
             if _delete_link(nl, self.veth):
