@@ -14,10 +14,13 @@ One privileged invocation, no daemon, no setuid helper.  The order of a run:
      unshares mount, UTS, IPC and network namespaces and reports "ready";
   4. parent: put the child in its cgroup, move its veth in, release it
      through the sync pipe;
-  5. child: cgroup namespace, private mounts, a per-job overlay root on a
-     tmpfs, /proc, a minimal /dev, pivot_root, old root detached, hostname,
-     new session, privileges dropped, seccomp, exec COMMAND (a failure before
-     exec is reported through a close-on-exec error pipe);
+  5. child: cgroup namespace, private mounts, a per-job root on a tmpfs
+     (an overlay, or the host's system dirs read-only), /work, a minimal
+     /dev, uploads copied and volumes bound (all still before pivot_root,
+     never following a symlink of the job's root out of it), pivot_root,
+     old root detached, /proc, hostname, new session, privileges dropped,
+     seccomp, exec COMMAND (a failure before exec is reported through a
+     close-on-exec error pipe);
   6. parent: forward signals, enforce --timeout, reap, tear down in reverse.
 
 Exit status: COMMAND's own; 128+N if killed by signal N; 137 OOM-killed;
@@ -42,12 +45,16 @@ import time
 # Constants
 # ---------------------------------------------------------------------------
 
+# Host settings; /etc/jrun/jrun.toml may change them (see load_config).
+CONFIG_FILE = "/etc/jrun/jrun.toml"
 STATE_DIR = "/run/jrun"
 ROOTFS_DIR = "/var/lib/jrun/rootfs"
+AUDIT_LOG = "/var/log/jrun/audit.log"
 TINI = "/usr/bin/tini-static"
 BUSYBOX = "/bin/busybox"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_WORKDIR = "/work"
+DEFAULT_WORKDIR_SIZE = "25%"  # of RAM, like tmpfs's own default (50%) but halved
 DEFAULT_STOP_TIMEOUT = 10.0
 
 # Networks (see the Network section).  The default subnet: podman takes
@@ -56,7 +63,9 @@ DEFAULT_STOP_TIMEOUT = 10.0
 # 172.31.128/17 is reached by docker only at its 15th network, and AWS
 # default VPCs (172.31/16) put their subnets and DNS resolver in the low
 # half.  A clash with a route of the host is refused, never silently used.
-NET_DIR = STATE_DIR + "/.net"  # never a job id: names cannot start with '.'
+# Network state is host-wide, like the bridges and the nft table it
+# describes: it stays in /run/jrun/.net whatever the config's state-dir.
+NET_DIR = "/run/jrun/.net"  # never a job id: names cannot start with '.'
 DEFAULT_BRIDGE = "jrun0"
 DEFAULT_SUBNET = "172.31.254.0/24"
 DEFAULT_NET_POOL = "172.31.128.0/17"  # named networks take a /24 each
@@ -67,6 +76,7 @@ RESOLVED_UPSTREAM = "/run/systemd/resolve/resolv.conf"
 RESERVED_NETS = ("bridge", "none")
 
 EXIT_TIMEOUT = 124
+EXIT_OOM = 137
 EXIT_JRUN = 125
 EXIT_NOEXEC = 126
 EXIT_NOTFOUND = 127
@@ -91,14 +101,104 @@ MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
 
+# <linux/openat2.h>, <linux/mount.h>, <linux/fcntl.h>: path resolution that
+# cannot leave a directory, and per-mount attributes set recursively.
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_IN_ROOT = 0x10
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_IDMAP = 0x00100000
+OPEN_TREE_CLONE = 1
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+
 # Signals jrun relays to the job; each asks it to end, so each starts the
 # grace period after which jrun sends SIGKILL.
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
-_SYSCALLS = {  # <asm/unistd.h>: pivot_root, close_range
-    "x86_64": {"pivot_root": 155},
-    "aarch64": {"pivot_root": 41},
+# <asm/unistd_64.h> (x86_64) and <asm-generic/unistd.h> (aarch64): the
+# syscalls jrun calls by number, and those the default seccomp filter refuses.
+# (tests/test_security.py checks them against the installed headers.)
+_SYSCALL_NAMES = (
+    "pivot_root", "clone", "clone3", "unshare", "setns", "mount", "umount2", "move_mount", "fsopen",
+    "fsconfig", "fsmount", "fspick", "open_tree", "open_tree_attr", "mount_setattr", "quotactl",
+    "quotactl_fd", "swapon", "swapoff", "lookup_dcookie", "nfsservctl", "fanotify_init", "keyctl",
+    "add_key", "request_key", "io_uring_setup", "io_uring_enter", "io_uring_register", "init_module",
+    "finit_module", "delete_module", "reboot", "kexec_load", "kexec_file_load", "settimeofday",
+    "clock_settime", "clock_adjtime", "acct", "iopl", "ioperm", "open_by_handle_at",
+    "name_to_handle_at", "bpf", "perf_event_open", "userfaultfd", "syslog", "vhangup", "openat2",
+)
+_SYSCALLS = {
+    "x86_64": dict(zip(_SYSCALL_NAMES, (
+        155, 56, 435, 272, 308, 165, 166, 429, 430,
+        431, 432, 433, 428, 467, 442, 179,
+        443, 167, 168, 212, 180, 300, 250,
+        248, 249, 425, 426, 427, 175,
+        313, 176, 169, 246, 320, 164,
+        227, 305, 163, 172, 173, 304,
+        303, 321, 298, 323, 103, 153, 437))),
+    "aarch64": dict(zip(_SYSCALL_NAMES, (
+        41, 220, 435, 97, 268, 40, 39, 429, 430,
+        431, 432, 433, 428, 467, 442, 60,
+        443, 224, 225, 18, 42, 262, 219,
+        217, 218, 425, 426, 427, 105,
+        273, 106, 142, 104, 294, 170,
+        112, 266, 89, None, None, 265,
+        264, 280, 241, 282, 116, 58, 437))),
 }
+
+# <linux/audit.h>: the architecture tag of a syscall as seccomp sees it.
+AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+X32_SYSCALL_BIT = 0x40000000  # <asm/unistd.h>: x32 ABI syscalls on x86_64
+
+# <linux/capability.h>, by number.
+CAPABILITIES = (
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
+    "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW",
+    "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT",
+    "SYS_ADMIN", "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD",
+    "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG",
+    "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE",
+)
+# What a job that is root inside keeps: what ordinary software needs as root
+# (own its files, switch users, bind port 80, chroot), podman's default set.
+# Left out on purpose, beyond the obvious (SYS_ADMIN, SYS_MODULE, ...):
+# MKNOD (device nodes: /dev is jrun's), NET_RAW (packet sockets: ARP/IP
+# spoofing on a shared bridge and a steady source of kernel CVEs such as
+# CVE-2020-14386; ping works through ICMP datagram sockets instead, see
+# harden_proc_and_sys) and AUDIT_WRITE (the audit log is the host's, not
+# namespaced).
+DEFAULT_CAPS = frozenset((
+    "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "SETPCAP",
+    "SETFCAP", "NET_BIND_SERVICE", "SYS_CHROOT",
+))
+
+RLIMIT_CORE = 4  # <asm-generic/resource.h>
+
+# --userns: each job's root is mapped to its own range of USERNS_SIZE host
+# uids (and gids) in [USERNS_BASE, 2^32): above every range useradd hands
+# out in /etc/subuid (100000 + 65536 per user), so no host user or rootless
+# container owns them, and below (uid_t)-1.  2^31 / 65536 - 1 = 32767 slots
+# (the last one would reach (uid_t)-1).
+USERNS_BASE = 1 << 31
+USERNS_SIZE = 65536
+USERNS_SLOTS = (1 << 31) // USERNS_SIZE - 1
+
+# <linux/prctl.h>, <linux/seccomp.h>, <linux/filter.h>
+PR_CAPBSET_DROP = 24
+PR_SET_SECCOMP = 22
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+SECCOMP_MODE_FILTER = 2
+SECCOMP_RET_KILL_PROCESS = 0x80000000
+SECCOMP_RET_ERRNO = 0x00050000
+SECCOMP_RET_ALLOW = 0x7FFF0000
+BPF_LD_W_ABS = 0x20
+BPF_JEQ_K = 0x15
+BPF_JGE_K = 0x35
+BPF_JSET_K = 0x45
+BPF_RET_K = 0x06
 
 # ---------------------------------------------------------------------------
 # Errors: one root; main() alone prints them and turns them into a status.
@@ -231,6 +331,42 @@ def pivot_root(new_root, put_old):
     _check(_c().syscall(nr, _b(new_root), _b(put_old)), "pivot_root")
 
 
+def sys_prctl(option, *args):
+    """prctl(2) for the options python-prctl does not know (ambient
+    capabilities, seccomp, capabilities above its compile-time last one);
+    every argument is passed as an unsigned long, as the kernel reads it."""
+    import ctypes
+
+    args = [ctypes.c_ulong(a) if isinstance(a, int) else a for a in args]
+    args += [ctypes.c_ulong(0)] * (4 - len(args))
+    return _check(_c().prctl(ctypes.c_int(option), *args), "prctl %d" % option)
+
+
+def seccomp_set_filter(prog):
+    """Install a classic BPF program, a list of (code, jt, jf, k), as this
+    thread's seccomp filter (inherited by every later child and exec)."""
+    import ctypes
+
+    class SockFilter(ctypes.Structure):  # <linux/filter.h>
+        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),
+                    ("k", ctypes.c_uint)]
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+
+    insns = (SockFilter * len(prog))(*[SockFilter(*i) for i in prog])
+    fprog = SockFprog(len(prog), insns)
+    sys_prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog))
+
+
+def setrlimit(resource, soft, hard):
+    """(This Python is built without the resource module.)"""
+    import ctypes
+
+    lim = (ctypes.c_ulong * 2)(soft, hard)
+    _check(_c().setrlimit(resource, lim), "setrlimit %d" % resource)
+
+
 def sethostname(name):
     raw = name.encode()
     _check(_c().sethostname(raw, len(raw)), "sethostname")
@@ -253,6 +389,32 @@ def loopback_up():
         fcntl.ioctl(fd, SIOCSIFFLAGS, ifreq)
     finally:
         os.close(fd)
+
+
+def openat2(dirfd, path, flags, resolve, mode=0):
+    """openat2(2): the kernel resolves PATH under its RESOLVE_* rules, with no
+    window between a check and the use (what a userspace walk cannot give)."""
+    import ctypes
+
+    how = (ctypes.c_uint64 * 3)(flags | os.O_CLOEXEC, mode, resolve)
+    nr = _SYSCALLS[os.uname().machine]["openat2"]
+    L = ctypes.c_long
+    return _check(_c().syscall(L(nr), L(dirfd), _b(path), ctypes.byref(how), L(ctypes.sizeof(how))),
+                  "openat2 %s" % path)
+
+
+def mount_setattr(fd, attr_set, recursive=True, userns_fd=0):
+    """mount_setattr(2) on the mount FD is open on: unlike MS_REMOUNT it sets
+    only the given flags, and with AT_RECURSIVE on every submount too.
+    USERNS_FD goes with MOUNT_ATTR_IDMAP."""
+    import ctypes
+
+    attr = (ctypes.c_uint64 * 4)(attr_set, 0, 0, userns_fd)  # set, clr, propagation, userns_fd
+    nr = _SYSCALLS[os.uname().machine]["mount_setattr"]
+    flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
+    L = ctypes.c_long
+    _check(_c().syscall(L(nr), L(fd), b"", L(flags), ctypes.byref(attr), L(ctypes.sizeof(attr))),
+           "mount_setattr")
 
 
 # ---------------------------------------------------------------------------
@@ -288,7 +450,8 @@ class _Frozen:
 
 
 class Upload(_Frozen):
-    __slots__ = ("src", "dest")
+    # files and bytes are counted by survey_uploads() before any side effect.
+    __slots__ = ("src", "dest", "files", "bytes")
 
 
 class Volume(_Frozen):
@@ -302,7 +465,7 @@ class Limits(_Frozen):
 class JobSpec(_Frozen):
     __slots__ = (
         "id", "named", "command", "hostname", "timeout", "stop_timeout", "init",
-        "limits", "uploads", "volumes", "workdir", "env", "rootfs", "read_only",
+        "limits", "uploads", "volumes", "workdir", "workdir_size", "env", "rootfs", "read_only",
         "net", "user", "cap_add", "cap_drop", "seccomp", "userns", "stats",
         "json_status", "cgroup_parent", "log_level", "log_format",
     )
@@ -326,12 +489,14 @@ RUN_OPTIONS = (
     Opt("--init", None, None, "run a small reaper (tini) as PID 1 that forwards signals and reaps zombies"),
     Opt("--cpu", None, "PCT", "CPU bandwidth in percent of one CPU (25 = a quarter core)"),
     Opt("--cores", None, "LIST", "pin to CPUs, cpuset syntax 0-1,3"),
-    Opt("--memory", None, "SIZE", "hard memory limit: 64M, 1G, 512K; a plain number is MiB"),
+    Opt("--memory", None, "SIZE", "hard memory limit: 64M, 1G, 512K; a plain number is MiB; OOM: exit 137"),
     Opt("--io-bps", None, "RATE", "read and write bandwidth limit in bytes/s (K/M/G suffix)"),
     Opt("--pids", None, "N", "maximum number of processes and threads in the job"),
     Opt("--upload", None, "SRC[:DEST]", "copy a host file or directory into the job (repeatable)", repeat=True),
     Opt("--volume", "-v", "SRC:DEST[:ro]", "bind a host path into the job (repeatable)", repeat=True),
     Opt("--workdir", "-w", "DIR", "working directory inside the job (default /work)"),
+    Opt("--workdir-size", None, "SIZE", "bound of the /work tmpfs: 512M, 2G or a percentage of RAM "
+        "(default %s)" % DEFAULT_WORKDIR_SIZE),
     Opt("--env", "-e", "KEY[=VALUE]", "set a variable, or pass the caller's value (repeatable)", repeat=True),
     Opt("--env-file", None, "FILE", "read KEY=VALUE lines from FILE (repeatable)", repeat=True),
     Opt("--rootfs", None, "minimal|host|PATH", "the job's root filesystem (default minimal)"),
@@ -345,7 +510,7 @@ RUN_OPTIONS = (
     Opt("--userns", None, None, "map the job's root to an unprivileged host uid range"),
     Opt("--stats", None, None, "print a resource-usage summary on stderr when the job ends"),
     Opt("--json-status", None, "FILE", "write the job's result as JSON to FILE"),
-    Opt("--cgroup-parent", None, "PATH", "create the job's cgroup under PATH"),
+    Opt("--cgroup-parent", None, "PATH", "create the job's cgroup under PATH (an existing, delegated subtree)"),
     Opt("--quiet", "-q", None, "only print errors"),
     Opt("--log-level", None, "LEVEL", "debug, info, warning or error; debug shows the isolation audit trail",
         choices=tuple(LEVELS)),
@@ -378,6 +543,15 @@ def parse_size(opt, text, default_unit=1 << 20):
     if not value > 0 or value != value or value == float("inf"):
         raise UsageError("%s: %r must be a positive size" % (opt, text))
     return int(value * units[u])
+
+
+def fmt_size(n):
+    """67108864 -> '64 MiB': a size in the units parse_size reads."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            v = n / (1 << shift)
+            return ("%d %s" if v == int(v) else "%.1f %s") % (v, unit)
+    return "%d B" % n
 
 
 def parse_duration(opt, text):
@@ -485,6 +659,8 @@ def parse_run(argv, config=None):
     """argv (after 'run', if given) -> JobSpec.  Values are checked for form
     here; checks against this host are in validate()."""
     o, command = split_argv(argv)
+    if config:
+        o = dict(config, **o)  # the command line always wins
     if not command:
         raise UsageError("no COMMAND given (usage: jrun [OPTIONS] [--] COMMAND [ARG...])")
     named = "name" in o
@@ -499,25 +675,134 @@ def parse_run(argv, config=None):
         io_bps=parse_size("--io-bps", o["io_bps"], default_unit=1) if "io_bps" in o else None,
         pids=parse_int("--pids", o["pids"], 1) if "pids" in o else None,
     )
+    if o.get("user") and o.get("cap_add") and o["user"].partition(":")[0] not in ("0", "root"):
+        raise UsageError("--cap-add: a -u/--user job runs with no capabilities at all; "
+                         "run it as root inside (without --user) to give it %s" % ", ".join(o["cap_add"]))
     workdir = o.get("workdir", DEFAULT_WORKDIR)
     if not workdir.startswith("/") or "\0" in workdir:
         raise UsageError("-w/--workdir: %r must be an absolute path inside the job" % workdir)
+    workdir = os.path.normpath(workdir).replace("//", "/")
     return JobSpec(
         id=job_id, named=named, command=tuple(command), hostname=hostname,
         timeout=parse_duration("--timeout", o["timeout"]) if "timeout" in o else None,
         stop_timeout=(parse_duration("--stop-timeout", o["stop_timeout"]) if "stop_timeout" in o
                       else DEFAULT_STOP_TIMEOUT),
         init=bool(o.get("init")), limits=limits,
-        uploads=tuple(o.get("upload", ())), volumes=tuple(o.get("volume", ())),
-        workdir=os.path.normpath(workdir), env=tuple(parse_env(o)),
-        rootfs=o.get("rootfs", "minimal"), read_only=bool(o.get("read_only")),
-        net=check_net("--net", o.get("net", "bridge")), user=o.get("user"),
-        cap_add=tuple(o.get("cap_add", ())), cap_drop=tuple(o.get("cap_drop", ())),
+        uploads=tuple(parse_upload(u, workdir) for u in o.get("upload", ())),
+        volumes=tuple(parse_volume(v) for v in o.get("volume", ())),
+        workdir=workdir, workdir_size=parse_workdir_size(o.get("workdir_size", DEFAULT_WORKDIR_SIZE)),
+        env=tuple(parse_env(o)), rootfs=parse_rootfs(o.get("rootfs", "minimal")),
+        read_only=bool(o.get("read_only")),
+        net=check_net("--net", o.get("net", "bridge")), user=parse_user(o["user"]) if "user" in o else None,
+        cap_add=parse_caps("--cap-add", o.get("cap_add", ())),
+        cap_drop=parse_caps("--cap-drop", o.get("cap_drop", ())),
         seccomp=o.get("seccomp", "default"), userns=bool(o.get("userns")),
         stats=bool(o.get("stats")), json_status=o.get("json_status"),
         cgroup_parent=o.get("cgroup_parent"), log_level=level,
         log_format=o.get("log_format", "text"),
     )
+
+
+_USER_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+def parse_user(text):
+    """'UID[:GID]' -> (user, group or None), each a number or a name; names
+    are resolved later, in the job's own /etc/passwd and /etc/group."""
+    user, _, group = text.partition(":")
+    out = []
+    for part in (user, group) if ":" in text else (user,):
+        if part.isdigit():
+            if int(part) > 0xFFFFFFFE:  # (uid_t)-1 means "unchanged" to setuid(2)
+                raise UsageError("-u/--user: %r: %s is out of range (0 to 4294967294)" % (text, part))
+        elif not part or not set(part) <= _USER_CHARS or part[0] in "-.":
+            raise UsageError("-u/--user: %r is not UID[:GID] (numbers, or names from the job's "
+                             "/etc/passwd and /etc/group)" % text)
+        out.append(part)
+    return (out[0], out[1] if len(out) > 1 else None)
+
+
+def parse_caps(opt, names):
+    """Capability names as the user wrote them -> ('NET_ADMIN', 'ALL', ...):
+    CAP_ prefix optional, any case."""
+    out = []
+    for name in names:
+        key = name.upper()
+        key = key[4:] if key.startswith("CAP_") else key
+        if key != "ALL" and key not in CAPABILITIES:
+            raise UsageError("%s: %r is not a capability (e.g. NET_ADMIN, SYS_PTRACE, or ALL; "
+                             "see capabilities(7))" % (opt, name))
+        out.append(key)
+    return tuple(out)
+
+
+# Where the kernel's own filesystems are mounted: nothing is uploaded or bound
+# there (a DEST in them would be hidden, or would meet the kernel's files).
+KERNEL_DIRS = ("/proc", "/sys", "/dev")
+
+
+def job_path(opt, value, base="/"):
+    """VALUE as a normalized absolute path inside the job (relative paths are
+    under BASE).  '..' is refused outright rather than resolved: its meaning
+    would depend on symlinks in the job's root, which jrun never follows."""
+    if not value or "\0" in value or ".." in value.split("/"):
+        raise UsageError("%s: %r: a path inside the job may not be empty or contain '..'" % (opt, value))
+    path = "/" + os.path.normpath(os.path.join(base, value)).lstrip("/")
+    if path == "/":
+        raise UsageError("%s: %r: the job's root itself cannot be a destination" % (opt, value))
+    for d in KERNEL_DIRS:
+        if path == d or path.startswith(d + "/"):
+            raise UsageError("%s: %r: %s belongs to the kernel inside the job; choose another DEST"
+                             % (opt, value, d))
+    return path
+
+
+def parse_upload(text, workdir):
+    """SRC[:DEST] -> Upload.  DEST defaults to SRC's name in the workdir; a
+    relative DEST is under the workdir; a DEST ending in '/' is a directory
+    that receives SRC under its own name (like cp)."""
+    src, sep, dest = text.partition(":")
+    if not src or (sep and not dest):
+        raise UsageError("--upload: %r is not SRC[:DEST]" % text)
+    src = os.path.abspath(src)
+    name = os.path.basename(src)
+    if not name:
+        raise UsageError("--upload: %r: refusing to upload the host's root directory" % text)
+    if not sep:
+        dest = name
+    elif dest.endswith("/"):
+        dest += name
+    return Upload(src=src, dest=job_path("--upload", dest, workdir))
+
+
+def parse_volume(text):
+    """SRC:DEST[:ro|rw] -> Volume (absolute paths on both sides, like docker)."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not parts[0] or not parts[1] or parts[2:] not in ([], ["ro"], ["rw"]):
+        raise UsageError("-v/--volume: %r is not SRC:DEST[:ro]" % text)
+    src, dest = parts[0], parts[1]
+    if not src.startswith("/") or "\0" in src:
+        raise UsageError("-v/--volume: %r: SRC must be an absolute host path" % text)
+    if not dest.startswith("/"):
+        raise UsageError("-v/--volume: %r: DEST must be an absolute path inside the job" % text)
+    return Volume(src=os.path.normpath(src), dest=job_path("-v/--volume", dest),
+                  read_only=parts[2:] == ["ro"])
+
+
+def parse_workdir_size(text):
+    """A tmpfs size= value: bytes, or a percentage of RAM ('25%')."""
+    if text.endswith("%"):
+        pct = parse_int("--workdir-size", text[:-1], 1, 100)
+        return "%d%%" % pct
+    return str(parse_size("--workdir-size", text))
+
+
+def parse_rootfs(text):
+    if text in ("minimal", "host"):
+        return text
+    if not text or "\0" in text:
+        raise UsageError("--rootfs: %r is not minimal, host or a directory" % text)
+    return os.path.abspath(text)
 
 
 def parse_env(o):
@@ -529,6 +814,8 @@ def parse_env(o):
                 lines = f.read().splitlines()
         except OSError as e:
             raise UsageError("--env-file: cannot read %r: %s" % (path, e.strerror)) from None
+        except UnicodeDecodeError:
+            raise UsageError("--env-file: %r is not UTF-8 text" % path) from None
         for n, line in enumerate(lines, 1):
             line = line.strip()
             if not line or line.startswith("#"):
@@ -536,7 +823,7 @@ def parse_env(o):
             if line.startswith("export "):
                 line = line[7:].lstrip()
             key, eq, value = line.partition("=")
-            if not eq or not _env_key_ok(key):
+            if not eq or not _env_key_ok(key) or "\0" in value:
                 raise UsageError("--env-file: %s:%d: expected KEY=VALUE" % (path, n))
             out[key] = value
     for item in o.get("env", ()):
@@ -550,15 +837,18 @@ def parse_env(o):
     return out.items()
 
 
+_ENV_KEY_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+
 def _env_key_ok(key):
-    return bool(key) and not key[0].isdigit() and all(c.isalnum() or c == "_" for c in key)
+    return bool(key) and not key[0].isdigit() and set(key) <= _ENV_KEY_CHARS
 
 
 def run_help():
     lines = [
-        "usage: jrun [OPTIONS] [--] COMMAND [ARG...]",
-        "       jrun run [OPTIONS] [--] COMMAND [ARG...]",
-        "       jrun ps [--json] | kill [-s SIGNAL] JOB | gc | verify [--json]",
+        "usage: jrun [--config FILE] [OPTIONS] [--] COMMAND [ARG...]",
+        "       jrun [--config FILE] run [OPTIONS] [--] COMMAND [ARG...]",
+        "       jrun [--config FILE] ps [--json] | kill [-s SIGNAL] JOB | gc | verify [--json] [OPTIONS]",
         "       jrun rootfs build [--force] | rootfs path",
         "       jrun --version | --help",
         "",
@@ -571,6 +861,8 @@ def run_help():
         flag = (o.short + ", " if o.short else "    ") + o.long + (" " + o.metavar if o.metavar else "")
         lines.append("  %-30s %s" % (flag, o.help) if len(flag) <= 30 else "  %s\n  %30s %s" % (flag, "", o.help))
     lines += [
+        "  %-30s %s" % ("    --config FILE", "host defaults from FILE instead of %s (first option only)"
+                        % CONFIG_FILE),
         "  %-30s %s" % ("-h, --help", "show this help and exit"),
         "  %-30s %s" % ("    --version", "print the version and exit"),
         "",
@@ -582,6 +874,103 @@ def run_help():
 
 
 # ---------------------------------------------------------------------------
+# The configuration file: host-wide defaults of run options and host settings.
+# Read only if it exists: tomllib imports re (7 ms), a cost only hosts that
+# use a config file pay.  Its values go through the same parsing as argv.
+# ---------------------------------------------------------------------------
+
+# Keys of jrun.toml, spelled like the long option: run options whose value
+# becomes the default (the command line wins), then host settings.
+CONFIG_RUN_KEYS = {
+    "timeout": (str, int, float), "stop-timeout": (str, int, float), "init": bool,
+    "cpu": (int, str), "cores": str, "memory": (str, int), "io-bps": (str, int), "pids": (int, str),
+    "workdir": str, "workdir-size": (str, int), "rootfs": str, "read-only": bool, "net": str, "seccomp": str,
+    "userns": bool, "stats": bool, "cgroup-parent": str, "log-level": str, "log-format": str,
+}
+CONFIG_HOST_KEYS = {  # key: module-level setting it replaces (the subnets: the network section's)
+    "state-dir": "STATE_DIR", "rootfs-dir": "ROOTFS_DIR", "audit-log": "AUDIT_LOG",
+    "subnet": "DEFAULT_SUBNET", "net-pool": "DEFAULT_NET_POOL",
+}
+
+
+_config_used = {"path": CONFIG_FILE, "explicit": False}  # passed on to verify's jobs
+
+
+def load_config(path, explicit=False):
+    """Read jrun.toml at PATH: set the host settings and return the run
+    option defaults ({dest: value} as split_argv makes them).  A missing
+    file is fine unless it was named with --config."""
+    _config_used.update(path=path, explicit=explicit)
+    if not os.path.exists(path):
+        if explicit:
+            raise UsageError("--config: %s: no such file" % path)
+        return {}
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            # A config file can redirect the audit log and the state
+            # directory of a root process: only root may have written it.
+            if st.st_uid != 0 or st.st_mode & 0o022:
+                raise UsageError("%s: refusing a config file that is not owned by root or is writable by "
+                                 "group or others (chown root; chmod go-w)" % path)
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError("%s: %s" % (path, e)) from None  # "... (at line 3, column 10)"
+    except OSError as e:
+        raise UsageError("%s: cannot read: %s" % (path, e.strerror)) from None
+    defaults = {}
+    for key, value in data.items():
+        types = CONFIG_RUN_KEYS.get(key) or (str if key in CONFIG_HOST_KEYS else None)
+        if types is None:
+            raise UsageError("%s: %s: unknown key (known: %s)"
+                             % (path, key, ", ".join(list(CONFIG_RUN_KEYS) + list(CONFIG_HOST_KEYS))))
+        if not isinstance(value, types) or (isinstance(value, bool) and types is not bool):
+            want = "true or false" if types is bool else "a string" if types is str else "a number or a string"
+            raise UsageError("%s: %s: %r should be %s" % (path, key, value, want))
+        if key in CONFIG_HOST_KEYS:
+            _check_host_setting(path, key, value)
+            continue
+        opt = _BY_NAME["--" + key]
+        if types is bool:
+            if value:
+                defaults[opt.dest] = True
+            continue
+        value = str(value)
+        # The same checks as on the command line, one key at a time, so
+        # that the message can name the key at fault.
+        try:
+            parse_run([opt.long, value, "true"])
+        except UsageError as e:
+            msg = str(e)
+            for flag in (opt.long, "%s/%s" % (opt.short, opt.long)):
+                if msg.startswith(flag + ": "):
+                    msg = msg[len(flag) + 2:]
+            raise UsageError("%s: %s: %s" % (path, key, msg)) from None
+        defaults[opt.dest] = value
+    return defaults
+
+
+def _check_host_setting(path, key, value):
+    if key in ("subnet", "net-pool"):
+        import ipaddress
+
+        try:
+            net = ipaddress.ip_network(value)
+        except ValueError as e:
+            raise UsageError("%s: %s: %s" % (path, key, e)) from None
+        if net.version != 4 or net.prefixlen > (28 if key == "subnet" else 24):
+            raise UsageError("%s: %s: %r must be an IPv4 network of at most /%d"
+                             % (path, key, value, 28 if key == "subnet" else 24))
+    elif key == "audit-log" and value == "":
+        pass  # no audit log
+    elif not value.startswith("/") or "\0" in value:
+        raise UsageError("%s: %s: %r must be an absolute path" % (path, key, value))
+    globals()[CONFIG_HOST_KEYS[key]] = value
+
+
+# ---------------------------------------------------------------------------
 # Validation: every check against this host, before the first side effect.
 # ---------------------------------------------------------------------------
 
@@ -590,23 +979,241 @@ def rootfs_path(spec):
     return ROOTFS_DIR if spec.rootfs == "minimal" else spec.rootfs
 
 
-def validate(spec):
-    unsupported = []
+# What this host's cgroups look like, learnt once per run from
+# /proc/self/mounts: cgroup v2 if /sys/fs/cgroup itself is a cgroup2 mount,
+# else the v1 hierarchies (a hybrid host's /sys/fs/cgroup/unified holds no
+# controller jrun uses).  validate() checks limits against it; the cgroup
+# section below builds on it.
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+CGROUP_SUBTREE = "jrun"
+CPU_PERIOD_US = 100000
+# Below this a job cannot even start (the child's own pages, busybox's page
+# cache); a limit under it would fail in confusing ways, so it is refused.
+MEMORY_FLOOR = 4 << 20
+V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio")
+# The controllers each limit needs, by cgroup version.
+_LIMIT_CONTROLLERS = {
+    "cpu": ("--cpu", "cpu", "cpu"), "cores": ("--cores", "cpuset", "cpuset"),
+    "memory": ("--memory", "memory", "memory"), "pids": ("--pids", "pids", "pids"),
+    "io_bps": ("--io-bps", "blkio", "io"),
+}
+
+
+class CgroupHost:
+    """version 1 or 2; v1: mounts = {controller: (mountpoint, options)}."""
+
+    def __init__(self):
+        self.version = 1
+        self.mounts = {}
+        with open("/proc/self/mounts", encoding="utf-8") as f:
+            for line in f:
+                _src, point, fstype, opts = line.split()[:4]
+                if point == CGROUP_ROOT and fstype == "cgroup2":
+                    self.version, self.mounts = 2, {}
+                    break
+                if fstype == "cgroup":
+                    ctrls = [o for o in opts.split(",") if o in V1_CONTROLLERS]
+                    for c in ctrls:
+                        self.mounts.setdefault(c, (point, ",".join(ctrls)))
+        if self.version == 1:
+            # A hierarchy is named by all its controllers, as /proc/self/cgroup
+            # spells them ("cpu,cpuacct", "net_cls,net_prio"), whatever jrun uses.
+            with open("/proc/self/cgroup", encoding="utf-8") as f:
+                for line in f:
+                    ctrls = line.split(":", 2)[1]
+                    for c in ctrls.split(","):
+                        if c in self.mounts:
+                            self.mounts[c] = (self.mounts[c][0], ctrls)
+
+    def controllers(self, parent):
+        """The controllers a job under PARENT (relative to the root) can use."""
+        if self.version == 1:
+            return set(self.mounts)
+        try:
+            with open(os.path.join(CGROUP_ROOT, parent, "cgroup.controllers"), encoding="utf-8") as f:
+                return set(f.read().split())
+        except FileNotFoundError:
+            return set()
+
+
+_cgroup_host = []
+
+
+def cgroup_host():
+    if not _cgroup_host:
+        _cgroup_host.append(CgroupHost())
+    return _cgroup_host[0]
+
+
+def cgroup_parent(spec):
+    """--cgroup-parent as a path relative to each hierarchy's root."""
+    return (spec.cgroup_parent or CGROUP_SUBTREE).strip("/")
+
+
+def parse_cpuset(opt, text):
+    """'0-1,3' -> (0, 1, 3)."""
+    cpus = set()
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        if not (lo.isdigit() and (not dash or hi.isdigit())) or (dash and int(hi) < int(lo)):
+            raise UsageError("%s: %r is not a CPU list (use e.g. 0, 0-1, 0-1,3)" % (opt, text))
+        cpus.update(range(int(lo), int(hi if dash else lo) + 1))
+    return tuple(sorted(cpus))
+
+
+def format_cpuset(cpus):
+    """(0, 1, 3) -> '0-1,3', the kernel's own spelling."""
+    out, cpus = [], sorted(cpus)
+    i = 0
+    while i < len(cpus):
+        j = i
+        while j + 1 < len(cpus) and cpus[j + 1] == cpus[j] + 1:
+            j += 1
+        out.append(str(cpus[i]) if i == j else "%d-%d" % (cpus[i], cpus[j]))
+        i = j + 1
+    return ",".join(out)
+
+
+def _read_cpuset_file(path):
+    with open(path, encoding="utf-8") as f:
+        text = f.read().strip()
+    return parse_cpuset(path, text) if text else ()
+
+
+def _mount_of(path):
+    """(fstype, source, super options) of the mount holding PATH."""
+    path = os.path.realpath(path)
+    best = ("", "", "", "")
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            pre, _, post = line.partition(" - ")
+            point = pre.split()[4].replace("\\040", " ")
+            if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best[0]):
+                fstype, source, opts = (post.split() + ["", "", ""])[:3]
+                best = (point, fstype, source, opts)
+    return best[1:]
+
+
+def block_devices(paths, _depth=0):
+    """The whole disks ("major:minor") that back PATHS, found at run time:
+    st_dev for a filesystem on a block device (a partition is walked up to
+    its disk, because the throttle works per disk); an overlay is followed to
+    its layers; tmpfs and other memory filesystems have no disk and add none."""
+    devs = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        dev = "%d:%d" % (os.major(st.st_dev), os.minor(st.st_dev))
+        if os.major(st.st_dev) == 0:  # btrfs, overlay, tmpfs: an anonymous device
+            fstype, source, opts = _mount_of(p)
+            dev = None
+            if fstype == "overlay" and _depth < 4:
+                layers = [o.split("=", 1)[1] for o in opts.split(",") if o.startswith(("lowerdir=", "upperdir="))]
+                devs += [d for d in block_devices([x for lay in layers for x in lay.split(":")], _depth + 1)
+                         if d not in devs]
+            elif source.startswith("/dev/"):
+                try:
+                    rdev = os.stat(source).st_rdev
+                    dev = "%d:%d" % (os.major(rdev), os.minor(rdev))
+                except OSError:
+                    pass
+        sysdir = "/sys/dev/block/%s" % dev
+        if dev is None or not os.path.isdir(sysdir):
+            continue
+        if os.path.exists(os.path.join(sysdir, "partition")):
+            with open(os.path.join(sysdir, "..", "dev"), encoding="utf-8") as f:
+                dev = f.read().strip()
+        if dev not in devs:
+            devs.append(dev)
+    return devs
+
+
+def io_paths(spec):
+    """Where the job's files live on the host: its root's lower layer (the
+    writable layer, /tmp and the default workdir are tmpfs: no disk IO)."""
+    return [rootfs_path(spec)]
+
+
+ACCOUNTING_CONTROLLERS = {1: ("memory", "pids", "cpuacct", "blkio"), 2: ("memory", "pids", "io")}
+
+
+def cgroup_controllers(spec):
+    """The controllers the job's cgroup uses: those its limits need (each
+    must exist here, or the run is refused) and those that account for it
+    (--stats, --json-status, and killing every process at the end), where the
+    host has them."""
+    host = cgroup_host()
+    parent = cgroup_parent(spec)
+    if host.version == 2:
+        where = os.path.join(CGROUP_ROOT, parent) if spec.cgroup_parent else CGROUP_ROOT
+        if not os.path.isdir(where):
+            raise UsageError("--cgroup-parent: %s does not exist (create or delegate it first)" % where)
+        have = host.controllers(parent if spec.cgroup_parent else "")
+    else:
+        have = {c for c, (point, _) in host.mounts.items()
+                if not spec.cgroup_parent or os.path.isdir(os.path.join(point, parent))}
+    need = []
+    for field, (opt, v1, v2) in _LIMIT_CONTROLLERS.items():
+        ctrl = v1 if host.version == 1 else v2
+        if getattr(spec.limits, field) is None:
+            continue
+        if ctrl not in have:
+            if spec.cgroup_parent and (host.version == 2 or ctrl in host.mounts):
+                raise UsageError("%s: the cgroup v%d '%s' controller is not available under --cgroup-parent %s"
+                                 " (delegate it, or create the parent in that hierarchy)"
+                                 % (opt, host.version, ctrl, spec.cgroup_parent))
+            raise UsageError("%s: this host has no cgroup v%d '%s' controller" % (opt, host.version, ctrl))
+        need.append(ctrl)
+    if not have and spec.cgroup_parent:
+        raise UsageError("--cgroup-parent: %s does not exist (create or delegate it first)" % os.path.join(
+            host.mounts.get("memory", (CGROUP_ROOT + "/memory",))[0], parent))
+    if not have:
+        raise SetupError("no cgroup v1 hierarchy of %s is mounted under %s" % (", ".join(V1_CONTROLLERS), CGROUP_ROOT))
+    return sorted(set(need) | (set(ACCOUNTING_CONTROLLERS[host.version]) & have))
+
+
+def validate_limits(spec):
+    """Stage 1 of resource control: every limit against this host."""
     lim = spec.limits
-    # Options whose implementation has not landed yet are refused, never
-    # silently ignored.
-    unsupported += [o for o, v in (("--cpu", lim.cpu), ("--cores", lim.cores), ("--memory", lim.memory),
-                                   ("--io-bps", lim.io_bps), ("--pids", lim.pids), ("--stats", spec.stats),
-                                   ("--json-status", spec.json_status),
-                                   ("--cgroup-parent", spec.cgroup_parent)) if v]
-    unsupported += [o for o, v in (("--upload", spec.uploads), ("-v/--volume", spec.volumes),
-                                   ("--read-only", spec.read_only), ("--rootfs", spec.rootfs != "minimal")) if v]
-    unsupported += [o for o, v in (("-u/--user", spec.user), ("--cap-add", spec.cap_add),
-                                   ("--cap-drop", spec.cap_drop), ("--userns", spec.userns)) if v]
-    if unsupported:
-        raise UsageError("%s: not supported by this version of jrun yet" % ", ".join(unsupported))
+    parent = cgroup_parent(spec)
+    if ".." in parent.split("/") or "\0" in parent:
+        raise UsageError("--cgroup-parent: %r must not contain '..'" % spec.cgroup_parent)
+    ncpu = os.cpu_count() or 1
+    if lim.cpu is not None and lim.cpu > 100 * ncpu:
+        raise UsageError("--cpu: '%d' is out of range (1 to %d: percent of one CPU, this host has %d CPUs)"
+                         % (lim.cpu, 100 * ncpu, ncpu))
+    if lim.memory is not None and lim.memory < MEMORY_FLOOR:
+        raise UsageError("--memory: %r is below the %d MiB a job needs to start" % (
+            "%dK" % (lim.memory >> 10), MEMORY_FLOOR >> 20))
+    if lim.cores is not None:
+        cpus = parse_cpuset("--cores", lim.cores)
+        online = _read_cpuset_file("/sys/devices/system/cpu/online")
+        allowed = sorted(set(online) & os.sched_getaffinity(0))
+        bad = [c for c in cpus if c not in allowed]
+        if bad:
+            raise UsageError("--cores: %r names CPU %s, which %s (CPUs usable here: %s)" % (
+                lim.cores, format_cpuset(bad), "does not exist" if bad[0] not in online else "jrun may not use",
+                format_cpuset(allowed)))
+    cgroup_controllers(spec)
+    if lim.io_bps is not None and not block_devices(io_paths(spec)):
+        raise UsageError("--io-bps: the job's files (%s) are on no block device: nothing to throttle"
+                         % ", ".join(io_paths(spec)))
+    if spec.json_status:
+        d = os.path.dirname(os.path.abspath(spec.json_status))
+        if os.path.isdir(spec.json_status) or not os.access(d, os.W_OK):
+            raise UsageError("--json-status: cannot write %r (a writable file path is needed)" % spec.json_status)
+
+
+def validate(spec):
     if os.geteuid() != 0:
         raise UsageError("must run as root (try: sudo jrun ...)")
+    validate_limits(spec)
+    if spec.userns and spec.user and any(p and p.isdigit() and int(p) >= USERNS_SIZE for p in spec.user):
+        raise UsageError("-u/--user: %s is not mapped under --userns (0 to %d are)"
+                         % (":".join(p for p in spec.user if p), USERNS_SIZE - 1))
     root = rootfs_path(spec)
     if not os.path.isfile(os.path.join(root, "bin/busybox")) and spec.rootfs == "minimal":
         raise SetupError("the minimal rootfs is not built at %s (run: sudo jrun rootfs build)" % root)
@@ -614,6 +1221,709 @@ def validate(spec):
         raise SetupError("--init needs %s (apt-get install tini)" % TINI)
     if os.uname().machine not in _SYSCALLS:
         raise SetupError("unsupported architecture %s (x86_64 and aarch64 are)" % os.uname().machine)
+    check_staging_paths(spec)
+    check_staging_sources(spec)
+
+
+def _under(path, top):
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def check_staging_paths(spec):
+    """Cross-checks of uploads and volumes (pure logic).  A volume is the
+    host's own directory: jrun never creates a mount point or copies a file
+    inside one, so nested volumes and uploads into a volume are refused."""
+    for i, v in enumerate(spec.volumes):
+        for w in spec.volumes[:i]:
+            if _under(v.dest, w.dest) or _under(w.dest, v.dest):
+                raise UsageError("-v/--volume: %s and %s: one DEST is inside the other (bind each "
+                                 "host directory to its own place)" % (w.dest, v.dest))
+    for up in spec.uploads:
+        for v in spec.volumes:
+            if _under(up.dest, v.dest):
+                raise UsageError("--upload: %s: DEST %s is inside the volume %s, which is the host's %s "
+                                 "(upload elsewhere, or put the file in %s on the host)"
+                                 % (up.src, up.dest, v.dest, v.src, v.src))
+
+
+def check_staging_sources(spec):
+    """The host side of uploads, volumes and --rootfs PATH (stat only)."""
+    import stat
+
+    for up in spec.uploads:
+        try:
+            st = os.stat(up.src)
+        except OSError as e:
+            raise UsageError("--upload: %s: %s" % (up.src, e.strerror)) from None
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            raise UsageError("--upload: %s is not a regular file or a directory" % up.src)
+    for v in spec.volumes:
+        try:
+            st = os.stat(v.src)
+        except OSError as e:
+            raise UsageError("-v/--volume: %s: %s (SRC must exist on the host)" % (v.src, e.strerror)) from None
+        if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            raise UsageError("-v/--volume: %s is a device node; volumes are mounted nodev" % v.src)
+    if spec.rootfs not in ("minimal", "host"):
+        if not os.path.isdir(spec.rootfs):
+            raise UsageError("--rootfs: %r is not a directory (use minimal, host or a directory)" % spec.rootfs)
+        if os.path.realpath(spec.rootfs) == "/":
+            raise UsageError("--rootfs: '/' is the host itself (use --rootfs host for its system "
+                             "directories, read-only)")
+
+
+def workdir_bytes(spec):
+    """The /work tmpfs's size= in bytes (a percentage is of RAM, as tmpfs has it)."""
+    if spec.workdir_size.endswith("%"):
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return ram * int(spec.workdir_size[:-1]) // 100
+    return int(spec.workdir_size)
+
+
+def survey_uploads(spec):
+    """Count the files and bytes of every upload (the parent, before any side
+    effect): for the progress line, and to refuse uploads that cannot fit in
+    the /work tmpfs.  Returns the spec with the counts in its Upload records."""
+    import stat
+
+    counted = []
+    in_work = in_memory = 0
+    for up in spec.uploads:
+        files = size = pages = 0
+        todo = [up.src]
+        try:
+            st = os.stat(up.src)
+            if stat.S_ISREG(st.st_mode):
+                files, size, pages, todo = 1, st.st_size, -(-st.st_size // 4096), []
+            while todo:
+                with os.scandir(todo.pop()) as it:
+                    for e in it:
+                        if e.is_dir(follow_symlinks=False):
+                            todo.append(e.path)
+                            continue
+                        files += 1
+                        if e.is_file(follow_symlinks=False):
+                            n = e.stat(follow_symlinks=False).st_size
+                            size += n
+                            pages += -(-n // 4096)
+        except OSError as e:
+            raise UsageError("--upload: %s: %s" % (e.filename or up.src, e.strerror)) from None
+        counted.append(up.replace(files=files, bytes=size))
+        in_memory += pages * 4096
+        if _under(up.dest, DEFAULT_WORKDIR):
+            in_work += pages * 4096
+    if in_work > workdir_bytes(spec):
+        raise UsageError("--upload: the uploads into %s need %s, more than --workdir-size %s allows "
+                         "(raise --workdir-size)" % (DEFAULT_WORKDIR, fmt_size(in_work),
+                                                     fmt_size(workdir_bytes(spec))))
+    # Every upload lands on a tmpfs whose pages are charged to the job's
+    # memory cgroup: more than --memory would be an OOM kill while staging.
+    if spec.limits.memory and in_memory > spec.limits.memory:
+        raise UsageError("--upload: the uploads need %s of memory (the job's files are in memory), more "
+                         "than --memory %s allows (raise --memory, or bind the data with -v SRC:DEST:ro)"
+                         % (fmt_size(in_memory), fmt_size(spec.limits.memory)))
+    return spec.replace(uploads=tuple(counted))
+
+
+def human_bytes(n):
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return ("%d %s" if unit == "B" else "%.1f %s") % (n, unit)
+        n /= 1000.0
+
+
+# ---------------------------------------------------------------------------
+# Staging: the job's root and its files.  Everything below runs in the child,
+# as root, in the job's own mount namespace but BEFORE pivot_root, while the
+# host's paths are still visible.  So nothing here follows a symlink of the
+# job's root (or of an uploaded tree) with a plain path: jrun's own mount
+# points are made real directories (_safe_mkdirs), and a user's DEST is
+# resolved by the kernel with openat2(RESOLVE_IN_ROOT), where an absolute or
+# '..' symlink stays inside the job's root.  Files are created with
+# O_EXCL|O_NOFOLLOW relative to directory fds.
+# ---------------------------------------------------------------------------
+
+def _safe_mkdirs(root, rel, mode=0o755):
+    """Make root/rel a real directory, component by component, never
+    following a symlink: a hostile rootfs whose 'proc' or 'tmp' is a symlink
+    pointing outside gets it replaced (in the job's own writable layer)."""
+    path = root
+    for comp in rel.strip("/").split("/"):
+        if comp in ("", "."):
+            continue
+        if comp == "..":
+            raise SetupError("%r: '..' is not allowed in a path inside the job" % rel)
+        path = os.path.join(path, comp)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            os.mkdir(path, mode)
+            continue
+        import stat
+
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(path)
+            os.mkdir(path, mode)
+    return path
+
+
+def _safe_file(root, rel, mode=0o644, content=None):
+    """Make root/rel a regular file (for a bind mount target or a generated
+    /etc file), with the same no-symlink rule as _safe_mkdirs."""
+    parent = _safe_mkdirs(root, os.path.dirname(rel.strip("/")))
+    path = os.path.join(parent, os.path.basename(rel))
+    try:
+        st = os.lstat(path)
+        import stat
+
+        if not stat.S_ISREG(st.st_mode):
+            if stat.S_ISDIR(st.st_mode):
+                os.rmdir(path)
+            else:
+                os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise SetupError("cannot prepare %s in the job's root: %s" % (rel, e.strerror)) from None
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        if content:
+            os.write(fd, content.encode())
+    finally:
+        os.close(fd)
+    return path
+
+
+def open_tree(path, flags):
+    import ctypes
+
+    L = ctypes.c_long
+    nr = _SYSCALLS[os.uname().machine]["open_tree"]
+    return _check(_c().syscall(L(nr), L(-100), _b(path), L(flags)), "open_tree %s" % path)
+
+
+def move_mount(from_fd, to_fd):
+    import ctypes
+
+    L = ctypes.c_long
+    flags = 0x04 | 0x40  # MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH
+    nr = _SYSCALLS[os.uname().machine]["move_mount"]
+    _check(_c().syscall(L(nr), L(from_fd), b"", L(to_fd), b"", L(flags)), "move_mount")
+
+
+def bind_into(src, target_fd, attrs, userns_fd=0):
+    """Bind host path SRC, with its submounts, onto the mount point open as
+    TARGET_FD.  The copy of the tree is made read-only/nosuid/nodev while it
+    is still detached (open_tree, mount_setattr AT_RECURSIVE, move_mount), so
+    there is no moment at which the job's path is a writable view, and a
+    submount of SRC is as read-only as SRC itself (a MS_REMOUNT of the top
+    mount would leave submounts writable).  With MOUNT_ATTR_IDMAP, the
+    owners of the files are shifted through the user namespace USERNS_FD."""
+    tree = open_tree(src, OPEN_TREE_CLONE | AT_RECURSIVE | os.O_CLOEXEC)
+    try:
+        mount_setattr(tree, attrs, recursive=True, userns_fd=userns_fd)
+        move_mount(tree, target_fd)
+    finally:
+        os.close(tree)
+
+
+def open_dir_in_root(rootfd, path, owner=None):
+    """An O_PATH fd of directory PATH of the job's root, made (mode 0755,
+    owned by OWNER if given) if missing.  Symlinks on the way are resolved
+    by the kernel inside the root: a rootfs whose 'opt' points to /etc of
+    the host reaches the job's own /etc, never the host's."""
+    fd = os.dup(rootfd)
+    done = ""
+    try:
+        for comp in path.strip("/").split("/"):
+            if comp in ("", "."):
+                continue
+            done += "/" + comp
+            try:
+                nfd = openat2(rootfd, done, os.O_PATH | os.O_DIRECTORY, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+            except FileNotFoundError:
+                try:
+                    os.mkdir(comp, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    raise SetupError("%s: a dangling symlink in the job's root" % done) from None
+                if owner:
+                    os.chown(comp, *owner, dir_fd=fd, follow_symlinks=False)
+                nfd = openat2(rootfd, done, os.O_PATH | os.O_DIRECTORY, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+            except NotADirectoryError:
+                raise SetupError("%s: not a directory in the job's root" % done) from None
+            os.close(fd)
+            fd = nfd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _clear_entry(dfd, name, keep_dir):
+    """Make room for NAME in directory DFD, never following it: an existing
+    symlink or file goes (in the job's own layer); an existing directory is
+    kept (merged into) when KEEP_DIR.  Returns True if a directory is there."""
+    import stat
+
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISDIR(st.st_mode):
+        if keep_dir:
+            return True
+        raise SetupError("%s is a directory in the job's root" % name)
+    os.unlink(name, dir_fd=dfd)
+    return False
+
+
+class Uploader:
+    """Copies host files into the job's root like `cp -a` run by root:
+    contents, modes, owners, times, hard links and directory structure; a
+    symlink is copied as a symlink and never followed; setuid and setgid bits
+    are dropped; device nodes and sockets are skipped (the mounts are nodev).
+    Sources are opened with O_NOFOLLOW relative to their directory's fd, and
+    destinations created with O_EXCL|O_NOFOLLOW relative to theirs, so a
+    symlink planted in the source tree, the rootfs or an earlier upload
+    cannot redirect a read or a write."""
+
+    STEP = 1 << 26  # bytes per copy call: progress and Ctrl-C are checked between calls
+
+    def __init__(self, uploads, owner=None):
+        self.owner = owner  # (uid, gid) for every copy instead of the source's
+        self.total_files = sum(u.files or 0 for u in uploads)
+        self.total_bytes = sum(u.bytes or 0 for u in uploads)
+        self.bytes = self.skipped = 0
+        self.fast = True  # copy_file_range until the kernel says EXDEV
+        self.tty = _log["format"] == "text" and LEVELS["info"] >= _log["level"] and os.isatty(2)
+        self.started = self.shown = time.monotonic()
+        self.links = {}
+
+    def run(self, rootfd, uploads):
+        self._say("", False)
+        for up in uploads:
+            try:
+                self.upload(rootfd, up)
+            except OSError as e:
+                raise SetupError("--upload %s: copying to %s: %s" % (up.src, up.dest, e.strerror)) from None
+            except SetupError as e:
+                raise SetupError("--upload %s: %s" % (up.src, e)) from None
+            except RecursionError:
+                raise SetupError("--upload %s: the tree is nested too deeply to copy" % up.src) from None
+        took = time.monotonic() - self.started
+        if self.tty:
+            self._say(" done in %.1fs" % took, True)
+        else:
+            log("info", "uploaded %s (%s) in %.1fs" % (self._files(), human_bytes(self.total_bytes), took))
+        if self.skipped:
+            log("warning", "--upload: skipped %d device nodes and sockets" % self.skipped)
+
+    def _say(self, tail, end):
+        if self.tty:
+            line = "\rjrun: Uploading %s (%s)...%s" % (self._files(), human_bytes(self.total_bytes), tail)
+            os.write(2, (line + ("\n" if end else "\033[K")).encode())
+
+    def _files(self):
+        return "%s file%s" % (format(self.total_files, ","), "" if self.total_files == 1 else "s")
+
+    def _progress(self):
+        now = time.monotonic()
+        if now - self.shown > 0.25:
+            self.shown = now
+            # The signals jrun forwards are blocked until exec; one pending
+            # means the caller wants to stop (Ctrl-C): do not finish a long copy.
+            pending = signal.sigpending() & set(FORWARDED_SIGNALS)
+            if pending:
+                raise SetupError("interrupted by %s" % signal.Signals(min(pending)).name)
+            self._say(" %d%%" % (100 * self.bytes // max(self.total_bytes, 1)), False)
+
+    def upload(self, rootfd, up):
+        parent, name = os.path.split(up.dest)
+        pfd = open_dir_in_root(rootfd, parent, self.owner)
+        self.links = {}  # hard links are kept within one upload
+        try:
+            # SRC itself is followed if it is a symlink: the caller named it.
+            sfd = os.open(up.src, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                self._copy_open(sfd, os.fstat(sfd), pfd, name, (pfd, name))
+            finally:
+                os.close(sfd)
+        finally:
+            os.close(pfd)
+
+    def _copy_entry(self, sdir, entry, dfd, rel):
+        import stat
+
+        self._progress()
+        name = entry.name
+        # d_type says what to open; fstat of the opened fd is what counts
+        # (O_NOFOLLOW: a file swapped for a symlink meanwhile fails).
+        if entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False):
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            sfd = os.open(name, flags, dir_fd=sdir)
+            try:
+                self._copy_open(sfd, os.fstat(sfd), dfd, name, rel)
+            finally:
+                os.close(sfd)
+            return
+        st = os.stat(name, dir_fd=sdir, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            target = os.readlink(name, dir_fd=sdir)
+            _clear_entry(dfd, name, False)
+            os.symlink(target, name, dir_fd=dfd)
+            self._meta(None, st, dfd, name)
+        elif stat.S_ISFIFO(st.st_mode):
+            _clear_entry(dfd, name, False)
+            os.mkfifo(name, 0o600, dir_fd=dfd)
+            self._meta(None, st, dfd, name)
+        else:
+            self.skipped += 1
+
+    def _copy_open(self, sfd, st, dfd, name, rel):
+        import stat
+
+        if stat.S_ISDIR(st.st_mode):
+            # An existing directory (the rootfs's /etc, /tmp) keeps its own
+            # owner and mode: an upload merges into it, it does not chmod it.
+            existed = _clear_entry(dfd, name, True)
+            if not existed:
+                os.mkdir(name, 0o700, dir_fd=dfd)
+            out = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            try:
+                for entry in os.scandir(sfd):
+                    self._copy_entry(sfd, entry, out, (rel, entry.name))
+                if not existed:
+                    self._meta(out, st)
+            finally:
+                os.close(out)
+        elif stat.S_ISREG(st.st_mode):
+            self._copy_file(sfd, st, dfd, name, rel)
+        else:
+            self.skipped += 1
+
+    def _copy_file(self, sfd, st, dfd, name, rel):
+        _clear_entry(dfd, name, False)
+        key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1:
+            if key in self.links:
+                try:
+                    first_dir, first_name = self.links[key]
+                    os.link(first_name, name, src_dir_fd=first_dir, dst_dir_fd=dfd, follow_symlinks=False)
+                    return
+                except OSError:
+                    pass  # across mounts: copy instead
+        out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                      dir_fd=dfd)
+        try:
+            self._copy_data(sfd, out)
+            self._meta(out, st)
+        finally:
+            os.close(out)
+        if st.st_nlink > 1:
+            self.links[key] = self._link_ref(rel)
+
+    def _link_ref(self, rel):
+        """REL is (parent rel, name) nested down from (upload's parent fd,
+        name); turn it into (fd, 'a/b/name') for linkat.  Every directory on
+        that path was made or checked by the copy, with no symlink in it."""
+        names = []
+        while isinstance(rel[0], tuple):
+            rel, name = rel
+            names.append(name)
+        fd, top = rel
+        return fd, "/".join([top] + names[::-1])
+
+    def _copy_data(self, sfd, out):
+        while True:
+            if self.fast:
+                try:
+                    n = os.copy_file_range(sfd, out, self.STEP)
+                except OSError as e:
+                    # Across filesystems of different types (ext4 -> tmpfs)
+                    # the kernel refuses; sendfile still copies in-kernel.
+                    if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+                    self.fast = False
+                    continue
+            else:
+                n = os.sendfile(out, sfd, None, self.STEP)
+            if not n:
+                return
+            self.bytes += n
+            self._progress()
+
+    def _meta(self, fd, st, dfd=None, name=None):
+        """Owner, then mode (chown clears setuid), then times."""
+        times = (st.st_atime_ns, st.st_mtime_ns)
+        uid, gid = self.owner or (st.st_uid, st.st_gid)
+        if fd is None:
+            os.chown(name, uid, gid, dir_fd=dfd, follow_symlinks=False)
+            import stat
+
+            if not stat.S_ISLNK(st.st_mode):  # a fifo we just made: no symlink to follow
+                os.chmod(name, st.st_mode & 0o1777, dir_fd=dfd)
+            os.utime(name, ns=times, dir_fd=dfd, follow_symlinks=False)
+            return
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, st.st_mode & 0o1777)  # setuid (0o4000) and setgid (0o2000) dropped
+        os.utime(fd, ns=times)
+
+
+def prepare_volume(rootfd, v):
+    """The mount point of volume V in the job's root (a directory for a
+    directory, an empty file otherwise), as an O_PATH fd.  Made before any
+    volume is mounted, so that no path is ever created inside a host volume."""
+    try:
+        return _volume_target(rootfd, v)
+    except OSError as e:
+        raise SetupError("-v/--volume %s:%s: %s" % (v.src, v.dest, e.strerror)) from None
+    except SetupError as e:
+        raise SetupError("-v/--volume %s:%s: %s" % (v.src, v.dest, e)) from None
+
+
+def _volume_target(rootfd, v):
+    pfd = open_dir_in_root(rootfd, os.path.dirname(v.dest))
+    name = os.path.basename(v.dest)
+    try:
+        if os.path.isdir(v.src):
+            if not _clear_entry(pfd, name, True):
+                os.mkdir(name, 0o755, dir_fd=pfd)
+            return os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        try:
+            _clear_entry(pfd, name, False)
+        except SetupError:
+            raise SetupError("DEST is a directory in the job's root, SRC is not") from None
+        os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                         dir_fd=pfd))
+        return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+    finally:
+        os.close(pfd)
+
+
+def mount_volume(v, target_fd):
+    attrs = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | (MOUNT_ATTR_RDONLY if v.read_only else 0)
+    try:
+        bind_into(v.src, target_fd, attrs)
+    except OSError as e:
+        raise SetupError("-v/--volume %s:%s: %s" % (v.src, v.dest, e.strerror)) from None
+    audit("volume %s bound at %s (%s, nosuid, nodev, submounts included)"
+          % (v.src, v.dest, "read-only" if v.read_only else "read-write"))
+
+
+# --rootfs host: the host's system directories, read-only, on the job's own
+# tmpfs.  On merged-/usr systems bin, sbin and lib* are symlinks into usr.
+HOST_SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
+# What of the host's /etc a program needs to run (users, libraries, TLS roots,
+# time zone, interpreters' configuration); never shadow, gshadow, sudoers,
+# ssh host keys, ssl/private, nor files that often hold credentials (pip.conf,
+# gitconfig, environment with proxy passwords).  '*' ends a prefix.
+HOST_ETC = ("passwd", "group", "nsswitch.conf", "host.conf", "gai.conf", "protocols", "services",
+            "networks", "ethertypes", "rpc", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives",
+            "ssl/certs", "ssl/openssl.cnf", "ca-certificates", "ca-certificates.conf", "localtime",
+            "timezone", "os-release", "debian_version", "lsb-release", "mime.types", "magic", "magic.mime",
+            "locale.alias", "locale.conf", "default/locale", "profile", "bash.bashrc", "inputrc",
+            "mtab", "python3*", "perl", "fonts")
+# Copied rather than bound: the job (or jrun's network setup) may rewrite it.
+HOST_ETC_COPIED = ("resolv.conf",)
+RO = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
+
+
+def build_host_root(root):
+    """The root of --rootfs host: a tmpfs (the job's writable layer) with the
+    host's system directories and a safe part of /etc bound read-only."""
+    rootfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in HOST_SYSTEM_DIRS:
+            host = "/" + name
+            if os.path.islink(host):
+                os.symlink(os.readlink(host), name, dir_fd=rootfd)
+            elif os.path.isdir(host):
+                os.mkdir(name, 0o755, dir_fd=rootfd)
+                fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=rootfd)
+                try:
+                    bind_into(host, fd, RO)
+                finally:
+                    os.close(fd)
+        for d, mode in (("etc", 0o755), ("root", 0o700), ("home", 0o755), ("run", 0o755),
+                        ("var", 0o755), ("var/tmp", 0o1777), ("mnt", 0o755)):
+            os.mkdir(d, mode, dir_fd=rootfd)
+            os.chmod(d, mode, dir_fd=rootfd)  # past the umask
+        names = []
+        for pattern in HOST_ETC:
+            if pattern.endswith("*"):
+                names += sorted(n for n in os.listdir("/etc") if n.startswith(pattern[:-1]))
+            else:
+                names.append(pattern)
+        for rel in names:
+            _host_etc_entry(rootfd, rel)
+        for rel in HOST_ETC_COPIED:
+            try:
+                with open("/etc/" + rel, "rb") as f:
+                    data = f.read(1 << 20)
+            except OSError:
+                continue
+            _safe_file(root, "etc/" + rel, content=data.decode("utf-8", "replace"))
+    finally:
+        os.close(rootfd)
+    audit("root: a tmpfs with the host's %s and part of /etc, read-only, nosuid, nodev"
+          % ", ".join(n for n in HOST_SYSTEM_DIRS if os.path.lexists("/" + n)))
+
+
+def _host_etc_entry(rootfd, rel):
+    import stat
+
+    host = "/etc/" + rel
+    try:
+        st = os.lstat(host)
+    except OSError:
+        return
+    pfd = open_dir_in_root(rootfd, os.path.dirname("etc/" + rel))
+    name = os.path.basename(rel)
+    try:
+        if stat.S_ISLNK(st.st_mode):
+            # localtime, os-release, mtab: the target is a system path that
+            # the job has too, so the link is kept as a link.
+            os.symlink(os.readlink(host), name, dir_fd=pfd)
+            return
+        if stat.S_ISDIR(st.st_mode):
+            os.mkdir(name, 0o755, dir_fd=pfd)
+            fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        elif stat.S_ISREG(st.st_mode):
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o644, dir_fd=pfd))
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        else:
+            return
+        try:
+            bind_into(host, fd, RO)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(pfd)
+
+
+def make_root_read_only(root):
+    """--read-only: the root mount alone (not recursively), so /work, /tmp,
+    /dev and read-write volumes, mounted on top, stay writable."""
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        mount_setattr(fd, MOUNT_ATTR_RDONLY, recursive=False)
+    finally:
+        os.close(fd)
+    audit("root remounted read-only (workdir, /tmp, /dev and read-write volumes stay writable)")
+
+
+# ---------------------------------------------------------------------------
+# Least privilege, the policy: the job's capability set and its seccomp
+# filter, computed from the JobSpec.  Pure logic; the child applies them as
+# its last steps before exec (drop_privileges).
+# ---------------------------------------------------------------------------
+
+
+def job_capabilities(spec):
+    """The capability names COMMAND runs with.  Docker's rules: --cap-add ALL
+    starts from every capability, --cap-drop ALL from none, otherwise from
+    DEFAULT_CAPS; then the named adds, then the named drops.  A -u/--user
+    job that is not root inside gets none (and --cap-add is refused)."""
+    if spec.user and spec.user[0] not in ("0", "root"):
+        return frozenset()
+    caps = set(DEFAULT_CAPS)
+    if "ALL" in spec.cap_drop:
+        caps = set()
+    if "ALL" in spec.cap_add:
+        caps = set(CAPABILITIES)
+    caps |= set(spec.cap_add) - {"ALL"}
+    caps -= set(spec.cap_drop)
+    return frozenset(caps)
+
+
+# What the default filter refuses with EPERM, and the capability whose
+# --cap-add lifts each group (as docker's profile does: a user who adds
+# SYS_TIME wants to set the clock).  The capabilities already refuse most of
+# these; the filter is the second wall, and the only one for the syscalls
+# that need no capability yet widen the kernel's attack surface: the kernel
+# keyring (not namespaced), io_uring (a long CVE list; it also bypasses
+# seccomp for the operations it performs), user namespaces (unprivileged
+# CLONE_NEWUSER hands out a full capability set in a new namespace),
+# userfaultfd, bpf, perf_event_open.
+SECCOMP_DENY = (
+    (None, ("keyctl", "add_key", "request_key", "io_uring_setup", "io_uring_enter", "io_uring_register")),
+    ("SYS_ADMIN", ("mount", "umount2", "pivot_root", "move_mount", "fsopen", "fsconfig", "fsmount",
+                   "fspick", "open_tree", "open_tree_attr", "mount_setattr", "unshare", "setns",
+                   "quotactl", "quotactl_fd", "swapon", "swapoff", "lookup_dcookie", "nfsservctl",
+                   "fanotify_init")),
+    ("SYS_MODULE", ("init_module", "finit_module", "delete_module")),
+    ("SYS_BOOT", ("reboot", "kexec_load", "kexec_file_load")),
+    ("SYS_TIME", ("settimeofday", "clock_settime", "clock_adjtime")),
+    ("SYS_PACCT", ("acct",)),
+    ("SYS_RAWIO", ("iopl", "ioperm")),
+    ("DAC_READ_SEARCH", ("open_by_handle_at", "name_to_handle_at")),  # "shocker", 2014
+    ("BPF", ("bpf",)),
+    ("PERFMON", ("perf_event_open",)),
+    ("SYS_PTRACE", ("userfaultfd",)),
+    ("SYSLOG", ("syslog",)),
+    ("SYS_TTY_CONFIG", ("vhangup",)),
+)
+# clone(2) flags that create namespaces (refused without SYS_ADMIN, like
+# unshare and setns).  CLONE_NEWTIME is left out: in clone()'s flags 0x80
+# is part of the exit signal; it can only be asked for through clone3 or
+# unshare, both refused.
+CLONE_NS_FLAGS = (CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER
+                  | CLONE_NEWPID | CLONE_NEWNET)
+
+
+def seccomp_program(machine, caps):
+    """The default filter as a classic BPF program: a list of (code, jt, jf,
+    k) sock_filter tuples.
+
+    Why hand-made BPF rather than libseccomp: the filter is a deny list of
+    ~50 numbers and one argument test, which is ~110 straight-line
+    instructions that a reviewer can read (and tests/test_security.py
+    decodes and runs).  libseccomp's own Python binding is not published
+    on PyPI (Debian's python3-seccomp is built for the system python, not
+    /opt/jrun's), the PyPI stand-ins are unmaintained (pyseccomp: 2021) or
+    third-party rebuilds, and either would be a bigger thing to trust than
+    this function.  Each refused syscall is a pair
+    `jeq NR / ret ERRNO` so that no jump needs an offset over 255; the
+    kernel's seccomp action cache (5.11+) turns every syscall whose verdict
+    does not depend on its arguments (all but clone) into a bitmap lookup,
+    so the length of the list costs nothing at run time.
+
+    A syscall of another architecture (i386 through int 0x80, or x32 on
+    x86_64; arm32 on aarch64) kills the process (SIGSYS) rather than
+    returning EPERM: the numbers differ there, so a deny list written for
+    the native table would be bypassed, and a 32-bit program that gets EPERM
+    even from exit() would spin instead of failing clearly."""
+    nrs = _SYSCALLS[machine]
+    prog = [
+        (BPF_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
+        (BPF_JEQ_K, 1, 0, AUDIT_ARCH[machine]),
+        (BPF_RET_K, 0, 0, SECCOMP_RET_KILL_PROCESS),
+        (BPF_LD_W_ABS, 0, 0, 0),  # seccomp_data.nr
+    ]
+    if machine == "x86_64":
+        prog += [(BPF_JGE_K, 0, 1, X32_SYSCALL_BIT), (BPF_RET_K, 0, 0, SECCOMP_RET_KILL_PROCESS)]
+    if "SYS_ADMIN" not in caps:
+        prog += [
+            # clone3 passes its flags in memory, which seccomp cannot read:
+            # ENOSYS makes glibc and musl fall back to clone(), checked next.
+            # First in the program, because clone is the one verdict the
+            # kernel cannot cache (it depends on an argument).
+            (BPF_JEQ_K, 0, 1, nrs["clone3"]), (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.ENOSYS),
+            (BPF_JEQ_K, 0, 4, nrs["clone"]),
+            (BPF_LD_W_ABS, 0, 0, 16),  # low 32 bits of args[0], clone's flags (little-endian)
+            (BPF_JSET_K, 0, 1, CLONE_NS_FLAGS),
+            (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.EPERM),
+            (BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
+        ]
+    for cap, names in SECCOMP_DENY:
+        if cap in caps:
+            continue
+        for name in names:
+            if nrs[name] is not None:
+                prog += [(BPF_JEQ_K, 0, 1, nrs[name]), (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.EPERM)]
+    prog.append((BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW))
+    return prog
 
 
 # ---------------------------------------------------------------------------
@@ -661,11 +1971,19 @@ class JobState:
                 other = JobState(self.id)
                 if other.is_live():
                     raise UsageError("--name %s: a job with this name is already running" % self.id) from None
-                gc_job(self.id)  # a dead job's leftovers: clean, then take the name
+                # A dead job's leftovers: clean, then take the name (if a
+                # concurrent `jrun gc` is at it, give it a moment).
+                if not gc_job(self.id):
+                    time.sleep(0.2)
         else:
             raise SetupError("cannot create %s" % self.dir)
-        self.lock_fd = os.open(os.path.join(self.dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # The lock file appears already locked (made under another name,
+        # locked, renamed): a `jrun gc` that finds "lock" and can take it
+        # knows the job is gone, never that it has not locked it yet.
+        tmp = os.path.join(self.dir, "lock.new")
+        self.lock_fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(tmp, os.path.join(self.dir, "lock"))
         audit("state: %s created and locked" % self.dir)
 
     def is_live(self):
@@ -704,7 +2022,7 @@ class JobState:
         return self.record
 
     def remove(self):
-        for name in ("job.json", "job.json.tmp", "root", "lock"):
+        for name in ("job.json", "job.json.tmp", "root", "lock.new", "lock"):
             p = os.path.join(self.dir, name)
             try:
                 os.rmdir(p) if name == "root" else os.unlink(p)
@@ -723,6 +2041,7 @@ class JobState:
 #   check(spec)    parent, classmethod, before the first side effect
 #   enter()        child, after release, before the root is built
 #   etc_files()    child, while the root is built: files such as /etc/hosts
+#   enter_root()   child, after pivot_root, /proc and /sys
 #   collect(out)   parent, after the job ended (accounting)
 #   teardown()     parent or gc; idempotent, logs instead of raising
 # ---------------------------------------------------------------------------
@@ -752,6 +2071,9 @@ class Resource:
         """Child: {path in the root: content} written while the root is built."""
         return {}
 
+    def enter_root(self):
+        """Child, after pivot_root and /proc, /sys: what the job sees of it."""
+
     def collect(self, out):
         pass
 
@@ -765,9 +2087,577 @@ class Resource:
         return None
 
 
-def host_resources(spec):
-    """The resources a job needs, in setup order (torn down in reverse)."""
-    return [Network(spec)] if spec.net != "none" else []
+# ---------------------------------------------------------------------------
+# cgroups: the second stage of resource control.  Every job gets its own
+# cgroup, with or without limits: it accounts for the job and lets teardown
+# find and kill every process of it.  CgroupV1 and CgroupV2 share one
+# interface; the version is detected once (cgroup_host()).
+#   setup()      parent, root, host namespaces: mkdir, write the limits
+#   attach(pid)  parent: the child into the cgroup, before it is released
+#   enter()      child, root, before its root is built: verify membership and
+#                limits, then its own cgroup namespace
+#   enter_root() child, after pivot_root: its cgroup visible read-only
+#   collect()    parent, after the job: the cgroup's own counters
+#   teardown()   parent or gc: kill what is left, rmdir
+# ---------------------------------------------------------------------------
+
+
+def _write(path, value):
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _read(path, default=None):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError:
+        return default
+
+
+def _keyed(text, key):
+    """The number after KEY in 'key value' lines (memory.events, cpu.stat)."""
+    for line in (text or "").splitlines():
+        k, _, v = line.partition(" ")
+        if k == key:
+            return int(v)
+    return None
+
+
+class Cgroup(Resource):
+    name = "cgroup"
+    version = 0
+
+    def __init__(self, spec, dirs=()):
+        super().__init__(spec)
+        self.dirs = list(dirs)  # the job's cgroup directories, one per hierarchy
+        self.checks = []  # (file, expected content): what the child verifies
+        self.where = {}  # v1: {controllers "cpu,cpuacct": directory}
+
+    @staticmethod
+    def for_job(spec):
+        return (CgroupV2 if cgroup_host().version == 2 else CgroupV1)(spec)
+
+    @classmethod
+    def from_state(cls, record):
+        cg = record.get("cgroup")
+        if cg:
+            return (CgroupV2 if cg.get("version") == 2 else CgroupV1)(None, cg.get("dirs", ()))
+        if not record.get("id"):
+            return None
+        # The default place needs no record: <hierarchy>/jrun/<id>.
+        host = cgroup_host()
+        points = [CGROUP_ROOT] if host.version == 2 else sorted({p for p, _ in host.mounts.values()})
+        dirs = [d for d in (os.path.join(p, CGROUP_SUBTREE, record["id"]) for p in points) if os.path.isdir(d)]
+        return (CgroupV2 if host.version == 2 else CgroupV1)(None, dirs) if dirs else None
+
+    # A job cgroup under jrun's own subtree whose job has no state directory
+    # is an orphan for gc (see the contract of orphans() there), unless a
+    # process is in it or it is younger than this: a job of a jrun with
+    # another state-dir (--config) shares the subtree, and one being set up
+    # right now has an empty cgroup for a moment.  --cgroup-parent trees
+    # are their owner's to clean.
+    ORPHAN_MIN_AGE = 60.0
+
+    @classmethod
+    def orphans(cls, known_ids):
+        host = cgroup_host()
+        points = [CGROUP_ROOT] if host.version == 2 else sorted({p for p, _ in host.mounts.values()})
+        found = {}
+        for point in points:
+            sub = os.path.join(point, CGROUP_SUBTREE)
+            try:
+                names = os.listdir(sub)
+            except OSError:
+                continue
+            for n in names:
+                if os.path.isdir(os.path.join(sub, n)):
+                    found.setdefault(n, []).append(os.path.join(sub, n))
+        known = known_ids()  # after the listing: see gc
+        now = time.time()
+        for job_id, dirs in sorted(found.items()):
+            if job_id in known or any(cls._in_use(d, now) for d in dirs):
+                continue
+            res = (CgroupV2 if host.version == 2 else CgroupV1)(None, dirs)
+            res.name = "cgroup %s" % job_id
+            yield res
+
+    @classmethod
+    def _in_use(cls, d, now):
+        try:
+            if now - os.stat(d).st_mtime < cls.ORPHAN_MIN_AGE:
+                return True
+        except OSError:
+            return True  # gone meanwhile: nothing to do
+        events = _read(os.path.join(d, "cgroup.events"))
+        if events is not None:  # v2: processes here or below
+            return "populated 0" not in events
+        return bool(_read(os.path.join(d, "cgroup.procs"), "x").strip())
+
+    def setup(self, state):
+        self.plan()
+        if self.spec.cgroup_parent:
+            # Recorded before the first mkdir, so that gc finds whatever a
+            # crash leaves (teardown skips what was never made).  The default
+            # place, jrun/<id>, gc finds from the job id alone: no write.
+            state.save(cgroup={"version": self.version, "dirs": self.dirs})
+        try:
+            self.create()
+            self.write_limits(self.spec.limits)
+        except OSError as e:
+            self.teardown()
+            raise SetupError("cgroup %s: %s" % (getattr(e, "filename", None) or self.dirs[0], e.strerror)) from None
+        audit("cgroup v%d: %s created with %s" % (self.version, ", ".join(self.dirs),
+                                                  "; ".join("%s=%s" % (os.path.basename(f), v.strip())
+                                                            for f, v in self.checks) or "no limits"))
+
+    def limit(self, path, value):
+        """Write a limit, and note what the child must read back."""
+        _write(path, value)
+        self.checks.append((path, value))
+
+    def attach(self, pid):
+        for d in self.dirs:
+            _write(os.path.join(d, "cgroup.procs"), str(pid))
+        audit("cgroup: job PID %d placed in %s" % (pid, ", ".join(self.dirs)))
+
+    def join(self):
+        """Child: nothing to do when the parent has placed it (attach)."""
+
+    def enter(self):
+        """Child: prove from /proc/self/cgroup that this process is in
+        exactly its own job cgroup on every hierarchy ("not in the root
+        cgroup" is no proof), and that the limits in force are exactly the
+        requested ones, before anything of the job runs."""
+        self.join()
+        mine = {}
+        for line in _read("/proc/self/cgroup", "").splitlines():
+            _, ctrls, path = line.split(":", 2)
+            mine[ctrls] = path
+        for ctrls, d in self.where.items():
+            want = "/" + os.path.relpath(d, self.mountpoint(ctrls))
+            if mine.get(ctrls) != want:
+                raise SetupError("cgroup verification failed: in %s:%s, not in the job's %s"
+                                 % (ctrls or "unified", mine.get(ctrls), want))
+        for path, want in self.checks:
+            got = _read(path)
+            if got is None or sorted(got.split()) != sorted(want.split()):
+                raise SetupError("cgroup verification failed: %s is %r, not %r" % (path, got, want))
+        audit("cgroup verified: this process is in %s only, limits read back: %s" % (
+            ", ".join("%s:%s" % (c or "0:", mine[c]) for c in self.where),
+            "; ".join("%s=%s" % (os.path.basename(f), v.strip().replace("\n", " ")) for f, v in self.checks)
+            or "none"))
+        unshare(CLONE_NEWCGROUP)
+        audit("cgroup namespace: the job's cgroup is its root '/'")
+
+    def kill_all(self):
+        """SIGKILL every process still in the job's cgroups.  A pidfd is
+        taken before the membership check, so a pid reused by a host process
+        in between is never signalled."""
+        if not self.dirs:
+            return
+        deadline = time.monotonic() + 2.0
+        job = "/" + "/".join(self.dirs[0].split("/")[-2:])  # <parent>/<id>
+        while True:
+            pids = set()
+            for d in self.dirs:
+                pids.update(int(p) for p in (_read(os.path.join(d, "cgroup.procs")) or "").split())
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    fd = os.pidfd_open(pid)
+                except OSError:
+                    continue
+                try:
+                    if any(line.split(":", 2)[2].endswith(job)
+                           for line in (_read("/proc/%d/cgroup" % pid) or "").splitlines()):
+                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+                except OSError:
+                    pass
+                finally:
+                    os.close(fd)
+            if time.monotonic() > deadline:
+                raise SetupError("processes %s survive SIGKILL" % sorted(pids))
+            time.sleep(0.005)
+
+    def teardown(self):
+        try:
+            self.kill_all()
+        except (OSError, SetupError) as e:
+            log("warning", "cgroup teardown: %s" % e)
+        for d in reversed(self.dirs):
+            # Right after the last process exits the kernel may still hold
+            # the cgroup busy for a moment (EBUSY): retry briefly.
+            for _ in range(200):
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as e:
+                    if e.errno != errno.EBUSY:
+                        log("warning", "cgroup teardown: cannot remove %s: %s" % (d, e.strerror))
+                        break
+                    time.sleep(0.005)
+            else:
+                log("warning", "cgroup teardown: %s is still busy; `jrun gc` will retry" % d)
+
+
+class CgroupV1(Cgroup):
+    """One directory per mounted v1 hierarchy: <mount>/<parent>/<id>."""
+
+    version = 1
+
+    def attach(self, pid):
+        """The child moves itself (join): see there."""
+
+    def join(self):
+        """Child, single-threaded, right after release.  Moving a process
+        (a PID into cgroup.procs) takes the kernel's global threadgroup lock
+        for writing, which waits for an RCU grace period: 5-20 ms per job on
+        this host.  A thread moving itself (0 into tasks) is exempt, and a
+        single-threaded process that moves its only thread has moved whole."""
+        alone = len(os.listdir("/proc/self/task")) == 1
+        for d in self.dirs:
+            _write(os.path.join(d, "tasks" if alone else "cgroup.procs"), "0" if alone else str(os.getpid()))
+        audit("cgroup: the job's PID 1 moved itself into %s" % ", ".join(self.dirs))
+
+    def plan(self):
+        host = cgroup_host()
+        self.where = {}
+        for ctrl in cgroup_controllers(self.spec):
+            point, ctrls = host.mounts[ctrl]
+            self.where[ctrls] = os.path.join(point, cgroup_parent(self.spec), self.spec.id)
+        self.dirs = list(self.where.values())
+
+    def mountpoint(self, ctrls):
+        mounts = cgroup_host().mounts
+        return next(mounts[c][0] for c in ctrls.split(",") if c in mounts)
+
+    def create(self):
+        for ctrls, d in self.where.items():
+            p = os.path.dirname(d)
+            try:
+                os.mkdir(p, 0o755)  # the shared jrun subtree; --cgroup-parent exists already
+            except FileExistsError:
+                pass
+            if "cpuset" in ctrls.split(",") and not self.spec.cgroup_parent:
+                # A new v1 cpuset has no CPUs and no memory nodes, and no
+                # task may join it until both are set: the shared subtree
+                # gets its own parent's.  (A delegated parent is its
+                # manager's to set up.)
+                for f in ("cpuset.cpus", "cpuset.mems"):
+                    if not _read(os.path.join(p, f), "").strip():
+                        _write(os.path.join(p, f), _read(os.path.join(os.path.dirname(p), f)).strip())
+            os.mkdir(d, 0o755)
+
+    def _dir(self, ctrl):
+        for ctrls, d in self.where.items():
+            if ctrl in ctrls.split(","):
+                return d
+        return None
+
+    def write_limits(self, lim):
+        if lim.cores is not None:
+            cs = self._dir("cpuset")
+            self.limit(os.path.join(cs, "cpuset.cpus"), format_cpuset(parse_cpuset("--cores", lim.cores)) + "\n")
+            mems = _read(os.path.join(os.path.dirname(cs), "cpuset.mems"), "").strip()
+            self.limit(os.path.join(cs, "cpuset.mems"), mems + "\n")
+        if lim.cpu is not None:
+            d = self._dir("cpu")
+            self.limit(os.path.join(d, "cpu.cfs_period_us"), "%d\n" % CPU_PERIOD_US)
+            self.limit(os.path.join(d, "cpu.cfs_quota_us"), "%d\n" % (lim.cpu * CPU_PERIOD_US // 100))
+        if lim.memory is not None:
+            d = self._dir("memory")
+            page = os.sysconf("SC_PAGE_SIZE")
+            mem = lim.memory // page * page
+            self.limit(os.path.join(d, "memory.limit_in_bytes"), "%d\n" % mem)
+            memsw = os.path.join(d, "memory.memsw.limit_in_bytes")
+            if os.path.exists(memsw):
+                # memory+swap: the same ceiling, so swap adds nothing.
+                self.limit(memsw, "%d\n" % mem)
+            else:
+                self.limit(os.path.join(d, "memory.swappiness"), "0\n")
+                if _read("/proc/swaps", "").count("\n") > 1:
+                    log("warning", "--memory: this kernel has no swap accounting (boot with swapaccount=1); "
+                        "the job's swappiness is 0, but swap is not strictly excluded")
+        if lim.pids is not None:
+            self.limit(os.path.join(self._dir("pids"), "pids.max"), "%d\n" % lim.pids)
+        if lim.io_bps is not None:
+            d = self._dir("blkio")
+            devs = block_devices(io_paths(self.spec))
+            for f in ("blkio.throttle.read_bps_device", "blkio.throttle.write_bps_device"):
+                for dev in devs:
+                    _write(os.path.join(d, f), "%s %d" % (dev, lim.io_bps))
+                self.checks.append((os.path.join(d, f), "".join("%s %d\n" % (dev, lim.io_bps) for dev in devs)))
+
+    def enter_root(self):
+        """A read-only tmpfs at /sys/fs/cgroup, and on it each of the job's
+        hierarchies read-only; in the job's cgroup namespace each shows the
+        job's own cgroup as its root."""
+        flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+        mount("cgroup", CGROUP_ROOT, "tmpfs", flags, "mode=0755,size=16k")
+        for ctrls, d in self.where.items():
+            target = os.path.join(CGROUP_ROOT, os.path.basename(self.mountpoint(ctrls)))
+            os.mkdir(target, 0o555)
+            mount("cgroup", target, "cgroup", flags | MS_RDONLY, ctrls)
+        mount(None, CGROUP_ROOT, None, MS_REMOUNT | MS_RDONLY | flags, "mode=0755,size=16k")
+        audit("%s: read-only tmpfs with the job's hierarchies %s, read-only"
+              % (CGROUP_ROOT, ", ".join(self.where)))
+
+    def collect(self, out):
+        mem = self._dir("memory")
+        if mem:
+            out.oom_kills = _keyed(_read(os.path.join(mem, "memory.oom_control")), "oom_kill") or 0
+        if not (self.spec.stats or self.spec.json_status):
+            return  # the rest is only read when asked for
+        cpu = self._dir("cpuacct")
+        usage = _read(os.path.join(cpu, "cpuacct.usage")) if cpu else None
+        out.cpu_s = int(usage) / 1e9 if usage else None
+        if mem:
+            peak = _read(os.path.join(mem, "memory.max_usage_in_bytes"))
+            out.memory_peak_bytes = int(peak) if peak else None
+        blk = self._dir("blkio")
+        if blk:
+            # Direct IO and reads; buffered writes are charged to the flusher
+            # thread on v1, not to the job.
+            text = _read(os.path.join(blk, "blkio.throttle.io_service_bytes_recursive"), "")
+            out.io_read_bytes = out.io_write_bytes = 0
+            for line in text.splitlines():
+                f = line.split()
+                if len(f) == 3 and f[1] in ("Read", "Write"):
+                    if f[1] == "Read":
+                        out.io_read_bytes += int(f[2])
+                    else:
+                        out.io_write_bytes += int(f[2])
+
+
+class CgroupV2(Cgroup):
+    """One directory in the unified hierarchy: /sys/fs/cgroup/<parent>/<id>.
+    Controllers are enabled in cgroup.subtree_control along the path; jrun
+    never puts a process in the parents (the no-internal-process rule)."""
+
+    version = 2
+
+    def plan(self):
+        self.controllers = cgroup_controllers(self.spec)
+        d = os.path.join(CGROUP_ROOT, cgroup_parent(self.spec), self.spec.id)
+        self.where = {"": d}
+        self.dirs = [d]
+
+    def mountpoint(self, ctrls):
+        return CGROUP_ROOT
+
+    def create(self):
+        d = self.dirs[0]
+        parent = os.path.dirname(d)
+        if not self.spec.cgroup_parent:
+            self._enable(CGROUP_ROOT)
+            try:
+                os.mkdir(parent, 0o755)
+            except FileExistsError:
+                pass
+        self._enable(parent)
+        os.mkdir(d, 0o755)
+
+    def _enable(self, cg):
+        on = set((_read(os.path.join(cg, "cgroup.subtree_control")) or "").split())
+        want = [c for c in self.controllers if c not in on]
+        if not want:
+            return
+        try:
+            _write(os.path.join(cg, "cgroup.subtree_control"), " ".join("+" + c for c in want))
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                raise SetupError("cannot enable %s in %s: it has processes of its own (cgroup v2 "
+                                 "no-internal-process rule); use --cgroup-parent with a delegated subtree"
+                                 % (" ".join(want), cg)) from None
+            raise
+
+    def write_limits(self, lim):
+        d = self.dirs[0]
+        if lim.cores is not None:
+            self.limit(os.path.join(d, "cpuset.cpus"), format_cpuset(parse_cpuset("--cores", lim.cores)) + "\n")
+        if lim.cpu is not None:
+            self.limit(os.path.join(d, "cpu.max"), "%d %d\n" % (lim.cpu * CPU_PERIOD_US // 100, CPU_PERIOD_US))
+        if lim.memory is not None:
+            page = os.sysconf("SC_PAGE_SIZE")
+            self.limit(os.path.join(d, "memory.max"), "%d\n" % (lim.memory // page * page))
+            if os.path.exists(os.path.join(d, "memory.swap.max")):
+                self.limit(os.path.join(d, "memory.swap.max"), "0\n")
+            elif _read("/proc/swaps", "").count("\n") > 1:
+                log("warning", "--memory: this kernel has no swap accounting; swap is not strictly excluded")
+            # Out of memory, the whole job is killed, not one process of it:
+            # jrun then reports exit 137 for the job as a whole.
+            self.limit(os.path.join(d, "memory.oom.group"), "1\n")
+        if lim.pids is not None:
+            self.limit(os.path.join(d, "pids.max"), "%d\n" % lim.pids)
+        if lim.io_bps is not None:
+            devs = block_devices(io_paths(self.spec))
+            for dev in devs:
+                _write(os.path.join(d, "io.max"), "%s rbps=%d wbps=%d" % (dev, lim.io_bps, lim.io_bps))
+            self.checks.append((os.path.join(d, "io.max"), "".join(
+                "%s rbps=%d wbps=%d riops=max wiops=max\n" % (dev, lim.io_bps, lim.io_bps) for dev in devs)))
+
+    def enter_root(self):
+        mount("cgroup2", CGROUP_ROOT, "cgroup2", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        audit("%s: the job's own cgroup2, read-only" % CGROUP_ROOT)
+
+    def collect(self, out):
+        d = self.dirs[0]
+        out.oom_kills = _keyed(_read(os.path.join(d, "memory.events")), "oom_kill") or 0
+        if not (self.spec.stats or self.spec.json_status):
+            return  # the rest is only read when asked for
+        usage = _keyed(_read(os.path.join(d, "cpu.stat")), "usage_usec")
+        out.cpu_s = usage / 1e6 if usage is not None else None
+        # memory.peak is kernel 5.19+; before that there is no peak to read.
+        peak = _read(os.path.join(d, "memory.peak"))
+        out.memory_peak_bytes = int(peak) if peak else None
+        io = _read(os.path.join(d, "io.stat"))
+        if io is not None:
+            out.io_read_bytes = out.io_write_bytes = 0
+            for line in io.splitlines():
+                for kv in line.split()[1:]:
+                    k, _, v = kv.partition("=")
+                    if k == "rbytes":
+                        out.io_read_bytes += int(v)
+                    elif k == "wbytes":
+                        out.io_write_bytes += int(v)
+
+    def kill_all(self):
+        d = self.dirs[0]
+        if os.path.exists(os.path.join(d, "cgroup.kill")):  # kernel 5.14+
+            _write(os.path.join(d, "cgroup.kill"), "1")
+            deadline = time.monotonic() + 2.0
+            while "populated 1" in (_read(os.path.join(d, "cgroup.events")) or ""):
+                if time.monotonic() > deadline:
+                    raise SetupError("%s: processes survive cgroup.kill" % d)
+                time.sleep(0.002)
+        else:
+            super().kill_all()
+# The job's user namespace (--userns).  Created by the parent, as real root,
+# through a short-lived helper process, so that the maps are written by a
+# privileged process (no setgroups "deny" needed) before the child exists;
+# the child uses it twice: as the idmap of the rootfs (so that the job's root
+# owns the rootfs files it sees) and, last of all, joins it (setns) before
+# dropping privileges.  Every other namespace of the job was created by
+# real root and stays owned by the host's user namespace: the job's root
+# holds its capabilities over nothing but its own files and processes.
+# ---------------------------------------------------------------------------
+
+
+def _fnv1a(text):
+    h = 0x811C9DC5
+    for byte in text.encode():
+        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return h
+
+
+def chown_to_job(path, base, uid=0, gid=0):
+    """lchown PATH and everything below it to the job's UID:GID as the host
+    sees them: BASE+UID under --userns (BASE is the job's USERNS_BASE slot,
+    0 without --userns).  For the paths jrun itself made real in the job's
+    root (the writable layer, /etc/hostname): a path through a symlink of
+    the rootfs would lead to the host.  (Uploads get their owner from the
+    copy, see Uploader.)"""
+    targets = [path]
+    if os.path.isdir(path) and not os.path.islink(path):
+        for d, dirs, files in os.walk(path):
+            targets += [os.path.join(d, n) for n in dirs + files]
+    for p in targets:
+        os.lchown(p, base + uid, base + gid)
+
+
+class JobUserNamespace(Resource):
+    name = "user namespace"
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.base = None
+        self.fd = None
+
+    def setup(self, state):
+        self.base = self._allocate(state)
+        self.fd = self._create()
+        audit("user namespace: uid and gid 0-%d inside are %d-%d on the host"
+              % (USERNS_SIZE - 1, self.base, self.base + USERNS_SIZE - 1))
+
+    def _allocate(self, state):
+        """A slot derived from the job id (a --name job gets the same host
+        uids every run, so its volumes keep their owner), moved on while a
+        live job holds it; the state directory's flock makes the choice and
+        its record atomic.  (job.json is dumps_json's flat record: one
+        integer field is read without the json module, which costs 15 ms
+        here, more than all the rest of --userns.)"""
+        lock = os.open(STATE_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            taken = set()
+            for other in os.listdir(STATE_DIR):
+                if other == self.spec.id:
+                    continue
+                try:
+                    with open(os.path.join(STATE_DIR, other, "job.json"), encoding="utf-8") as f:
+                        _, found, rest = f.read().partition('"userns_base": ')
+                except OSError:
+                    continue
+                digits = rest[:12].split(",")[0].split("}")[0].strip()
+                if found and digits.isdigit() and JobState(other).is_live():
+                    taken.add(int(digits))
+            slot = _fnv1a(self.spec.id) % USERNS_SLOTS
+            for i in range(USERNS_SLOTS):
+                base = USERNS_BASE + ((slot + i) % USERNS_SLOTS) * USERNS_SIZE
+                if base not in taken:
+                    state.save(userns_base=base)
+                    return base
+            raise SetupError("--userns: all %d uid ranges are in use by running jobs" % USERNS_SLOTS)
+        finally:
+            os.close(lock)
+
+    def _create(self):
+        """A helper process unshares a user namespace; jrun writes its maps
+        and keeps a reference (an fd of /proc/PID/ns/user); the helper
+        exits when jrun closes the pipe."""
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        hold_r, hold_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(ready_r)
+                os.close(hold_w)
+                unshare(CLONE_NEWUSER)
+                os.write(ready_w, b"u")
+                os.read(hold_r, 1)
+            finally:
+                os._exit(0)
+        os.close(ready_w)
+        os.close(hold_r)
+        try:
+            if os.read(ready_r, 1) != b"u":
+                raise SetupError("--userns: cannot create a user namespace (user.max_user_namespaces?)")
+            for name in ("uid_map", "gid_map"):
+                with open("/proc/%d/%s" % (pid, name), "w") as f:
+                    f.write("0 %d %d\n" % (self.base, USERNS_SIZE))
+            return os.open("/proc/%d/ns/user" % pid, os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            os.close(ready_r)
+            os.close(hold_w)
+            os.waitpid(pid, 0)
+
+    def join(self):
+        """Child, last steps: enter the namespace.  The child's uids do not
+        change by this (setresuid does it next); it gains every capability
+        inside this namespace and keeps none outside."""
+        setns(self.fd, CLONE_NEWUSER)
+
+    def teardown(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 # ---------------------------------------------------------------------------
@@ -783,7 +2673,7 @@ def host_resources(spec):
 def network_config():
     """The subnets jrun's networks use: the default bridge's and the pool the
     named networks take a /24 each from.  One function, so that the config
-    file (/etc/jrun/jrun.toml) can feed it; validated by Network.check."""
+    file (/etc/jrun/jrun.toml, key subnet) sets them; Network.check validates."""
     return {"subnet": DEFAULT_SUBNET, "pool": DEFAULT_NET_POOL}
 
 
@@ -805,7 +2695,7 @@ def parse_subnet(what, text):
     try:
         net, plen = parse_ip(addr), int(plen)
     except ValueError:
-        raise UsageError("%s: %r is not an IPv4 subnet (use e.g. %s)" % (what, text, DEFAULT_SUBNET)) from None
+        raise UsageError("%s: %r is not an IPv4 subnet (use e.g. 172.31.254.0/24)" % (what, text)) from None
     if not slash or not 8 <= plen <= 29:
         raise UsageError("%s: %r: the prefix length must be from /8 to /29" % (what, text))
     if net & ~_mask(plen) & 0xFFFFFFFF:
@@ -834,11 +2724,20 @@ def bridge_name(net):
     return "jrun-" + hashlib.blake2s(net.encode(), digest_size=5).hexdigest()
 
 
-def veth_name(job_id):
-    """The host end of a job's veth pair: 'jr' + 10 hex, unique per live job."""
+def veth_name(job_dir):
+    """The host end of a job's veth pair: 'jr' + 10 hex of the job's state
+    directory, unique per live job (whatever state-dir each jrun uses)."""
     import hashlib
 
-    return "jr" + hashlib.blake2s(job_id.encode(), digest_size=5).hexdigest()
+    return "jr" + hashlib.blake2s(job_dir.encode(), digest_size=5).hexdigest()
+
+
+def _lease_live(job_dir):
+    """A lease is the job's state directory; it is live while that job's
+    state lock is held."""
+    state = JobState(os.path.basename(job_dir))
+    state.dir = job_dir
+    return state.is_live()
 
 
 def named_subnet(name, pool, used):
@@ -1082,8 +2981,8 @@ class _NetLock:
 
 class NetFile:
     """/run/jrun/.net/<bridge>: one network's subnet and leases, as lines
-    ('name N', 'subnet S', 'next IP', 'lease IP JOB'); read and written only
-    under _NetLock."""
+    ('name N', 'subnet S', 'next IP', 'lease IP JOB-STATE-DIR'); written only
+    under _NetLock (and atomically, so gc may read it without)."""
 
     def __init__(self, bridge, name=None, subnet=None):
         self.bridge, self.name, self.subnet = bridge, name, subnet
@@ -1145,11 +3044,11 @@ class NetFile:
 
     def prune(self, keep=None):
         """Forget the leases of jobs that are no longer running."""
-        for ip, job in list(self.leases.items()):
-            if job != keep and not JobState(job).is_live():
+        for ip, owner in list(self.leases.items()):
+            if owner != keep and not _lease_live(owner):
                 del self.leases[ip]
 
-    def allocate(self, job_id):
+    def allocate(self, owner):
         """The next free address after the last one given (so a just-freed
         address, still in conntrack and neighbour caches, is reused last);
         network, gateway and broadcast are never given."""
@@ -1159,7 +3058,7 @@ class NetFile:
         for i in range(size):
             ip = first + (start - first + i) % size
             if ip not in self.leases:
-                self.leases[ip] = job_id
+                self.leases[ip] = owner
                 self.next = first + (ip - first + 1) % size
                 return ip
         raise SetupError("--net %s: no free address left in %s (%d jobs running on it)"
@@ -1181,6 +3080,13 @@ def _run_nft(ruleset):
 
 def _nft_path():
     return next((p for p in NFT_PATHS if os.access(p, os.X_OK)), None)
+
+
+def _nft_table_exists():
+    import subprocess
+
+    return subprocess.run([_nft_path() or "nft", "list", "table"] + NFT_TABLE.split(),
+                          capture_output=True).returncode == 0
 
 
 def _sync_nft(without=None):
@@ -1293,12 +3199,11 @@ class Network(Resource):
 
     name = "network"
 
-    def __init__(self, spec, job_id=None):
+    def __init__(self, spec):
         super().__init__(spec)
-        self.job = spec.id if spec else job_id
         self.net = spec.net if spec else None
         self.bridge = bridge_name(self.net) if spec else None
-        self.veth = veth_name(self.job)
+        self.owner = self.veth = None  # the job's state directory, its veth
         self.address = None
         self.net_file = None
         self.resolv = ""
@@ -1330,6 +3235,7 @@ class Network(Resource):
     # -- parent, before the fork --------------------------------------------
 
     def setup(self, state):
+        self.owner, self.veth = state.dir, veth_name(state.dir)
         try:
             self.nl = _host_netlink()
             with _NetLock():
@@ -1349,11 +3255,12 @@ class Network(Resource):
         elif f.name != self.net:
             raise SetupError("--net %s: its bridge name %s is taken by network %s (rename one of them)"
                              % (self.net, self.bridge, f.name))
-        f.prune(keep=self.job)
-        self.address = f.allocate(self.job)
+        f.prune(keep=self.owner)
+        self.address = f.allocate(self.owner)
         self.net_file = f
         # Recorded before anything is made, so that gc finds all of it.
-        state.save(net_bridge=self.bridge, net_veth=self.veth, net_address=format_ip(self.address))
+        state.save(net_bridge=self.bridge, net_veth=self.veth, net_lease=self.owner,
+                   net_address=format_ip(self.address))
         f.save()
         missing = _ifindex(self.bridge) is None
         if new or missing:
@@ -1478,9 +3385,11 @@ class Network(Resource):
         try:
             self._teardown()
         except (JrunError, OSError) as e:
-            log("warning", "network teardown of job %s: %s (run: jrun gc)" % (self.job, e))
+            log("warning", "network teardown of %s: %s (run: jrun gc)" % (self.owner, e))
 
     def _teardown(self):
+        if self.owner is None:
+            return  # setup never started
         nl = self.nl or _host_netlink()
         with _NetLock():
             if _delete_link(nl, self.veth):
@@ -1490,8 +3399,8 @@ class Network(Resource):
             f = NetFile.load(self.bridge) if self.bridge else None
             if f is None:
                 return
-            for ip, job in list(f.leases.items()):
-                if job == self.job:
+            for ip, owner in list(f.leases.items()):
+                if owner == self.owner:
                     del f.leases[ip]
                     audit("network: address %s released" % format_ip(ip))
             f.prune()
@@ -1502,11 +3411,30 @@ class Network(Resource):
 
     @classmethod
     def from_state(cls, record):
-        if not record.get("net_veth") or not record.get("id"):
+        if not record.get("net_veth") or not record.get("net_lease"):
             return None
-        self = cls(None, job_id=record["id"])
-        self.bridge = record.get("net_bridge")
+        self = cls(None)
+        self.bridge, self.veth, self.owner = record.get("net_bridge"), record["net_veth"], record["net_lease"]
         return self
+
+    @classmethod
+    def orphans(cls, known_ids):
+        """gc: job veths and leases whose job is gone (its state directory
+        with it), and networks no job uses.  Devices are listed before the
+        leases are read: a lease is written before its veth is made and
+        released after it is deleted.  (known_ids is not needed: a lease
+        names its job's state directory, wherever that is.)"""
+        veths = [n for n in _net_devices() if _is_job_veth(n)]
+        nets = NetFile.all()
+        live = {veth_name(o) for f in nets for o in f.leases.values() if _lease_live(o)}
+        for name in veths:
+            if name not in live:
+                yield NetworkLeftover("veth %s" % name, _gc_veth, name)
+        for f in nets:
+            if not all(_lease_live(o) for o in f.leases.values()) or not f.leases:
+                yield NetworkLeftover("network %s: dead leases" % f.name, _gc_network, f.bridge)
+        if nets and not _nft_table_exists():  # a firewall reload flushed the whole ruleset
+            yield NetworkLeftover("missing nft table %s: restored" % NFT_TABLE, _gc_nft, None)
 
 
 def _is_job_veth(name):
@@ -1520,43 +3448,49 @@ def _net_devices():
         return []
 
 
-def gc_networks():
-    """What crashed jobs left of the networks: leases of dead jobs, bridges
-    and files of networks no job uses, veths of no running job, and the nft
-    table when no network is left."""
-    # Devices first, jobs second: a job's state exists before its veth, so
-    # every veth listed belongs to a job listed after it, if that still runs.
-    veths = [n for n in _net_devices() if _is_job_veth(n)]
-    try:
-        jobs = [n for n in os.listdir(STATE_DIR) if not n.startswith(".")]
-    except FileNotFoundError:
-        jobs = []
-    live = {veth_name(j) for j in jobs if JobState(j).is_live()}
-    orphans = [n for n in veths if n not in live]
-    if not os.path.isdir(NET_DIR) and not orphans:
-        return []
-    nl = _host_netlink()
-    done = []
+class NetworkLeftover:
+    """Something of the networks that gc found with no running job behind it."""
+
+    def __init__(self, name, undo, arg):
+        self.name, self._undo, self._arg = name, undo, arg
+
+    def teardown(self):
+        try:
+            self._undo(self._arg)
+        except (JrunError, OSError) as e:
+            log("warning", "gc: %s: %s" % (self.name, e))
+
+
+def _gc_veth(name):
+    with _NetLock():  # checked again under the lock: its job may have started since
+        if not any(veth_name(o) == name and _lease_live(o) for f in NetFile.all() for o in f.leases.values()):
+            _delete_link(_host_netlink(), name)
+
+
+def _gc_nft(_):
     with _NetLock():
-        done += ["veth %s" % name for name in orphans if _delete_link(nl, name)]
-        for f in NetFile.all():
-            before = len(f.leases)
-            f.prune()
-            if not f.leases:
-                _remove_network(nl, f)
-                done.append("network %s (bridge %s)" % (f.name, f.bridge))
-            elif len(f.leases) != before:
-                f.save()
-                done.append("%d lease(s) on %s" % (before - len(f.leases), f.bridge))
-        for name in os.listdir(NET_DIR):
-            if name.endswith(".tmp"):
-                os.unlink(os.path.join(NET_DIR, name))
-        if NetFile.all() or done:
-            _sync_nft()  # also puts the rules back after a firewall reload flushed them
-    return done
+        _sync_nft()
 
 
-RESOURCE_CLASSES = (Network,)
+def _gc_network(bridge):
+    with _NetLock():
+        f = NetFile.load(bridge)
+        if f is None:
+            return
+        f.prune()
+        if f.leases:
+            f.save()
+        else:
+            _remove_network(_host_netlink(), f)
+
+
+def host_resources(spec):
+    """The resources a job needs, in setup order (torn down in reverse)."""
+    return [Cgroup.for_job(spec)] + ([JobUserNamespace(spec)] if spec.userns else []) + (
+        [Network(spec)] if spec.net != "none" else [])
+
+
+RESOURCE_CLASSES = (Cgroup, JobUserNamespace, Network)
 
 
 # ---------------------------------------------------------------------------
@@ -1565,57 +3499,6 @@ RESOURCE_CLASSES = (Network,)
 # execs COMMAND or reports an error through the close-on-exec status pipe and
 # exits.
 # ---------------------------------------------------------------------------
-
-
-def _safe_mkdirs(root, rel, mode=0o755):
-    """Make root/rel a real directory, component by component, never
-    following a symlink: a hostile rootfs whose 'proc' or 'tmp' is a symlink
-    pointing outside gets it replaced (in the job's own writable layer)."""
-    path = root
-    for comp in rel.strip("/").split("/"):
-        if comp in ("", "."):
-            continue
-        if comp == "..":
-            raise SetupError("%r: '..' is not allowed in a path inside the job" % rel)
-        path = os.path.join(path, comp)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            os.mkdir(path, mode)
-            continue
-        import stat
-
-        if not stat.S_ISDIR(st.st_mode):
-            os.unlink(path)
-            os.mkdir(path, mode)
-    return path
-
-
-def _safe_file(root, rel, mode=0o644, content=None):
-    """Make root/rel a regular file (for a bind mount target or a generated
-    /etc file), with the same no-symlink rule as _safe_mkdirs."""
-    parent = _safe_mkdirs(root, os.path.dirname(rel.strip("/")))
-    path = os.path.join(parent, os.path.basename(rel))
-    try:
-        st = os.lstat(path)
-        import stat
-
-        if not stat.S_ISREG(st.st_mode):
-            if stat.S_ISDIR(st.st_mode):
-                os.rmdir(path)
-            else:
-                os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise SetupError("cannot prepare %s in the job's root: %s" % (rel, e.strerror)) from None
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        if content:
-            os.write(fd, content.encode())
-    finally:
-        os.close(fd)
-    return path
 
 
 class ChildPlan(_Frozen):
@@ -1658,6 +3541,10 @@ def child_steps(plan):
     # (getppid() is 0 here: the parent lives outside our PID namespace; a
     # parent that died before this point closes the sync pipe instead.)
     prctl.set_pdeathsig(signal.SIGKILL)
+    # Not dumpable until exec (which resets it for COMMAND): no process of
+    # the job can ptrace this interpreter or open its /proc/1/mem, environ
+    # or fds while it still holds privileges and host file descriptors.
+    prctl.set_dumpable(0)
     unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET)
     audit("namespaces created: pid (PID %d inside), mount, uts, ipc, net" % os.getpid())
     loopback_up()
@@ -1667,31 +3554,41 @@ def child_steps(plan):
     # without "G" means the parent gave up: exit quietly.
     if os.read(plan.sync_r, 1) != b"G":
         os._exit(EXIT_JRUN)
-    os.close(plan.sync_r)
     for res in plan.resources:
         res.enter()
+    userns = next((r for r in plan.resources if isinstance(r, JobUserNamespace)), None)
 
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     audit("mounts made private (recursively) before anything was mounted")
-    root = build_root(spec, plan.state_dir, plan.resources)
+    root = build_root(spec, plan.state_dir, userns, plan.resources)
     pivot_into(root)
     mount_proc_and_sys()
+    for res in plan.resources:
+        res.enter_root()
+    harden_proc_and_sys()
     sethostname(spec.hostname)
     audit("hostname set to %s" % spec.hostname)
 
-    env = job_environment(spec)
+    uid, gid, home = resolve_user(spec)
+    if userns and max(uid, gid) >= USERNS_SIZE:
+        raise UsageError("-u/--user: %d:%d is not mapped under --userns (0 to %d are)"
+                         % (uid, gid, USERNS_SIZE - 1))
+    if uid:  # /work, the job's own tmpfs, is its user's (what was uploaded into it keeps its owner)
+        base = userns.base if userns else 0
+        os.chown(DEFAULT_WORKDIR, base + uid, base + gid)
+    env = job_environment(spec, home)
     argv = resolve_command(spec, env)
     try:
         os.chdir(spec.workdir)
     except OSError as e:
         raise SetupError("-w/--workdir %s: %s" % (spec.workdir, e.strerror)) from None
-    close_inherited_fds(plan.status_w)
+    close_inherited_fds((plan.status_w, plan.sync_r) + ((userns.fd,) if userns else ()))
     os.setsid()
     audit("new session: the job has no controlling terminal (TIOCSTI, CVE-2017-5226)")
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # ignored by Python, not by COMMAND
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, plan.sigmask)
-    drop_privileges(spec)
+    drop_privileges(spec, uid, gid, plan.sync_r, userns)
     audit("exec %s" % " ".join(argv))
     try:
         os.execve(argv[0], argv, env)
@@ -1702,30 +3599,54 @@ def child_steps(plan):
             "%s: cannot execute: %s%s" % (spec.command[0], e.strerror, hint)) from None
 
 
-def build_root(spec, state_dir, resources=()):
-    """The job's root: an overlay whose lower layer is the shared prebuilt
-    rootfs (never modified) and whose upper layer lives on a tmpfs inside the
-    job's own mount namespace, so it vanishes with the job even if jrun is
-    SIGKILLed, and concurrent jobs never see each other's writes."""
+def build_root(spec, state_dir, userns=None, resources=()):
+    """The job's root, on a tmpfs inside the job's own mount namespace, so
+    that everything the job writes vanishes with it even if jrun is
+    SIGKILLed, and concurrent jobs never see each other's writes: for
+    --rootfs minimal or PATH an overlay whose lower layer is that directory
+    (never modified) and whose upper layer is on the tmpfs; for --rootfs host
+    the tmpfs itself, with the host's system directories bound read-only.
+
+    Under --userns the job's root is host uid B (userns.base): the rootfs is
+    bound through an idmapped mount (its root-owned files appear owned by B,
+    so copy-ups stay B's too) and the roots of the writable layer and of the
+    tmpfs mounts belong to B."""
     base = os.path.join(state_dir, "root")
     mount("jrun-" + spec.id, base, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
-    for d in ("lower", "upper", "work", "root"):
-        os.mkdir(os.path.join(base, d), 0o755)
     root = os.path.join(base, "root")
-    lower = rootfs_path(spec)
-    mount(lower, os.path.join(base, "lower"), None, MS_BIND | MS_REC)
-    # Relative layer paths, so that the job's /proc/self/mountinfo names no
-    # host path (overlayfs shows its options as they were given).
-    os.chdir(base)
-    mount("overlay", root, "overlay", MS_NOSUID, "lowerdir=lower,upperdir=upper,workdir=work")
-    audit("root: overlay of %s with a private writable layer" % lower)
+    owner = ",uid=%d,gid=%d" % (userns.base, userns.base) if userns else ""
+    os.mkdir(root, 0o755)
+    if spec.rootfs == "host":
+        mount("jrun-" + spec.id, root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755" + owner)
+        build_host_root(root)
+    else:
+        for d in ("lower", "upper", "work"):
+            os.mkdir(os.path.join(base, d), 0o755)
+        lower = rootfs_path(spec)
+        if userns:
+            fd = os.open(os.path.join(base, "lower"), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                bind_into(lower, fd, MOUNT_ATTR_IDMAP, userns.fd)
+            finally:
+                os.close(fd)
+            chown_to_job(os.path.join(base, "upper"), userns.base)
+        else:
+            mount(lower, os.path.join(base, "lower"), None, MS_BIND | MS_REC)
+        # Relative layer paths, so that the job's /proc/self/mountinfo names no
+        # host path (overlayfs shows its options as they were given).
+        os.chdir(base)
+        # nodev: a device node in a custom rootfs (an image from anywhere)
+        # must not open the host's disks; /dev is a mount of its own.
+        mount("overlay", root, "overlay", MS_NOSUID | MS_NODEV, "lowerdir=lower,upperdir=upper,workdir=work")
+        audit("root: overlay of %s with a private writable layer" % lower)
 
     tmp = _safe_mkdirs(root, "tmp", 0o1777)
-    mount("tmpfs", tmp, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
-    work = _safe_mkdirs(root, spec.workdir)
-    if spec.workdir == DEFAULT_WORKDIR:
-        mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
-    audit("writable /tmp and %s mounted" % spec.workdir)
+    mount("tmpfs", tmp, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777" + owner)
+    # /work is always the job's own bounded tmpfs, whatever -w says: a job
+    # that fills it gets ENOSPC, and the host's disk is never involved.
+    work = _safe_mkdirs(root, DEFAULT_WORKDIR)
+    mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=%s%s" % (spec.workdir_size, owner))
+    audit("writable /tmp and %s (tmpfs, size=%s) mounted" % (DEFAULT_WORKDIR, spec.workdir_size))
 
     build_dev(root, spec)
     _safe_mkdirs(root, "proc", 0o555)
@@ -1733,10 +3654,40 @@ def build_root(spec, state_dir, resources=()):
     etc = {"etc/hostname": spec.hostname + "\n",
            "etc/hosts": "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.1.1\t%s\n" % spec.hostname}
     for res in resources:
-        etc.update(res.etc_files())
+        etc.update(res.etc_files())  # the network's /etc/hosts and /etc/resolv.conf
     for rel, content in etc.items():
-        _safe_file(root, rel, content=content)
+        path = _safe_file(root, rel, content=content)
+        if userns:
+            chown_to_job(path, userns.base)
+    stage_files(spec, root, userns)
+    if spec.read_only:
+        make_root_read_only(root)
     return root
+
+
+def stage_files(spec, root, userns=None):
+    """The workdir, the volumes' mount points, the uploads, then the volumes:
+    every path is made before any host directory is bound into the root, so
+    none is ever made inside one.  Under --userns the uploads belong to the
+    job's root as the host sees it (userns.base)."""
+    rootfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    targets = []
+    # What jrun makes for the job belongs to the job's root.  Owners are set
+    # on the fds of what was made: a chown by path afterwards would follow
+    # the rootfs's symlinks to the host.
+    owner = (userns.base, userns.base) if userns else None
+    try:
+        os.close(open_dir_in_root(rootfd, spec.workdir, owner))
+        for v in spec.volumes:
+            targets.append(prepare_volume(rootfd, v))
+        if spec.uploads:
+            Uploader(spec.uploads, owner).run(rootfd, spec.uploads)
+        for v, fd in zip(spec.volumes, targets):
+            mount_volume(v, fd)
+    finally:
+        for fd in targets:
+            os.close(fd)
+        os.close(rootfd)
 
 
 def build_dev(root, spec):
@@ -1786,8 +3737,44 @@ def mount_proc_and_sys():
     audit("/sys mounted read-only")
 
 
-def job_environment(spec):
-    env = {"PATH": DEFAULT_PATH, "HOME": "/root", "HOSTNAME": spec.hostname,
+# /proc and /sys entries that tell about the host or act on it, handled as
+# runc handles them: files masked by /dev/null, directories by an empty
+# read-only tmpfs, and the kernel's knobs read-only.  /sys is read-only as a
+# whole, /sys/fs/cgroup included.  (/proc/kallsyms is left alone: without
+# CAP_SYSLOG it shows zeros for every address.)
+MASKED_FILES = ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug",
+                "/proc/latency_stats")
+MASKED_DIRS = ("/proc/acpi", "/proc/asound", "/proc/scsi", "/sys/firmware",
+               "/sys/devices/virtual/powercap")  # powercap: the PLATYPUS side channel, CVE-2020-8694
+READ_ONLY_PROC = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+
+
+def harden_proc_and_sys():
+    # ping without NET_RAW, through ICMP datagram sockets, for every group,
+    # as docker does; a per-network-namespace sysctl, so this is the job's
+    # own, and it must be written before /proc/sys goes read-only.
+    try:
+        with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
+            f.write("0 2147483647")
+    except OSError:
+        pass
+    for path in MASKED_FILES:
+        if os.path.exists(path):
+            mount("/dev/null", path, None, MS_BIND)
+    for path in MASKED_DIRS:
+        if os.path.isdir(path):
+            mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0555")
+    for path in READ_ONLY_PROC:
+        if os.path.exists(path):
+            mount(path, path, None, MS_BIND | MS_REC)
+            mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    audit("/proc and /sys hardened: %s masked; %s read-only"
+          % (" ".join(p.split("/", 2)[2] for p in MASKED_FILES + MASKED_DIRS),
+             " ".join(p.split("/", 2)[2] for p in READ_ONLY_PROC)))
+
+
+def job_environment(spec, home):
+    env = {"PATH": DEFAULT_PATH, "HOME": home, "HOSTNAME": spec.hostname,
            "JRUN_JOB_ID": spec.id, "container": "jrun"}
     term = os.environ.get("TERM")
     if term:
@@ -1821,21 +3808,205 @@ def resolve_command(spec, env):
     return argv
 
 
-def drop_privileges(spec):
-    """The last step before exec: capabilities, no_new_privs, user, seccomp
-    (see the security issue).  Nothing yet beyond what the core does."""
-
-
 def close_inherited_fds(keep):
-    """The job inherits fds 0, 1 and 2 only, whatever the caller leaked."""
-    os.closerange(3, keep)
-    os.closerange(keep + 1, 1 << 20)
+    """The job inherits fds 0, 1 and 2 only, whatever the caller leaked
+    (jrun's own pipes in KEEP are close-on-exec)."""
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)
     audit("file descriptors above 2 closed")
+
+
+# ---------------------------------------------------------------------------
+# The child's last steps: who COMMAND runs as, and with which privileges.
+# Still root with every capability, in the job's new root; from here on
+# only files of the job's own root are read.
+# ---------------------------------------------------------------------------
+
+
+def _db(path, nfields):
+    """The well-formed lines of a passwd(5) or group(5) file, split."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return [line.split(":") for line in f.read().splitlines() if line.count(":") == nfields - 1]
+    except OSError:
+        return []
+
+
+def resolve_user(spec):
+    """-u/--user -> (uid, gid, HOME), from the job's own /etc/passwd and
+    /etc/group (never the host's).  A numeric UID needs no entry; then the
+    GID defaults to the UID (not to 0, as docker's does: a job should not
+    get group root by accident) and HOME is /."""
+    if spec.user is None:
+        return 0, 0, "/root"
+    user, group = spec.user
+    if user.isdigit():
+        pw = next((e for e in _db("/etc/passwd", 7) if e[2].isdigit() and int(e[2]) == int(user)), None)
+        uid = int(user)
+    else:
+        pw = next((e for e in _db("/etc/passwd", 7) if e[0] == user), None)
+        if pw is None or not pw[2].isdigit():
+            raise UsageError("-u/--user: no user %r in the job's /etc/passwd" % user)
+        uid = int(pw[2])
+    if group is None:
+        gid = int(pw[3]) if pw and pw[3].isdigit() else uid
+    elif group.isdigit():
+        gid = int(group)
+    else:
+        gr = next((e for e in _db("/etc/group", 4) if e[0] == group and e[2].isdigit()), None)
+        if gr is None:
+            raise UsageError("-u/--user: no group %r in the job's /etc/group" % group)
+        gid = int(gr[2])
+    return uid, gid, (pw[5] if pw and pw[5] else "/")
+
+
+def drop_privileges(spec, uid, gid, sync_r, userns=None):
+    """The last steps before exec, in the only order that works: what needs
+    a capability (bounding set, setuid) before the capabilities go, and the
+    seccomp filter last, so that it need not allow what jrun itself calls.
+    execve stays allowed."""
+    import prctl
+
+    # No core dumps, and no way back up (the hard limit): the host's
+    # core_pattern may pipe a dump to a host program running as root.
+    setrlimit(RLIMIT_CORE, 0, 0)
+    if userns:
+        userns.join()
+        audit("joined the job's user namespace: uid %d is %d on the host" % (uid, userns.base + uid))
+    caps = job_capabilities(spec) if uid == 0 else frozenset()
+    keep = {CAPABILITIES.index(c) for c in caps}
+    # The bounding set decides what a root COMMAND gets at exec.  Counted
+    # up to the running kernel's last capability (EINVAL past it), which
+    # may be newer than the names python-prctl was built with.
+    for n in range(64):
+        if n not in keep:
+            try:
+                sys_prctl(PR_CAPBSET_DROP, n)
+            except OSError as e:
+                if e.errno == errno.EINVAL:
+                    break
+                raise
+    # Supplementary groups are cleared for root too: the invoker's (disk,
+    # docker, adm, ...) must not follow it into the job.
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    # A change of euid clears the parent-death signal (commit_creds): arm it
+    # again, then check that jrun did not die in between (its end of the
+    # sync pipe, held open for the job's life, would read as EOF).
+    prctl.set_pdeathsig(signal.SIGKILL)
+    os.set_blocking(sync_r, False)
+    try:
+        os.read(sync_r, 1)
+        os._exit(EXIT_JRUN)
+    except BlockingIOError:
+        pass
+    # A non-root uid already lost the effective and permitted sets at
+    # setresuid; root keeps exactly KEEP.  The inheritable and ambient sets
+    # are emptied for both (CVE-2022-24769: a non-empty inheritable set
+    # leaks capabilities to programs with file capabilities).
+    known = prctl.ALL_CAPS
+    prctl.set_caps(([n for n in known if n not in keep], (prctl.CAP_EFFECTIVE, prctl.CAP_PERMITTED), False),
+                   (known, prctl.CAP_INHERITABLE, False))
+    sys_prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    audit("user %d:%d, no supplementary groups; capabilities: %s"
+          % (uid, gid, ", ".join(sorted(caps)) or "none (all sets empty, bounding and ambient too)"))
+    # setuid, setgid and file-capability binaries gain nothing from now on.
+    prctl.set_no_new_privs(1)
+    audit("no_new_privs set; core dumps off")
+    if spec.seccomp == "default":
+        prog = seccomp_program(os.uname().machine, caps)
+        seccomp_set_filter(prog)
+        audit("seccomp filter installed (%d instructions)" % len(prog))
+    else:
+        audit("no seccomp filter (--seccomp unconfined)")
 
 
 # ---------------------------------------------------------------------------
 # The parent: set up, release the child, supervise, tear down.
 # ---------------------------------------------------------------------------
+
+
+# The audit log: one JSON line per job start and end, appended by the jrun
+# of that job (root, host namespaces).  Many jruns append to one file at
+# once: each line is one write() to an O_APPEND file under an exclusive
+# flock, so lines never interleave, even where O_APPEND alone would not
+# promise it (long lines, NFS).
+
+
+def invoking_user():
+    """(uid, name) of the user behind sudo, else of the caller."""
+    uid = os.environ.get("SUDO_UID")
+    name = os.environ.get("SUDO_USER")
+    if uid is None or not uid.isdigit():
+        uid, name = os.getuid(), None
+    if name is None:
+        import pwd
+
+        try:
+            name = pwd.getpwuid(int(uid)).pw_name
+        except KeyError:
+            name = str(uid)
+    return int(uid), name
+
+
+def limits_record(spec):
+    rec = {k: getattr(spec.limits, k) for k in spec.limits.__slots__ if getattr(spec.limits, k) is not None}
+    if spec.timeout:
+        rec["timeout_s"] = spec.timeout
+    return rec
+
+
+def _iso(t):
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % (t % 1 * 1000)
+
+
+def start_record(spec):
+    uid, user = invoking_user()
+    return {"time": _iso(time.time()), "event": "start", "job": spec.id, "uid": uid, "user": user,
+            "command": list(spec.command), "limits": limits_record(spec), "net": spec.net,
+            "rootfs": spec.rootfs, "jrun_pid": os.getpid()}
+
+
+def end_record(spec, out, duration):
+    uid, user = invoking_user()
+    rec = {"time": _iso(time.time()), "event": "end", "job": spec.id, "uid": uid, "user": user,
+           "command": list(spec.command), "limits": limits_record(spec), "net": spec.net,
+           "exit_code": out.exit_code, "signal": out.signal, "timed_out": out.timed_out,
+           "oom_killed": bool(getattr(out, "oom_killed", False)), "duration_s": round(duration, 3)}
+    for extra in ("cpu_s", "memory_peak_bytes", "io_read_bytes", "io_write_bytes"):
+        if getattr(out, extra, None) is not None:
+            rec[extra] = getattr(out, extra)
+    if out.error:
+        rec["error"] = out.error
+    return rec
+
+
+def append_audit_log(record, path=None):
+    """Append one line; a log that cannot be written is a warning, not a
+    reason to fail the job (the job's own status must stay its own)."""
+    path = AUDIT_LOG if path is None else path
+    if not path:
+        return
+    line = (dumps_json(record) + "\n").encode("utf-8", "replace")
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        try:
+            fd = os.open(path, flags, 0o640)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
+            fd = os.open(path, flags, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            while line:
+                line = line[os.write(fd, line):]
+        finally:
+            os.close(fd)
+    except OSError as e:
+        log("warning", "audit log %s: %s" % (path, e.strerror))
 
 
 class Outcome:
@@ -1845,27 +4016,90 @@ class Outcome:
         self.timed_out = False
         self.killed = False
         self.error = None
+        # Accounting, from the job's cgroup (None: not measured here).
+        self.duration_s = None
+        self.cpu_s = None
+        self.memory_peak_bytes = None
+        self.io_read_bytes = None
+        self.io_write_bytes = None
+        self.oom_kills = 0
+
+    @property
+    def oom_killed(self):
+        return self.oom_kills > 0
+
+    def status_record(self, spec):
+        """The --json-status fields (see the contract)."""
+        r3 = (lambda v: None if v is None else round(v, 3))
+        return {"id": spec.id, "exit_code": self.exit_code, "signal": self.signal,
+                "oom_killed": self.oom_killed, "timed_out": self.timed_out,
+                "duration_s": r3(self.duration_s), "cpu_s": r3(self.cpu_s),
+                "memory_peak_bytes": self.memory_peak_bytes, "io_read_bytes": self.io_read_bytes,
+                "io_write_bytes": self.io_write_bytes}
+
+    def stats_line(self, spec):
+        def size(v):
+            return "n/a" if v is None else fmt_size(v)
+
+        return ("job %s: exit %s, wall %.2fs, cpu %s, memory peak %s, io read %s, written %s, oom kills %d"
+                % (spec.id, self.exit_code, self.duration_s or 0.0,
+                   "n/a" if self.cpu_s is None else "%.2fs" % self.cpu_s, size(self.memory_peak_bytes),
+                   size(self.io_read_bytes), size(self.io_write_bytes), self.oom_kills))
 
 
 def run_job(spec):
     validate(spec)
     for cls in RESOURCE_CLASSES:
         cls.check(spec)
+    spec = survey_uploads(spec)
     teardown = Teardown()
     state = JobState(spec.id)
     state.create()
     teardown.push("state %s removed" % state.dir, state.remove)
+    out = Outcome()
+    started = None
     try:
         os.mkdir(os.path.join(state.dir, "root"), 0o700)
         state.save(id=spec.id, command=list(spec.command), hostname=spec.hostname,
-                   started=time.time(), net=spec.net, jrun_pid=os.getpid())
-        return supervise(spec, state, teardown)
+                   started=time.time(), net=spec.net, limits=limits_record(spec),
+                   user=invoking_user()[1], jrun_pid=os.getpid())
+        append_audit_log(start_record(spec))
+        started = time.monotonic()
+        return supervise(spec, state, teardown, out)
+    except JrunError as e:
+        if out.exit_code is None:
+            out.exit_code = e.exit_code
+        out.error = out.error or str(e)
+        raise
     finally:
         teardown.run()
+        # After teardown: when the status file appears, nothing of the job
+        # is left on the host.
+        if out.exit_code is not None and started is not None:
+            report_outcome(spec, out)
+        if started is not None:
+            append_audit_log(end_record(spec, out, time.monotonic() - started))
 
 
-def supervise(spec, state, teardown):
-    out = Outcome()
+def report_outcome(spec, out):
+    if spec.stats:
+        line = out.stats_line(spec)
+        if _log["format"] == "json":
+            rec = dict(time=round(time.time(), 6), level="info", msg=line, job=spec.id)
+            rec.update(out.status_record(spec))
+            line = dumps_json(rec)
+        else:
+            line = "jrun: " + line
+        os.write(2, (line + "\n").encode())
+    if spec.json_status:
+        try:
+            with open(spec.json_status, "w", encoding="utf-8") as f:
+                f.write(dumps_json(out.status_record(spec)) + "\n")
+        except OSError as e:
+            log("error", "--json-status: cannot write %s: %s" % (spec.json_status, e.strerror))
+
+
+def supervise(spec, state, teardown, out):
     all_sigs = set(FORWARDED_SIGNALS) | {signal.SIGCHLD}
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, all_sigs)
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
@@ -1889,7 +4123,6 @@ def supervise(spec, state, teardown):
     os.close(pidns)
     os.close(status_w)
     os.close(sync_r)
-    started = time.monotonic()
     state.save(pid=pid)
     reaped = None
     try:
@@ -1897,11 +4130,11 @@ def supervise(spec, state, teardown):
         if status == "R":
             for res in resources:
                 res.attach(pid)
+            # sync_w stays open for the job's life: the child checks it
+            # for EOF (jrun died) after its last credential change.
             os.write(sync_w, b"G")
-            os.close(sync_w)
-            sync_w = None
             audit("child released from the sync pipe")
-            status = _read_status(status_r)
+            status = _read_status(status_r, relay_to=pid if spec.uploads else None)
         if status and status.startswith("E"):
             code, _, msg = status[1:].partition(" ")
             out.error = msg
@@ -1910,12 +4143,18 @@ def supervise(spec, state, teardown):
             reaped = ws
             raise (NotFound if out.exit_code == EXIT_NOTFOUND else
                    NotExecutable if out.exit_code == EXIT_NOEXEC else SetupError)(msg)
+        # COMMAND runs from here: --timeout does not count the uploads' copy.
+        started = time.monotonic()
         reaped = wait_for_job(spec, pid, out, started)
+        out.duration_s = time.monotonic() - started
         for res in resources:
             res.collect(out)
+        if out.oom_killed and not out.timed_out:
+            out.exit_code = EXIT_OOM
+            log("error", "job killed: out of memory (limit %s)" % (
+                fmt_size(spec.limits.memory) if spec.limits.memory else "none: the host's"))
     finally:
-        if sync_w is not None:
-            os.close(sync_w)
+        os.close(sync_w)
         os.close(status_r)
         if reaped is None:
             _kill_and_reap(pid)
@@ -1923,10 +4162,20 @@ def supervise(spec, state, teardown):
     return out.exit_code
 
 
-def _read_status(fd):
-    """One line from the child's status pipe; '' at EOF (exec succeeded)."""
+def _read_status(fd, relay_to=None):
+    """One line from the child's status pipe; '' at EOF (exec succeeded).
+    With RELAY_TO, a signal to forward that arrives meanwhile (the child may
+    be copying uploads for a while) is passed on: the child keeps it blocked,
+    and either stops its copy or COMMAND gets it at exec."""
     buf = b""
     while not buf.endswith(b"\n"):
+        if relay_to is not None:
+            import select
+
+            while not select.select([fd], [], [], 0.2)[0]:
+                info = signal.sigtimedwait(FORWARDED_SIGNALS, 0)
+                if info is not None:
+                    _signal(relay_to, info.si_signo)
         chunk = os.read(fd, 1)
         if not chunk:
             break
@@ -2003,46 +4252,875 @@ def _fmt_dur(seconds):
 # ---------------------------------------------------------------------------
 
 
+def _subparser(prog, description):
+    """Subcommands are off the run path: argparse is fine here."""
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise UsageError("%s: %s (see %s --help)" % (prog, message, prog))
+
+    return Parser(prog=prog, description=description)
+
+
 def job_ids():
+    """Names of the state directories: running, starting or dead jobs."""
     try:
-        return sorted(n for n in os.listdir(STATE_DIR) if not n.startswith("."))
+        names = os.listdir(STATE_DIR)
     except FileNotFoundError:
         return []
+    except PermissionError:
+        raise UsageError("cannot read %s: permission denied (run as root: sudo jrun ...)" % STATE_DIR) from None
+    # No job name starts with a dot: /run/jrun/.net belongs to the networks.
+    return sorted(n for n in names if not n.startswith(".") and os.path.isdir(os.path.join(STATE_DIR, n)))
+
+
+def _pid_alive(pid):
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def running_jobs():
+    """job.json records of the jobs running now: the job's lock is held by
+    its jrun and both jrun and the job's PID 1 exist.  A starting job (no
+    PID yet) and a dead job's stale state are not running."""
+    jobs = []
+    for job_id in job_ids():
+        state = JobState(job_id)
+        if not os.path.exists(os.path.join(state.dir, "lock")) or not state.is_live():
+            continue
+        rec = state.load()
+        if rec.get("id") == job_id and _pid_alive(rec.get("jrun_pid")) and _pid_alive(rec.get("pid")):
+            jobs.append(rec)
+    return jobs
+
+
+def _fmt_cgroup(cg):
+    """job.json's cgroup record -> the job's cgroup path, as in
+    /proc/PID/cgroup ('/jrun/ID')."""
+    dirs = cg.get("dirs") if isinstance(cg, dict) else None
+    if not dirs:
+        return str(cg or "-")
+    rel = os.path.relpath(dirs[0], CGROUP_ROOT).split("/")
+    return "/" + "/".join(rel[1:] if cg.get("version") == 1 else rel)
+
+
+def _fmt_limits(limits):
+    parts = []
+    for k, v in sorted((limits or {}).items()):
+        if k in ("memory", "io_bps") and isinstance(v, int):
+            v = fmt_size(v).replace(" ", "")
+        elif k == "timeout_s":
+            k, v = "timeout", _fmt_dur(v)
+        elif k == "cpu":
+            v = "%s%%" % v
+        parts.append("%s=%s" % (k.replace("_", "-"), v))
+    return ",".join(parts) or "-"
+
+
+def _fmt_age(seconds):
+    seconds = int(max(0, seconds))
+    if seconds < 120:
+        return "%ds" % seconds
+    if seconds < 7200:
+        return "%dm" % (seconds // 60)
+    return "%dh%02dm" % (seconds // 3600, seconds % 3600 // 60)
+
+
+def cmd_ps(argv):
+    p = _subparser("jrun ps", "List the jobs running now on this host.")
+    p.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+    args = p.parse_args(argv)
+    jobs = running_jobs()
+    if args.json:
+        sys.stdout.write(dumps_json(jobs) + "\n")
+        return 0
+    # Fields that the network and cgroup code add to job.json.
+    rows = [("ID", "PID", "STARTED", "UP", "LIMITS", "NETWORK", "CGROUP", "COMMAND")]
+    now = time.time()
+    for j in jobs:
+        started = j.get("started") or now
+        net = j.get("net") or "-"
+        address = j.get("net_address") or j.get("address")
+        if address:
+            net = "%s %s" % (net, address)
+        rows.append((j["id"], str(j.get("pid")), time.strftime("%H:%M:%S", time.localtime(started)),
+                     _fmt_age(now - started), _fmt_limits(j.get("limits")), net, _fmt_cgroup(j.get("cgroup")),
+                     " ".join(j.get("command") or ())))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] + "\n")
+    return 0
+
+
+def parse_signal(text):
+    """'TERM', 'SIGTERM', 'term' or '15' -> signal number."""
+    t = text.strip().upper()
+    if t.isdigit():
+        num = int(t)
+        if 0 < num < signal.NSIG:
+            return num
+    else:
+        name = t if t.startswith("SIG") else "SIG" + t
+        sig = getattr(signal.Signals, name, None) if name.isidentifier() else None
+        if isinstance(sig, signal.Signals):
+            return int(sig)
+    raise UsageError("kill: -s: %r is not a signal (use e.g. TERM, KILL, HUP, 15)" % text)
+
+
+def _ppid(pid):
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def cmd_kill(argv):
+    p = _subparser("jrun kill", "Send a signal to a running job (default SIGTERM).")
+    p.add_argument("-s", "--signal", default="TERM", help="signal name or number (default TERM)")
+    p.add_argument("job", help="the job id (see jrun ps)")
+    args = p.parse_args(argv)
+    sig = parse_signal(args.signal)
+    job = next((j for j in running_jobs() if j["id"] == args.job), None)
+    if job is None:
+        raise UsageError("kill: no running job %r (see jrun ps)" % args.job)
+    # A signal that jrun relays goes to the job's jrun, which forwards it and
+    # escalates to SIGKILL after --stop-timeout exactly as in the
+    # foreground.  Any other signal (KILL, USR1, ...) goes to the job's PID 1
+    # itself: jrun would not relay it, and might die of it.
+    relayed = sig in FORWARDED_SIGNALS
+    pid = job["jrun_pid"] if relayed else job["pid"]
+    # A pidfd pins the process; checking its identity afterwards closes the
+    # race with the PID being reused by the time we signal it.
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise UsageError("kill: job %r has just ended" % args.job) from None
+    try:
+        ok = JobState(args.job).is_live() and (relayed or _ppid(pid) == job["jrun_pid"])
+        if not ok:
+            raise UsageError("kill: job %r has just ended" % args.job)
+        signal.pidfd_send_signal(pidfd, sig)
+    except ProcessLookupError:
+        raise UsageError("kill: job %r has just ended" % args.job) from None
+    finally:
+        os.close(pidfd)
+    log("debug", "kill: %s sent to %s %d of job %s" % (signal.Signals(sig).name, "jrun" if relayed else "PID 1",
+                                                      pid, args.job))
+    return 0
+
+
+# gc.  It may run at any time, from cron, concurrently with jobs:
+# - a live job holds the flock on its state directory's lock file; gc never
+#   touches it.  A state directory without a lock file younger than 5 s is a
+#   job starting up (is_live), and is left alone too.
+# - gc holds the lock of a dead job while it tears it down, so a new job
+#   taking the same name waits for the name instead of racing with gc.
+# - Resources whose state directory is gone entirely (jrun crashed between
+#   creating them and recording them, or someone deleted /run/jrun) are found
+#   by each Resource class's optional orphans() hook:
+#
+#       @classmethod
+#       def orphans(cls, known_ids):
+#           """Yield instances (ready for teardown()) of host objects of this
+#           kind that jrun made (a cgroup under jrun's parent, a veth named
+#           jr*, ...) and whose job has no state directory.  Enumerate the
+#           host objects FIRST, then call known_ids() (the job ids that have
+#           a state directory now): a job creates its state directory before
+#           any resource and removes it after all of them, so an object
+#           seen before the call belongs to a job in known_ids() unless that
+#           job is gone."""
+#
+#   teardown() of an orphan must be as idempotent as any other teardown.
 
 
 def gc_job(job_id):
     """Remove what a dead job left behind.  Never touches a live job."""
     state = JobState(job_id)
-    if state.is_live():
-        return False
-    record = state.load()
-    for cls in reversed(RESOURCE_CLASSES):
-        res = cls.from_state(record)
-        if res is not None:
-            res.teardown()
-    root = os.path.join(state.dir, "root")
-    # The job's mounts lived in its own mount namespace and died with it;
-    # a mount here would only come from a crash mid-setup of an old jrun.
     try:
-        umount2(root, MNT_DETACH)
-    except OSError:
-        pass
-    try:
-        state.remove()
+        lock_fd = os.open(os.path.join(state.dir, "lock"), os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        pass
-    return True
+        lock_fd = None
+        if not os.path.isdir(state.dir) or state.is_live():  # gone, or starting up: no lock yet
+            return False
+    except NotADirectoryError:
+        return False
+    try:
+        if lock_fd is not None:
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # live, or another gc is at it
+        record = state.load()
+        for cls in reversed(RESOURCE_CLASSES):
+            res = cls.from_state(record)
+            if res is not None:
+                res.teardown()
+        root = os.path.join(state.dir, "root")
+        # The job's mounts lived in its own mount namespace and died with
+        # it; a mount here would only come from a crash mid-setup of an old
+        # jrun.
+        try:
+            umount2(root, MNT_DETACH)
+        except OSError:
+            pass
+        try:
+            state.remove()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log("warning", "gc: cannot remove %s: %s" % (state.dir, e.strerror))
+            return False
+        return True
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
+
+
+def collect_orphans():
+    """Resources of jobs that have no state directory at all."""
+    removed = []
+    for cls in RESOURCE_CLASSES:
+        hook = getattr(cls, "orphans", None)
+        if hook is None:
+            continue
+        for res in hook(lambda: set(job_ids())):
+            res.teardown()
+            removed.append(res.name)
+    return removed
 
 
 def cmd_gc(argv):
-    if argv:
-        raise UsageError("gc takes no arguments")
-    removed = [j for j in job_ids() if gc_job(j)]
-    for j in removed:
-        log("info", "gc: removed leftovers of job %s" % j)
-    for what in gc_networks():
-        log("info", "gc: removed %s" % what)
+    p = _subparser("jrun gc", "Remove what jobs that died without cleanup left behind; never touches a "
+                              "live job.  Safe to run at any time, e.g. from cron.")
+    p.parse_args(argv)
+    if os.geteuid() != 0:
+        raise UsageError("gc must run as root (try: sudo jrun gc)")
+    for job_id in job_ids():
+        if gc_job(job_id):
+            log("info", "gc: removed leftovers of job %s" % job_id)
+    for name in collect_orphans():
+        log("info", "gc: removed orphan %s" % name)
     return 0
+
+
+# verify: the "Security & Isolation Verification" methodology as a command.
+# Every check runs real jobs through this same jrun (a subprocess: truly
+# black-box) and observes from inside and outside.  A check passes only if it
+# saw the defence bite.  A job that jrun refuses (exit 125, e.g. an option
+# this build does not implement) is a failure with jrun's own message: verify
+# never passes by not looking.  A check the host cannot support at all (its
+# cgroup controller is missing) is skipped with a warning: jrun refuses the
+# corresponding option on such a host, so nothing is silently unenforced;
+# skipped checks do not fail verify (exit 0 means: everything this host can
+# enforce, jrun enforces).
+
+VERIFY_CHECKS = []
+
+
+def _verify_check(name):
+    def register(fn):
+        VERIFY_CHECKS.append((name, fn))
+        return fn
+
+    return register
+
+
+class _Refused(Exception):
+    """jrun refused a verification job (exit 125)."""
+
+
+class _Skip(Exception):
+    """This host cannot support what the check needs."""
+
+
+class _Verifier:
+    """Runs the verification jobs: this same jrun, as a subprocess."""
+
+    def __init__(self, extra):
+        self.base = [sys.executable, os.path.abspath(__file__)]
+        if _config_used["explicit"]:
+            self.base += ["--config", _config_used["path"]]
+        self.extra = list(extra)  # the caller's run options win: they come last
+        self.tag = os.urandom(3).hex()
+
+    def argv(self, opts, script, net_none=True):
+        command = list(script) if isinstance(script, (list, tuple)) else ["/bin/sh", "-c", script]
+        return self.base + (["--net", "none"] if net_none else []) + list(opts) + self.extra + ["--"] + command
+
+    def run(self, opts, script, net_none=True, timeout=60):
+        import subprocess
+
+        p = subprocess.run(self.argv(opts, script, net_none), stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=timeout)
+        if p.returncode == EXIT_JRUN:
+            raise _Refused(_last_message(p.stderr))
+        return p
+
+    def start(self, opts, script, net_none=True):
+        """Start a job whose script prints 'ready' once running and then
+        waits for stdin to close; returns (Popen, first lines before ready)."""
+        import subprocess
+
+        proc = subprocess.Popen(self.argv(opts, script, net_none), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lines = []
+        for line in proc.stdout:
+            if line.strip() == "ready":
+                return proc, lines
+            lines.append(line.strip())
+        err = proc.stderr.read()
+        proc.wait()
+        if proc.returncode == EXIT_JRUN:
+            raise _Refused(_last_message(err))
+        raise AssertionError("the job ended before it was ready (exit %d): %s"
+                             % (proc.returncode, _last_message(err) or " ".join(lines)))
+
+    def stop(self, proc):
+        try:
+            proc.stdin.close()
+            proc.wait(timeout=15)
+        except Exception:  # noqa: BLE001 - a verification job must not outlive verify
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+    def name(self, what):
+        return "verify-%s-%s" % (what, self.tag)
+
+
+def _last_message(stderr):
+    lines = [x for x in stderr.strip().splitlines() if x.strip()]
+    msg = lines[-1] if lines else ""
+    return msg[6:] if msg.startswith("jrun: ") else msg
+
+
+def _excerpt(text, n=90):
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _proc_status(text):
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+
+def verify_cgroup_host():
+    """The controllers a job can use here, and a one-line description of
+    the host's cgroup setup (from the cgroup section's CgroupHost)."""
+    host = cgroup_host()
+    have = host.controllers("")
+    if host.version == 2:
+        return have, "v2 (%s)" % " ".join(sorted(have))
+    hybrid = os.path.exists(os.path.join(CGROUP_ROOT, "unified", "cgroup.controllers"))
+    return have, "v1%s (%s)" % (" hybrid" if hybrid else "", " ".join(sorted(have)))
+
+
+def _need_controller(*fields):
+    """Skip the check if the host lacks the controller of a limit field."""
+    have, mode = verify_cgroup_host()
+    version = cgroup_host().version
+    for field in fields:
+        opt, v1, v2 = _LIMIT_CONTROLLERS[field]
+        ctrl = v1 if version == 1 else v2
+        if ctrl not in have:
+            raise _Skip("this host has no %s cgroup controller (cgroup %s); jrun refuses %s here"
+                        % (ctrl, mode, opt))
+
+
+def _job_cgroup_dir(pid, field):
+    """The host directory of PID's cgroup for a limit field's controller,
+    read from /proc/PID/cgroup: where the kernel says the job is."""
+    host = cgroup_host()
+    with open("/proc/%d/cgroup" % pid) as f:
+        lines = [line.rstrip("\n").split(":", 2) for line in f]
+    if host.version == 2:
+        path = next(p for h, _, p in lines if h == "0")
+        return os.path.join(CGROUP_ROOT, path.lstrip("/"))
+    ctrl = _LIMIT_CONTROLLERS[field][1]
+    for _, ctrls, path in lines:
+        if ctrl in ctrls.split(","):
+            return os.path.join(host.mounts[ctrl][0], path.lstrip("/"))
+    raise AssertionError("PID %d is in no %s cgroup" % (pid, ctrl))
+
+
+@_verify_check("Process isolation")
+def verify_processes(v):
+    p = v.run([], ["ps", "aux"])
+    rows = [line.split(None, 2) for line in p.stdout.strip().splitlines()[1:]]
+    ev = "ps aux in the job: %d process(es), PID 1 = %r" % (len(rows), rows[0][2] if rows else "")
+    ok = len(rows) == 1 and rows[0][0] == "1" and rows[0][2].endswith("ps aux")
+    return ok, ev, "the job sees processes that are not its own", \
+        "the kernel must support PID namespaces (CONFIG_PID_NS)"
+
+
+@_verify_check("Filesystem isolation")
+def verify_filesystem(v):
+    marker = "jrun-verify-marker-" + os.urandom(6).hex()
+    places = ["/tmp", "/root", "/var/tmp", STATE_DIR]
+    made = []
+    try:
+        for d in places:
+            path = os.path.join(d, marker)
+            try:
+                with open(path, "w") as f:
+                    f.write("host-secret\n")
+                made.append(path)
+            except OSError:
+                pass
+        script = ("ls -a /; echo ---; ls /dev; echo ---; find / -xdev -name '%s' 2>/dev/null; "
+                  "cat %s 2>/dev/null; true" % (marker, " ".join(made)))
+        p = v.run([], script)
+    finally:
+        for path in made:
+            os.unlink(path)
+    root, dev, rest = (p.stdout.split("---\n") + ["", ""])[:3]
+    top = sorted(set(root.split()) - {".", ".."})
+    leaked = marker in rest or "host-secret" in rest
+    ok = not leaked and ".jrun-rootfs" in top and "home" in top and set(dev.split()) <= {
+        "fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin", "stdout", "tty", "urandom",
+        "zero", "init"}
+    ev = "host marker in %s: %s; ls -a /: %s; /dev: %s" % (
+        " ".join(os.path.dirname(m) for m in made), "READ BY THE JOB" if leaked else "unreachable",
+        " ".join(top), " ".join(dev.split()))
+    return ok, ev, "the job can see host files or a host /dev", \
+        "check --rootfs and -v/--volume options; the default rootfs must be built by 'jrun rootfs build'"
+
+
+@_verify_check("Mount isolation")
+def verify_mounts(v):
+    p = v.run([], "cat /proc/self/mountinfo; echo ---; ls /proc; echo ---; touch /sys/x 2>&1")
+    mountinfo, procs, sysw = (p.stdout.split("---\n") + ["", "", ""])[:3]
+    host_dev = os.stat("/").st_dev
+    host_majmin = "%d:%d" % (os.major(host_dev), os.minor(host_dev))
+    problems = []
+    points = {}
+    for line in mountinfo.strip().splitlines():
+        pre, _, post = line.partition(" - ")
+        fields = pre.split()
+        points[fields[4]] = post.split()[0]
+        if any(o.startswith(("shared:", "master:")) for o in fields[6:]):
+            problems.append("%s propagates to/from the host" % fields[4])
+        if fields[2] == host_majmin and fields[4] not in ("/dev/null", "/dev/zero", "/dev/full", "/dev/random",
+                                                           "/dev/urandom", "/dev/tty"):
+            problems.append("host filesystem mounted at %s" % fields[4])
+    if points.get("/proc") != "proc":
+        problems.append("/proc is not a fresh proc mount")
+    pids = [int(x) for x in procs.split() if x.isdigit()]
+    if not pids or max(pids) > 50:
+        problems.append("/proc shows host PIDs")
+    if "Read-only" not in sysw and "read-only" not in sysw.lower():
+        problems.append("/sys is writable")
+    ev = "%d mounts, none shared, none of the host's root filesystem; /proc: fresh %s (PIDs %s); " \
+         "/sys: read-only" % (len(points), points.get("/proc"), ",".join(map(str, sorted(pids)[:4])))
+    return not problems, ev if not problems else "; ".join(problems), "the job's mounts are not private", \
+        "run jrun as real root on a kernel with mount namespaces; do not bind host paths with -v"
+
+
+@_verify_check("Network namespace")
+def verify_netns(v):
+    p = v.run([], "readlink /proc/self/ns/net; cat /proc/net/dev")
+    lines = p.stdout.strip().splitlines()
+    host_ns = os.readlink("/proc/self/ns/net")
+    ifaces = sorted(line.split(":")[0].strip() for line in lines[3:] if ":" in line)
+    ns = lines[0] if lines else ""
+    ok = ns.startswith("net:") and ns != host_ns and ifaces == ["lo"]
+    return ok, "job %s vs host %s; interfaces with --net none: %s" % (ns, host_ns, " ".join(ifaces)), \
+        "the job shares the host's network namespace", "the kernel must support network namespaces"
+
+
+_NET_PROBE = ("ip -4 addr show dev eth0 2>&1 | grep -o 'inet [0-9./]*'; "
+              "cat /sys/class/net/eth0/operstate 2>&1; ip -4 route 2>&1 | grep -o 'default via [0-9.]*'")
+
+
+def _need_network(v):
+    o, _ = split_argv(v.extra)
+    if o.get("net") == "none":
+        raise _Skip("the jobs run with --net none: no network to check")
+
+
+@_verify_check("Network readiness")
+def verify_net_ready(v):
+    _need_network(v)
+    # The probe is the job's first instruction: no polling, no sleep.
+    p = v.run([], _NET_PROBE, net_none=False)
+    out = " ".join(p.stdout.split())
+    ok = "inet " in out and " up" in " " + out and "default via" in out
+    return ok, "first instruction sees: %s" % (out or p.stderr.strip()), \
+        "the job's network was not ready when COMMAND started", \
+        "see the network section of jrun(8): the bridge and NAT need iproute2 and nftables"
+
+
+@_verify_check("Network isolation")
+def verify_net_isolation(v):
+    import socket
+
+    _need_network(v)
+    net_none = False  # the default network, or the one the caller chose
+    listener = socket.socket()
+    listener.bind(("0.0.0.0", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    try:
+        a, before = v.start(["--name", v.name("neta")], "ip -4 addr show dev eth0 | grep -o 'inet [0-9.]*'; "
+                            "echo ready; nc -l -p 7777 </dev/null & read x", net_none=net_none)
+        try:
+            addr_a = " ".join(before).replace("inet ", "").strip()
+            script = ("gw=$(ip -4 route | grep -o 'default via [0-9.]*' | cut -d' ' -f3); echo gw=$gw; "
+                      "nc -w 2 $gw %d </dev/null && echo HOST-REACHED; "
+                      "nc -w 2 127.0.0.1 %d </dev/null && echo HOST-LOOPBACK-REACHED; "
+                      "nc -w 2 '%s' 7777 </dev/null && echo JOB-REACHED; "
+                      "ip -4 addr show dev eth0 | grep -o 'inet [0-9.]*'" % (port, port, addr_a))
+            p = v.run([], script, net_none=net_none)
+        finally:
+            v.stop(a)
+    finally:
+        listener.close()
+    out = p.stdout
+    reached = [w for w in ("HOST-REACHED", "HOST-LOOPBACK-REACHED", "JOB-REACHED") if w in out]
+    gw = out.split("gw=", 1)[1].split()[0] if "gw=" in out and out.split("gw=", 1)[1].split() else ""
+    ok = not reached and bool(addr_a) and bool(gw)
+    ev = ("host port %d via %s: %s; other job %s:7777: %s" % (
+        port, gw or "?", "REACHED" if "HOST-REACHED" in reached else "refused",
+        addr_a or "?", "REACHED" if "JOB-REACHED" in reached else "refused"))
+    return ok, ev, "a job can reach the host's services or another job" if reached else \
+        "the job has no address or no route", "the jrun bridge's nftables rules must be in place (jrun gc; rerun)"
+
+
+@_verify_check("Memory limit")
+def verify_memory(v):
+    _need_controller("memory")
+    # dd is PID 1: its OOM kill is the job's end, and jrun's status.
+    p = v.run(["--memory", "32M"], ["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"])
+    ok = p.returncode == 137
+    msg = _last_message(p.stderr)
+    return ok, "dd with a 64 MiB buffer under --memory 32M: exit %d%s" % (
+        p.returncode, " (%s)" % msg if msg else ""), \
+        "the job used more memory than its limit", \
+        "enable the memory controller (cgroup_enable=memory on the kernel command line)"
+
+
+@_verify_check("PIDs limit")
+def verify_pids(v):
+    _need_controller("pids")
+    # The forks happen in a subshell, because ash exits when a fork fails;
+    # the count uses only builtins, because no fork is left.
+    p = v.run(["--pids", "8"], "(for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do "
+                              "sleep 5 & done) 2>/dev/null; set -- /proc/[0-9]*; echo procs=$#")
+    n = int(p.stdout.split("procs=")[1].split()[0]) if "procs=" in p.stdout else -1
+    ok = 0 < n <= 8
+    return ok, "20 background forks under --pids 8: %d processes in the job" % n, \
+        "the job created more processes than its limit", "enable the pids cgroup controller"
+
+
+@_verify_check("CPU limit")
+def verify_cpu(v):
+    _need_controller("cpu")
+    p = v.run(["--cpu", "20", "--timeout", "30"],
+              "while :; do :; done & b=$!; sleep 2; read -r l < /proc/$b/stat; kill $b; echo \"$l\"")
+    try:
+        fields = p.stdout.rsplit(")", 1)[1].split()
+        used = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (IndexError, ValueError):
+        return False, "could not read the busy loop's CPU time: %s" % _excerpt(p.stdout + p.stderr), \
+            "the check could not run", "see the output of jrun --cpu 20 -- sh"
+    pct = used / 2 * 100
+    ok = 0 < pct <= 20 * 1.5
+    return ok, "busy loop for 2 s under --cpu 20: %.0f%% of one CPU" % pct, \
+        "the job used more CPU than its limit", "enable the cpu cgroup controller (CFS bandwidth control)"
+
+
+@_verify_check("cgroup membership")
+def verify_cgroup_membership(v):
+    _need_controller("memory", "pids", "cpu", "cores")
+    name = v.name("cg")
+    proc, _ = v.start(["--name", name, "--memory", "48M", "--pids", "32", "--cpu", "50", "--cores", "0"],
+                      "echo ready; read x")
+    try:
+        job = next((j for j in running_jobs() if j["id"] == name), None)
+        if job is None:
+            return False, "job %s not listed by jrun ps" % name, "jrun's state is inconsistent", "run jrun gc"
+        pid = job["pid"]
+        seen, problems = [], []
+        for ctrl, files, want in (
+                ("memory", ("memory.limit_in_bytes", "memory.max"), lambda t: t == str(48 << 20)),
+                ("pids", ("pids.max",), lambda t: t == "32"),
+                ("cpu", ("cpu.cfs_quota_us", "cpu.max"),
+                 lambda t: t.split()[0] in ("50000",) or t == "50000 100000")):
+            d = _job_cgroup_dir(pid, ctrl)
+            if name not in d:
+                problems.append("%s cgroup %s is not the job's" % (ctrl, d))
+            if str(pid) not in _read(os.path.join(d, "cgroup.procs"), "").split():
+                problems.append("PID %d is not in %s" % (pid, d))
+            f = next((os.path.join(d, x) for x in files if os.path.exists(os.path.join(d, x))), None)
+            value = _read(f, "?").strip() if f else "?"
+            if not want(value):
+                problems.append("%s = %s" % (f or ctrl, value))
+            seen.append("%s=%s" % (os.path.basename(f or ctrl), value))
+        with open("/proc/%d/status" % pid) as f:
+            cpus = _proc_status(f.read()).get("Cpus_allowed_list", "?").strip()
+        if cpus != "0":
+            problems.append("Cpus_allowed_list = %s (wanted 0)" % cpus)
+        ev = "PID %d in %s: %s, cpus=%s" % (pid, _job_cgroup_dir(pid, "pids"),
+                                             " ".join(seen), cpus)
+    finally:
+        v.stop(proc)
+    return not problems, ev if not problems else "; ".join(problems), \
+        "the job is not in its own cgroup with its limits", "check --cgroup-parent and the cgroup mounts"
+
+
+@_verify_check("I/O limit")
+def verify_io(v):
+    _need_controller("io_bps")
+    name = v.name("io")
+    proc, _ = v.start(["--name", name, "--io-bps", "1M"], "echo ready; read x")
+    try:
+        job = next((j for j in running_jobs() if j["id"] == name), None)
+        d = _job_cgroup_dir(job["pid"], "io_bps")
+        files = [f for f in ("blkio.throttle.read_bps_device", "blkio.throttle.write_bps_device", "io.max")
+                 if os.path.exists(os.path.join(d, f))]
+        text = " ".join(_read(os.path.join(d, f), "").strip() for f in files)
+    finally:
+        v.stop(proc)
+    ok = str(1 << 20) in text and name in d
+    return ok, "%s: %s" % (" ".join(files) or "no io files", _excerpt(text or "empty")), \
+        "the job's block I/O is not throttled", "enable the blkio (v1) or io (v2) controller"
+
+
+@_verify_check("Upload isolation")
+def verify_upload(v):
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="jrun-verify-") as d:
+        token = os.urandom(8).hex()
+        with open(os.path.join(d, "in.txt"), "w") as f:
+            f.write(token + "\n")
+        with open(os.path.join(d, "sibling.txt"), "w") as f:
+            f.write("sibling-secret\n")
+        p = v.run(["--upload", os.path.join(d, "in.txt") + ":in.txt"],
+                  "cat in.txt; echo changed > in.txt; cat %s/sibling.txt 2>/dev/null; "
+                  "find / -xdev -name sibling.txt 2>/dev/null; true" % d)
+        with open(os.path.join(d, "in.txt")) as f:
+            after = f.read().strip()
+    ok = token in p.stdout and after == token and "sibling" not in p.stdout
+    ev = "uploaded file %s in the job; host copy %s after the job wrote to it; sibling %s" % (
+        "seen" if token in p.stdout else "MISSING", "unchanged" if after == token else "CHANGED",
+        "READ" if "sibling" in p.stdout else "unreachable")
+    return ok, ev, "an upload exposed or changed host files", "uploads must be copies, not binds"
+
+
+_DANGEROUS_CAPS = {21: "SYS_ADMIN", 16: "SYS_MODULE", 17: "SYS_RAWIO", 19: "SYS_PTRACE", 22: "SYS_BOOT",
+                   25: "SYS_TIME", 12: "NET_ADMIN", 33: "MAC_ADMIN", 32: "MAC_OVERRIDE", 38: "PERFMON",
+                   39: "BPF", 34: "SYSLOG", 24: "SYS_RESOURCE", 2: "DAC_READ_SEARCH"}
+
+
+def _job_status(v, probe=""):
+    """The job's /proc/self/status, and the stderr of PROBE run after it."""
+    p = v.run([], "cat /proc/self/status; echo ---; %s" % (probe or "true"))
+    status, _, rest = p.stdout.partition("---\n")
+    return _proc_status(status), (rest + p.stderr).strip()
+
+
+@_verify_check("Capabilities")
+def verify_caps(v):
+    # sethostname in the job's own UTS namespace needs CAP_SYS_ADMIN and
+    # nothing else (the syscall filter allows it): it must fail.
+    st, probe = _job_status(v, "hostname verify-caps 2>&1 && echo SETHOSTNAME-ALLOWED")
+    eff, bnd = (int(st.get(k, "0").strip() or "0", 16) for k in ("CapEff", "CapBnd"))
+    held = [n for bit, n in sorted(_DANGEROUS_CAPS.items()) if (eff | bnd) >> bit & 1]
+    bit = "SETHOSTNAME-ALLOWED" in probe
+    ev = "CapEff=%s CapBnd=%s%s; sethostname: %s" % (
+        st.get("CapEff", "?").strip(), st.get("CapBnd", "?").strip(),
+        "; holds " + ",".join(held) if held else "; none of " + ",".join(sorted(_DANGEROUS_CAPS.values())[:4])
+        + ",...", "ALLOWED" if bit else _excerpt(probe.split(":")[-1], 30) or "refused")
+    return not held and not bit, ev, "the job keeps capabilities that give root over the host", \
+        "do not pass --cap-add for these; use a jrun that drops capabilities"
+
+
+@_verify_check("no_new_privs")
+def verify_nnp(v):
+    st, _ = _job_status(v)
+    value = st.get("NoNewPrivs", "?").strip()
+    return value == "1", "NoNewPrivs: %s" % value, "setuid programs in the job could gain privileges", \
+        "use a jrun that sets PR_SET_NO_NEW_PRIVS"
+
+
+@_verify_check("Seccomp")
+def verify_seccomp(v):
+    # unshare(CLONE_NEWUSER) needs no capability: only the filter stops it.
+    st, probe = _job_status(v, "unshare -U true 2>&1 && echo UNSHARE-ALLOWED")
+    mode = st.get("Seccomp", "?").strip()
+    filters = st.get("Seccomp_filters", "").strip()
+    bit = "UNSHARE-ALLOWED" not in probe
+    ev = "Seccomp: %s%s; unshare(CLONE_NEWUSER): %s" % (
+        mode, " (%s filter(s))" % filters if filters else "",
+        _excerpt(probe.split(":")[-1], 30) if bit else "ALLOWED")
+    if mode != "2":
+        return False, ev, "the job runs without a syscall filter", \
+            "do not pass --seccomp unconfined; the kernel needs CONFIG_SECCOMP_FILTER"
+    return bit, ev, "the syscall filter lets the job create namespaces (relaxed for CAP_SYS_ADMIN, as docker's is)", \
+        "do not pass --cap-add SYS_ADMIN"
+
+
+def run_verification(extra):
+    v = _Verifier(extra)
+    results = []
+    for name, fn in VERIFY_CHECKS:
+        r = {"name": name}
+        try:
+            ok, evidence, why, fix = fn(v)
+            r.update(status="pass" if ok else "fail", evidence=_excerpt(evidence, 160))
+            if not ok:
+                r.update(why=why, fix=fix)
+        except _Skip as e:
+            r.update(status="skip", evidence="", why=str(e))
+        except _Refused as e:
+            msg = str(e)
+            unsupported = "not supported by this" in msg
+            r.update(status="fail", evidence=_excerpt(msg, 160),
+                     why="not supported by this jrun" if unsupported else "jrun refused the check's job",
+                     fix="use a jrun build that implements it" if unsupported else "see the message")
+        except Exception as e:  # noqa: BLE001 - one broken check must not hide the others
+            r.update(status="fail", evidence=_excerpt("%s: %s" % (type(e).__name__, e), 160),
+                     why="the check could not run", fix="run the check's job by hand with --log-level debug")
+        results.append(r)
+    return results
+
+
+def cmd_verify(argv):
+    if argv[:1] in (["-h"], ["--help"]):
+        sys.stdout.write("usage: jrun verify [--json] [RUN OPTIONS]\n\nRun the isolation self-test on this "
+                         "host as real jobs and print the verification report.\nRUN OPTIONS are added to "
+                         "every check's job (e.g. --seccomp unconfined, to see a check fail).\n")
+        return 0
+    as_json = "--json" in argv
+    extra = [a for a in argv if a != "--json"]
+    _, command = split_argv(extra)
+    if command:
+        raise UsageError("verify: unexpected argument %r (usage: jrun verify [--json] [RUN OPTIONS])" % command[0])
+    parse_run(extra + ["true"])  # a bad value is one message, not fifteen failed checks
+    if os.geteuid() != 0:
+        raise UsageError("verify must run as root (try: sudo jrun verify)")
+    u = os.uname()
+    _, mode = verify_cgroup_host()
+    host = {"kernel": u.release, "machine": u.machine, "cgroup": mode, "jrun": __version__,
+            "extra_options": extra}
+    results = run_verification(extra)
+    counts = {s: sum(r["status"] == s for r in results) for s in ("pass", "fail", "skip")}
+    if as_json:
+        import json
+
+        json.dump({"host": host, "checks": results, "counts": counts, "ok": counts["fail"] == 0},
+                  sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        out = ["Security & Isolation Verification: jrun %s on Linux %s %s, cgroup %s" % (
+            __version__, u.release, u.machine, mode)]
+        if extra:
+            out.append("(every job ran with: %s)" % " ".join(extra))
+        icon = {"pass": "\u2705", "fail": "\u274c", "skip": "\u26a0\ufe0f"}
+        for r in results:
+            out.append("%s %-20s %s" % (icon[r["status"]], r["name"], r["evidence"] or "skipped"))
+            if r["status"] != "pass":
+                out.append("   %-20s why: %s" % ("", r["why"]))
+            if r.get("fix"):
+                out.append("   %-20s fix: %s" % ("", r["fix"]))
+        out.append("%d checks: %d passed, %d failed, %d skipped"
+                   % (len(results), counts["pass"], counts["fail"], counts["skip"]))
+        sys.stdout.write("\n".join(out) + "\n")
+    return 0 if counts["fail"] == 0 else 1
+
+
+# Shell completion (argcomplete).  main() comes here only when the shell's
+# completion hook set _ARGCOMPLETE, so normal runs never import argparse.
+
+
+def network_names():
+    """bridge, none and the named networks that exist now."""
+    names = {"bridge", "none"}
+    # /run/jrun/.net/jrun*: one file per network, with a line 'name NAME'.
+    try:
+        files = [f for f in os.listdir(NET_DIR) if f.startswith("jrun") and "." not in f]
+    except OSError:
+        files = []
+    for f in files:
+        try:
+            with open(os.path.join(NET_DIR, f), encoding="utf-8") as fh:
+                names.update(w[1] for w in (line.split() for line in fh) if w[:1] == ["name"] and len(w) == 2)
+        except OSError:
+            pass
+    return sorted(names)
+
+
+def _capability_names():
+    try:
+        import prctl
+
+        return ["ALL"] + [n.upper() for n in prctl.ALL_CAP_NAMES]
+    except ImportError:
+        return ["ALL"]
+
+
+def _add_run_options(parser):
+    from argcomplete.completers import DirectoriesCompleter, FilesCompleter
+
+    completers = {
+        "--net": lambda **kw: network_names(),
+        "--rootfs": lambda prefix, **kw: ["minimal", "host"] + DirectoriesCompleter()(prefix),
+        "--cap-add": lambda **kw: _capability_names()[1:], "--cap-drop": lambda **kw: _capability_names(),
+        "--upload": FilesCompleter(), "--env-file": FilesCompleter(), "--json-status": FilesCompleter(),
+        "--workdir": lambda **kw: [], "--cgroup-parent": lambda **kw: [],
+    }
+    for o in RUN_OPTIONS:
+        flags = [o.long] + ([o.short] if o.short else [])
+        helptext = o.help.replace("%", "%%")  # argparse formats help with %
+        if o.long in FLAG_OPTIONS:
+            action = parser.add_argument(*flags, action="store_true", help=helptext)
+        else:
+            action = parser.add_argument(*flags, metavar=o.metavar, help=helptext, choices=o.choices,
+                                         action="append" if o.repeat else "store")
+        if o.long in completers:
+            action.completer = completers[o.long]
+
+
+def completion_parser():
+    """An argparse mirror of jrun's command line, for argcomplete only."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="jrun")
+    p.add_argument("--config", metavar="FILE", help="read host defaults from FILE instead of %s" % CONFIG_FILE)
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    _add_run_options(p)
+    sub = p.add_subparsers(dest="subcommand")
+    _add_run_options(sub.add_parser("run", help="run COMMAND isolated (the default)"))
+    sub.add_parser("ps", help="the jobs running now").add_argument("--json", action="store_true")
+    kill = sub.add_parser("kill", help="signal a running job")
+    kill.add_argument("-s", "--signal", choices=[s.name[3:] for s in signal.Signals if s.name.startswith("SIG")
+                                                 and not s.name.startswith(("SIGRT", "SIG_"))])
+    kill.add_argument("job").completer = lambda **kw: [j["id"] for j in running_jobs()]
+    sub.add_parser("gc", help="remove what dead jobs left behind")
+    verify = sub.add_parser("verify", help="run the isolation self-test")
+    verify.add_argument("--json", action="store_true")
+    _add_run_options(verify)
+    rootfs = sub.add_parser("rootfs", help="build or locate the minimal rootfs")
+    rootfs.add_argument("action", choices=("build", "path"))
+    rootfs.add_argument("--force", action="store_true")
+    return p
+
+
+def complete():
+    import argcomplete
+
+    argcomplete.autocomplete(completion_parser())
+    return 0  # not reached: autocomplete() exits
 
 
 def cmd_rootfs(argv):
@@ -2136,16 +5214,42 @@ def build_rootfs(force=False):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    if "_ARGCOMPLETE" in os.environ:  # shell completion; never on a normal run
+        return complete()
+    if argv is None:
+        # Called as the program: skip the interpreter's teardown (2-3 ms of
+        # every job here); nothing of jrun's needs atexit handlers.
+        code = _main(sys.argv[1:])
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            code = code or 1
+        os._exit(code)
+    return _main(list(argv))
+
+
+def _main(argv):
     try:
+        _early_log_settings(argv)
+        config_path, explicit = CONFIG_FILE, False
+        if argv[:1] == ["--config"] or argv[:1] and argv[0].startswith("--config="):
+            if argv[0] == "--config":
+                if len(argv) < 2:
+                    raise UsageError("--config needs a value (FILE)")
+                config_path, argv = argv[1], argv[2:]
+            else:
+                config_path, argv = argv[0].split("=", 1)[1], argv[1:]
+            explicit = True
+        config = load_config(config_path, explicit)
+        _early_log_settings(argv, config)
         if argv[:1] and argv[0] in SUBCOMMANDS:
             sub, rest = argv[0], argv[1:]
             if sub == "run":
-                return cmd_run(rest)
-            if sub in ("-h", "--help"):
-                raise HelpRequested(run_help())
-            return {"gc": cmd_gc, "rootfs": cmd_rootfs}.get(sub, _not_yet(sub))(rest)
-        return cmd_run(argv)
+                return cmd_run(rest, config)
+            return {"ps": cmd_ps, "kill": cmd_kill, "gc": cmd_gc, "verify": cmd_verify,
+                    "rootfs": cmd_rootfs}[sub](rest)
+        return cmd_run(argv, config)
     except HelpRequested as h:
         sys.stdout.write(str(h))
         return 0
@@ -2154,17 +5258,48 @@ def main(argv=None):
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # jrun ps | head
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        return 128 + signal.SIGPIPE
+    except Exception as e:  # noqa: BLE001 - a bug of jrun: one line, in the caller's log format
+        log("error", "internal error: %s: %s (a bug; --log-level debug shows where)" % (type(e).__name__, e))
+        if _log["level"] <= LEVELS["debug"]:
+            import traceback
+
+            log("debug", "".join(traceback.format_exception(e)).rstrip())
+        return EXIT_JRUN
 
 
-def _not_yet(sub):
-    def fail(argv):
-        raise UsageError("'jrun %s' is not supported by this version of jrun yet" % sub)
+def _early_log_settings(argv, config=None):
+    """--log-level/--log-format/-q as soon as possible, so that even a
+    message about a bad option is in the format the caller asked for."""
+    o = dict(config or {})
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--" or not a.startswith("-"):
+            break
+        name, eq, value = a.partition("=")
+        opt = _BY_NAME.get(name if name.startswith("--") else a[:2])
+        if opt is not None and opt.long not in FLAG_OPTIONS and not eq and len(a) == len(name):
+            if name.startswith("--") or len(a) == 2:
+                i += 1
+                value = argv[i] if i < len(argv) else ""
+        if opt is not None and opt.long in ("--log-format", "--log-level"):
+            o[opt.dest] = value
+        elif opt is not None and opt.long == "--quiet":
+            o["quiet"] = True
+        i += 1
+    if o.get("log_format") in ("text", "json"):
+        _log["format"] = o["log_format"]
+    if o.get("quiet"):
+        _log["level"] = LEVELS["error"]
+    elif o.get("log_level") in LEVELS:
+        _log["level"] = LEVELS[o["log_level"]]
 
-    return fail
 
-
-def cmd_run(argv):
-    spec = parse_run(argv)
+def cmd_run(argv, config=None):
+    spec = parse_run(argv, config)
     _log["level"] = LEVELS[spec.log_level]
     _log["format"] = spec.log_format
     _log["job"] = spec.id

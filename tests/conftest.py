@@ -31,6 +31,36 @@ def jrun(*args, input=None, timeout=60, check=None, **kw):
     return p
 
 
+def jrun_in_pty(*args, input=b"", timeout=15):
+    """Run jrun with ARGS on a new terminal; return (output, exit status)."""
+    import pty
+    import select
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(JRUN[0], JRUN + [str(a) for a in args])
+    out = b""
+    try:
+        if input:
+            os.write(fd, input)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([fd], [], [], 0.5)
+            if r:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                out += chunk
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    return out, os.waitstatus_to_exitcode(status)
+
+
 def sh(script, *opts, **kw):
     """Run a busybox sh script in a job with --net none unless opts say otherwise."""
     if not any(str(o).startswith("--net") for o in opts):

@@ -1,7 +1,5 @@
 """The core runner, black-box: the real jrun, as root, on this kernel."""
 import os
-import pty
-import select
 import signal
 import subprocess
 import sys
@@ -11,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import JRUN, jrun, needs_root, sh, state_dirs
+from conftest import JRUN, jrun, jrun_in_pty, needs_root, sh, state_dirs
 
 pytestmark = needs_root
 
@@ -114,13 +112,13 @@ def test_exit_126_script_without_interpreter_is_127():
 
 
 def test_exit_125_bad_option_creates_nothing():
-    before = state_dirs()
-    p = jrun("--memory", "12Q", "--", "true")
+    name = "badopt-" + uuid.uuid4().hex[:6]
+    p = jrun("--name", name, "--memory", "12Q", "--", "true")
     assert p.returncode == 125
     assert p.stderr.startswith("jrun: --memory") and len(p.stderr.strip().splitlines()) == 1
-    p = jrun("--timeout", "never", "--", "true")
+    p = jrun("--name", name, "--timeout", "never", "--", "true")
     assert p.returncode == 125 and "--timeout" in p.stderr
-    assert state_dirs() == before
+    assert name not in state_dirs()
 
 
 def test_exit_128_plus_signal_with_init():
@@ -334,25 +332,6 @@ def test_debug_audit_trail():
 
 
 def test_interactive_shell_in_a_terminal():
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.execv(JRUN[0], JRUN + ["--net", "none", "--", "/bin/sh", "-i"])
-    out = b""
-    try:
-        os.write(fd, b"echo $((6*7))x\nexit 4\n")
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            r, _, _ = select.select([fd], [], [], 0.5)
-            if r:
-                try:
-                    chunk = os.read(fd, 4096)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                out += chunk
-    finally:
-        _, status = os.waitpid(pid, 0)
-        os.close(fd)
+    out, status = jrun_in_pty("--net", "none", "--", "/bin/sh", "-i", input=b"echo $((6*7))x\nexit 4\n")
     assert b"42x" in out, out
-    assert os.waitstatus_to_exitcode(status) == 4
+    assert status == 4

@@ -70,7 +70,7 @@ def test_interface_names_fit_ifnamsiz_and_are_told_apart():
     names = {jrun.bridge_name("n%d" % i) for i in range(200)}
     assert len(names) == 200 and all(len(n) <= 15 and n.startswith("jrun-") for n in names)
     assert jrun.bridge_name("x" * 63) == jrun.bridge_name("x" * 63)
-    veths = {jrun.veth_name(os.urandom(6).hex()) for _ in range(200)}
+    veths = {jrun.veth_name("/run/jrun/" + os.urandom(6).hex()) for _ in range(200)}
     assert len(veths) == 200 and all(len(v) == 12 and jrun._is_job_veth(v) for v in veths)
     assert not any(jrun._is_job_veth(n) for n in ("jrun0", "jrun-0123456789", "eth0", "jrabc"))
 
@@ -156,6 +156,9 @@ def assert_no_network_left():
     assert not nft_table_exists()
 
 
+CONNECT = "for i in $(seq 30); do nc -w 2 %s 5000 </dev/null && exit 0; sleep 0.1; done; echo unreachable; exit 1"
+
+
 def job_address(stdout):
     m = re.search(r"inet (\d+\.\d+\.\d+\.\d+)/(\d+)", stdout)
     assert m, stdout
@@ -176,8 +179,8 @@ def test_job_has_eth0_with_address_and_default_route():
 
 @root
 def test_net_none_has_only_loopback_and_it_is_up():
-    p = run_jrun("--net", "none", "--", "sh", "-c", "ip -o link show; ping -c1 -W2 127.0.0.1 >/dev/null && echo lo-ok",
-                 check=0)
+    p = run_jrun("--net", "none", "--", "sh", "-c", "ip -o link show; echo lo-ok | nc -l -p 5000 & "
+                 + CONNECT % "127.0.0.1", check=0)
     names = re.findall(r"^\d+: (\w+)[:@]", p.stdout, re.M)
     assert names == ["lo"]
     assert "UP" in p.stdout.splitlines()[0] and "lo-ok" in p.stdout
@@ -240,7 +243,6 @@ class Listener:
         return self.proc.stdout.read()
 
 
-CONNECT = "for i in $(seq 30); do nc -w 2 %s 5000 </dev/null && exit 0; sleep 0.1; done; echo unreachable; exit 1"
 
 
 @root
@@ -266,7 +268,9 @@ def test_jobs_on_the_default_bridge_or_other_networks_cannot_reach_each_other():
         probe = ("nc -w 2 {a} 5000 </dev/null && echo REACHED; "
                  "ip route add {a}/32 via 172.31.254.1 && nc -w 2 {a} 5000 </dev/null && echo REACHED; "
                  "nc -w 2 {o} 5000 </dev/null && echo REACHED; echo probed")
-        p = run_jrun("--", "sh", "-c", probe.format(a=srv.address, o=other.address), timeout=60)
+        # NET_ADMIN: the job may change its own routes, as it could in docker with --cap-add.
+        p = run_jrun("--cap-add", "NET_ADMIN", "--", "sh", "-c", probe.format(a=srv.address, o=other.address),
+                     timeout=60)
         assert "probed" in p.stdout and "REACHED" not in p.stdout and "hello" not in p.stdout, p.stdout
         # Port isolation holds on its own on hosts without br_netfilter,
         # where bridged frames never meet nftables.
@@ -409,7 +413,7 @@ def test_kill_9_of_jrun_then_gc_leaves_nothing():
     name = "kill9-" + uuid.uuid4().hex[:6]
     proc = subprocess.Popen(JRUN + ["--name", name, "--", "sleep", "60"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-    veth = jrun.veth_name(name)
+    veth = jrun.veth_name(os.path.join("/run/jrun", name))
     deadline = time.monotonic() + 20
     while veth not in links() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -434,7 +438,7 @@ def test_dead_jobs_lease_is_reclaimed_by_the_next_job():
     proc.wait()
     try:
         lines = open(os.path.join(jrun.NET_DIR, "jrun0")).read()
-        assert "lease %s %s" % (first, name) in lines
+        assert "lease %s /run/jrun/%s" % (first, name) in lines
         p = run_jrun("--", "sh", "-c", "ip -4 -o addr show eth0", check=0)
         # The dead job's lease is gone with the job that reclaimed it.
         assert job_address(p.stdout) != first

@@ -1,0 +1,723 @@
+"""Operating jrun, black-box: ps, kill, gc, the audit log, --log-format json,
+the configuration file, completion, verify and the manual page."""
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import JRUN, ROOT, jrun, needs_root, state_dirs
+
+pytestmark = needs_root
+
+
+def _name(prefix):
+    return "%s-%s" % (prefix, uuid.uuid4().hex[:8])
+
+
+def _start(*args, config=None):
+    """Start a job that prints 'ready' once running; return the Popen."""
+    pre = ["--config", str(config)] if config else []
+    proc = subprocess.Popen(JRUN + pre + list(args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line.strip() == "ready", (line, proc.stderr.read() if proc.poll() is not None else "")
+    return proc
+
+
+def _stop(proc):
+    """End a job so that its jrun cleans up: stdin closed (jobs wait on
+    'read'), else SIGTERM (relayed, SIGKILL after the stop timeout); SIGKILL
+    of jrun only as a last resort."""
+    for step in ("stdin", "term", "kill"):
+        if proc.poll() is not None:
+            break
+        if step == "stdin":
+            proc.stdin.close()
+            proc.stdin = None  # communicate() must not flush it
+        else:
+            proc.terminate() if step == "term" else proc.kill()
+        try:
+            proc.wait(timeout=5 if step == "stdin" else 20)
+        except subprocess.TimeoutExpired:
+            pass
+    proc.communicate(timeout=30)
+
+
+def _config(tmp_path, text, name="jrun.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    os.chmod(path, 0o644)
+    return path
+
+
+# ps, kill and gc tests keep their jobs in a state directory of their own, so
+# that their gc never touches the jobs (or leftovers) of other test runs.
+OWN = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _own_state_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ops")
+    OWN["state"] = str(d / "state")
+    OWN["cfg"] = str(_config(d, 'state-dir = "%s"\naudit-log = "%s"\n' % (OWN["state"], d / "audit.log")))
+    yield
+    assert not odirs(), "a test left state behind"
+
+
+def oj(*args, **kw):
+    return jrun("--config", OWN["cfg"], *args, **kw)
+
+
+def ostart(*args):
+    return _start(*args, config=OWN["cfg"])
+
+
+def odirs():
+    try:
+        return sorted(os.listdir(OWN["state"]))
+    except FileNotFoundError:
+        return []
+
+
+def _ps_json(*pre):
+    p = jrun(*pre, "ps", "--json", check=0)
+    return json.loads(p.stdout)
+
+
+# --- ps -------------------------------------------------------------------
+
+
+def test_ps_lists_running_jobs_with_their_fields():
+    name = _name("ps")
+    proc = ostart("--net", "none", "--name", name, "--timeout", "5m", "--", "/bin/sh", "-c",
+                  "echo ready; read x")
+    try:
+        jobs = {j["id"]: j for j in _ps_json("--config", OWN["cfg"])}
+        assert name in jobs
+        j = jobs[name]
+        assert j["command"] == ["/bin/sh", "-c", "echo ready; read x"]
+        assert j["jrun_pid"] == proc.pid and j["net"] == "none"
+        assert j["limits"] == {"timeout_s": 300.0}
+        assert abs(j["started"] - time.time()) < 30
+        with open("/proc/%d/stat" % j["pid"]) as f:  # the job's PID 1 is jrun's child
+            assert int(f.read().rsplit(")", 1)[1].split()[1]) == proc.pid
+        table = oj("ps", check=0).stdout.splitlines()
+        assert table[0].split()[:4] == ["ID", "PID", "STARTED", "UP"]
+        row = next(line for line in table if line.startswith(name + " "))
+        assert str(j["pid"]) in row.split() and "timeout=5m" in row and row.endswith("read x")
+        assert "/jrun/%s" % name in row.split()  # the job's cgroup
+    finally:
+        _stop(proc)
+    assert name not in {j["id"] for j in _ps_json("--config", OWN["cfg"])}
+
+
+def test_ps_does_not_list_a_dead_jobs_stale_state():
+    name = _name("stale")
+    proc = ostart("--net", "none", "--name", name, "--", "/bin/sh", "-c", "echo ready; sleep 60")
+    proc.kill()  # SIGKILL of jrun: its state directory stays behind
+    proc.communicate()
+    try:
+        assert name in odirs()
+        assert name not in {j["id"] for j in _ps_json("--config", OWN["cfg"])}
+        assert name not in oj("ps", check=0).stdout
+    finally:
+        oj("gc")
+
+
+def test_ps_with_no_jobs_prints_only_the_header(tmp_path):
+    cfg = _config(tmp_path, 'state-dir = "%s"\n' % (tmp_path / "state"))
+    p = jrun("--config", cfg, "ps", check=0)
+    assert p.stdout.split() == ["ID", "PID", "STARTED", "UP", "LIMITS", "NETWORK", "CGROUP", "COMMAND"]
+    assert jrun("--config", cfg, "ps", "--json", check=0).stdout.strip() == "[]"
+    assert oj("ps", "--bogus").returncode == 125
+
+
+# --- kill -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", ["TERM", "SIGTERM", "15", "term", None])
+def test_kill_sends_sigterm_by_any_name(sig):
+    name = _name("kill")
+    proc = ostart("--net", "none", "--name", name, "--", "/bin/sh", "-c",
+                  "trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 0.1; done")
+    try:
+        p = oj("kill", *(["-s", sig] if sig else []), name, check=0)
+        assert p.stdout == ""
+        out, _ = proc.communicate(timeout=15)
+        assert proc.returncode == 7 and "got-term" in out
+    finally:
+        _stop(proc)
+
+
+def test_kill_term_escalates_to_sigkill_as_in_the_foreground():
+    name = _name("esc")
+    proc = ostart("--net", "none", "--name", name, "--stop-timeout", "1", "--", "/bin/sh", "-c",
+                  "trap '' TERM; echo ready; while :; do sleep 0.1; done")
+    try:
+        oj("kill", name, check=0)
+        _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 128 + signal.SIGKILL
+        assert "SIGTERM received" in err and "sending SIGKILL" in err
+    finally:
+        _stop(proc)
+    assert name not in odirs()  # the foreground jrun cleaned up
+
+
+def test_kill_s_kill_and_usr1_go_to_the_job():
+    name = _name("k9")
+    proc = ostart("--net", "none", "--name", name, "--", "/bin/sh", "-c",
+                  "trap 'echo usr1' USR1; echo ready; while :; do sleep 0.1; done")
+    try:
+        oj("kill", "-s", "USR1", name, check=0)
+        assert proc.stdout.readline().strip() == "usr1"  # jrun itself did not die of USR1
+        assert proc.poll() is None
+        oj("kill", "-s", "KILL", name, check=0)
+        proc.communicate(timeout=15)
+        assert proc.returncode == 137
+    finally:
+        _stop(proc)
+    assert name not in odirs()
+
+
+def test_kill_refuses_unknown_jobs_and_signals():
+    p = oj("kill", "no-such-job-" + uuid.uuid4().hex[:6])
+    assert p.returncode == 125 and p.stderr.startswith("jrun: kill: no running job")
+    p = oj("kill", "-s", "NOPE", "whatever")
+    assert p.returncode == 125 and "'NOPE' is not a signal" in p.stderr
+    assert oj("kill").returncode == 125
+
+
+# --- gc -------------------------------------------------------------------
+
+
+def test_gc_after_kill_9_of_jrun_mid_job():
+    name = _name("gc9")
+    proc = ostart("--net", "none", "--name", name, "--memory", "64M", "--", "/bin/sh", "-c",
+                  "echo ready; sleep 60")
+    with open(os.path.join(OWN["state"], name, "job.json")) as f:
+        cgroups = json.load(f)["cgroup"]["dirs"]
+    assert cgroups and all(name in d and os.path.isdir(d) for d in cgroups)
+    proc.kill()
+    proc.communicate()
+    assert name in odirs() and all(os.path.isdir(d) for d in cgroups)  # left behind
+    p = oj("gc", check=0)
+    assert "gc: removed leftovers of job %s" % name in p.stderr
+    assert name not in odirs() and not any(os.path.exists(d) for d in cgroups)
+    # A second gc has nothing of this job to do and says nothing about it.
+    assert name not in oj("gc", check=0).stderr
+
+
+def test_gc_never_touches_live_or_starting_jobs():
+    names = [_name("live") for _ in range(4)]
+    procs = [ostart("--net", "none", "--name", n, "--", "/bin/sh", "-c",
+                    "echo ready; read x; echo got $x; cat /etc/hostname") for n in names]
+    # A job that is starting has a state directory but no lock yet.
+    starting = os.path.join(OWN["state"], _name("starting"))
+    os.mkdir(starting, 0o700)
+    try:
+        for _ in range(3):
+            oj("gc", check=0)
+        assert set(names) <= set(odirs()) and os.path.isdir(starting)
+        assert {n for n in names} <= {j["id"] for j in _ps_json("--config", OWN["cfg"])}
+        for n, proc in zip(names, procs):
+            out, _ = proc.communicate("ok\n", timeout=15)
+            assert proc.returncode == 0 and out.split() == ["got", "ok", n]
+        # Once old enough, a directory that never got its lock is a crashed start.
+        old = time.time() - 60
+        os.utime(starting, (old, old))
+        oj("gc", check=0)
+        assert not os.path.exists(starting)
+    finally:
+        for proc in procs:
+            _stop(proc)
+        if os.path.isdir(starting):
+            os.rmdir(starting)
+
+
+def test_gc_concurrently_with_many_jobs():
+    names = [_name("cgc") for _ in range(24)]
+    stop = []
+
+    def gc_loop():
+        n = 0
+        while not stop:
+            oj("gc", check=0)
+            n += 1
+        return n
+
+    def job(n):
+        return oj("--net", "none", "--name", n, "--", "/bin/sh", "-c", "sleep 0.3; hostname")
+
+    with ThreadPoolExecutor(15) as ex:
+        gcs = [ex.submit(gc_loop) for _ in range(3)]
+        results = list(ex.map(job, names))
+        stop.append(True)
+        assert all(g.result() >= 1 for g in gcs)
+    for n, p in zip(names, results):
+        assert p.returncode == 0 and p.stdout.strip() == n, p.stderr
+    assert not set(names) & set(odirs())
+
+
+def test_gc_prints_nothing_when_there_is_nothing_to_do(tmp_path):
+    cfg = _config(tmp_path, 'state-dir = "%s"\n' % (tmp_path / "state"))
+    p = jrun("--config", cfg, "gc", check=0)
+    assert p.stdout == "" and p.stderr == ""
+    assert oj("gc", "extra").returncode == 125
+
+
+def test_gc_calls_the_orphans_hook(monkeypatch, tmp_path):
+    import jrun as J
+
+    monkeypatch.setattr(J, "STATE_DIR", str(tmp_path))
+    os.mkdir(tmp_path / "alive")
+    torn = []
+
+    class Fake(J.Resource):
+        def __init__(self, job):
+            self.job, self.name = job, "fake %s" % job
+
+        def teardown(self):
+            torn.append(self.job)
+
+        @classmethod
+        def orphans(cls, known_ids):
+            seen = ["alive", "gone"]  # enumerate first, then ask
+            known = known_ids()
+            return [cls(j) for j in seen if j not in known]
+
+    monkeypatch.setattr(J, "RESOURCE_CLASSES", (Fake,))
+    assert J.collect_orphans() == ["fake gone"] and torn == ["gone"]
+
+
+# --- audit log ------------------------------------------------------------
+
+
+def _audit(tmp_path):
+    log = tmp_path / "log" / "audit.log"
+    cfg = _config(tmp_path, 'audit-log = "%s"\nnet = "none"\n' % log)
+    return cfg, log
+
+
+def _lines(log):
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_audit_log_start_and_end(tmp_path):
+    cfg, log = _audit(tmp_path)
+    name = _name("aud")
+    env = dict(os.environ, SUDO_UID="1234", SUDO_USER="alice")
+    p = jrun("--config", cfg, "--name", name, "--timeout", "1m", "--", "sh", "-c", "exit 3", env=env)
+    assert p.returncode == 3
+    assert oct(os.stat(log.parent).st_mode & 0o777) == "0o750"
+    start, end = _lines(log)
+    assert start["event"] == "start" and end["event"] == "end"
+    for rec in (start, end):
+        assert rec["job"] == name and rec["user"] == "alice" and rec["uid"] == 1234
+        assert rec["command"] == ["sh", "-c", "exit 3"] and rec["net"] == "none"
+        assert rec["limits"] == {"timeout_s": 60.0}
+        assert rec["time"].endswith("Z")
+    assert end["exit_code"] == 3 and end["signal"] is None and end["oom_killed"] is False
+    assert end["timed_out"] is False and 0 <= end["duration_s"] < 30
+
+
+def test_audit_log_timeout_signal_and_failure(tmp_path):
+    cfg, log = _audit(tmp_path)
+    assert jrun("--config", cfg, "--timeout", "1", "--stop-timeout", "1", "--", "sleep", "30").returncode == 124
+    assert jrun("--config", cfg, "--", "no-such-cmd").returncode == 127
+    assert jrun("--config", cfg, "--memory", "12Q", "--", "true").returncode == 125  # nothing started
+    assert jrun("--config", cfg, "--memory", "16M", "--", "dd", "if=/dev/zero", "of=/dev/null",
+                "bs=64M", "count=1").returncode == 137
+    recs = _lines(log)
+    assert [r["event"] for r in recs] == ["start", "end"] * 3
+    assert recs[1]["timed_out"] is True and recs[1]["exit_code"] == 124 and recs[1]["signal"] == 9
+    assert recs[3]["exit_code"] == 127 and "not found" in recs[3]["error"]
+    assert recs[4]["limits"] == {"memory": 16 << 20}
+    assert recs[5]["exit_code"] == 137 and recs[5]["oom_killed"] is True and recs[5]["memory_peak_bytes"] > 0
+    assert recs[1]["oom_killed"] is False
+
+
+def test_audit_log_twenty_concurrent_jobs(tmp_path):
+    cfg, log = _audit(tmp_path)
+    names = [_name("a%02d" % i) for i in range(20)]
+    # Long command lines make each record far longer than one page.
+    big = "x" * 6000
+
+    def one(n):
+        return jrun("--config", cfg, "--name", n, "--", "sh", "-c", "exit ${#1}", "sh", n, big)
+
+    with ThreadPoolExecutor(20) as ex:
+        results = list(ex.map(one, names))
+    recs = _lines(log)  # every line parses: none interleaved
+    assert len(recs) == 40
+    for n, p in zip(names, results):
+        mine = [r for r in recs if r["job"] == n]
+        assert [r["event"] for r in mine] == ["start", "end"]
+        assert mine[1]["exit_code"] == p.returncode == len(n)
+        assert mine[0]["command"][-1] == big
+
+
+def test_audit_log_unwritable_is_a_warning(tmp_path):
+    cfg = _config(tmp_path, 'audit-log = "/proc/jrun-audit/x.log"\nnet = "none"\n')
+    p = jrun("--config", cfg, "--", "sh", "-c", "echo ran")
+    assert p.returncode == 0 and p.stdout == "ran\n" and "audit log" in p.stderr
+
+
+# --- --log-format json ----------------------------------------------------
+
+
+def _json_lines(text):
+    recs = [json.loads(line) for line in text.strip().splitlines()]
+    assert all(r["level"] in ("debug", "info", "warning", "error") and "msg" in r for r in recs)
+    return recs
+
+
+def test_log_format_json_on_every_path(tmp_path):
+    p = jrun("--log-format", "json", "--timeout", "never", "--", "true")  # a parse error
+    assert p.returncode == 125
+    (rec,) = _json_lines(p.stderr)
+    assert rec["level"] == "error" and "--timeout" in rec["msg"]
+    p = jrun("--net", "none", "--log-format=json", "--bogus", "--", "true")
+    assert p.returncode == 125 and "--bogus" in _json_lines(p.stderr)[0]["msg"]
+    p = jrun("--net", "none", "--log-format", "json", "--", "no-such-cmd")  # a child error
+    assert p.returncode == 127 and "not found" in _json_lines(p.stderr)[0]["msg"]
+    p = jrun("--net", "none", "--log-format", "json", "--timeout", "1", "--stop-timeout", "1",
+             "--", "sleep", "30")  # supervision
+    recs = _json_lines(p.stderr)
+    assert p.returncode == 124 and [r["level"] for r in recs] == ["warning", "warning"]
+    assert all(r["job"] for r in recs)
+    p = jrun("--net", "none", "--log-format", "json", "--log-level", "debug", "--", "true")
+    assert len(_json_lines(p.stderr)) > 5
+    cfg = _config(tmp_path, 'log-format = "json"\n')
+    p = jrun("--config", cfg, "kill", "nope")  # a subcommand, format from the config file
+    assert p.returncode == 125 and "no running job" in _json_lines(p.stderr)[0]["msg"]
+
+
+# --- the configuration file -----------------------------------------------
+
+
+def test_config_defaults_and_command_line_wins(tmp_path):
+    cfg = _config(tmp_path, '# host defaults\nnet = "none"\ntimeout = "1"\nstop-timeout = 1\n'
+                            'workdir = "/srv"\n')
+    p = jrun("--config", cfg, "--", "sh", "-c", "pwd; sleep 10")
+    assert p.returncode == 124 and p.stdout == "/srv\n"  # net none, workdir and timeout from the file
+    p = jrun("--config", cfg, "--timeout", "30", "-w", "/work", "--", "sh", "-c", "sleep 1.5; pwd")
+    assert p.returncode == 0 and p.stdout == "/work\n"
+    p = jrun("--config=%s" % cfg, "run", "--", "pwd")
+    assert p.returncode == 0 and p.stdout == "/srv\n"
+
+
+@pytest.mark.parametrize("text,msg", [
+    ('memory = "12Q"\n', "memory: '12Q' is not a size"),
+    ('net = "none"\nbogus = 1\n', "bogus: unknown key"),
+    ('timeout = true\n', "timeout: True should be a number or a string"),
+    ('init = "yes"\n', "init: 'yes' should be true or false"),
+    ('log-level = "loud"\n', "log-level: 'loud' is not one of"),
+    ('state-dir = "relative"\n', "state-dir: 'relative' must be an absolute path"),
+    ('subnet = "10.1.2.0/33"\n', "subnet:"),
+    ('net-pool = "10.1.2.0/28"\n', "net-pool: '10.1.2.0/28' must be an IPv4 network of at most /24"),
+])
+def test_invalid_config_values(tmp_path, text, msg):
+    cfg = _config(tmp_path, text)
+    name = _name("badcfg")
+    p = jrun("--config", cfg, "--net", "none", "--name", name, "--", "true")
+    assert p.returncode == 125
+    assert p.stderr.startswith("jrun: %s: " % cfg) and msg in p.stderr, p.stderr
+    assert len(p.stderr.splitlines()) == 1 and name not in state_dirs()
+
+
+def test_invalid_toml_names_path_and_line(tmp_path):
+    cfg = _config(tmp_path, 'net = "none"\n\nmemory = 12Q\n')
+    p = jrun("--config", cfg, "--", "true")
+    assert p.returncode == 125 and str(cfg) in p.stderr and "line 3" in p.stderr
+
+
+def test_config_must_be_roots_and_not_writable_by_others(tmp_path):
+    cfg = _config(tmp_path, 'net = "none"\n')
+    os.chmod(cfg, 0o666)
+    p = jrun("--config", cfg, "--", "true")
+    assert p.returncode == 125 and "writable by group or others" in p.stderr
+    p = jrun("--config", tmp_path / "missing.toml", "--", "true")
+    assert p.returncode == 125 and "no such file" in p.stderr
+
+
+def test_config_unit_parsing(tmp_path, monkeypatch):
+    import jrun as J
+
+    for k in J.CONFIG_HOST_KEYS.values():
+        monkeypatch.setattr(J, k, getattr(J, k, None), raising=False)
+    cfg = _config(tmp_path, 'timeout = 30\nmemory = 512\ninit = true\nread-only = false\n'
+                            'state-dir = "/tmp/x"\naudit-log = ""\nsubnet = "10.99.0.0/24"\n'
+                            'net-pool = "10.98.0.0/16"\n')
+    d = J.load_config(str(cfg))
+    assert d == {"timeout": "30", "memory": "512", "init": True}
+    assert (J.STATE_DIR, J.AUDIT_LOG) == ("/tmp/x", "")
+    assert (J.DEFAULT_SUBNET, J.DEFAULT_NET_POOL) == ("10.99.0.0/24", "10.98.0.0/16")
+    s = J.parse_run(["--timeout", "5", "true"], {"timeout": "30", "init": True, "net": "none"})
+    assert s.timeout == 5 and s.init is True and s.net == "none"
+    assert J.load_config(str(tmp_path / "absent.toml")) == {}
+    with pytest.raises(J.UsageError):
+        J.load_config(str(tmp_path / "absent.toml"), explicit=True)
+
+
+# --- verify ---------------------------------------------------------------
+
+CORE_CHECKS = ("Process isolation", "Filesystem isolation", "Mount isolation", "Network namespace")
+# check -> the run options it needs (refused by a jrun that lacks them)
+OPTION_CHECKS = {
+    "Network readiness": ["--net", "bridge"], "Network isolation": ["--net", "bridge"],
+    "Memory limit": ["--memory", "32M"], "PIDs limit": ["--pids", "8"], "CPU limit": ["--cpu", "20"],
+    "cgroup membership": ["--memory", "48M", "--pids", "32", "--cpu", "50", "--cores", "0"],
+    "I/O limit": ["--io-bps", "1M"], "Upload isolation": ["--upload", "/etc/hostname:x"],
+}
+
+
+def _supported(opts):
+    p = jrun(*(["--net", "none"] if "--net" not in opts else []), *opts, "--", "true")
+    return "not supported by this version" not in p.stderr
+
+
+def _verify(*args):
+    p = jrun("verify", "--json", *args, timeout=300)
+    report = json.loads(p.stdout)
+    return p, report, {c["name"]: c for c in report["checks"]}
+
+
+def test_verify_passes_what_this_jrun_supports():
+    p, report, checks = _verify()
+    assert set(checks) >= set(CORE_CHECKS) | set(OPTION_CHECKS) | {"Capabilities", "no_new_privs", "Seccomp"}
+    for name in CORE_CHECKS:
+        assert checks[name]["status"] == "pass", checks[name]
+    for name, opts in OPTION_CHECKS.items():
+        c = checks[name]
+        if _supported(opts):
+            assert c["status"] in ("pass", "skip"), c
+        else:  # refused, and said so: never a pass by not looking
+            assert c["status"] == "fail" and c["why"] == "not supported by this jrun", c
+    security_landed = _supported(["--cap-drop", "ALL"])
+    for name in ("Capabilities", "no_new_privs", "Seccomp"):
+        c = checks[name]
+        assert c["status"] == ("pass" if security_landed else "fail"), c
+        assert c["evidence"]
+    fails = [c for c in report["checks"] if c["status"] == "fail"]
+    assert report["ok"] is (not fails) and p.returncode == (1 if fails else 0)
+    assert all(c["why"] and c["fix"] for c in fails)
+    assert report["host"]["cgroup"].startswith(("v1", "v2", "hybrid"))
+
+
+def test_verify_fails_a_check_when_a_defence_is_turned_off():
+    p, report, checks = _verify("--seccomp", "unconfined")
+    assert p.returncode == 1 and report["ok"] is False
+    assert checks["Seccomp"]["status"] == "fail" and "Seccomp: 0" in checks["Seccomp"]["evidence"]
+    assert "unshare(CLONE_NEWUSER): ALLOWED" in checks["Seccomp"]["evidence"]
+    assert report["host"]["extra_options"] == ["--seccomp", "unconfined"]
+    for name in CORE_CHECKS:
+        assert checks[name]["status"] == "pass"
+    text = jrun("verify", "--seccomp", "unconfined", timeout=300)
+    assert text.returncode == 1
+    line = next(x for x in text.stdout.splitlines() if "Seccomp" in x and "why" not in x)
+    assert line.startswith("\u274c") and "Seccomp: 0" in line
+    assert any(x.startswith("\u2705 Process isolation") and "PID 1 = '/bin/ps aux'" in x
+               for x in text.stdout.splitlines())
+    assert "checks:" in text.stdout.splitlines()[-1]
+
+
+def test_verify_fails_capabilities_when_sys_admin_is_added():
+    p, report, checks = _verify("--cap-add", "SYS_ADMIN")
+    assert p.returncode == 1
+    c = checks["Capabilities"]
+    assert c["status"] == "fail" and "holds SYS_ADMIN" in c["evidence"] and "sethostname: ALLOWED" in c["evidence"]
+    # The default filter is relaxed for CAP_SYS_ADMIN (as docker's is): namespaces become possible.
+    c = checks["Seccomp"]
+    assert c["status"] == "fail" and "Seccomp: 2" in c["evidence"] and "SYS_ADMIN" in c["fix"]
+    assert checks["no_new_privs"]["status"] == "pass"
+
+
+def test_verify_with_net_none_skips_the_network_checks():
+    p, report, checks = _verify("--net", "none")
+    for name in ("Network readiness", "Network isolation"):
+        assert checks[name]["status"] == "skip" and "--net none" in checks[name]["why"]
+    assert checks["Network namespace"]["status"] == "pass"
+    text = jrun("verify", "--net", "none", timeout=300).stdout
+    assert any(x.startswith("\u26a0\ufe0f") and "Network readiness" in x for x in text.splitlines())
+
+
+def test_verify_refuses_a_command_and_bad_options():
+    assert jrun("verify", "--", "ls").returncode == 125
+    assert jrun("verify", "--memory", "12Q").returncode == 125
+
+
+def test_verify_skips_what_the_host_cannot_support(monkeypatch):
+    import jrun as J
+
+    monkeypatch.setattr(J, "verify_cgroup_host", lambda: ({"cpu"}, "v1 (cpu)"))
+    with pytest.raises(J._Skip, match="no memory cgroup controller.*refuses --memory"):
+        J._need_controller("memory")
+    J._need_controller("cpu")
+    monkeypatch.setattr(J, "VERIFY_CHECKS", [("Memory limit", J.verify_memory)])
+    (r,) = J.run_verification([])
+    assert r["status"] == "skip" and "memory" in r["why"]
+
+
+# --- completion -----------------------------------------------------------
+
+
+def _complete(line, tmp_path):
+    out = tmp_path / "completions"
+    env = dict(os.environ, _ARGCOMPLETE="1", _ARGCOMPLETE_IFS="\n", COMP_LINE=line, COMP_POINT=str(len(line)),
+               _ARGCOMPLETE_STDOUT_FILENAME=str(out))
+    p = subprocess.run(JRUN, env=env, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    return {c.strip() for c in out.read_text().split("\n")} - {""}  # a unique match ends in a space
+
+
+def test_completion_of_options_and_subcommands(tmp_path):
+    import jrun as J
+
+    got = _complete("jrun ", tmp_path)
+    assert {"run", "ps", "kill", "gc", "verify", "rootfs", "--config", "--version"} <= got
+    assert {o.long for o in J.RUN_OPTIONS} <= got
+    assert _complete("jrun --me", tmp_path) == {"--memory"}
+    assert _complete("jrun --net ", tmp_path) >= {"bridge", "none"}
+    assert _complete("jrun --log-level ", tmp_path) == {"debug", "info", "warning", "error"}
+    assert _complete("jrun run --seccomp ", tmp_path) == {"default", "unconfined"}
+    assert _complete("jrun ps --j", tmp_path) == {"--json"}
+    assert "TERM" in _complete("jrun kill -s ", tmp_path)
+    assert _complete("jrun rootfs ", tmp_path) >= {"build", "path"}
+
+
+def test_completion_of_network_names(tmp_path, monkeypatch):
+    import jrun as J
+
+    net = tmp_path / ".net"
+    net.mkdir()
+    (net / "jrun-0a1b2c3d4e").write_text("name lab\nsubnet 172.31.128.0/24\n")
+    (net / "jrun-0a1b2c3d4e.tmp").write_text("name half-written\n")
+    monkeypatch.setattr(J, "NET_DIR", str(net))
+    assert J.network_names() == ["bridge", "lab", "none"]
+
+
+def test_completion_of_running_job_ids(tmp_path):
+    name = _name("comp")
+    assert name not in _complete("jrun kill ", tmp_path)
+    proc = _start("--net", "none", "--name", name, "--", "/bin/sh", "-c", "echo ready; read x")
+    try:
+        assert name in _complete("jrun kill ", tmp_path)
+        assert _complete("jrun kill %s" % name[:-2], tmp_path) == {name}
+    finally:
+        _stop(proc)
+
+
+def test_a_normal_run_imports_no_heavy_module():
+    p = subprocess.run(JRUN[:1] + ["-X", "importtime"] + JRUN[1:] + ["--net", "none", "--", "true"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0
+    mods = {line.split("|")[-1].strip() for line in p.stderr.splitlines() if "|" in line}
+    assert not mods & {"argparse", "argcomplete", "json", "re", "tomllib", "subprocess", "dataclasses"}, mods
+
+
+# --- the manual page ------------------------------------------------------
+
+MAN = os.path.join(ROOT, "man", "jrun.1")
+
+
+def test_man_page_is_clean():
+    p = subprocess.run(["groff", "-man", "-ww", "-z", MAN], capture_output=True, text=True)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    p = subprocess.run(["man", "--warnings", "-l", MAN], capture_output=True, text=True,
+                       env=dict(os.environ, MANWIDTH="80", LC_ALL="C.UTF-8", MANPAGER="cat", PAGER="cat"))
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    assert "EXAMPLES" in p.stdout and "systemd-run --scope -p Delegate=yes" in p.stdout.replace("‐", "-")
+
+
+def _man_options():
+    """The options of the OPTIONS section: the first line after each .TP."""
+    lines = open(MAN).read().splitlines()
+    start = lines.index(".SH OPTIONS")
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith(".SH "))
+    opts = []
+    for i in range(start, end):
+        if lines[i] == ".TP":
+            for word in lines[i + 1].replace("\\-", "-").replace('"', " ").replace(",", " ").split()[1:]:
+                if word.startswith("-"):
+                    opts.append(word)
+    return opts
+
+
+def test_man_options_match_help():
+    import jrun as J
+
+    table = []
+    for o in J.RUN_OPTIONS:
+        table += ([o.short] if o.short else []) + [o.long]
+    table += ["--config", "-h", "--help", "--version"]
+    man = _man_options()
+    assert set(man) == set(table), (set(man) ^ set(table))
+    longs = [o for o in man if o.startswith("--")]
+    assert longs == [o for o in table if o.startswith("--")], "the man page lists options in --help's order"
+    help_text = jrun("--help", check=0).stdout
+    help_opts = {w.rstrip(",") for line in help_text.splitlines() if line.startswith("  ")
+                 for w in line.split()[:3] if w.startswith("-")}
+    assert help_opts == set(table)
+
+
+def test_no_top_level_name_is_defined_twice():
+    # jrun.py is one namespace: a helper merged in from another branch must
+    # not silently replace one of the same name.
+    import ast
+
+    tree = ast.parse(open(os.path.join(ROOT, "jrun.py")).read())
+    names = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    names += [t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)
+              and t.id != "_o"]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
+def test_gc_removes_orphan_cgroups_but_never_busy_or_young_ones():
+    import jrun as J
+
+    host = J.cgroup_host()
+    points = [J.CGROUP_ROOT] if host.version == 2 else sorted({p for p, _ in host.mounts.values()})[:2]
+    old, young, busy = (_name("orphan"), _name("young"), _name("busy"))
+    made = []
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        for name in (old, young, busy):
+            for point in points:
+                d = os.path.join(point, J.CGROUP_SUBTREE, name)
+                os.makedirs(d)
+                made.append(d)
+                if name != young:
+                    os.utime(d, (time.time() - 600,) * 2)
+        with open(os.path.join(points[-1], J.CGROUP_SUBTREE, busy, "cgroup.procs"), "w") as f:
+            f.write(str(sleeper.pid))
+        found = {r.name: r for r in J.Cgroup.orphans(lambda: set(J.job_ids()))}
+        assert "cgroup " + old in found
+        assert "cgroup " + young not in found and "cgroup " + busy not in found
+        assert sorted(found["cgroup " + old].dirs) == sorted(d for d in made if d.endswith(old))
+        found["cgroup " + old].teardown()  # only ours: others' orphans are theirs
+        assert not any(os.path.exists(d) for d in made if d.endswith(old))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for d in made:
+            for _ in range(100):
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.02)
+
+
+@pytest.mark.parametrize("cmd", [["ps"], ["kill", "x"], ["gc"], ["verify"]])
+def test_subcommands_refuse_non_root_with_one_line(cmd):
+    p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] + JRUN + cmd,
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 125 and p.stdout == ""
+    assert p.stderr.startswith("jrun: ") and len(p.stderr.splitlines()) == 1 and "root" in p.stderr
