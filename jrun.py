@@ -2413,8 +2413,6 @@ class CgroupV1(Cgroup):
         mem = self._dir("memory")
         if mem:
             out.oom_kills = _keyed(_read(os.path.join(mem, "memory.oom_control")), "oom_kill") or 0
-        if not (self.spec.stats or self.spec.json_status):
-            return  # the rest is only read when asked for
         cpu = self._dir("cpuacct")
         usage = _read(os.path.join(cpu, "cpuacct.usage")) if cpu else None
         out.cpu_s = int(usage) / 1e9 if usage else None
@@ -2510,8 +2508,6 @@ class CgroupV2(Cgroup):
     def collect(self, out):
         d = self.dirs[0]
         out.oom_kills = _keyed(_read(os.path.join(d, "memory.events")), "oom_kill") or 0
-        if not (self.spec.stats or self.spec.json_status):
-            return  # the rest is only read when asked for
         usage = _keyed(_read(os.path.join(d, "cpu.stat")), "usage_usec")
         out.cpu_s = usage / 1e6 if usage is not None else None
         # memory.peak is kernel 5.19+; before that there is no peak to read.
@@ -4298,6 +4294,10 @@ def running_jobs():
             continue
         rec = state.load()
         if rec.get("id") == job_id and _pid_alive(rec.get("jrun_pid")) and _pid_alive(rec.get("pid")):
+            if "cgroup" not in rec:  # the default place is not recorded: jrun/<id>
+                cg = Cgroup.from_state(rec)
+                if cg is not None:
+                    rec["cgroup"] = {"version": 2 if isinstance(cg, CgroupV2) else 1, "dirs": cg.dirs}
             jobs.append(rec)
     return jobs
 

@@ -199,8 +199,8 @@ def test_gc_after_kill_9_of_jrun_mid_job():
     name = _name("gc9")
     proc = ostart("--net", "none", "--name", name, "--memory", "64M", "--", "/bin/sh", "-c",
                   "echo ready; sleep 60")
-    with open(os.path.join(OWN["state"], name, "job.json")) as f:
-        cgroups = json.load(f)["cgroup"]["dirs"]
+    (job,) = [j for j in json.loads(oj("ps", "--json", check=0).stdout) if j["id"] == name]
+    cgroups = job["cgroup"]["dirs"]
     assert cgroups and all(name in d and os.path.isdir(d) for d in cgroups)
     proc.kill()
     proc.communicate()
