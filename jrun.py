@@ -57,6 +57,24 @@ DEFAULT_WORKDIR = "/work"
 DEFAULT_WORKDIR_SIZE = "25%"  # of RAM, like tmpfs's own default (50%) but halved
 DEFAULT_STOP_TIMEOUT = 10.0
 
+# Networks (see the Network section).  The default subnet: podman takes
+# 10.88/16, docker 172.17-172.30/16 first and 192.168/16 in /20s, libvirt
+# 192.168.122/24, Kubernetes 10.96/12 and 10.244/16, Tailscale 100.64/10;
+# 172.31.128/17 is reached by docker only at its 15th network, and AWS
+# default VPCs (172.31/16) put their subnets and DNS resolver in the low
+# half.  A clash with a route of the host is refused, never silently used.
+# Network state is host-wide, like the bridges and the nft table it
+# describes: it stays in /run/jrun/.net whatever the config's state-dir.
+NET_DIR = "/run/jrun/.net"  # never a job id: names cannot start with '.'
+DEFAULT_BRIDGE = "jrun0"
+DEFAULT_SUBNET = "172.31.254.0/24"
+DEFAULT_NET_POOL = "172.31.128.0/17"  # named networks take a /24 each
+NAMED_PREFIXLEN = 24
+NFT_TABLE = "inet jrun"
+NFT_PATHS = ("/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft")  # no PATH lookup for root
+RESOLVED_UPSTREAM = "/run/systemd/resolve/resolv.conf"
+RESERVED_NETS = ("bridge", "none")
+
 EXIT_TIMEOUT = 124
 EXIT_OOM = 137
 EXIT_JRUN = 125
@@ -354,6 +372,25 @@ def sethostname(name):
     _check(_c().sethostname(raw, len(raw)), "sethostname")
 
 
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 1  # <linux/sockios.h>, <net/if.h>
+
+
+def loopback_up():
+    """lo of a new network namespace starts down.  Two ioctls on a plain
+    socket bring it up: no netlink library (pyroute2 costs 36 ms to import)
+    on the --net none path."""
+    # AF_INET, SOCK_DGRAM | SOCK_CLOEXEC (the socket module costs 7 ms to import)
+    fd = _check(_c().socket(2, 2 | 0o2000000, 0), "socket")
+    try:
+        ifreq = bytearray(b"lo".ljust(40, b"\0"))  # struct ifreq: name[16], short flags
+        fcntl.ioctl(fd, SIOCGIFFLAGS, ifreq)
+        flags = int.from_bytes(ifreq[16:18], sys.byteorder) | IFF_UP
+        ifreq[16:18] = flags.to_bytes(2, sys.byteorder)
+        fcntl.ioctl(fd, SIOCSIFFLAGS, ifreq)
+    finally:
+        os.close(fd)
+
+
 def openat2(dirfd, path, flags, resolve, mode=0):
     """openat2(2): the kernel resolves PATH under its RESOLVE_* rules, with no
     window between a check and the use (what a userspace walk cannot give)."""
@@ -553,6 +590,18 @@ def check_name(opt, text, maxlen=63):
     return text
 
 
+def check_net(opt, text):
+    if text == "host":
+        raise UsageError("%s: 'host' (the host's own network) is not offered: every job has its own network "
+                         "namespace (use bridge, none or a network NAME)" % opt)
+    if text in RESERVED_NETS:
+        return text
+    if not text or len(text) > 63 or not set(text) <= _NAME_CHARS or text[0] in ".-_":
+        raise UsageError("%s: %r is not bridge, none or a network name (letters, digits, '_', '.', '-'; "
+                         "at most 63, starting with a letter or digit)" % (opt, text))
+    return text
+
+
 def check_hostname(opt, text):
     ok = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.")
     if not text or len(text) > 63 or not set(text) <= ok or text[0] in "-." or text[-1] in "-.":
@@ -644,7 +693,7 @@ def parse_run(argv, config=None):
         workdir=workdir, workdir_size=parse_workdir_size(o.get("workdir_size", DEFAULT_WORKDIR_SIZE)),
         env=tuple(parse_env(o)), rootfs=parse_rootfs(o.get("rootfs", "minimal")),
         read_only=bool(o.get("read_only")),
-        net=o.get("net", "bridge"), user=parse_user(o["user"]) if "user" in o else None,
+        net=check_net("--net", o.get("net", "bridge")), user=parse_user(o["user"]) if "user" in o else None,
         cap_add=parse_caps("--cap-add", o.get("cap_add", ())),
         cap_drop=parse_caps("--cap-drop", o.get("cap_drop", ())),
         seccomp=o.get("seccomp", "default"), userns=bool(o.get("userns")),
@@ -1159,12 +1208,6 @@ def validate_limits(spec):
 
 
 def validate(spec):
-    unsupported = []
-    # Options whose implementation has not landed yet are refused, never
-    # silently ignored.
-    unsupported += ["--net %s" % spec.net] if spec.net != "none" else []
-    if unsupported:
-        raise UsageError("%s: not supported by this version of jrun yet" % ", ".join(unsupported))
     if os.geteuid() != 0:
         raise UsageError("must run as root (try: sudo jrun ...)")
     validate_limits(spec)
@@ -1995,7 +2038,9 @@ class JobState:
 # Host resources.  One small class per resource, all with the same verbs:
 #   setup(state)   parent, before the fork; records in state what it made
 #   attach(pid)    parent, once the child has its namespaces, before release
+#   check(spec)    parent, classmethod, before the first side effect
 #   enter()        child, after release, before the root is built
+#   etc_files()    child, while the root is built: files such as /etc/hosts
 #   enter_root()   child, after pivot_root, /proc and /sys
 #   collect(out)   parent, after the job ended (accounting)
 #   teardown()     parent or gc; idempotent, logs instead of raising
@@ -2008,6 +2053,11 @@ class Resource:
     def __init__(self, spec):
         self.spec = spec
 
+    @classmethod
+    def check(cls, spec):
+        """Parent, before the first side effect: refuse (UsageError,
+        SetupError) what this host cannot give the job."""
+
     def setup(self, state):
         pass
 
@@ -2016,6 +2066,10 @@ class Resource:
 
     def enter(self):
         pass
+
+    def etc_files(self):
+        """Child: {path in the root: content} written while the root is built."""
+        return {}
 
     def enter_root(self):
         """Child, after pivot_root and /proc, /sys: what the job sees of it."""
@@ -2602,12 +2656,837 @@ class JobUserNamespace(Resource):
             self.fd = None
 
 
+# ---------------------------------------------------------------------------
+# Network.  Runs in the parent, as root, in the host's namespaces (attach()
+# borrows the job's network namespace for one socket).  Every netlink message
+# is encoded and decoded by pyroute2; jrun only sends a batch and reads the
+# acks.  Shared state (leases, which bridges exist, the nftables table) lives
+# in /run/jrun/.net, changed only under the flock of that directory, so that
+# concurrent jruns never collide and no daemon is needed.
+# ---------------------------------------------------------------------------
+
+
+def network_config():
+    """The subnets jrun's networks use: the default bridge's and the pool the
+    named networks take a /24 each from.  One function, so that the config
+    file (/etc/jrun/jrun.toml, key subnet) sets them; Network.check validates."""
+    return {"subnet": DEFAULT_SUBNET, "pool": DEFAULT_NET_POOL}
+
+
+def parse_ip(text):
+    """'172.31.254.1' -> int; ValueError unless four decimal octets."""
+    parts = text.split(".")
+    if len(parts) != 4 or not all(p.isdigit() and len(p) <= 3 and int(p) < 256 for p in parts):
+        raise ValueError(text)
+    return int(parts[0]) << 24 | int(parts[1]) << 16 | int(parts[2]) << 8 | int(parts[3])
+
+
+def format_ip(n):
+    return "%d.%d.%d.%d" % (n >> 24, n >> 16 & 255, n >> 8 & 255, n & 255)
+
+
+def parse_subnet(what, text):
+    """'172.31.254.0/24' -> (network int, prefix length), for /8 to /29."""
+    addr, slash, plen = text.partition("/")
+    try:
+        net, plen = parse_ip(addr), int(plen)
+    except ValueError:
+        raise UsageError("%s: %r is not an IPv4 subnet (use e.g. 172.31.254.0/24)" % (what, text)) from None
+    if not slash or not 8 <= plen <= 29:
+        raise UsageError("%s: %r: the prefix length must be from /8 to /29" % (what, text))
+    if net & ~_mask(plen) & 0xFFFFFFFF:
+        raise UsageError("%s: %r has host bits set (did you mean %s/%d?)"
+                         % (what, text, format_ip(net & _mask(plen)), plen))
+    return net, plen
+
+
+def _mask(plen):
+    return (0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF
+
+
+def subnets_overlap(a, b):
+    plen = min(a[1], b[1])
+    return a[0] & _mask(plen) == b[0] & _mask(plen)
+
+
+def bridge_name(net):
+    """The host bridge of a network.  Every jrun bridge starts with 'jrun' and
+    no job veth does ('jr' + hex), so each is told apart by name alone; a
+    hash keeps any NAME within IFNAMSIZ (15) and free of odd characters."""
+    if net == "bridge":
+        return DEFAULT_BRIDGE
+    import hashlib
+
+    return "jrun-" + hashlib.blake2s(net.encode(), digest_size=5).hexdigest()
+
+
+def veth_name(job_dir):
+    """The host end of a job's veth pair: 'jr' + 10 hex of the job's state
+    directory, unique per live job (whatever state-dir each jrun uses)."""
+    import hashlib
+
+    return "jr" + hashlib.blake2s(job_dir.encode(), digest_size=5).hexdigest()
+
+
+def _lease_live(job_dir):
+    """A lease is the job's state directory; it is live while that job's
+    state lock is held."""
+    state = JobState(os.path.basename(job_dir))
+    state.dir = job_dir
+    return state.is_live()
+
+
+def named_subnet(name, pool, used):
+    """A /24 from the pool for a named network: the same one for the same
+    NAME whenever it is free, else the next free one; None if none is.
+    `used` holds the subnets that are taken (other networks, host routes)."""
+    import hashlib
+
+    count = 1 << max(0, NAMED_PREFIXLEN - pool[1])
+    start = int.from_bytes(hashlib.blake2s(name.encode(), digest_size=4).digest(), "big") % count
+    for i in range(count):
+        cand = (pool[0] + ((start + i) % count << (32 - NAMED_PREFIXLEN)), NAMED_PREFIXLEN)
+        if not any(subnets_overlap(cand, u) for u in used):
+            return cand
+    return None
+
+
+def nft_ruleset(networks):
+    """The whole `inet jrun` table for the networks that exist now, as nft
+    input; [] of networks deletes it.  The table is replaced in one
+    transaction: 'add; flush; define' is idempotent, and 3 ms when the table
+    is new where 'add; delete; define' takes 16 ms (the chains keep their
+    hooks, so the kernel waits for no RCU grace period).
+
+    networks: [(bridge, 'a.b.c.d/n', isolated)].  inet, not ip: a job also
+    has an IPv6 link-local address, and the host's services listen on [::]
+    too."""
+    if not networks:
+        return "add table %s\ndelete table %s\n" % (NFT_TABLE, NFT_TABLE)
+    head = "add table %s\nflush table %s\n" % (NFT_TABLE, NFT_TABLE)
+    bridges = "{ %s }" % ", ".join('"%s"' % b for b, _, _ in networks)
+    rules = [
+        "table %s {" % NFT_TABLE,
+        # A job reaches nothing of the host itself (gateway, other host
+        # addresses, [::]); replies to connections the host opened pass.
+        "  chain input {",
+        "    type filter hook input priority filter; policy accept;",
+        "    iifname %s ct state established,related accept" % bridges,
+        "    iifname %s drop" % bridges,
+        "  }",
+        "  chain forward {",
+        "    type filter hook forward priority filter; policy accept;",
+        # No IPv6 is routed for jobs, and no job sends from an address that is
+        # not its network's (it is root in its netns and could try).
+        "    iifname %s meta nfproto ipv6 drop" % bridges,
+    ]
+    rules += ['    iifname "%s" ip saddr != %s drop' % (b, s) for b, s, _ in networks]
+    rules.append("    oifname %s ct state established,related accept" % bridges)
+    # br_netfilter (loaded by docker and others) passes bridged frames through
+    # this hook as bridge -> same bridge: jobs of a named network talk; on the
+    # isolated default bridge the same path is a job routing to another job
+    # through the host, which must not pass.
+    rules += ['    iifname "%s" oifname "%s" accept' % (b, b) for b, _, iso in networks if not iso]
+    # Nothing else starts a connection into a jrun network: not another
+    # network's job, not the LAN.
+    rules += ["    oifname %s drop" % bridges, "  }",
+              "  chain postrouting {",
+              "    type nat hook postrouting priority srcnat; policy accept;"]
+    rules += ['    ip saddr %s oifname != "%s" masquerade' % (s, b) for b, s, _ in networks]
+    rules += ["  }", "}"]
+    return head + "\n".join(rules) + "\n"
+
+
+def host_resolvers(conf="/etc/resolv.conf", upstream=RESOLVED_UPSTREAM):
+    """/etc/resolv.conf for a job: the host's upstream resolvers.  A 127.0.0.x
+    stub (systemd-resolved, dnsmasq) is unreachable from the job's network
+    namespace, so resolved's upstream list is used instead, and loopback and
+    IPv6 nameservers (jobs have no IPv6 route) are dropped."""
+    text = _read_text(conf)
+    servers = [ln.split()[1] for ln in text.splitlines() if ln.split()[:1] == ["nameserver"] and len(ln.split()) > 1]
+    if any(s.startswith("127.") for s in servers) and os.path.isfile(upstream):
+        text = _read_text(upstream)
+    out = ["# written by jrun from the host's resolvers"]
+    for line in text.splitlines():
+        words = line.split()
+        if not words or words[0].startswith(("#", ";")):
+            continue
+        if words[0] == "nameserver":
+            try:
+                if len(words) < 2 or parse_ip(words[1]) >> 24 == 127:
+                    continue
+            except ValueError:
+                continue  # IPv6
+        elif words[0] not in ("search", "domain", "options"):
+            continue
+        out.append(" ".join(words))
+    return "\n".join(out) + "\n"
+
+
+def _read_text(path):
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _pyroute2():
+    """pyroute2's rtnetlink message modules, and nothing else of pyroute2.
+
+    `import pyroute2` (and so any pyroute2.x.y) first runs the package's
+    __init__, which imports every protocol the library speaks, asyncio,
+    ssl and multiprocessing among them: 133 ms here, more than four whole
+    --net none jobs.  The three message modules need none of it (36 ms), so
+    the package is registered without running its __init__ unless it was
+    already imported."""
+    if "pyroute2" not in sys.modules:
+        for d in sys.path:
+            path = os.path.join(d or ".", "pyroute2")
+            if os.path.isfile(os.path.join(path, "__init__.py")):
+                pkg = type(sys)("pyroute2")
+                pkg.__path__ = [path]
+                pkg.__file__ = os.path.join(path, "__init__.py")
+                sys.modules["pyroute2"] = pkg
+                break
+        else:
+            raise SetupError("--net: pyroute2 is not installed (pip install pyroute2; or use --net none)")
+    from pyroute2.netlink.rtnl import ifaddrmsg, ifinfmsg, rtmsg
+
+    return ifinfmsg.ifinfmsg, ifaddrmsg.ifaddrmsg, rtmsg.rtmsg
+
+
+class Netlink:
+    """An rtnetlink socket in the host's network namespace or, with netns_fd,
+    in a job's.  pyroute2 encodes and decodes the messages; this class sends
+    a batch in one datagram and reads the kernel's acks."""
+
+    # <linux/netlink.h>, <linux/rtnetlink.h>
+    F_REQUEST, F_ACK, F_EXCL, F_CREATE, F_DUMP = 1, 4, 0x200, 0x400, 0x300
+    ERROR, DONE = 2, 3
+    NEWLINK, DELLINK, GETLINK, NEWADDR, NEWROUTE, GETROUTE = 16, 17, 18, 20, 24, 26
+
+    def __init__(self, netns_fd=None):
+        import socket
+
+        self.link, self.addr, self.route = _pyroute2()
+        host_ns = None
+        if netns_fd is not None:
+            # A netlink socket stays in the namespace it was created in: enter
+            # the job's just long enough to create it (the parent is single
+            # threaded, so nothing else runs in the job's namespace meanwhile).
+            host_ns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            setns(netns_fd, CLONE_NEWNET)
+        try:
+            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+        finally:
+            if host_ns is not None:
+                setns(host_ns, CLONE_NEWNET)
+                os.close(host_ns)
+        self.sock.bind((0, 0))
+        self.seq = 0
+
+    def close(self):
+        self.sock.close()
+
+    def message(self, cls, mtype, nlflags=0, attrs=(), **fields):
+        """A pyroute2 message of class cls (fields: the struct's, e.g.
+        index=, flags=), encoded, with the next sequence number."""
+        msg = cls()
+        for k, v in fields.items():
+            msg[k] = v
+        msg["attrs"] = list(attrs)
+        self.seq += 1
+        msg["header"]["type"] = mtype
+        msg["header"]["flags"] = self.F_REQUEST | nlflags
+        msg["header"]["sequence_number"] = self.seq
+        msg.encode()
+        return msg
+
+    def do(self, *requests):
+        """Send requests [(what, message)] in one datagram (the kernel
+        handles them in order); raise OSError naming the first that failed."""
+        import struct
+
+        self.sock.send(b"".join(bytes(m.data) for _, m in requests))
+        whats = {m["header"]["sequence_number"]: w for w, m in requests}
+        errors = {}
+        while whats.keys() - errors.keys():
+            data = self.sock.recv(1 << 16)
+            off = 0
+            while off + 16 <= len(data):
+                length, mtype, _, seq, _ = struct.unpack_from("IHHII", data, off)
+                if mtype == self.ERROR and seq in whats:
+                    errors[seq] = -struct.unpack_from("i", data, off + 16)[0]
+                off += (length + 3) & ~3
+        for seq in sorted(errors):
+            if errors[seq]:
+                raise OSError(errors[seq], "%s: %s" % (whats[seq], os.strerror(errors[seq])))
+
+    def dump(self, cls, mtype, **fields):
+        """A dump request; the decoded messages of the reply."""
+        import struct
+
+        req = self.message(cls, mtype, self.F_DUMP, **fields)
+        self.sock.send(bytes(req.data))
+        out = []
+        while True:
+            data = self.sock.recv(1 << 16)
+            off = 0
+            while off + 16 <= len(data):
+                length, rtype, _, seq, _ = struct.unpack_from("IHHII", data, off)
+                if rtype == self.DONE:
+                    return out
+                if rtype == self.ERROR:
+                    err = -struct.unpack_from("i", data, off + 16)[0]
+                    raise OSError(err, "netlink dump: %s" % os.strerror(err))
+                msg = cls(data[off:off + length])
+                msg.decode()
+                out.append(msg)
+                off += (length + 3) & ~3
+
+    def up(self, index, **more):
+        return self.message(self.link, self.NEWLINK, self.F_ACK, index=index, flags=1, change=1, **more)
+
+
+class _NetLock:
+    """The flock of /run/jrun/.net: held while leases, bridges or the nft
+    table change.  The directory is removed, under the lock, when no network
+    is left; whoever locked it meanwhile notices and retries."""
+
+    def __enter__(self):
+        while True:
+            os.makedirs(NET_DIR, mode=0o700, exist_ok=True)
+            fd = os.open(NET_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.stat(NET_DIR).st_ino == os.fstat(fd).st_ino:
+                    self.fd = fd
+                    return self
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+
+    def __exit__(self, *exc):
+        try:
+            os.rmdir(NET_DIR)
+        except OSError:
+            pass
+        os.close(self.fd)
+
+
+class NetFile:
+    """/run/jrun/.net/<bridge>: one network's subnet and leases, as lines
+    ('name N', 'subnet S', 'next IP', 'lease IP JOB-STATE-DIR'); written only
+    under _NetLock (and atomically, so gc may read it without)."""
+
+    def __init__(self, bridge, name=None, subnet=None):
+        self.bridge, self.name, self.subnet = bridge, name, subnet
+        self.path = os.path.join(NET_DIR, bridge)
+        self.leases = {}
+        self.next = None
+
+    @classmethod
+    def load(cls, bridge):
+        self = cls(bridge)
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return None
+        for line in lines:
+            w = line.split()
+            if w[:1] == ["name"] and len(w) == 2:
+                self.name = w[1]
+            elif w[:1] == ["subnet"] and len(w) == 2:
+                self.subnet = parse_subnet(self.path, w[1])
+            elif w[:1] == ["next"] and len(w) == 2:
+                self.next = parse_ip(w[1])
+            elif w[:1] == ["lease"] and len(w) == 3:
+                self.leases[parse_ip(w[1])] = w[2]
+        return self if self.subnet else None
+
+    @staticmethod
+    def all():
+        try:
+            names = sorted(os.listdir(NET_DIR))
+        except FileNotFoundError:
+            return []
+        return [f for f in (NetFile.load(n) for n in names if n.startswith("jrun") and "." not in n) if f]
+
+    def save(self):
+        lines = ["name %s" % self.name, "subnet %s" % self.cidr]
+        if self.next is not None:
+            lines.append("next %s" % format_ip(self.next))
+        lines += ["lease %s %s" % (format_ip(ip), job) for ip, job in sorted(self.leases.items())]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        os.rename(tmp, self.path)
+
+    def remove(self):
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    @property
+    def cidr(self):
+        return "%s/%d" % (format_ip(self.subnet[0]), self.subnet[1])
+
+    @property
+    def gateway(self):
+        return self.subnet[0] + 1
+
+    def prune(self, keep=None):
+        """Forget the leases of jobs that are no longer running."""
+        for ip, owner in list(self.leases.items()):
+            if owner != keep and not _lease_live(owner):
+                del self.leases[ip]
+
+    def allocate(self, owner):
+        """The next free address after the last one given (so a just-freed
+        address, still in conntrack and neighbour caches, is reused last);
+        network, gateway and broadcast are never given."""
+        first, last = self.subnet[0] + 2, self.subnet[0] + (1 << (32 - self.subnet[1])) - 2
+        size = last - first + 1
+        start = self.next if self.next is not None and first <= self.next <= last else first
+        for i in range(size):
+            ip = first + (start - first + i) % size
+            if ip not in self.leases:
+                self.leases[ip] = owner
+                self.next = first + (ip - first + 1) % size
+                return ip
+        raise SetupError("--net %s: no free address left in %s (%d jobs running on it)"
+                         % (self.name, self.cidr, len(self.leases)))
+
+
+def _run_nft(ruleset):
+    """nftables through the nft CLI: pyroute2's nftables module encodes only
+    raw expressions, and a masquerade plus ct-state rules written as raw
+    netlink expressions would be far harder to review than the ruleset text.
+    nft is the host's PID namespace's child: jrun calls it only before the
+    fork or after setns back."""
+    import subprocess
+
+    p = subprocess.run([_nft_path(), "-f", "-"], input=ruleset, capture_output=True, text=True, close_fds=True)
+    if p.returncode != 0:
+        raise SetupError("nft: %s" % (p.stderr.strip() or "exit %d" % p.returncode))
+
+
+def _nft_path():
+    return next((p for p in NFT_PATHS if os.access(p, os.X_OK)), None)
+
+
+def _nft_table_exists():
+    import subprocess
+
+    return subprocess.run([_nft_path() or "nft", "list", "table"] + NFT_TABLE.split(),
+                          capture_output=True).returncode == 0
+
+
+def _sync_nft(without=None):
+    """Make the `inet jrun` table match the networks that exist (lock held)."""
+    nets = [(f.bridge, f.cidr, f.bridge == DEFAULT_BRIDGE) for f in NetFile.all() if f.bridge != without]
+    _run_nft(nft_ruleset(nets))
+    audit("nft: table %s %s" % (NFT_TABLE, "holds %d network(s)" % len(nets) if nets else "deleted"))
+
+
+def _host_routes_overlapping(nl, subnet, own_bridge=None):
+    """The host's IPv4 routes (all tables, default routes aside) that overlap
+    subnet, as 'dst/len' strings; routes through own_bridge are jrun's own.
+    (Told by the device's name after the dump: a concurrent jrun may create
+    the bridge while this one looks.)"""
+    import socket
+
+    out = []
+    for r in nl.dump(nl.route, Netlink.GETROUTE, family=2):
+        plen = r["dst_len"]
+        dst = r.get_attr("RTA_DST")
+        if plen == 0 or dst is None or ":" in dst:
+            continue
+        if not subnets_overlap((parse_ip(dst) & _mask(plen), plen), subnet):
+            continue
+        oif = r.get_attr("RTA_OIF")
+        if oif is not None and own_bridge is not None:
+            try:
+                if socket.if_indextoname(oif) == own_bridge:
+                    continue
+            except OSError:
+                continue  # its device is gone, and the route with it
+        out.append("%s/%d" % (dst, plen))
+    return out
+
+
+def _ifindex(name):
+    import socket
+
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return None
+
+
+_host_nl = []
+
+
+def _net_error(net, e):
+    """An OSError of a network step as jrun's one-line message."""
+    what = e.args[1] if len(e.args) > 1 and isinstance(e.args[1], str) else str(e)
+    return SetupError("--net %s: %s%s" % (net, what, ": %s" % e.filename if e.filename else ""))
+
+
+def _host_netlink():
+    """The parent's one rtnetlink socket in the host's namespace."""
+    if not _host_nl:
+        _host_nl.append(Netlink())
+    return _host_nl[0]
+
+
+def _delete_link(nl, name):
+    """Delete a network device; False if it was gone already (a veth goes
+    with the job's namespace, when that dies first)."""
+    index = _ifindex(name)
+    if index is None:
+        return False
+    try:
+        nl.do(("delete %s" % name, nl.message(nl.link, nl.DELLINK, nl.F_ACK, index=index)))
+    except OSError as e:
+        if e.errno != errno.ENODEV:
+            raise
+        return False
+    return True
+
+
+def _remove_network(nl, f):
+    """No job is left on f's network: its bridge, rules and file go (lock
+    held).  The file goes last, so a crash in between leaves it for gc."""
+    if _delete_link(nl, f.bridge):
+        audit("network %s: bridge %s deleted (no job left on it)" % (f.name, f.bridge))
+    _sync_nft(without=f.bridge)
+    f.remove()
+
+
+def _enable_forwarding():
+    """NAT needs the host to forward IPv4, as for docker, podman and libvirt.
+    It is left on when the last network goes: another tool that started
+    meanwhile may rely on it."""
+    path = "/proc/sys/net/ipv4/ip_forward"
+    with open(path) as f:
+        if f.read().strip() == "1":
+            return
+    with open(path, "w") as f:
+        f.write("1\n")
+    log("info", "net.ipv4.ip_forward set to 1 (needed for the jobs' NAT)")
+
+
+class Network(Resource):
+    """The job's network: its own namespace (made by the child) with an eth0
+    whose other end is a port of the network's host bridge, an address from
+    the network's leases, a default route through the bridge, NAT out.
+
+    check()     parent, before any side effect: the subnet is free on the host
+    setup()     parent, before the fork: lease, bridge and nft rules on demand
+    attach()    parent, child waiting: the veth pair, eth0 in the child's
+                namespace addressed and up, default route
+    etc_files() child: /etc/hosts and /etc/resolv.conf for its root
+    teardown()  parent or gc: veth, lease, and the bridge and nft rules
+                when no job is left on the network"""
+
+    name = "network"
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.net = spec.net if spec else None
+        self.bridge = bridge_name(self.net) if spec else None
+        self.owner = self.veth = None  # the job's state directory, its veth
+        self.address = None
+        self.net_file = None
+        self.resolv = ""
+        self.nl = None
+
+    # -- parent, before any side effect -------------------------------------
+
+    @classmethod
+    def check(cls, spec):
+        if spec.net == "none":
+            return
+        cfg = network_config()
+        subnet = parse_subnet("network subnet", cfg["subnet"])
+        pool = parse_subnet("network pool", cfg["pool"])
+        if pool[1] > NAMED_PREFIXLEN:
+            raise UsageError("network pool: %r is smaller than one /%d" % (cfg["pool"], NAMED_PREFIXLEN))
+        if not _nft_path():
+            raise SetupError("--net %s: nft not found (apt-get install nftables, or use --net none)" % spec.net)
+        if spec.net != "bridge":
+            return  # a named network's subnet is chosen free when it is made
+        try:
+            clash = _host_routes_overlapping(_host_netlink(), subnet, DEFAULT_BRIDGE)
+        except OSError as e:
+            raise _net_error(spec.net, e) from None
+        if clash:
+            raise UsageError("--net bridge: the jrun subnet %s overlaps the host's route to %s "
+                             "(use --net NAME, which picks a free subnet, or --net none)" % (cfg["subnet"], clash[0]))
+
+    # -- parent, before the fork --------------------------------------------
+
+    def setup(self, state):
+        self.owner, self.veth = state.dir, veth_name(state.dir)
+        try:
+            self.nl = _host_netlink()
+            with _NetLock():
+                self._lease(state)
+        except BaseException as e:
+            self.teardown()
+            if isinstance(e, OSError):
+                raise _net_error(self.net, e) from None
+            raise
+        self.resolv = host_resolvers()
+
+    def _lease(self, state):
+        f = NetFile.load(self.bridge)
+        new = f is None
+        if new:
+            f = self._new_network()
+        elif f.name != self.net:
+            raise SetupError("--net %s: its bridge name %s is taken by network %s (rename one of them)"
+                             % (self.net, self.bridge, f.name))
+        f.prune(keep=self.owner)
+        self.address = f.allocate(self.owner)
+        self.net_file = f
+        # Recorded before anything is made, so that gc finds all of it.
+        state.save(net_bridge=self.bridge, net_veth=self.veth, net_lease=self.owner,
+                   net_address=format_ip(self.address))
+        f.save()
+        missing = _ifindex(self.bridge) is None
+        if new or missing:
+            # Rules first: a bridge never exists without them, whenever a
+            # jrun may have been killed.
+            _sync_nft()
+            _enable_forwarding()
+        if missing:
+            self._create_bridge(f)
+        audit("network %s: address %s/%d leased on %s" % (self.net, format_ip(self.address), f.subnet[1],
+                                                          self.bridge))
+
+    def _new_network(self):
+        cfg = network_config()
+        if self.net == "bridge":
+            subnet = parse_subnet("network subnet", cfg["subnet"])
+        else:
+            used = [f.subnet for f in NetFile.all()] + [parse_subnet("network subnet", cfg["subnet"])]
+            used += [(parse_ip(r.split("/")[0]), int(r.split("/")[1]))
+                     for r in _host_routes_overlapping(self.nl, parse_subnet("network pool", cfg["pool"]))]
+            subnet = named_subnet(self.net, parse_subnet("network pool", cfg["pool"]), used)
+            if subnet is None:
+                raise SetupError("--net %s: no free /%d left in the network pool %s"
+                                 % (self.net, NAMED_PREFIXLEN, cfg["pool"]))
+        return NetFile(self.bridge, self.net, subnet)
+
+    def _create_bridge(self, f):
+        nl = self.nl
+        mac = "06:6a:72:" + ":".join("%02x" % b for b in os.urandom(3))  # jobs' are 02:6a:...
+        nl.do(("create bridge %s" % self.bridge,
+               nl.message(nl.link, nl.NEWLINK, nl.F_ACK | nl.F_CREATE | nl.F_EXCL, flags=1, change=1, attrs=[
+                   ("IFLA_IFNAME", self.bridge),
+                   # A fixed MAC: a bridge otherwise takes its lowest port's,
+                   # and every job joining or leaving would change the
+                   # gateway's MAC under the others' ARP caches.
+                   ("IFLA_ADDRESS", mac),
+                   ("IFLA_LINKINFO", {"attrs": [("IFLA_INFO_KIND", "bridge")]})])))
+        index = _ifindex(self.bridge)
+        bcast = f.subnet[0] | (~_mask(f.subnet[1]) & 0xFFFFFFFF)
+        nl.do(("address %s on %s" % (format_ip(f.gateway), self.bridge),
+               nl.message(nl.addr, nl.NEWADDR, nl.F_ACK | nl.F_CREATE | nl.F_EXCL, family=2,
+                          prefixlen=f.subnet[1], index=index, attrs=[
+                              ("IFA_LOCAL", format_ip(f.gateway)), ("IFA_ADDRESS", format_ip(f.gateway)),
+                              ("IFA_BROADCAST", format_ip(bcast))])))
+        audit("network %s: bridge %s created, gateway %s/%d" % (self.net, self.bridge, format_ip(f.gateway),
+                                                                 f.subnet[1]))
+
+    # -- parent, child waiting in its namespaces ------------------------------
+
+    def attach(self, pid):
+        """The veth pair is made here, with its job end created straight
+        inside the child's namespace as eth0: moving a device between
+        namespaces costs a 20 ms RCU grace period here, creating it there
+        costs nothing extra.  (Teardown, registered at setup, undoes it.)"""
+        try:
+            self._attach(pid)
+        except OSError as e:
+            raise _net_error(self.net, e) from None
+
+    def _attach(self, pid):
+        nl, f, ip = self.nl, self.net_file, self.address
+        ns = os.open("/proc/%d/ns/net" % pid, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            # The job's MAC follows from its address (docker's old rule), so
+            # an address given to a new job never meets a stale neighbour
+            # entry of the job that had it before.
+            mac = "02:6a:%02x:%02x:%02x:%02x" % (ip >> 24, ip >> 16 & 255, ip >> 8 & 255, ip & 255)
+            reqs = [("create veth %s" % self.veth,
+                     nl.message(nl.link, nl.NEWLINK, nl.F_ACK | nl.F_CREATE | nl.F_EXCL, flags=1, change=1,
+                                attrs=[("IFLA_IFNAME", self.veth), ("IFLA_MASTER", _ifindex(self.bridge)),
+                                       ("IFLA_LINKINFO", {"attrs": [
+                                           ("IFLA_INFO_KIND", "veth"),
+                                           ("IFLA_INFO_DATA", {"attrs": [("VETH_INFO_PEER", {"attrs": [
+                                               ("IFLA_IFNAME", "eth0"), ("IFLA_ADDRESS", mac),
+                                               ("IFLA_NET_NS_FD", ns)]})]})]})]))]
+            if self.bridge == DEFAULT_BRIDGE:
+                # Isolated ports forward only to non-isolated ones (the
+                # bridge itself): jobs on the default bridge never see each
+                # other.
+                reqs.append(("isolate port %s" % self.veth,
+                             nl.message(nl.link, nl.NEWLINK, nl.F_ACK, attrs=[
+                                 ("IFLA_IFNAME", self.veth),
+                                 ("IFLA_LINKINFO", {"attrs": [
+                                     ("IFLA_INFO_SLAVE_KIND", "bridge"),
+                                     ("IFLA_INFO_SLAVE_DATA", {"attrs": [("IFLA_BRPORT_ISOLATED", 1)]})]})])))
+            nl.do(*reqs)
+            audit("network %s: veth %s on %s%s, its other end eth0 in the job's network namespace"
+                  % (self.net, self.veth, self.bridge, " (isolated port)" if len(reqs) > 1 else ""))
+            job = Netlink(netns_fd=ns)
+        finally:
+            os.close(ns)
+        try:
+            eth0 = [m["index"] for m in job.dump(job.link, job.GETLINK) if m.get_attr("IFLA_IFNAME") == "eth0"][0]
+            bcast = f.subnet[0] | (~_mask(f.subnet[1]) & 0xFFFFFFFF)
+            job.do(("address %s on eth0" % format_ip(ip),
+                    job.message(job.addr, job.NEWADDR, job.F_ACK | job.F_CREATE | job.F_EXCL, family=2,
+                                prefixlen=f.subnet[1], index=eth0, attrs=[
+                                    ("IFA_LOCAL", format_ip(ip)), ("IFA_ADDRESS", format_ip(ip)),
+                                    ("IFA_BROADCAST", format_ip(bcast))])),
+                   ("eth0 up", job.up(eth0)),
+                   ("default route via %s" % format_ip(f.gateway),
+                    job.message(job.route, job.NEWROUTE, job.F_ACK | job.F_CREATE | job.F_EXCL, family=2,
+                                dst_len=0, table=254, proto=3, scope=0, type=1, attrs=[
+                                    ("RTA_GATEWAY", format_ip(f.gateway)), ("RTA_OIF", eth0)])))
+        finally:
+            job.close()
+        audit("network: eth0 %s/%d up, default route via %s" % (format_ip(ip), f.subnet[1], format_ip(f.gateway)))
+        audit("network: ready")
+
+    # -- child ----------------------------------------------------------------
+
+    def etc_files(self):
+        return {
+            "etc/hosts": "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+                         "%s\t%s\n" % (format_ip(self.address), self.spec.hostname),
+            "etc/resolv.conf": self.resolv,
+        }
+
+    # -- parent after the job, or gc ------------------------------------------
+
+    def teardown(self):
+        try:
+            self._teardown()
+        except (JrunError, OSError) as e:
+            log("warning", "network teardown of %s: %s (run: jrun gc)" % (self.owner, e))
+
+    def _teardown(self):
+        if self.owner is None:
+            return  # setup never started
+        nl = self.nl or _host_netlink()
+        with _NetLock():
+            if _delete_link(nl, self.veth):
+                audit("network: veth %s deleted" % self.veth)
+            else:
+                audit("network: veth %s went with the job's network namespace" % self.veth)
+            f = NetFile.load(self.bridge) if self.bridge else None
+            if f is None:
+                return
+            for ip, owner in list(f.leases.items()):
+                if owner == self.owner:
+                    del f.leases[ip]
+                    audit("network: address %s released" % format_ip(ip))
+            f.prune()
+            if f.leases:
+                f.save()
+            else:
+                _remove_network(nl, f)
+
+    @classmethod
+    def from_state(cls, record):
+        if not record.get("net_veth") or not record.get("net_lease"):
+            return None
+        self = cls(None)
+        self.bridge, self.veth, self.owner = record.get("net_bridge"), record["net_veth"], record["net_lease"]
+        return self
+
+    @classmethod
+    def orphans(cls, known_ids):
+        """gc: job veths and leases whose job is gone (its state directory
+        with it), and networks no job uses.  Devices are listed before the
+        leases are read: a lease is written before its veth is made and
+        released after it is deleted.  (known_ids is not needed: a lease
+        names its job's state directory, wherever that is.)"""
+        veths = [n for n in _net_devices() if _is_job_veth(n)]
+        nets = NetFile.all()
+        live = {veth_name(o) for f in nets for o in f.leases.values() if _lease_live(o)}
+        for name in veths:
+            if name not in live:
+                yield NetworkLeftover("veth %s" % name, _gc_veth, name)
+        for f in nets:
+            if not all(_lease_live(o) for o in f.leases.values()) or not f.leases:
+                yield NetworkLeftover("network %s: dead leases" % f.name, _gc_network, f.bridge)
+        if nets and not _nft_table_exists():  # a firewall reload flushed the whole ruleset
+            yield NetworkLeftover("missing nft table %s: restored" % NFT_TABLE, _gc_nft, None)
+
+
+def _is_job_veth(name):
+    return len(name) == 12 and name[:2] == "jr" and all(c in "0123456789abcdef" for c in name[2:])
+
+
+def _net_devices():
+    try:
+        return os.listdir("/sys/class/net")
+    except OSError:
+        return []
+
+
+class NetworkLeftover:
+    """Something of the networks that gc found with no running job behind it."""
+
+    def __init__(self, name, undo, arg):
+        self.name, self._undo, self._arg = name, undo, arg
+
+    def teardown(self):
+        try:
+            self._undo(self._arg)
+        except (JrunError, OSError) as e:
+            log("warning", "gc: %s: %s" % (self.name, e))
+
+
+def _gc_veth(name):
+    with _NetLock():  # checked again under the lock: its job may have started since
+        if not any(veth_name(o) == name and _lease_live(o) for f in NetFile.all() for o in f.leases.values()):
+            _delete_link(_host_netlink(), name)
+
+
+def _gc_nft(_):
+    with _NetLock():
+        _sync_nft()
+
+
+def _gc_network(bridge):
+    with _NetLock():
+        f = NetFile.load(bridge)
+        if f is None:
+            return
+        f.prune()
+        if f.leases:
+            f.save()
+        else:
+            _remove_network(_host_netlink(), f)
+
+
 def host_resources(spec):
     """The resources a job needs, in setup order (torn down in reverse)."""
-    return [Cgroup.for_job(spec)] + ([JobUserNamespace(spec)] if spec.userns else [])
+    return [Cgroup.for_job(spec)] + ([JobUserNamespace(spec)] if spec.userns else []) + (
+        [Network(spec)] if spec.net != "none" else [])
 
 
-RESOURCE_CLASSES = (Cgroup, JobUserNamespace)
+RESOURCE_CLASSES = (Cgroup, JobUserNamespace, Network)
 
 
 # ---------------------------------------------------------------------------
@@ -2664,6 +3543,8 @@ def child_steps(plan):
     prctl.set_dumpable(0)
     unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET)
     audit("namespaces created: pid (PID %d inside), mount, uts, ipc, net" % os.getpid())
+    loopback_up()
+    audit("network: lo up")
     os.write(plan.status_w, b"R\n")
     # Wait until the parent has put us in our cgroup and network.  EOF
     # without "G" means the parent gave up: exit quietly.
@@ -2675,7 +3556,7 @@ def child_steps(plan):
 
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     audit("mounts made private (recursively) before anything was mounted")
-    root = build_root(spec, plan.state_dir, userns)
+    root = build_root(spec, plan.state_dir, userns, plan.resources)
     pivot_into(root)
     mount_proc_and_sys()
     for res in plan.resources:
@@ -2714,7 +3595,7 @@ def child_steps(plan):
             "%s: cannot execute: %s%s" % (spec.command[0], e.strerror, hint)) from None
 
 
-def build_root(spec, state_dir, userns=None):
+def build_root(spec, state_dir, userns=None, resources=()):
     """The job's root, on a tmpfs inside the job's own mount namespace, so
     that everything the job writes vanishes with it even if jrun is
     SIGKILLed, and concurrent jobs never see each other's writes: for
@@ -2766,11 +3647,13 @@ def build_root(spec, state_dir, userns=None):
     build_dev(root, spec)
     _safe_mkdirs(root, "proc", 0o555)
     _safe_mkdirs(root, "sys", 0o555)
-    hostname = _safe_file(root, "etc/hostname", content=spec.hostname + "\n")
-    hosts = _safe_file(root, "etc/hosts", content="127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"
-                                                 "127.0.1.1\t%s\n" % spec.hostname)
-    if userns:
-        for path in (hostname, hosts):
+    etc = {"etc/hostname": spec.hostname + "\n",
+           "etc/hosts": "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.1.1\t%s\n" % spec.hostname}
+    for res in resources:
+        etc.update(res.etc_files())  # the network's /etc/hosts and /etc/resolv.conf
+    for rel, content in etc.items():
+        path = _safe_file(root, rel, content=content)
+        if userns:
             chown_to_job(path, userns.base)
     stage_files(spec, root, userns)
     if spec.read_only:
@@ -3162,6 +4045,8 @@ class Outcome:
 
 def run_job(spec):
     validate(spec)
+    for cls in RESOURCE_CLASSES:
+        cls.check(spec)
     spec = survey_uploads(spec)
     teardown = Teardown()
     state = JobState(spec.id)
@@ -4162,14 +5047,13 @@ def network_names():
     """bridge, none and the named networks that exist now."""
     names = {"bridge", "none"}
     # /run/jrun/.net/jrun*: one file per network, with a line 'name NAME'.
-    net_dir = os.path.join(STATE_DIR, ".net")
     try:
-        files = [f for f in os.listdir(net_dir) if f.startswith("jrun") and "." not in f]
+        files = [f for f in os.listdir(NET_DIR) if f.startswith("jrun") and "." not in f]
     except OSError:
         files = []
     for f in files:
         try:
-            with open(os.path.join(net_dir, f), encoding="utf-8") as fh:
+            with open(os.path.join(NET_DIR, f), encoding="utf-8") as fh:
                 names.update(w[1] for w in (line.split() for line in fh) if w[:1] == ["name"] and len(w) == 2)
         except OSError:
             pass

@@ -597,7 +597,7 @@ def test_completion_of_network_names(tmp_path, monkeypatch):
     net.mkdir()
     (net / "jrun-0a1b2c3d4e").write_text("name lab\nsubnet 172.31.128.0/24\n")
     (net / "jrun-0a1b2c3d4e.tmp").write_text("name half-written\n")
-    monkeypatch.setattr(J, "STATE_DIR", str(tmp_path))
+    monkeypatch.setattr(J, "NET_DIR", str(net))
     assert J.network_names() == ["bridge", "lab", "none"]
 
 
