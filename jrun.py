@@ -4106,6 +4106,8 @@ def supervise(spec, state, teardown, out):
         teardown.push(res.name, res.teardown)
     plan = ChildPlan(spec=spec, state_dir=state.dir, status_w=status_w, sync_r=sync_r,
                      parent_pid=os.getpid(), sigmask=old_mask, resources=resources)
+    import prctl  # noqa: F401 - for the child: cheaper here than after fork (copy-on-write faults)
+
     pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     unshare(CLONE_NEWPID)
     pid = os.fork()

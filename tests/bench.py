@@ -107,11 +107,15 @@ def main():
     for section in ("cgroups", "network", "staging", "security"):
         if a.only and a.only != section:
             continue
-        if os.path.exists(os.path.join(HERE, "bench_%s.py" % section)):
-            mod = __import__("bench_%s" % section)
-            if hasattr(mod, "bench"):
-                print()
-                mod.bench(jrun, a.runs)
+        path = os.path.join(HERE, "bench_%s.py" % section)
+        if not os.path.exists(path):
+            continue
+        print(flush=True)
+        mod = __import__("bench_%s" % section)
+        if hasattr(mod, "bench"):
+            mod.bench(jrun, a.runs)
+        else:  # a standalone section script with its own defaults
+            subprocess.run([sys.executable, path], check=False)
 
 
 if __name__ == "__main__":

@@ -173,6 +173,7 @@ def test_two_jobs_writes_are_invisible_to_each_other():
     finally:
         a.kill()
         a.wait()
+        jrun("gc")  # the state and cgroup that the SIGKILLed jrun left
 
 
 def test_leaked_fd_is_not_inherited():

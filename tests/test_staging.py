@@ -486,3 +486,4 @@ def test_jobs_uploads_are_private(tmp_path):
     finally:
         a.kill()
         a.wait()
+        jrun("gc")  # the state and cgroup that the SIGKILLed jrun left
