@@ -38,7 +38,11 @@ export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp PYTHONDONTWRITEBYTECODE=1
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 {cgroups}
-for d in /run /tmp /var/log; do mount -t tmpfs tmpfs $d; done
+mount -t tmpfs tmpfs /run
+# The checkout may live under /tmp (CI clones anywhere): keep it reachable
+# before /tmp gets the guest's own tmpfs.
+mkdir /run/checkout && mount --bind {worktree} /run/checkout
+for d in /tmp /var/log; do mount -t tmpfs tmpfs $d; done
 mkdir -p /dev/shm && mount -t tmpfs tmpfs /dev/shm
 # overlayfs is a module in this kernel; kmod may not be installed, and
 # finit_module(2) is all insmod would do.
@@ -48,7 +52,7 @@ sys.exit(ctypes.CDLL(None, use_errno=True).syscall(313, fd, b"", 0) != 0)' $m ||
 done
 mount -t ext2 -o ro /dev/ubda {rootfs}
 echo "UML-READY kernel $(uname -r) cgroups: $(grep -o 'cgroup2\? [^ ]*' /proc/mounts | tr '\n' ' ')cpus: $(nproc)"
-cd {worktree}
+cd /run/checkout
 t0=$(cut -d' ' -f1 /proc/uptime)
 {python} -m pytest -q -rA --color=no -p no:cacheprovider {tests} 2>&1
 rc=$?
