@@ -12,15 +12,18 @@ One privileged invocation, no daemon, no setuid helper.  The order of a run:
      its cgroup and its network plumbing, each registered for teardown;
   3. fork a child into a new PID namespace (it is PID 1 there); the child
      unshares mount, UTS, IPC and network namespaces and reports "ready";
-  4. parent: put the child in its cgroup, move its veth in, release it
-     through the sync pipe;
-  5. child: cgroup namespace, private mounts, a per-job root on a tmpfs
-     (an overlay, or the host's system dirs read-only), /work, a minimal
-     /dev, uploads copied and volumes bound (all still before pivot_root,
-     never following a symlink of the job's root out of it), pivot_root,
-     old root detached, /proc, hostname, new session, privileges dropped,
-     seccomp, exec COMMAND (a failure before exec is reported through a
-     close-on-exec error pipe);
+  4. parent: create the job's eth0 in the child's network namespace and
+     address it (the network is ready before COMMAND), put the child in its
+     cgroup (on cgroup v1 the child joins itself: see CgroupV1.join), and
+     release it through the sync pipe;
+  5. child: verify its cgroup and limits, cgroup namespace, private mounts,
+     a per-job root on a tmpfs (an overlay, or the host's system dirs
+     read-only), /work, a minimal /dev, uploads copied and volumes bound
+     (all still before pivot_root, never following a symlink of the job's
+     root out of it), pivot_root, old root detached, /proc (hardened),
+     read-only /sys and cgroup fs, hostname, new session, capabilities,
+     user, no_new_privs, seccomp last, exec COMMAND (a failure before exec
+     is reported through a close-on-exec error pipe);
   6. parent: forward signals, enforce --timeout, reap, tear down in reverse.
 
 Exit status: COMMAND's own; 128+N if killed by signal N; 137 OOM-killed;
