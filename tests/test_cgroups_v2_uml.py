@@ -53,6 +53,9 @@ done
 mount -t ext2 -o ro /dev/ubda {rootfs}
 echo "UML-READY kernel $(uname -r) cgroups: $(grep -o 'cgroup2\? [^ ]*' /proc/mounts | tr '\n' ' ')cpus: $(nproc)"
 cd /run/checkout
+# jrun verify on this cgroup layout (no network modules in the guest: --net none)
+{python} jrun.py verify --net none 2>&1
+echo "UML-VERIFY $?"
 t0=$(cut -d' ' -f1 /proc/uptime)
 {python} -m pytest -q -rA --color=no -p no:cacheprovider {tests} 2>&1
 rc=$?
@@ -124,6 +127,14 @@ def test_cgroup_battery_in_a_uml_guest(tmp_path, layout):
     sys.stderr.write("\nUML %s lane: boot+tests %.1fs (tests %ss in the guest); %s; %s\n"
                      % (layout, took, result.group(2), ready.group(0), summary[-1] if summary else "no summary"))
     failed = [name for kind, name in outcomes if kind in ("FAILED", "ERROR")]
+    verify = re.search(r"UML-VERIFY (\d+)", console)
+    sys.stderr.write("jrun verify in the %s guest:\n%s\n" % (layout, "\n".join(
+        line for line in console.splitlines() if line.startswith(("\u2705", "\u274c", "\u26a0")) or " checks: " in line)))
+    assert verify and verify.group(1) == "0", "jrun verify failed in the %s guest:\n%s" % (layout, console[-8000:])
+    assert re.search(r"^\d+ checks: \d+ passed, 0 failed", console, re.M), console[-8000:]
+    for check in ("Memory limit", "PIDs limit", "CPU limit", "cgroup membership", "I/O limit", "Seccomp"):
+        assert re.search("^\u2705 %s " % check, console, re.M), "verify's %s check did not pass in the %s guest" % (
+            check, layout)
     assert result.group(1) == "0" and not failed, "failed in the guest: %s\n%s" % (failed, console[-8000:])
     passed = [name for kind, name in outcomes if kind == "PASSED"]
     # The battery really ran: the limits' own tests passed on v2.
