@@ -1054,6 +1054,25 @@ def cgroup_parent(spec):
     return (spec.cgroup_parent or CGROUP_SUBTREE).strip("/")
 
 
+def jrun_subtrees():
+    """jrun's own shared parent, <hierarchy>/jrun, in each hierarchy."""
+    host = cgroup_host()
+    points = [CGROUP_ROOT] if host.version == 2 else sorted({p for p, _ in host.mounts.values()})
+    return [os.path.join(p, CGROUP_SUBTREE) for p in points]
+
+
+def remove_unused_subtrees(subtrees):
+    """The last job to leave jrun's shared parent removes it, so that nothing
+    of jrun stays on the host.  rmdir refuses (EBUSY) while any job's cgroup
+    is below it; a job starting meanwhile makes it again (Cgroup.setup)."""
+    for sub in subtrees:
+        try:
+            os.rmdir(sub)
+            audit("cgroup: %s removed (no job left in it)" % sub)
+        except OSError:
+            pass
+
+
 def parse_cpuset(opt, text):
     """'0-1,3' -> (0, 1, 3)."""
     cpus = set()
@@ -2152,10 +2171,8 @@ class Cgroup(Resource):
         if not record.get("id"):
             return None
         # The default place needs no record: <hierarchy>/jrun/<id>.
-        host = cgroup_host()
-        points = [CGROUP_ROOT] if host.version == 2 else sorted({p for p, _ in host.mounts.values()})
-        dirs = [d for d in (os.path.join(p, CGROUP_SUBTREE, record["id"]) for p in points) if os.path.isdir(d)]
-        return (CgroupV2 if host.version == 2 else CgroupV1)(None, dirs) if dirs else None
+        dirs = [d for d in (os.path.join(sub, record["id"]) for sub in jrun_subtrees()) if os.path.isdir(d)]
+        return (CgroupV2 if cgroup_host().version == 2 else CgroupV1)(None, dirs) if dirs else None
 
     # A job cgroup under jrun's own subtree whose job has no state directory
     # is an orphan for gc (see the contract of orphans() there), unless a
@@ -2168,10 +2185,8 @@ class Cgroup(Resource):
     @classmethod
     def orphans(cls, known_ids):
         host = cgroup_host()
-        points = [CGROUP_ROOT] if host.version == 2 else sorted({p for p, _ in host.mounts.values()})
         found = {}
-        for point in points:
-            sub = os.path.join(point, CGROUP_SUBTREE)
+        for sub in jrun_subtrees():
             try:
                 names = os.listdir(sub)
             except OSError:
@@ -2187,6 +2202,7 @@ class Cgroup(Resource):
             res = (CgroupV2 if host.version == 2 else CgroupV1)(None, dirs)
             res.name = "cgroup %s" % job_id
             yield res
+        remove_unused_subtrees(jrun_subtrees())  # e.g. left by a jrun killed with SIGKILL
 
     @classmethod
     def _in_use(cls, d, now):
@@ -2208,7 +2224,16 @@ class Cgroup(Resource):
             # place, jrun/<id>, gc finds from the job id alone: no write.
             state.save(cgroup={"version": self.version, "dirs": self.dirs})
         try:
-            self.create()
+            for attempt in range(10):
+                try:
+                    self.create()
+                    break
+                except FileNotFoundError:
+                    # The shared jrun/ parent vanished between our mkdir of
+                    # it and of the job's cgroup: its last job removed it.
+                    if attempt == 9 or self.spec.cgroup_parent:
+                        raise
+                    self.teardown()  # what this attempt made, then again
             self.write_limits(self.spec.limits)
         except OSError as e:
             self.teardown()
@@ -2308,6 +2333,8 @@ class Cgroup(Resource):
                     time.sleep(0.005)
             else:
                 log("warning", "cgroup teardown: %s is still busy; `jrun gc` will retry" % d)
+        shared = set(jrun_subtrees())
+        remove_unused_subtrees(sorted({os.path.dirname(d) for d in self.dirs} & shared))
 
 
 class CgroupV1(Cgroup):

@@ -20,6 +20,8 @@ def test_no_mount_left():
 def test_no_job_cgroup_left():
     left = [d for d in glob.glob("/sys/fs/cgroup/**/jrun/*", recursive=True) if os.path.isdir(d)]
     assert left == []
+    # jrun's shared parent goes with the last job that used it
+    assert glob.glob("/sys/fs/cgroup/jrun") + glob.glob("/sys/fs/cgroup/*/jrun") == []
 
 
 def test_no_job_veth_left():
