@@ -3284,9 +3284,9 @@ class Network(Resource):
         f.prune(keep=self.owner)
         self.address = f.allocate(self.owner)
         self.net_file = f
-        # Recorded before anything is made, so that gc finds all of it.
-        state.save(net_bridge=self.bridge, net_veth=self.veth, net_lease=self.owner,
-                   net_address=format_ip(self.address))
+        # Recorded before anything is made (for ps; gc derives the bridge,
+        # the veth and the lease's owner from the job's id and network).
+        state.save(net_address=format_ip(self.address))
         f.save()
         missing = _ifindex(self.bridge) is None
         if new or missing:
@@ -3437,10 +3437,14 @@ class Network(Resource):
 
     @classmethod
     def from_state(cls, record):
-        if not record.get("net_veth") or not record.get("net_lease"):
+        """Everything follows from the job's id and network, as in setup();
+        teardown skips what was never made."""
+        if record.get("net") in (None, "none") or not record.get("id"):
             return None
         self = cls(None)
-        self.bridge, self.veth, self.owner = record.get("net_bridge"), record["net_veth"], record["net_lease"]
+        self.net, self.bridge = record["net"], bridge_name(record["net"])
+        self.owner = os.path.join(STATE_DIR, record["id"])
+        self.veth = veth_name(self.owner)
         return self
 
     @classmethod
