@@ -103,6 +103,7 @@ MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
+UMOUNT_NOFOLLOW = 8
 
 # <linux/openat2.h>, <linux/mount.h>, <linux/fcntl.h>: path resolution that
 # cannot leave a directory, and per-mount attributes set recursively.
@@ -406,18 +407,189 @@ def openat2(dirfd, path, flags, resolve, mode=0):
                   "openat2 %s" % path)
 
 
-def mount_setattr(fd, attr_set, recursive=True, userns_fd=0):
+def mount_setattr(fd, attr_set, recursive=True, userns_fd=0, propagation=0):
     """mount_setattr(2) on the mount FD is open on: unlike MS_REMOUNT it sets
     only the given flags, and with AT_RECURSIVE on every submount too.
     USERNS_FD goes with MOUNT_ATTR_IDMAP."""
     import ctypes
 
-    attr = (ctypes.c_uint64 * 4)(attr_set, 0, 0, userns_fd)  # set, clr, propagation, userns_fd
+    attr = (ctypes.c_uint64 * 4)(attr_set, 0, propagation, userns_fd)  # set, clr, propagation, userns_fd
     nr = _SYSCALLS[os.uname().machine]["mount_setattr"]
     flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
     L = ctypes.c_long
     _check(_c().syscall(L(nr), L(fd), b"", L(flags), ctypes.byref(attr), L(ctypes.sizeof(attr))),
            "mount_setattr")
+
+
+def open_tree(path, flags):
+    import ctypes
+
+    L = ctypes.c_long
+    nr = _SYSCALLS[os.uname().machine]["open_tree"]
+    return _check(_c().syscall(L(nr), L(-100), _b(path), L(flags)), "open_tree %s" % path)
+
+
+def move_mount(from_fd, to_fd):
+    import ctypes
+
+    L = ctypes.c_long
+    flags = 0x04 | 0x40  # MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH
+    nr = _SYSCALLS[os.uname().machine]["move_mount"]
+    _check(_c().syscall(L(nr), L(from_fd), b"", L(to_fd), b"", L(flags)), "move_mount")
+
+
+def clone_tree(path):
+    """A detached copy of the mount tree at host PATH (submounts included),
+    as an fd: what bind_into later attaches.  PATH is resolved now, once."""
+    return open_tree(path, OPEN_TREE_CLONE | AT_RECURSIVE | os.O_CLOEXEC)
+
+# ---------------------------------------------------------------------------
+# Host files jrun writes as root (--json-status, the state directory, the
+# network's leases, the audit log).  The job may be hostile and root inside
+# (what it leaves in a -v volume is host root's), and so may local users
+# (anyone can plant a symlink in /tmp; fs.protected_symlinks may be off).
+# So a directory is opened once, as an fd, walking its path one component
+# at a time; files are made in it relative to that fd with O_EXCL|O_NOFOLLOW
+# and renamed onto their name (rename replaces a symlink, never follows it);
+# and jrun's own directories must be root's and closed to everyone else.
+# ---------------------------------------------------------------------------
+
+
+def invoker_uid():
+    """The uid of the user behind sudo (SUDO_UID), else of the caller."""
+    uid = os.environ.get("SUDO_UID", "")
+    return int(uid) if uid.isdigit() else os.getuid()
+
+
+def _others_may_write(st, trusted):
+    return st.st_uid not in trusted or bool(st.st_mode & 0o022)
+
+
+def open_host_dir(path, what):
+    """An O_PATH fd of the host directory PATH (absolute).  A symlink on the
+    way is followed only if root or the invoker owns it, or if no one else
+    may write the directory that holds it: else a local user (or a job, under
+    --userns) could have planted it, /tmp/d -> /etc, to make jrun write as
+    root where they choose.  This is the kernel's fs.protected_symlinks rule,
+    which many hosts leave off, applied by jrun itself (and stricter: a link
+    in a directory of another user is refused even if that user made both).
+    A missing or non-directory component is an OSError naming it."""
+    trusted = {0, invoker_uid()}
+    todo = [c for c in path.split("/") if c][::-1]
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    here, links = "/", 0
+    try:
+        while todo:
+            comp = todo.pop()
+            if comp == ".":
+                continue
+            try:
+                nfd = os.open(comp, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except NotADirectoryError:
+                # The link itself, opened: its owner and its target are read
+                # from the very inode that would be followed.
+                lfd = os.open(comp, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                try:
+                    st = os.fstat(lfd)
+                    import stat
+
+                    if not stat.S_ISLNK(st.st_mode):
+                        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", os.path.join(here, comp))
+                    links += 1
+                    if links > 40:
+                        raise OSError(errno.ELOOP, "Too many levels of symbolic links", os.path.join(here, comp))
+                    if st.st_uid not in trusted and _others_may_write(os.fstat(fd), trusted):
+                        raise UsageError("%s: %s is a symlink of uid %d in %s, which others may write: refusing "
+                                         "to follow it as root (name the real directory)"
+                                         % (what, os.path.join(here, comp), st.st_uid, here))
+                    target = os.readlink("", dir_fd=lfd)
+                finally:
+                    os.close(lfd)
+                todo += [c for c in target.split("/") if c][::-1]
+                if target.startswith("/"):
+                    os.close(fd)
+                    fd, here = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), "/"
+                continue
+            except FileNotFoundError:
+                raise FileNotFoundError(errno.ENOENT, "No such file or directory", os.path.join(here, comp)) \
+                    from None
+            os.close(fd)
+            fd, here = nfd, os.path.normpath(os.path.join(here, comp))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_private_dir(fd, path, what, why="jrun writes there as root"):
+    """jrun's own directories (state, networks, audit log, config) must be
+    root's and writable by no group or other: whoever may write there can
+    swap what jrun reads, or plant what it writes over."""
+    st = os.fstat(fd)
+    if st.st_uid != 0 or st.st_mode & 0o022:
+        raise SetupError("%s %s is %s: %s, so only root may write it (chown root: %s; chmod go-w %s)"
+                         % (what, path, "owned by uid %d" % st.st_uid if st.st_uid
+                            else "writable by group or others", why, path, path))
+
+
+def open_private_dir(path, what, mode=0o700, create=True):
+    """An fd (O_RDONLY: it can be flocked) of jrun's own directory PATH,
+    made with MODE if missing (and CREATE), checked by check_private_dir.
+    None if it is missing and not CREATE."""
+    parent, name = os.path.split(os.path.normpath(path))
+    try:
+        pfd = open_host_dir(parent, what)
+    except FileNotFoundError:
+        if not create:
+            return None
+        os.makedirs(parent, 0o755, exist_ok=True)
+        pfd = open_host_dir(parent, what)
+    try:
+        if create:
+            try:
+                os.mkdir(name, mode, dir_fd=pfd)
+            except FileExistsError:
+                pass
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        except FileNotFoundError:
+            if create:
+                raise
+            return None
+        except NotADirectoryError:
+            raise SetupError("%s %s is not a directory (or is a symlink): name the real directory" % (what, path)) \
+                from None
+    finally:
+        os.close(pfd)
+    try:
+        check_private_dir(fd, path, what)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def replace_file(dfd, name, data, mode=0o644):
+    """Write DATA as NAME in directory DFD: a new file, made O_EXCL|O_NOFOLLOW
+    under a temporary name, then renamed onto NAME, so a reader sees the old
+    file or the whole new one, and a symlink or hard link planted at NAME is
+    replaced, never written through."""
+    tmp = ".%s.%s.tmp" % (name, os.urandom(4).hex())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dfd)
+    try:
+        try:
+            os.fchmod(fd, mode)  # past the umask
+            while data:
+                data = data[os.write(fd, data):]
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=dfd)
+        except OSError:
+            pass
+        raise
 
 
 # ---------------------------------------------------------------------------
@@ -453,12 +625,14 @@ class _Frozen:
 
 
 class Upload(_Frozen):
-    # files and bytes are counted by survey_uploads() before any side effect.
-    __slots__ = ("src", "dest", "files", "bytes")
+    # files and bytes are counted by survey_uploads() before any side effect;
+    # fd is SRC opened by validate() (O_PATH), the only way SRC is used after.
+    __slots__ = ("src", "dest", "files", "bytes", "fd")
 
 
 class Volume(_Frozen):
-    __slots__ = ("src", "dest", "read_only")
+    # fd: SRC cloned by validate() (open_tree), the tree that is bound.
+    __slots__ = ("src", "dest", "read_only", "fd")
 
 
 class Limits(_Frozen):
@@ -471,6 +645,8 @@ class JobSpec(_Frozen):
         "limits", "uploads", "volumes", "workdir", "workdir_size", "env", "rootfs", "read_only",
         "net", "user", "cap_add", "cap_drop", "seccomp", "userns", "stats",
         "json_status", "cgroup_parent", "log_level", "log_format",
+        # Opened by validate(): fds of the host paths above, used instead of them.
+        "rootfs_fd", "json_status_dir",
     )
 
 
@@ -911,10 +1087,18 @@ def load_config(path, explicit=False):
     import tomllib
 
     try:
-        with open(path, "rb") as f:
+        # A config file can redirect the audit log and the state directory
+        # of a root process: only root may have written it, and only root
+        # may write its directory (or the file could be swapped for another).
+        d = os.path.dirname(os.path.abspath(path))
+        dfd = open_host_dir(d, path)
+        try:
+            check_private_dir(dfd, d, "%s: its directory" % path, "a user who may write it could swap the file")
+            fd = os.open("/proc/self/fd/%d/%s" % (dfd, os.path.basename(path)), os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            os.close(dfd)
+        with open(fd, "rb") as f:
             st = os.fstat(f.fileno())
-            # A config file can redirect the audit log and the state
-            # directory of a root process: only root may have written it.
             if st.st_uid != 0 or st.st_mode & 0o022:
                 raise UsageError("%s: refusing a config file that is not owned by root or is writable by "
                                  "group or others (chown root; chmod go-w)" % path)
@@ -1223,28 +1407,71 @@ def validate_limits(spec):
     if lim.io_bps is not None and not block_devices(io_paths(spec)):
         raise UsageError("--io-bps: the job's files (%s) are on no block device: nothing to throttle"
                          % ", ".join(io_paths(spec)))
-    if spec.json_status:
-        d = os.path.dirname(os.path.abspath(spec.json_status))
-        if os.path.isdir(spec.json_status) or not os.access(d, os.W_OK):
-            raise UsageError("--json-status: cannot write %r (a writable file path is needed)" % spec.json_status)
+
+
+def open_status_dir(path):
+    """--json-status FILE: its directory, opened now, before the job runs
+    (the record is written into this fd at the end, see report_outcome), so
+    that nothing the job or anyone else does meanwhile can redirect it."""
+    import stat
+
+    d, name = os.path.split(os.path.abspath(path))
+    try:
+        dfd = open_host_dir(d, "--json-status")
+    except OSError as e:
+        raise UsageError("--json-status: %s: %s (a writable file path is needed)"
+                         % (e.filename or d, e.strerror)) from None
+    try:
+        if not os.access(".", os.W_OK, dir_fd=dfd):
+            raise UsageError("--json-status: %s is not writable (a writable file path is needed)" % d)
+        try:
+            old = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return dfd
+        if stat.S_ISDIR(old.st_mode):
+            raise UsageError("--json-status: %r is a directory (a file path is needed)" % path)
+        # In a directory others may write (/tmp), another user's file at
+        # NAME was put there for jrun to find: root passes the sticky bit, so
+        # the rename would replace it, but it is not the caller's to replace.
+        trusted = {0, invoker_uid()}
+        if old.st_uid not in trusted and _others_may_write(os.fstat(dfd), trusted):
+            raise UsageError("--json-status: %s belongs to uid %d, in %s, which others may write: refusing to "
+                             "replace another user's file or link (remove it, or write into a directory of "
+                             "your own)"
+                             % (path, old.st_uid, d))
+    except BaseException:
+        os.close(dfd)
+        raise
+    return dfd
+
+
+def check_state_dir():
+    """The state directory must be root's and closed to others (see
+    check_private_dir): checked before the first side effect, if it exists."""
+    fd = open_private_dir(STATE_DIR, "state-dir", create=False)
+    if fd is not None:
+        os.close(fd)
 
 
 def validate(spec):
+    """Every check against this host; returns the spec with the host paths
+    it names opened (see open_staging_sources, open_status_dir)."""
     if os.geteuid() != 0:
         raise UsageError("must run as root (try: sudo jrun ...)")
     validate_limits(spec)
     if spec.userns and spec.user and any(p and p.isdigit() and int(p) >= USERNS_SIZE for p in spec.user):
         raise UsageError("-u/--user: %s is not mapped under --userns (0 to %d are)"
                          % (":".join(p for p in spec.user if p), USERNS_SIZE - 1))
-    root = rootfs_path(spec)
-    if not os.path.isfile(os.path.join(root, "bin/busybox")) and spec.rootfs == "minimal":
-        raise SetupError("the minimal rootfs is not built at %s (run: sudo jrun rootfs build)" % root)
     if spec.init and not os.path.isfile(TINI):
         raise SetupError("--init needs %s (apt-get install tini)" % TINI)
     if os.uname().machine not in _SYSCALLS:
         raise SetupError("unsupported architecture %s (x86_64 and aarch64 are)" % os.uname().machine)
     check_staging_paths(spec)
-    check_staging_sources(spec)
+    check_state_dir()
+    spec = open_staging_sources(spec)
+    if spec.json_status:
+        spec = spec.replace(json_status_dir=open_status_dir(spec.json_status))
+    return spec
 
 
 def _under(path, top):
@@ -1268,30 +1495,75 @@ def check_staging_paths(spec):
                                  % (up.src, up.dest, v.dest, v.src, v.src))
 
 
-def check_staging_sources(spec):
-    """The host side of uploads, volumes and --rootfs PATH (stat only)."""
+def open_staging_sources(spec):
+    """The host side of uploads, volumes and the rootfs's lower layer, each
+    resolved once, now, following the symlinks the invoker named as they are
+    at this moment, and kept as an fd: no later step uses the path again, so
+    a symlink swapped in meanwhile (by a job through a shared volume, or by
+    anyone) cannot redirect a copy or a bind.  Volumes and the rootfs are
+    cloned here as detached mount trees, for the child to move into place:
+    open_tree(2) clones only a mount of the caller's own mount namespace,
+    and the child's is a new one (the fd of a host path is EINVAL there).
+    Returns the spec with the fds in it."""
     import stat
 
+    uploads = []
     for up in spec.uploads:
         try:
-            st = os.stat(up.src)
+            fd = os.open(up.src, os.O_PATH | os.O_CLOEXEC)
         except OSError as e:
             raise UsageError("--upload: %s: %s" % (up.src, e.strerror)) from None
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        uploads.append(up.replace(fd=fd))
+        if not stat.S_ISREG(os.fstat(fd).st_mode) and not stat.S_ISDIR(os.fstat(fd).st_mode):
             raise UsageError("--upload: %s is not a regular file or a directory" % up.src)
+    volumes = []
     for v in spec.volumes:
         try:
-            st = os.stat(v.src)
+            fd = clone_tree(v.src)
         except OSError as e:
-            raise UsageError("-v/--volume: %s: %s (SRC must exist on the host)" % (v.src, e.strerror)) from None
-        if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            raise UsageError("-v/--volume: %s: %s (SRC must exist on the host)" % (v.src, os.strerror(e.errno))) \
+                from None
+        volumes.append(v.replace(fd=fd))
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
             raise UsageError("-v/--volume: %s is a device node; volumes are mounted nodev" % v.src)
-    if spec.rootfs not in ("minimal", "host"):
-        if not os.path.isdir(spec.rootfs):
-            raise UsageError("--rootfs: %r is not a directory (use minimal, host or a directory)" % spec.rootfs)
-        if os.path.realpath(spec.rootfs) == "/":
-            raise UsageError("--rootfs: '/' is the host itself (use --rootfs host for its system "
-                             "directories, read-only)")
+    return spec.replace(uploads=tuple(uploads), volumes=tuple(volumes), rootfs_fd=open_rootfs(spec))
+
+
+def open_rootfs(spec):
+    """The lower layer of the job's root (--rootfs minimal or PATH), cloned
+    as a detached tree; None for --rootfs host."""
+    if spec.rootfs == "host":
+        return None
+    import stat
+
+    root = rootfs_path(spec)
+    try:
+        fd = clone_tree(root)
+    except OSError as e:
+        if spec.rootfs == "minimal":
+            raise SetupError("the minimal rootfs is not built at %s (run: sudo jrun rootfs build)" % root) from None
+        raise UsageError("--rootfs: %r is not a directory (%s; use minimal, host or a directory)"
+                         % (spec.rootfs, os.strerror(e.errno))) from None
+    st = os.fstat(fd)
+    if spec.rootfs == "minimal":
+        try:
+            os.stat("bin/busybox", dir_fd=fd)
+        except OSError:
+            raise SetupError("the minimal rootfs is not built at %s (run: sudo jrun rootfs build)" % root) from None
+    elif not stat.S_ISDIR(st.st_mode):
+        raise UsageError("--rootfs: %r is not a directory (use minimal, host or a directory)" % spec.rootfs)
+    elif os.path.samestat(st, os.stat("/")):
+        raise UsageError("--rootfs: '/' is the host itself (use --rootfs host for its system "
+                         "directories, read-only)")
+    return fd
+
+
+def close_staging_sources(spec):
+    """The parent's copies, once the child (which has its own) is forked."""
+    for fd in [u.fd for u in spec.uploads] + [v.fd for v in spec.volumes] + [spec.rootfs_fd]:
+        if fd is not None:
+            os.close(fd)
 
 
 def workdir_bytes(spec):
@@ -1312,24 +1584,34 @@ def survey_uploads(spec):
     in_work = in_memory = 0
     for up in spec.uploads:
         files = size = pages = 0
-        todo = [up.src]
+        todo = []
         try:
-            st = os.stat(up.src)
+            # Walked by fd from SRC's own (open_staging_sources), never
+            # following a symlink below it: what is counted is what is copied.
+            st = os.fstat(up.fd)
             if stat.S_ISREG(st.st_mode):
-                files, size, pages, todo = 1, st.st_size, -(-st.st_size // 4096), []
+                files, size, pages = 1, st.st_size, -(-st.st_size // 4096)
+            else:
+                todo.append(os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=up.fd))
             while todo:
-                with os.scandir(todo.pop()) as it:
-                    for e in it:
+                dfd = todo.pop()
+                try:
+                    for e in os.scandir(dfd):
                         if e.is_dir(follow_symlinks=False):
-                            todo.append(e.path)
+                            todo.append(os.open(e.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                                dir_fd=dfd))
                             continue
                         files += 1
                         if e.is_file(follow_symlinks=False):
                             n = e.stat(follow_symlinks=False).st_size
                             size += n
                             pages += -(-n // 4096)
+                finally:
+                    os.close(dfd)
         except OSError as e:
-            raise UsageError("--upload: %s: %s" % (e.filename or up.src, e.strerror)) from None
+            for dfd in todo:
+                os.close(dfd)
+            raise UsageError("--upload: %s: %s" % (up.src, e.strerror)) from None
         counted.append(up.replace(files=files, bytes=size))
         in_memory += pages * 4096
         if _under(up.dest, DEFAULT_WORKDIR):
@@ -1416,23 +1698,6 @@ def _safe_file(root, rel, mode=0o644, content=None):
     return path
 
 
-def open_tree(path, flags):
-    import ctypes
-
-    L = ctypes.c_long
-    nr = _SYSCALLS[os.uname().machine]["open_tree"]
-    return _check(_c().syscall(L(nr), L(-100), _b(path), L(flags)), "open_tree %s" % path)
-
-
-def move_mount(from_fd, to_fd):
-    import ctypes
-
-    L = ctypes.c_long
-    flags = 0x04 | 0x40  # MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH
-    nr = _SYSCALLS[os.uname().machine]["move_mount"]
-    _check(_c().syscall(L(nr), L(from_fd), b"", L(to_fd), b"", L(flags)), "move_mount")
-
-
 def bind_into(src, target_fd, attrs, userns_fd=0):
     """Bind host path SRC, with its submounts, onto the mount point open as
     TARGET_FD.  The copy of the tree is made read-only/nosuid/nodev while it
@@ -1440,13 +1705,17 @@ def bind_into(src, target_fd, attrs, userns_fd=0):
     there is no moment at which the job's path is a writable view, and a
     submount of SRC is as read-only as SRC itself (a MS_REMOUNT of the top
     mount would leave submounts writable).  With MOUNT_ATTR_IDMAP, the
-    owners of the files are shifted through the user namespace USERNS_FD."""
-    tree = open_tree(src, OPEN_TREE_CLONE | AT_RECURSIVE | os.O_CLOEXEC)
+    owners of the files are shifted through the user namespace USERNS_FD.
+    SRC is a host path, or a tree that clone_tree made earlier (see
+    open_staging_sources); either way the copy is private: no mount event
+    propagates between it and the host's tree it was cloned from."""
+    tree = clone_tree(src) if isinstance(src, str) else src
     try:
-        mount_setattr(tree, attrs, recursive=True, userns_fd=userns_fd)
+        mount_setattr(tree, attrs, recursive=True, userns_fd=userns_fd, propagation=MS_PRIVATE)
         move_mount(tree, target_fd)
     finally:
-        os.close(tree)
+        if tree is not src:
+            os.close(tree)
 
 
 def open_dir_in_root(rootfd, path, owner=None):
@@ -1564,8 +1833,9 @@ class Uploader:
         pfd = open_dir_in_root(rootfd, parent, self.owner)
         self.links = {}  # hard links are kept within one upload
         try:
-            # SRC itself is followed if it is a symlink: the caller named it.
-            sfd = os.open(up.src, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            # SRC as validate() found it (a symlink the caller named was
+            # followed then): its O_PATH fd reopened for reading.
+            sfd = os.open("/proc/self/fd/%d" % up.fd, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             try:
                 self._copy_open(sfd, os.fstat(sfd), pfd, name, (pfd, name))
             finally:
@@ -1707,7 +1977,9 @@ def _volume_target(rootfd, v):
     pfd = open_dir_in_root(rootfd, os.path.dirname(v.dest))
     name = os.path.basename(v.dest)
     try:
-        if os.path.isdir(v.src):
+        import stat
+
+        if stat.S_ISDIR(os.fstat(v.fd).st_mode):
             if not _clear_entry(pfd, name, True):
                 os.mkdir(name, 0o755, dir_fd=pfd)
             return os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
@@ -1725,7 +1997,7 @@ def _volume_target(rootfd, v):
 def mount_volume(v, target_fd):
     attrs = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | (MOUNT_ATTR_RDONLY if v.read_only else 0)
     try:
-        bind_into(v.src, target_fd, attrs)
+        bind_into(v.fd, target_fd, attrs)
     except OSError as e:
         raise SetupError("-v/--volume %s:%s: %s" % (v.src, v.dest, e.strerror)) from None
     audit("volume %s bound at %s (%s, nosuid, nodev, submounts included)"
@@ -1980,32 +2252,37 @@ class JobState:
     def __init__(self, job_id):
         self.id = job_id
         self.dir = os.path.join(STATE_DIR, job_id)
+        self.fd = None  # the directory, once created: every write is relative to it
         self.lock_fd = None
         self.record = {}
 
     def create(self):
-        os.makedirs(STATE_DIR, mode=0o700, exist_ok=True)
-        for _ in range(3):
-            try:
-                os.mkdir(self.dir, 0o700)
-                break
-            except FileExistsError:
-                other = JobState(self.id)
-                if other.is_live():
-                    raise UsageError("--name %s: a job with this name is already running" % self.id) from None
-                # A dead job's leftovers: clean, then take the name (if a
-                # concurrent `jrun gc` is at it, give it a moment).
-                if not gc_job(self.id):
-                    time.sleep(0.2)
-        else:
-            raise SetupError("cannot create %s" % self.dir)
+        top = open_private_dir(STATE_DIR, "state-dir")
+        try:
+            for _ in range(3):
+                try:
+                    os.mkdir(self.id, 0o700, dir_fd=top)
+                    break
+                except FileExistsError:
+                    other = JobState(self.id)
+                    if other.is_live():
+                        raise UsageError("--name %s: a job with this name is already running" % self.id) from None
+                    # A dead job's leftovers: clean, then take the name (if a
+                    # concurrent `jrun gc` is at it, give it a moment).
+                    if not gc_job(self.id):
+                        time.sleep(0.2)
+            else:
+                raise SetupError("cannot create %s" % self.dir)
+            self.fd = os.open(self.id, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=top)
+        finally:
+            os.close(top)
         # The lock file appears already locked (made under another name,
         # locked, renamed): a `jrun gc` that finds "lock" and can take it
         # knows the job is gone, never that it has not locked it yet.
-        tmp = os.path.join(self.dir, "lock.new")
-        self.lock_fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.lock_fd = os.open("lock.new", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                               dir_fd=self.fd)
         fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.rename(tmp, os.path.join(self.dir, "lock"))
+        os.rename("lock.new", "lock", src_dir_fd=self.fd, dst_dir_fd=self.fd)
         audit("state: %s created and locked" % self.dir)
 
     def is_live(self):
@@ -2028,10 +2305,7 @@ class JobState:
     def save(self, **fields):
         """Record what was created, so that gc can undo it after a crash."""
         self.record.update(fields)
-        tmp = os.path.join(self.dir, "job.json.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(dumps_json(self.record) + "\n")
-        os.rename(tmp, os.path.join(self.dir, "job.json"))
+        replace_file(self.fd, "job.json", (dumps_json(self.record) + "\n").encode())
 
     def load(self):
         import json
@@ -2044,12 +2318,20 @@ class JobState:
         return self.record
 
     def remove(self):
-        for name in ("job.json", "job.json.tmp", "root", "lock.new", "lock"):
-            p = os.path.join(self.dir, name)
-            try:
-                os.rmdir(p) if name == "root" else os.unlink(p)
-            except FileNotFoundError:
-                pass
+        """Everything in the directory (job.json, the lock, a temporary file
+        a crash left, the empty mount point root), then the directory."""
+        fd = self.fd
+        if fd is None:
+            fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            for name in os.listdir(fd):
+                try:
+                    os.rmdir(name, dir_fd=fd) if name == "root" else os.unlink(name, dir_fd=fd)
+                except FileNotFoundError:
+                    pass
+        finally:
+            os.close(fd)
+            self.fd = None
         os.rmdir(self.dir)
         if self.lock_fd is not None:
             os.close(self.lock_fd)
@@ -2165,14 +2447,11 @@ class Cgroup(Resource):
 
     @classmethod
     def from_state(cls, record):
+        """Only the directories the job recorded as made by it (setup)."""
         cg = record.get("cgroup")
-        if cg:
-            return (CgroupV2 if cg.get("version") == 2 else CgroupV1)(None, cg.get("dirs", ()))
-        if not record.get("id"):
-            return None
-        # The default place needs no record: <hierarchy>/jrun/<id>.
-        dirs = [d for d in (os.path.join(sub, record["id"]) for sub in jrun_subtrees()) if os.path.isdir(d)]
-        return (CgroupV2 if cgroup_host().version == 2 else CgroupV1)(None, dirs) if dirs else None
+        if cg and cg.get("dirs"):
+            return (CgroupV2 if cg.get("version") == 2 else CgroupV1)(None, cg["dirs"])
+        return None
 
     # A job cgroup under jrun's own subtree whose job has no state directory
     # is an orphan for gc (see the contract of orphans() there), unless a
@@ -2217,16 +2496,20 @@ class Cgroup(Resource):
         return bool(_read(os.path.join(d, "cgroup.procs"), "x").strip())
 
     def setup(self, state):
+        """Make the job's cgroup in each hierarchy.  jrun only ever kills or
+        removes a cgroup it made itself: self.dirs holds exactly those, and
+        an existing one (another service's, another job's, a crashed jrun's
+        orphan) is a refusal that touches nothing of it.  The record in
+        job.json follows the mkdirs (gc removes only what it lists): a crash
+        in between leaves an empty cgroup that gc's orphans() removes from
+        jrun's own subtree, and that stays, empty, under a --cgroup-parent,
+        its owner's tree, where jrun cannot prove it made it."""
         self.plan()
-        if self.spec.cgroup_parent:
-            # Recorded before the first mkdir, so that gc finds whatever a
-            # crash leaves (teardown skips what was never made).  The default
-            # place, jrun/<id>, gc finds from the job id alone: no write.
-            state.save(cgroup={"version": self.version, "dirs": self.dirs})
+        planned, self.dirs = self.dirs, []
         try:
             for attempt in range(10):
                 try:
-                    self.create()
+                    self.create(planned)
                     break
                 except FileNotFoundError:
                     # The shared jrun/ parent vanished between our mkdir of
@@ -2234,10 +2517,18 @@ class Cgroup(Resource):
                     if attempt == 9 or self.spec.cgroup_parent:
                         raise
                     self.teardown()  # what this attempt made, then again
+                    self.dirs = []
+            state.save(cgroup={"version": self.version, "dirs": self.dirs})
             self.write_limits(self.spec.limits)
+        except FileExistsError as e:
+            self.teardown()
+            raise SetupError("cgroup %s already exists, and jrun did not make it: it is left alone (another "
+                             "service's or job's?  Choose another --name%s)"
+                             % (e.filename, "" if self.spec.cgroup_parent else
+                                "; a dead jrun's leftover goes with `jrun gc`")) from None
         except OSError as e:
             self.teardown()
-            raise SetupError("cgroup %s: %s" % (getattr(e, "filename", None) or self.dirs[0], e.strerror)) from None
+            raise SetupError("cgroup %s: %s" % (getattr(e, "filename", None) or planned[0], e.strerror)) from None
         audit("cgroup v%d: %s created with %s" % (self.version, ", ".join(self.dirs),
                                                   "; ".join("%s=%s" % (os.path.basename(f), v.strip())
                                                             for f, v in self.checks) or "no limits"))
@@ -2368,8 +2659,9 @@ class CgroupV1(Cgroup):
         mounts = cgroup_host().mounts
         return next(mounts[c][0] for c in ctrls.split(",") if c in mounts)
 
-    def create(self):
-        for ctrls, d in self.where.items():
+    def create(self, planned):
+        for d in planned:
+            ctrls = next(c for c, w in self.where.items() if w == d)
             p = os.path.dirname(d)
             try:
                 os.mkdir(p, 0o755)  # the shared jrun subtree; --cgroup-parent exists already
@@ -2384,6 +2676,7 @@ class CgroupV1(Cgroup):
                     if not _read(os.path.join(p, f), "").strip():
                         _write(os.path.join(p, f), _read(os.path.join(os.path.dirname(p), f)).strip())
             os.mkdir(d, 0o755)
+            self.dirs.append(d)
 
     def _dir(self, ctrl):
         for ctrls, d in self.where.items():
@@ -2480,8 +2773,8 @@ class CgroupV2(Cgroup):
     def mountpoint(self, ctrls):
         return CGROUP_ROOT
 
-    def create(self):
-        d = self.dirs[0]
+    def create(self, planned):
+        d = planned[0]
         parent = os.path.dirname(d)
         if not self.spec.cgroup_parent:
             self._enable(CGROUP_ROOT)
@@ -2491,6 +2784,7 @@ class CgroupV2(Cgroup):
                 pass
         self._enable(parent)
         os.mkdir(d, 0o755)
+        self.dirs.append(d)
 
     def _enable(self, cg):
         on = set((_read(os.path.join(cg, "cgroup.subtree_control")) or "").split())
@@ -2555,6 +2849,8 @@ class CgroupV2(Cgroup):
                         out.io_write_bytes += int(v)
 
     def kill_all(self):
+        if not self.dirs:
+            return
         d = self.dirs[0]
         if os.path.exists(os.path.join(d, "cgroup.kill")):  # kernel 5.14+
             _write(os.path.join(d, "cgroup.kill"), "1")
@@ -2984,20 +3280,22 @@ class _NetLock:
     table change.  The directory is removed, under the lock, when no network
     is left; whoever locked it meanwhile notices and retries."""
 
+    held = None  # the fd of NET_DIR while this process holds the lock: NetFile writes into it
+
     def __enter__(self):
         while True:
-            os.makedirs(NET_DIR, mode=0o700, exist_ok=True)
-            fd = os.open(NET_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = open_private_dir(NET_DIR, "network state")
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
                 if os.stat(NET_DIR).st_ino == os.fstat(fd).st_ino:
-                    self.fd = fd
+                    self.fd = _NetLock.held = fd
                     return self
             except FileNotFoundError:
                 pass
             os.close(fd)
 
     def __exit__(self, *exc):
+        _NetLock.held = None
         try:
             os.rmdir(NET_DIR)
         except OSError:
@@ -3049,14 +3347,11 @@ class NetFile:
         if self.next is not None:
             lines.append("next %s" % format_ip(self.next))
         lines += ["lease %s %s" % (format_ip(ip), job) for ip, job in sorted(self.leases.items())]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-        os.rename(tmp, self.path)
+        replace_file(_NetLock.held, self.bridge, ("\n".join(lines) + "\n").encode())
 
     def remove(self):
         try:
-            os.unlink(self.path)
+            os.unlink(self.bridge, dir_fd=_NetLock.held)
         except FileNotFoundError:
             pass
 
@@ -3653,15 +3948,14 @@ def build_root(spec, state_dir, userns=None, resources=()):
         for d in ("lower", "upper", "work"):
             os.mkdir(os.path.join(base, d), 0o755)
         lower = rootfs_path(spec)
+        # The tree validate() cloned (open_staging_sources), not the path.
+        fd = os.open(os.path.join(base, "lower"), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            bind_into(spec.rootfs_fd, fd, MOUNT_ATTR_IDMAP if userns else 0, userns.fd if userns else 0)
+        finally:
+            os.close(fd)
         if userns:
-            fd = os.open(os.path.join(base, "lower"), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                bind_into(lower, fd, MOUNT_ATTR_IDMAP, userns.fd)
-            finally:
-                os.close(fd)
             chown_to_job(os.path.join(base, "upper"), userns.base)
-        else:
-            mount(lower, os.path.join(base, "lower"), None, MS_BIND | MS_REC)
         # Relative layer paths, so that the job's /proc/self/mountinfo names no
         # host path (overlayfs shows its options as they were given).
         os.chdir(base)
@@ -4022,14 +4316,21 @@ def append_audit_log(record, path=None):
     if not path:
         return
     line = (dumps_json(record) + "\n").encode("utf-8", "replace")
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+    # Only in a directory of root's that no one else may write, by name in
+    # its fd, never through a symlink (or into a FIFO or device: O_NONBLOCK,
+    # and a regular file is required).
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
+        dfd = open_private_dir(os.path.dirname(path), "audit log directory", 0o750)
         try:
-            fd = os.open(path, flags, 0o640)
-        except FileNotFoundError:
-            os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
-            fd = os.open(path, flags, 0o640)
+            fd = os.open(os.path.basename(path), flags, 0o640, dir_fd=dfd)
+        finally:
+            os.close(dfd)
         try:
+            import stat
+
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
             fcntl.flock(fd, fcntl.LOCK_EX)
             while line:
                 line = line[os.write(fd, line):]
@@ -4037,6 +4338,8 @@ def append_audit_log(record, path=None):
             os.close(fd)
     except OSError as e:
         log("warning", "audit log %s: %s" % (path, e.strerror))
+    except JrunError as e:
+        log("warning", "audit log %s: %s" % (path, e))
 
 
 class Outcome:
@@ -4078,7 +4381,7 @@ class Outcome:
 
 
 def run_job(spec):
-    validate(spec)
+    spec = validate(spec)
     for cls in RESOURCE_CLASSES:
         cls.check(spec)
     spec = survey_uploads(spec)
@@ -4089,7 +4392,7 @@ def run_job(spec):
     out = Outcome()
     started = None
     try:
-        os.mkdir(os.path.join(state.dir, "root"), 0o700)
+        os.mkdir("root", 0o700, dir_fd=state.fd)
         state.save(id=spec.id, command=list(spec.command), hostname=spec.hostname,
                    started=time.time(), net=spec.net, limits=limits_record(spec),
                    user=invoking_user()[1], jrun_pid=os.getpid())
@@ -4121,10 +4424,12 @@ def report_outcome(spec, out):
         else:
             line = "jrun: " + line
         os.write(2, (line + "\n").encode())
-    if spec.json_status:
+    if spec.json_status_dir is not None:
+        # Into the directory opened at validation, by create-and-rename: a
+        # symlink the job left at FILE (in a volume) is replaced, not followed.
         try:
-            with open(spec.json_status, "w", encoding="utf-8") as f:
-                f.write(dumps_json(out.status_record(spec)) + "\n")
+            replace_file(spec.json_status_dir, os.path.basename(os.path.abspath(spec.json_status)),
+                         (dumps_json(out.status_record(spec)) + "\n").encode())
         except OSError as e:
             log("error", "--json-status: cannot write %s: %s" % (spec.json_status, e.strerror))
 
@@ -4153,6 +4458,7 @@ def supervise(spec, state, teardown, out):
     # namespace: only the job is born into the new one.
     setns(pidns, CLONE_NEWPID)
     os.close(pidns)
+    close_staging_sources(spec)
     os.close(status_w)
     os.close(sync_r)
     state.save(pid=pid)
@@ -4303,6 +4609,9 @@ def job_ids():
         return []
     except PermissionError:
         raise UsageError("cannot read %s: permission denied (run as root: sudo jrun ...)" % STATE_DIR) from None
+    # ps, kill and gc act, as root, on what they find there (kill signals
+    # the PID a job.json names): only from a directory only root can write.
+    check_state_dir()
     # No job name starts with a dot: /run/jrun/.net belongs to the networks.
     return sorted(n for n in names if not n.startswith(".") and os.path.isdir(os.path.join(STATE_DIR, n)))
 
@@ -4505,7 +4814,7 @@ def gc_job(job_id):
         # it; a mount here would only come from a crash mid-setup of an old
         # jrun.
         try:
-            umount2(root, MNT_DETACH)
+            umount2(root, MNT_DETACH | UMOUNT_NOFOLLOW)
         except OSError:
             pass
         try:

@@ -322,6 +322,76 @@ def test_cgroup_parent_places_the_job_under_it():
             os.rmdir(r)
 
 
+def _move(pid, d):
+    with open(os.path.join(d, "cgroup.procs"), "w") as f:
+        f.write(str(pid))
+
+
+def _mkcg(d):
+    """mkdir a cgroup; a v1 cpuset gets its parent's CPUs and memory nodes
+    (no task may join one without)."""
+    os.mkdir(d)
+    for f in ("cpuset.cpus", "cpuset.mems"):
+        mine = os.path.join(d, f)
+        if os.path.exists(mine) and not open(mine).read().strip():
+            with open(os.path.join(os.path.dirname(d), f)) as src, open(mine, "w") as dst:
+                dst.write(src.read().strip())
+
+
+def _rmdir_when_empty(d):
+    for _ in range(200):
+        try:
+            os.rmdir(d)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.01)
+
+
+@pytest.mark.parametrize("where", ["cgroup-parent", "default", "one-hierarchy"])
+def test_an_existing_cgroup_is_refused_and_left_alone(where):
+    """P/X made by someone else, with a process of theirs in it: jrun --name X
+    refuses (125), and P/X and its process are untouched.  'default' is
+    jrun's own subtree (jrun/X: an orphan, or a job of a jrun with another
+    state-dir); 'one-hierarchy' has P in every v1 hierarchy but X in one:
+    what jrun made in the others goes, the existing one stays."""
+    if where == "one-hierarchy" and V2:
+        pytest.skip("cgroup v2 has one hierarchy")
+    n = name("exists")
+    parent = "jrun-test-owner-%s" % uuid.uuid4().hex[:6]
+    points = ["/sys/fs/cgroup"] if V2 else sorted({point for point, _ in HOST.mounts.values()})
+    top = [os.path.join(pt, "jrun" if where == "default" else parent) for pt in points]
+    mem = os.path.join(HOST.mounts["memory"][0], parent if where != "default" else "jrun") if not V2 else top[0]
+    made = [t for t in top if not os.path.isdir(t)]
+    for t in made:
+        _mkcg(t)
+    existing = [os.path.join(t, n) for t in top] if where != "one-hierarchy" else [os.path.join(mem, n)]
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        for d in existing:
+            _mkcg(d)
+            _move(sleeper.pid, d)
+        opts = () if where == "default" else ("--cgroup-parent", "/" + parent)
+        p = sh("true", "--name", n, "--memory", "64M", *opts)
+        assert p.returncode == 125 and "already exists" in p.stderr and existing[0] in p.stderr or any(
+            d in p.stderr for d in existing), p.stderr
+        assert sleeper.poll() is None, "jrun killed a process of a cgroup it did not make"
+        for d in existing:
+            with open(os.path.join(d, "cgroup.procs")) as f:
+                assert str(sleeper.pid) in f.read().split(), d
+        made_by_jrun = [os.path.join(t, n) for t in top if os.path.join(t, n) not in existing]
+        assert [d for d in made_by_jrun if os.path.exists(d)] == [], "what jrun made should be gone"
+        assert n not in state_dirs()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for d in existing:
+            _rmdir_when_empty(d)
+        for t in made:
+            _rmdir_when_empty(t)
+
+
 @pytest.mark.skipif(not V2, reason="the no-internal-process rule is cgroup v2's")
 def test_cgroup_parent_with_processes_of_its_own_is_refused():
     parent = "/sys/fs/cgroup/jrun-test-busy-%s" % uuid.uuid4().hex[:6]
