@@ -108,6 +108,8 @@ UMOUNT_NOFOLLOW = 8
 # <linux/openat2.h>, <linux/mount.h>, <linux/fcntl.h>: path resolution that
 # cannot leave a directory, and per-mount attributes set recursively.
 RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
 RESOLVE_IN_ROOT = 0x10
 MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
@@ -1094,7 +1096,7 @@ def load_config(path, explicit=False):
         dfd = open_host_dir(d, path)
         try:
             check_private_dir(dfd, d, "%s: its directory" % path, "a user who may write it could swap the file")
-            fd = os.open("/proc/self/fd/%d/%s" % (dfd, os.path.basename(path)), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(os.path.basename(path), os.O_RDONLY | os.O_CLOEXEC, dir_fd=dfd)
         finally:
             os.close(dfd)
         with open(fd, "rb") as f:
@@ -1584,22 +1586,20 @@ def survey_uploads(spec):
     in_work = in_memory = 0
     for up in spec.uploads:
         files = size = pages = 0
-        todo = []
         try:
-            # Walked by fd from SRC's own (open_staging_sources), never
-            # following a symlink below it: what is counted is what is copied.
+            # Walked from SRC's own fd (open_staging_sources), never through
+            # a symlink below it: what is counted is what is copied.
             st = os.fstat(up.fd)
-            if stat.S_ISREG(st.st_mode):
+            todo = [] if stat.S_ISREG(st.st_mode) else ["."]
+            if not todo:
                 files, size, pages = 1, st.st_size, -(-st.st_size // 4096)
-            else:
-                todo.append(os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=up.fd))
             while todo:
-                dfd = todo.pop()
+                rel = todo.pop()
+                dfd = openat2(up.fd, rel, os.O_RDONLY | os.O_DIRECTORY, RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH)
                 try:
                     for e in os.scandir(dfd):
                         if e.is_dir(follow_symlinks=False):
-                            todo.append(os.open(e.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                                dir_fd=dfd))
+                            todo.append(rel + "/" + e.name)
                             continue
                         files += 1
                         if e.is_file(follow_symlinks=False):
@@ -1609,9 +1609,7 @@ def survey_uploads(spec):
                 finally:
                     os.close(dfd)
         except OSError as e:
-            for dfd in todo:
-                os.close(dfd)
-            raise UsageError("--upload: %s: %s" % (up.src, e.strerror)) from None
+            raise UsageError("--upload: %s: %s" % (up.src, os.strerror(e.errno))) from None
         counted.append(up.replace(files=files, bytes=size))
         in_memory += pages * 4096
         if _under(up.dest, DEFAULT_WORKDIR):
@@ -3347,6 +3345,8 @@ class NetFile:
         if self.next is not None:
             lines.append("next %s" % format_ip(self.next))
         lines += ["lease %s %s" % (format_ip(ip), job) for ip, job in sorted(self.leases.items())]
+        if _NetLock.held is None:
+            raise SetupError("internal: %s written without the network lock" % self.path)
         replace_file(_NetLock.held, self.bridge, ("\n".join(lines) + "\n").encode())
 
     def remove(self):

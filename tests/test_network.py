@@ -101,7 +101,8 @@ def test_allocation_reserves_network_gateway_broadcast_and_rotates(tmp_path, mon
     assert jrun.parse_ip("10.9.0.4") not in f.leases and len(f.leases) == 4
     monkeypatch.setattr(jrun, "NET_DIR", str(tmp_path))
     f.path = str(tmp_path / "jrun0")
-    f.save()
+    with jrun._NetLock():  # a lease file is written only under the lock, into its directory fd
+        f.save()
     g = jrun.NetFile.load("jrun0")
     assert (g.name, g.subnet, g.leases, g.next) == (f.name, f.subnet, f.leases, f.next)
 
