@@ -3610,11 +3610,11 @@ def child_steps(plan):
         base = userns.base if userns else 0
         os.chown(DEFAULT_WORKDIR, base + uid, base + gid)
     env = job_environment(spec, home)
-    argv = resolve_command(spec, env)
     try:
         os.chdir(spec.workdir)
     except OSError as e:
         raise SetupError("-w/--workdir %s: %s" % (spec.workdir, e.strerror)) from None
+    argv = resolve_command(spec, env)  # in the workdir: './run.sh' is the workdir's, as for execvp
     close_inherited_fds((plan.status_w, plan.sync_r) + ((userns.fd,) if userns else ()))
     os.setsid()
     audit("new session: the job has no controlling terminal (TIOCSTI, CVE-2017-5226)")

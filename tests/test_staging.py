@@ -301,6 +301,21 @@ def test_uploads_larger_than_the_memory_limit_are_refused(tmp_path):
     assert p.stdout.strip() == str(3 << 20)
 
 
+@pytest.mark.parametrize("workdir", [None, "/srv/job"])
+def test_a_relative_command_is_found_from_the_workdir(tmp_path, workdir):
+    """`--upload etl -- ./etl/run.sh` (the README's cron line): COMMAND with a
+    '/' but not absolute is the workdir's, as execvp finds it after the chdir."""
+    (tmp_path / "etl").mkdir()
+    (tmp_path / "etl" / "run.sh").write_text("#!/bin/sh\necho ran in $(pwd)\n")
+    (tmp_path / "etl" / "run.sh").chmod(0o755)
+    dest = "%s:%s/etl" % (tmp_path / "etl", workdir) if workdir else str(tmp_path / "etl")
+    p = jrun("--net", "none", "--upload", dest, *(("-w", workdir) if workdir else ()), "--", "./etl/run.sh",
+             check=0)
+    assert p.stdout == "ran in %s\n" % (workdir or "/work")
+    p = jrun("--net", "none", *(("-w", workdir) if workdir else ()), "--", "./etl/run.sh")
+    assert p.returncode == 127 and "./etl/run.sh: command not found" in p.stderr
+
+
 def test_other_workdir_is_created_and_is_the_cwd():
     p = sh("pwd; touch x && ls", "-w", "/srv/job", check=0)
     assert p.stdout.split() == ["/srv/job", "x"]
