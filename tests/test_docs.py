@@ -46,7 +46,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -441,7 +440,7 @@ class Runner:
             out.seek(0)
             first = out.readline()
             if first.endswith("\n"):
-                time.sleep(0.5)  # and the moment it takes to act on it (e.g. listen)
+                time.sleep(1)  # and the moment it takes to act on it (e.g. listen)
                 return p, first
             time.sleep(0.05)
         out.seek(0)
@@ -523,13 +522,16 @@ def terminate(p):
 
 
 def host_objects():
-    """What examples could leave on the host: jrun's state, networks, links."""
+    """What examples could leave on the host: jobs' state, networks (their
+    files, bridges and job veths: 'jr...'), jrun's nft table."""
     def ls(d):
         try:
             return sorted(os.listdir(d))
         except FileNotFoundError:
             return []
-    return dict(state=state_dirs(), nets=ls("/run/jrun/.net"), links=ls("/sys/class/net"))
+    nft = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+    return dict(state=state_dirs(), nets=ls("/run/jrun/.net"),
+                links=[n for n in ls("/sys/class/net") if n.startswith("jr")], nft="inet jrun" in nft)
 
 
 def exclusive(ex):
@@ -538,27 +540,25 @@ def exclusive(ex):
 
 
 @pytest.fixture(scope="module")
-def ran(request, tmp_path_factory):
+def ran(request):
     """Runs the selected examples once (in parallel, verify alone at the end)
     and records what the host looked like before and after."""
     wanted = [BY_ID[i.callspec.params["example"]] for i in request.session.items
               if i.originalname == "test_example" and i.callspec.params["example"] in BY_ID]
     wanted = [ex for ex in wanted if ex.illustrative is None and not is_ci_suite(ex)]
-    top = str(tmp_path_factory.mktemp("doctest"))
-    os.chmod(top, 0o755)
-    runner = Runner(top)
-    before = host_objects()
-    results = {}
-    started = time.monotonic()
-    with ThreadPoolExecutor(WORKERS) as pool:
-        for ex, res in zip([e for e in wanted if not exclusive(e)],
-                           pool.map(runner.run, [e for e in wanted if not exclusive(e)])):
-            results[ex.id] = res
-    for ex in wanted:
-        if exclusive(ex):
-            results[ex.id] = runner.run(ex)
-    took = time.monotonic() - started
-    time.sleep(0.2)
+    parallel = [ex for ex in wanted if not exclusive(ex)]
+    top = tempfile.mkdtemp(prefix="jrun-doctest-")
+    try:
+        os.chmod(top, 0o755)
+        runner = Runner(top)
+        before = host_objects()
+        started = time.monotonic()
+        with ThreadPoolExecutor(WORKERS) as pool:
+            results = dict(zip([ex.id for ex in parallel], pool.map(runner.run, parallel)))
+        results.update((ex.id, runner.run(ex)) for ex in wanted if exclusive(ex))
+        took = time.monotonic() - started
+    finally:
+        shutil.rmtree(top)
     return dict(results=results, before=before, after=host_objects(), took=took, count=len(wanted))
 
 
