@@ -673,7 +673,8 @@ RUN_OPTIONS = (
     Opt("--memory", None, "SIZE", "hard memory limit: 64M, 1G, 512K; a plain number is MiB; OOM: exit 137"),
     Opt("--io-bps", None, "RATE", "read and write bandwidth limit in bytes/s (K/M/G suffix)"),
     Opt("--pids", None, "N", "maximum number of processes and threads in the job"),
-    Opt("--upload", None, "SRC[:DEST]", "copy a host file or directory into the job (repeatable)", repeat=True),
+    Opt("--upload", None, "SRC[:DEST]", "copy a host file or directory into the job (repeatable); "
+        "a relative DEST is under /work, whatever -w says", repeat=True),
     Opt("--volume", "-v", "SRC:DEST[:ro]", "bind a host path into the job (repeatable)", repeat=True),
     Opt("--workdir", "-w", "DIR", "working directory inside the job (default /work)"),
     Opt("--workdir-size", None, "SIZE", "bound of the /work tmpfs: 512M, 2G or a percentage of RAM "
@@ -869,7 +870,7 @@ def parse_run(argv, config=None):
         stop_timeout=(parse_duration("--stop-timeout", o["stop_timeout"]) if "stop_timeout" in o
                       else DEFAULT_STOP_TIMEOUT),
         init=bool(o.get("init")), limits=limits,
-        uploads=tuple(parse_upload(u, workdir) for u in o.get("upload", ())),
+        uploads=tuple(parse_upload(u) for u in o.get("upload", ())),
         volumes=tuple(parse_volume(v) for v in o.get("volume", ())),
         workdir=workdir, workdir_size=parse_workdir_size(o.get("workdir_size", DEFAULT_WORKDIR_SIZE)),
         env=tuple(parse_env(o)), rootfs=parse_rootfs(o.get("rootfs", "minimal")),
@@ -938,10 +939,12 @@ def job_path(opt, value, base="/"):
     return path
 
 
-def parse_upload(text, workdir):
-    """SRC[:DEST] -> Upload.  DEST defaults to SRC's name in the workdir; a
-    relative DEST is under the workdir; a DEST ending in '/' is a directory
-    that receives SRC under its own name (like cp)."""
+def parse_upload(text):
+    """SRC[:DEST] -> Upload.  DEST defaults to SRC's name; a relative DEST is
+    under /work, the upload area, whatever -w says (`--upload .:src -w
+    /work/src` puts the tree where the command starts, not in /work/src/src);
+    a DEST ending in '/' is a directory that receives SRC under its own name
+    (like cp); an absolute DEST is itself."""
     src, sep, dest = text.partition(":")
     if not src or (sep and not dest):
         raise UsageError("--upload: %r is not SRC[:DEST]" % text)
@@ -953,7 +956,7 @@ def parse_upload(text, workdir):
         dest = name
     elif dest.endswith("/"):
         dest += name
-    return Upload(src=src, dest=job_path("--upload", dest, workdir))
+    return Upload(src=src, dest=job_path("--upload", dest, DEFAULT_WORKDIR))
 
 
 def parse_volume(text):
@@ -3902,11 +3905,11 @@ def child_steps(plan):
         base = userns.base if userns else 0
         os.chown(DEFAULT_WORKDIR, base + uid, base + gid)
     env = job_environment(spec, home)
-    argv = resolve_command(spec, env)
     try:
         os.chdir(spec.workdir)
     except OSError as e:
         raise SetupError("-w/--workdir %s: %s" % (spec.workdir, e.strerror)) from None
+    argv = resolve_command(spec, env)  # in the workdir: './run.sh' is the workdir's, as for execvp
     close_inherited_fds((plan.status_w, plan.sync_r) + ((userns.fd,) if userns else ()))
     os.setsid()
     audit("new session: the job has no controlling terminal (TIOCSTI, CVE-2017-5226)")

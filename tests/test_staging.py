@@ -108,15 +108,32 @@ def test_upload_strips_setuid_and_setgid(tmp_path):
     assert p.stdout.split("\n")[:3] == ["755 suid", "775 sgid", "1777 sticky"]
 
 
-def test_upload_destinations(tmp_path):
+@pytest.mark.parametrize("workdir", [None, "/srv/app"])
+def test_upload_destinations(tmp_path, workdir):
+    """Issue 16: a relative DEST (and the default, SRC's name) is under /work,
+    the upload area, whatever -w says; DEST/ receives SRC under its own name;
+    an absolute DEST is itself.  Each with and without -w."""
     f = tmp_path / "f.txt"
     f.write_text("x")
-    p = sh("ls /work/renamed /opt/dir/f.txt /f.txt; pwd", "--upload", "%s:renamed" % f,
-           "--upload", "%s:/opt/dir/" % f, "--upload", "%s:/" % f, check=0)
-    assert sorted(p.stdout.split()) == ["/f.txt", "/opt/dir/f.txt", "/work", "/work/renamed"]
-    p = sh("ls /srv/app/renamed /srv/app/sub/f.txt; pwd", "--upload", "%s:renamed" % f,
-           "--upload", "%s:sub/" % f, "-w", "/srv/app", check=0)
-    assert p.stdout.split() == ["/srv/app/renamed", "/srv/app/sub/f.txt", "/srv/app"]
+    p = sh("ls -d /work/f.txt /work/renamed /work/sub/f.txt /opt/dir/f.txt /opt/file /f.txt; pwd",
+           "--upload", f, "--upload", "%s:renamed" % f, "--upload", "%s:sub/" % f,
+           "--upload", "%s:/opt/dir/" % f, "--upload", "%s:/opt/file" % f, "--upload", "%s:/" % f,
+           *(("-w", workdir) if workdir else ()), check=0)
+    *found, cwd = p.stdout.split()
+    assert sorted(found) == ["/f.txt", "/opt/dir/f.txt", "/opt/file", "/work/f.txt", "/work/renamed",
+                             "/work/sub/f.txt"]
+    assert cwd == (workdir or "/work")
+
+
+def test_upload_dot_to_src_with_workdir_src_starts_the_command_in_the_tree(tmp_path):
+    """The README's Makefile line, `--upload .:src -w /work/src -- make check`:
+    the tree lands at /work/src (not /work/src/src) and the command starts there."""
+    (tmp_path / "Makefile").write_text("check:\n")
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "a.c").write_text("int a;\n")
+    p = jrun("--net", "none", "--upload", ".:src", "-w", "/work/src", "--", "sh", "-c",
+             "pwd; ls; ls /work; test -e /work/src/src || echo no-src-src", cwd=tmp_path, check=0)
+    assert p.stdout.split() == ["/work/src", "Makefile", "lib", "src", "no-src-src"]
 
 
 def test_upload_merges_into_an_existing_directory_without_changing_it(tmp_path):
@@ -284,6 +301,21 @@ def test_uploads_larger_than_the_memory_limit_are_refused(tmp_path):
     assert p.stdout.strip() == str(3 << 20)
 
 
+@pytest.mark.parametrize("workdir", [None, "/srv/job"])
+def test_a_relative_command_is_found_from_the_workdir(tmp_path, workdir):
+    """`--upload etl -- ./etl/run.sh` (the README's cron line): COMMAND with a
+    '/' but not absolute is the workdir's, as execvp finds it after the chdir."""
+    (tmp_path / "etl").mkdir()
+    (tmp_path / "etl" / "run.sh").write_text("#!/bin/sh\necho ran in $(pwd)\n")
+    (tmp_path / "etl" / "run.sh").chmod(0o755)
+    dest = "%s:%s/etl" % (tmp_path / "etl", workdir) if workdir else str(tmp_path / "etl")
+    p = jrun("--net", "none", "--upload", dest, *(("-w", workdir) if workdir else ()), "--", "./etl/run.sh",
+             check=0)
+    assert p.stdout == "ran in %s\n" % (workdir or "/work")
+    p = jrun("--net", "none", *(("-w", workdir) if workdir else ()), "--", "./etl/run.sh")
+    assert p.returncode == 127 and "./etl/run.sh: command not found" in p.stderr
+
+
 def test_other_workdir_is_created_and_is_the_cwd():
     p = sh("pwd; touch x && ls", "-w", "/srv/job", check=0)
     assert p.stdout.split() == ["/srv/job", "x"]
@@ -400,9 +432,9 @@ def test_hostile_rootfs_touches_nothing_outside(tmp_path):
     f.write_text("u")
     p = jrun("--net", "none", "--rootfs", root, "--upload", str(f), "-w", "/work/sub", "--", "/bin/sh", "-c",
              "echo a > /tmp/a && echo b > /work/b && echo c > /etc/c && echo d > /etc-file && "
-             "busybox rm /bin/sh && busybox cat /proc/1/comm && busybox ls /dev/null /work/sub/up")
+             "busybox rm /bin/sh && busybox cat /proc/1/comm && busybox ls /dev/null /work/up && busybox pwd")
     assert p.returncode == 0, p.stderr
-    assert p.stdout.split() == ["sh", "/dev/null", "/work/sub/up"]
+    assert p.stdout.split() == ["sh", "/dev/null", "/work/up", "/work/sub"]
     for d in os.listdir(host):
         assert os.listdir(host / d) == [], d
     assert snapshot(root) == before
