@@ -5000,6 +5000,52 @@ def verify_net_isolation(v):
         "the job has no address or no route", "the jrun bridge's nftables rules must be in place (jrun gc; rerun)"
 
 
+@_verify_check("Firewall")
+def verify_firewall(v):
+    _need_network(v)
+    allow = network_config()["allow_link_local"]
+    # While a networked job runs: jrun's own per-job check of the table,
+    # where its chains hook in (read from the kernel), and the check and
+    # restore seen at work on a copy of the table in a scratch namespace.
+    proc, _ = v.start([], "echo ready; read x", net_none=False)
+    try:
+        nets = _nft_networks()
+        damage = _nft_damage(nets, allow) if nets else "missing (no network recorded in %s)" % NET_DIR
+        hooks = _nft_hooks()
+        found, after = _verify_restoration(nets, allow) if nets else (None, None)
+    finally:
+        v.stop(proc)
+    want = {"prerouting": 0, "input": 1, "forward": 2, "postrouting": 4}  # NF_INET_PRE_ROUTING, ...
+    hooked = [c for c, n in want.items() if hooks.get(c, (None,))[0] == n]
+    prio = hooks.get("prerouting", (None, None))[1]
+    before_dnat = prio is not None and prio < -100  # NF_IP_PRI_NAT_DST
+    ev = "%s %s while a job ran: %s; prerouting at %s, %s DNAT" % (
+        NFT_TABLE, damage or "current", " ".join(hooked) or "no chains", prio, "before" if before_dnat else "NOT before")
+    if damage or len(hooked) != len(want) or not before_dnat:
+        return False, ev, "jrun's firewall is not in place while a job runs", \
+            "see jrun(8), NETWORK: nftables with the fib expression (nft_fib_inet); then rerun"
+    ev += "; a copy missing a chain: %s" % ("NOT noticed" if not found else after or "restored")
+    return bool(found) and after is None, ev, "jrun does not notice or restore a damaged table", \
+        "run tests/test_integrity_net.py to see where"
+
+
+def _verify_restoration(nets, allow):
+    """jrun's table for nets in a network namespace of its own, entered for
+    a moment (the host's ruleset is never touched), its prerouting chain
+    deleted, then the per-job check and restore.  Returns (what the check
+    found, what is still wrong afterwards)."""
+    host = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        unshare(CLONE_NEWNET)
+        _run_nft(nft_ruleset(nets, allow))
+        _run_nft("delete chain %s prerouting\n" % NFT_TABLE)
+        found = _restore_nft(quiet=True)
+        return found, _nft_damage(_nft_networks(), allow)
+    finally:
+        setns(host, CLONE_NEWNET)
+        os.close(host)
+
+
 @_verify_check("Memory limit")
 def verify_memory(v):
     _need_controller("memory")

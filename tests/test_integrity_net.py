@@ -418,3 +418,20 @@ class Listener:
         self.address = re.search(r"inet (\S+)/", self.proc.stdout.readline()).group(1)
         self.target = self.address + ":9000"
 
+
+# ---------------------------------------------------------------------------
+# jrun verify's Firewall check, on the real host (it damages nothing there)
+# ---------------------------------------------------------------------------
+
+
+@needs_root
+def test_verify_firewall_check_passes_and_skips_without_a_network(monkeypatch):
+    monkeypatch.setattr(jrun, "VERIFY_CHECKS", [("Firewall", jrun.verify_firewall)])
+    before = host_ruleset()
+    (r,) = jrun.run_verification([])
+    assert r["status"] == "pass", r
+    assert r["evidence"] == ("inet jrun current while a job ran: prerouting input forward postrouting; prerouting "
+                             "at -110, before DNAT; a copy missing a chain: restored"), r
+    assert host_ruleset() == before  # the job's network came and went; nothing else changed
+    (r,) = jrun.run_verification(["--net", "none"])
+    assert r["status"] == "skip" and "--net none" in r["why"]
