@@ -74,6 +74,7 @@ DEFAULT_SUBNET = "172.31.254.0/24"
 DEFAULT_NET_POOL = "172.31.128.0/17"  # named networks take a /24 each
 NAMED_PREFIXLEN = 24
 NFT_TABLE = "inet jrun"
+ALLOW_LINK_LOCAL = False  # jobs reach 169.254/16 (cloud metadata: credentials) only if the host says so
 NFT_PATHS = ("/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft")  # no PATH lookup for root
 RESOLVED_UPSTREAM = "/run/systemd/resolve/resolv.conf"
 RESERVED_NETS = ("bridge", "none")
@@ -1073,8 +1074,9 @@ CONFIG_RUN_KEYS = {
 }
 CONFIG_HOST_KEYS = {  # key: module-level setting it replaces (the subnets: the network section's)
     "state-dir": "STATE_DIR", "rootfs-dir": "ROOTFS_DIR", "audit-log": "AUDIT_LOG",
-    "subnet": "DEFAULT_SUBNET", "net-pool": "DEFAULT_NET_POOL",
+    "subnet": "DEFAULT_SUBNET", "net-pool": "DEFAULT_NET_POOL", "allow-link-local": "ALLOW_LINK_LOCAL",
 }
+CONFIG_HOST_BOOLS = ("allow-link-local",)  # the other host keys are strings
 
 
 _config_used = {"path": CONFIG_FILE, "explicit": False}  # passed on to verify's jobs
@@ -1114,7 +1116,8 @@ def load_config(path, explicit=False):
         raise UsageError("%s: cannot read: %s" % (path, e.strerror)) from None
     defaults = {}
     for key, value in data.items():
-        types = CONFIG_RUN_KEYS.get(key) or (str if key in CONFIG_HOST_KEYS else None)
+        types = CONFIG_RUN_KEYS.get(key) or (
+            (bool if key in CONFIG_HOST_BOOLS else str) if key in CONFIG_HOST_KEYS else None)
         if types is None:
             raise UsageError("%s: %s: unknown key (known: %s)"
                              % (path, key, ", ".join(list(CONFIG_RUN_KEYS) + list(CONFIG_HOST_KEYS))))
@@ -1155,6 +1158,8 @@ def _check_host_setting(path, key, value):
         if net.version != 4 or net.prefixlen > (28 if key == "subnet" else 24):
             raise UsageError("%s: %s: %r must be an IPv4 network of at most /%d"
                              % (path, key, value, 28 if key == "subnet" else 24))
+    elif key in CONFIG_HOST_BOOLS:
+        pass  # load_config checked its type
     elif key == "audit-log" and value == "":
         pass  # no audit log
     elif not value.startswith("/") or "\0" in value:
@@ -2994,10 +2999,12 @@ class JobUserNamespace(Resource):
 
 
 def network_config():
-    """The subnets jrun's networks use: the default bridge's and the pool the
-    named networks take a /24 each from.  One function, so that the config
-    file (/etc/jrun/jrun.toml, key subnet) sets them; Network.check validates."""
-    return {"subnet": DEFAULT_SUBNET, "pool": DEFAULT_NET_POOL}
+    """The host's network settings: the default bridge's subnet, the pool the
+    named networks take a /24 each from, and whether jobs may reach IPv4
+    link-local addresses (cloud metadata).  One function, so that the config
+    file (/etc/jrun/jrun.toml: subnet, net-pool, allow-link-local) sets
+    them; Network.check validates."""
+    return {"subnet": DEFAULT_SUBNET, "pool": DEFAULT_NET_POOL, "allow_link_local": ALLOW_LINK_LOCAL}
 
 
 def parse_ip(text):
@@ -3078,50 +3085,76 @@ def named_subnet(name, pool, used):
     return None
 
 
-def nft_ruleset(networks):
-    """The whole `inet jrun` table for the networks that exist now, as nft
-    input; [] of networks deletes it.  The table is replaced in one
-    transaction: 'add; flush; define' is idempotent, and 3 ms when the table
-    is new where 'add; delete; define' takes 16 ms (the chains keep their
-    hooks, so the kernel waits for no RCU grace period).
+def nft_chains(networks, allow_link_local=False):
+    """jrun's firewall for the networks that exist now, the whole content of
+    the `inet jrun` table: [(chain, its hook, [rule, ...])].
 
     networks: [(bridge, 'a.b.c.d/n', isolated)].  inet, not ip: a job also
     has an IPv6 link-local address, and the host's services listen on [::]
     too."""
-    if not networks:
-        return "add table %s\ndelete table %s\n" % (NFT_TABLE, NFT_TABLE)
-    head = "add table %s\nflush table %s\n" % (NFT_TABLE, NFT_TABLE)
     bridges = "{ %s }" % ", ".join('"%s"' % b for b, _, _ in networks)
-    rules = [
-        "table %s {" % NFT_TABLE,
-        # A job reaches nothing of the host itself (gateway, other host
-        # addresses, [::]); replies to connections the host opened pass.
-        "  chain input {",
-        "    type filter hook input priority filter; policy accept;",
-        "    iifname %s ct state established,related accept" % bridges,
-        "    iifname %s drop" % bridges,
-        "  }",
-        "  chain forward {",
-        "    type filter hook forward priority filter; policy accept;",
-        # No IPv6 is routed for jobs, and no job sends from an address that is
-        # not its network's (it is root in its netns and could try).
-        "    iifname %s meta nfproto ipv6 drop" % bridges,
-    ]
-    rules += ['    iifname "%s" ip saddr != %s drop' % (b, s) for b, s, _ in networks]
-    rules.append("    oifname %s ct state established,related accept" % bridges)
+    # The first wall, before DNAT (dstnat is -100; conntrack, at -200, has
+    # run): a job's packet to a host address that the host DNATs (docker -p,
+    # Kubernetes NodePorts, a metadata proxy) would be forwarded, and never
+    # meet the input chain.  Cloud metadata (169.254.169.254: credentials)
+    # and every other IPv4 link-local address is refused unless the host
+    # allows it (allow-link-local in jrun.toml); replies to connections the
+    # host opened into a job pass; then nothing addressed to the host
+    # itself, on any of its interfaces, IPv4 or IPv6.
+    pre = [] if allow_link_local else ["iifname %s ip daddr 169.254.0.0/16 drop" % bridges]
+    pre += ["iifname %s ct state established,related accept" % bridges,
+            "iifname %s fib daddr type local drop" % bridges]
+    # The second wall: nothing from a jrun bridge reaches the host's own
+    # input (broadcasts included), except replies.
+    inp = ["iifname %s ct state established,related accept" % bridges, "iifname %s drop" % bridges]
+    # No IPv6 is routed for jobs, and no job sends from an address that is
+    # not its network's (it is root in its netns and could try).
+    fwd = ["iifname %s meta nfproto ipv6 drop" % bridges]
+    fwd += ['iifname "%s" ip saddr != %s drop' % (b, s) for b, s, _ in networks]
+    fwd.append("oifname %s ct state established,related accept" % bridges)
     # br_netfilter (loaded by docker and others) passes bridged frames through
     # this hook as bridge -> same bridge: jobs of a named network talk; on the
     # isolated default bridge the same path is a job routing to another job
     # through the host, which must not pass.
-    rules += ['    iifname "%s" oifname "%s" accept' % (b, b) for b, _, iso in networks if not iso]
+    fwd += ['iifname "%s" oifname "%s" accept' % (b, b) for b, _, iso in networks if not iso]
     # Nothing else starts a connection into a jrun network: not another
     # network's job, not the LAN.
-    rules += ["    oifname %s drop" % bridges, "  }",
-              "  chain postrouting {",
-              "    type nat hook postrouting priority srcnat; policy accept;"]
-    rules += ['    ip saddr %s oifname != "%s" masquerade' % (s, b) for b, s, _ in networks]
-    rules += ["  }", "}"]
-    return head + "\n".join(rules) + "\n"
+    fwd.append("oifname %s drop" % bridges)
+    post = ['ip saddr %s oifname != "%s" masquerade' % (s, b) for b, s, _ in networks]
+    return [("prerouting", "type filter hook prerouting priority dstnat - 10; policy accept;", pre),
+            ("input", "type filter hook input priority filter; policy accept;", inp),
+            ("forward", "type filter hook forward priority filter; policy accept;", fwd),
+            ("postrouting", "type nat hook postrouting priority srcnat; policy accept;", post)]
+
+
+def nft_tag(chains):
+    """The comment every rule of the table carries: a hash of the whole
+    table, so that the per-job check (_nft_damage) tells jrun's current
+    rules from an older or partly deleted table by the rules alone.  (Not
+    the table's own comment: the kernel keeps a table's first comment when
+    the table is defined again.)"""
+    import hashlib
+
+    text = "\n".join("%s %s %s" % (c, hook, " ; ".join(rules)) for c, hook, rules in chains)
+    return "jrun " + hashlib.blake2s(text.encode(), digest_size=8).hexdigest()
+
+
+def nft_ruleset(networks, allow_link_local=False):
+    """The whole `inet jrun` table for the networks that exist now, as nft
+    input; [] of networks deletes it.  The table is replaced in one
+    transaction: 'add; flush; define' is idempotent, and 3 ms when the table
+    is new where 'add; delete; define' takes 16 ms (the chains keep their
+    hooks, so the kernel waits for no RCU grace period)."""
+    if not networks:
+        return "add table %s\ndelete table %s\n" % (NFT_TABLE, NFT_TABLE)
+    chains = nft_chains(networks, allow_link_local)
+    tag = nft_tag(chains)
+    out = ["add table %s" % NFT_TABLE, "flush table %s" % NFT_TABLE, "table %s {" % NFT_TABLE]
+    for name, hook, rules in chains:
+        out += ["  chain %s {" % name, "    " + hook]
+        out += ['    %s comment "%s"' % (r, tag) for r in rules]
+        out.append("  }")
+    return "\n".join(out + ["}"]) + "\n"
 
 
 def host_resolvers(conf="/etc/resolv.conf", upstream=RESOLVED_UPSTREAM):
@@ -3406,18 +3439,144 @@ def _nft_path():
     return next((p for p in NFT_PATHS if os.access(p, os.X_OK)), None)
 
 
-def _nft_table_exists():
-    import subprocess
+# <linux/netlink.h>, <linux/netfilter/nfnetlink.h>, <linux/netfilter.h>,
+# <linux/netfilter/nf_tables.h>: dumps of one table's rules and chains.
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_GETCHAIN, NFT_MSG_GETRULE = 4, 7
+NFPROTO_INET = 1
+NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME, NFTA_CHAIN_HOOK = 1, 3, 4
+NFTA_HOOK_HOOKNUM, NFTA_HOOK_PRIORITY = 1, 2
+NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_USERDATA = 1, 2, 7
 
-    return subprocess.run([_nft_path() or "nft", "list", "table"] + NFT_TABLE.split(),
-                          capture_output=True).returncode == 0
+
+def _nla(data, off=0, end=None):
+    """The netlink attributes in data[off:end]: {type: value bytes}."""
+    import struct
+
+    out, end = {}, len(data) if end is None else end
+    while off + 4 <= end:
+        alen, atype = struct.unpack_from("HH", data, off)
+        if alen < 4:
+            break
+        out[atype & 0x3FFF] = data[off + 4:off + alen]  # without NLA_F_NESTED, NLA_F_NET_BYTEORDER
+        off += (alen + 3) & ~3
+    return out
+
+
+def _nft_dump(mtype, table_attr=None):
+    """An nf_tables dump of the inet family on a netfilter netlink socket,
+    built by hand: 0.1 ms, where `nft list` is a 10 ms process and
+    pyroute2's nftables module another import.  With table_attr, the kernel
+    dumps jrun's table only.  Each object as {attribute: bytes}."""
+    import socket
+    import struct
+
+    body = struct.pack("BBH", NFPROTO_INET, 0, 0)  # struct nfgenmsg
+    if table_attr is not None:
+        name = NFT_TABLE.split()[1].encode() + b"\0"
+        body += struct.pack("HH", 4 + len(name), table_attr) + name + b"\0" * (-len(name) % 4)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER) as sock:
+        sock.send(struct.pack("IHHII", 16 + len(body), NFNL_SUBSYS_NFTABLES << 8 | mtype,
+                              Netlink.F_REQUEST | Netlink.F_DUMP, 1, 0) + body)
+        out = []
+        while True:
+            data = sock.recv(1 << 16)
+            off = 0
+            while off + 16 <= len(data):
+                length, rtype = struct.unpack_from("IH", data, off)
+                if rtype == Netlink.DONE:
+                    return out
+                if rtype == Netlink.ERROR:
+                    err = -struct.unpack_from("i", data, off + 16)[0]
+                    raise OSError(err, "nft: reading table %s: %s" % (NFT_TABLE, os.strerror(err)))
+                out.append(_nla(data, off + 20, off + length))  # after struct nlmsghdr, struct nfgenmsg
+                off += (length + 3) & ~3
+
+
+def _nft_rules():
+    """The rules of jrun's table as the kernel has them now, [(chain,
+    userdata)]; [] if the table is gone."""
+    return [(r.get(NFTA_RULE_CHAIN, b"").rstrip(b"\0").decode(), r.get(NFTA_RULE_USERDATA))
+            for r in _nft_dump(NFT_MSG_GETRULE, NFTA_RULE_TABLE)]
+
+
+def _nft_hooks():
+    """The base chains of jrun's table: {chain: (hook number, priority)}."""
+    import struct
+
+    out = {}
+    for c in _nft_dump(NFT_MSG_GETCHAIN):  # the kernel filters chain dumps by family only
+        hook = _nla(c.get(NFTA_CHAIN_HOOK, b""))
+        if c.get(NFTA_CHAIN_TABLE) == NFT_TABLE.split()[1].encode() + b"\0" and NFTA_HOOK_HOOKNUM in hook:
+            out[c[NFTA_CHAIN_NAME].rstrip(b"\0").decode()] = (
+                struct.unpack(">I", hook[NFTA_HOOK_HOOKNUM])[0], struct.unpack(">i", hook[NFTA_HOOK_PRIORITY])[0])
+    return out
+
+
+def _nft_damage(networks, allow_link_local):
+    """What is wrong with jrun's table in the kernel, for the networks there
+    are: None when every chain holds exactly its rules, each carrying the
+    current tag (or when there is no network), else a few words."""
+    if not networks:
+        return None
+    chains = nft_chains(networks, allow_link_local)
+    found = _nft_rules()
+    if not found:
+        return "missing"
+    have = {}
+    for chain, _ in found:
+        have[chain] = have.get(chain, 0) + 1
+    short = ["chain %s has %d of %d rules" % (c, have.get(c, 0), len(rules))
+             for c, _, rules in chains if have.get(c, 0) != len(rules)]
+    if short or len(have) != len(chains):
+        return "incomplete (%s)" % (", ".join(short) or "foreign chains")
+    tag = nft_tag(chains).encode()
+    comment = bytes([0, len(tag) + 1]) + tag + b"\0"  # libnftnl's udata: NFTNL_UDATA_RULE_COMMENT, length, text
+    if not all(comment in (userdata or b"") for _, userdata in found):
+        return "out of date"
+    return None
+
+
+def _nft_networks(without=None):
+    return [(f.bridge, f.cidr, f.bridge == DEFAULT_BRIDGE) for f in NetFile.all() if f.bridge != without]
 
 
 def _sync_nft(without=None):
     """Make the `inet jrun` table match the networks that exist (lock held)."""
-    nets = [(f.bridge, f.cidr, f.bridge == DEFAULT_BRIDGE) for f in NetFile.all() if f.bridge != without]
-    _run_nft(nft_ruleset(nets))
+    nets = _nft_networks(without)
+    _run_nft(nft_ruleset(nets, network_config()["allow_link_local"]))
     audit("nft: table %s %s" % (NFT_TABLE, "holds %d network(s)" % len(nets) if nets else "deleted"))
+
+
+def _restore_nft(quiet=False):
+    """Every networked job's check, and teardown's and gc's (lock held):
+    the table holds exactly the rules of the networks there are.  A firewall
+    reload (nft flush ruleset, firewalld, ufw, systemctl restart nftables)
+    or a hand may have removed all or part of it while the bridges stay,
+    and a job on a bridge without its rules reaches the host.  The table is
+    put back, as an operator would expect, and said so; if that fails the
+    job does not start.  Returns what was wrong, or None."""
+    nets, allow = _nft_networks(), network_config()["allow_link_local"]
+    damage = _nft_damage(nets, allow)
+    if damage is None:
+        if nets:
+            audit("nft: table %s in place" % NFT_TABLE)
+        return None
+    if _nft_damage(nets, not allow) is None:
+        # Written by a jrun with the other allow-link-local: the host's
+        # setting changed (or another --config), not a repair.
+        audit("nft: table %s rewritten for allow-link-local = %s" % (NFT_TABLE, str(allow).lower()))
+        _sync_nft()
+        return None
+    try:
+        _sync_nft()
+    except SetupError as e:
+        raise SetupError("jrun's firewall, nft table %s, is %s and could not be restored (%s); no networked "
+                         "job starts without it" % (NFT_TABLE, damage, e)) from None
+    if not quiet:
+        log("info", "nft table %s was %s (a firewall reload?): restored" % (NFT_TABLE, damage))
+    return damage
 
 
 def _host_routes_overlapping(nl, subnet, own_bridge=None):
@@ -3572,6 +3731,10 @@ class Network(Resource):
         self.resolv = host_resolvers()
 
     def _lease(self, state):
+        # First the rules of the networks there are: a network in use
+        # whose table a firewall reload removed gets it back here (or this
+        # job is refused), before another job joins its bridge.
+        _restore_nft()
         f = NetFile.load(self.bridge)
         new = f is None
         if new:
@@ -3587,10 +3750,11 @@ class Network(Resource):
         state.save(net_address=format_ip(self.address))
         f.save()
         missing = _ifindex(self.bridge) is None
-        if new or missing:
+        if new:
             # Rules first: a bridge never exists without them, whenever a
             # jrun may have been killed.
             _sync_nft()
+        if new or missing:
             _enable_forwarding()
         if missing:
             self._create_bridge(f)
@@ -3723,13 +3887,15 @@ class Network(Resource):
             f = NetFile.load(self.bridge) if self.bridge else None
             if f is None:
                 return
-            for ip, owner in list(f.leases.items()):
-                if owner == self.owner:
-                    del f.leases[ip]
-                    audit("network: address %s released" % format_ip(ip))
+            mine = [ip for ip, owner in f.leases.items() if owner == self.owner]
+            for ip in mine:
+                del f.leases[ip]
+                audit("network: address %s released" % format_ip(ip))
             f.prune()
             if f.leases:
                 f.save()
+                if mine:  # (a job refused before it had a lease has said why already)
+                    _restore_nft()  # the jobs still running need their rules too
             else:
                 _remove_network(nl, f)
 
@@ -3761,8 +3927,11 @@ class Network(Resource):
         for f in nets:
             if not all(_lease_live(o) for o in f.leases.values()) or not f.leases:
                 yield NetworkLeftover("network %s: dead leases" % f.name, _gc_network, f.bridge)
-        if nets and not _nft_table_exists():  # a firewall reload flushed the whole ruleset
-            yield NetworkLeftover("missing nft table %s: restored" % NFT_TABLE, _gc_nft, None)
+        # Looked at after the networks above went (a generator: each was
+        # torn down before this line runs); _gc_nft looks again under the lock.
+        damage = _nft_damage(_nft_networks(), network_config()["allow_link_local"])
+        if damage:  # a firewall reload removed all or part of it
+            yield NetworkLeftover("nft table %s, %s: restored" % (NFT_TABLE, damage), _gc_nft, None)
 
 
 def _is_job_veth(name):
@@ -3797,7 +3966,7 @@ def _gc_veth(name):
 
 def _gc_nft(_):
     with _NetLock():
-        _sync_nft()
+        _restore_nft(quiet=True)
 
 
 def _gc_network(bridge):
@@ -5141,6 +5310,52 @@ def verify_net_isolation(v):
         addr_a or "?", "REACHED" if "JOB-REACHED" in reached else "refused"))
     return ok, ev, "a job can reach the host's services or another job" if reached else \
         "the job has no address or no route", "the jrun bridge's nftables rules must be in place (jrun gc; rerun)"
+
+
+@_verify_check("Firewall")
+def verify_firewall(v):
+    _need_network(v)
+    allow = network_config()["allow_link_local"]
+    # While a networked job runs: jrun's own per-job check of the table,
+    # where its chains hook in (read from the kernel), and the check and
+    # restore seen at work on a copy of the table in a scratch namespace.
+    proc, _ = v.start([], "echo ready; read x", net_none=False)
+    try:
+        nets = _nft_networks()
+        damage = _nft_damage(nets, allow) if nets else "missing (no network recorded in %s)" % NET_DIR
+        hooks = _nft_hooks()
+        found, after = _verify_restoration(nets, allow) if nets else (None, None)
+    finally:
+        v.stop(proc)
+    want = {"prerouting": 0, "input": 1, "forward": 2, "postrouting": 4}  # NF_INET_PRE_ROUTING, ...
+    hooked = [c for c, n in want.items() if hooks.get(c, (None,))[0] == n]
+    prio = hooks.get("prerouting", (None, None))[1]
+    before_dnat = prio is not None and prio < -100  # NF_IP_PRI_NAT_DST
+    ev = "%s %s while a job ran: %s; prerouting at %s, %s DNAT" % (
+        NFT_TABLE, damage or "current", " ".join(hooked) or "no chains", prio, "before" if before_dnat else "NOT before")
+    if damage or len(hooked) != len(want) or not before_dnat:
+        return False, ev, "jrun's firewall is not in place while a job runs", \
+            "see jrun(8), NETWORK: nftables with the fib expression (nft_fib_inet); then rerun"
+    ev += "; a copy missing a chain: %s" % ("NOT noticed" if not found else after or "restored")
+    return bool(found) and after is None, ev, "jrun does not notice or restore a damaged table", \
+        "run tests/test_integrity_net.py to see where"
+
+
+def _verify_restoration(nets, allow):
+    """jrun's table for nets in a network namespace of its own, entered for
+    a moment (the host's ruleset is never touched), its prerouting chain
+    deleted, then the per-job check and restore.  Returns (what the check
+    found, what is still wrong afterwards)."""
+    host = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        unshare(CLONE_NEWNET)
+        _run_nft(nft_ruleset(nets, allow))
+        _run_nft("delete chain %s prerouting\n" % NFT_TABLE)
+        found = _restore_nft(quiet=True)
+        return found, _nft_damage(_nft_networks(), allow)
+    finally:
+        setns(host, CLONE_NEWNET)
+        os.close(host)
 
 
 @_verify_check("Memory limit")

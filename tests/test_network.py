@@ -109,13 +109,15 @@ def test_allocation_reserves_network_gateway_broadcast_and_rotates(tmp_path, mon
 
 def test_nft_ruleset():
     text = jrun.nft_ruleset([("jrun0", "172.31.254.0/24", True), ("jrun-abc", "172.31.200.0/24", False)])
-    assert text.startswith("add table inet jrun\nflush table inet jrun\ntable inet jrun {")
-    assert 'ip saddr 172.31.254.0/24 oifname != "jrun0" masquerade' in text
-    assert 'ip saddr 172.31.200.0/24 oifname != "jrun-abc" masquerade' in text
-    assert 'iifname { "jrun0", "jrun-abc" } drop' in text  # input: nothing of the host
-    assert 'iifname "jrun-abc" oifname "jrun-abc" accept' in text  # a named network talks
+    assert text.startswith("add table inet jrun\nflush table inet jrun\ntable inet jrun {\n  chain prerouting {")
+    assert 'ip saddr 172.31.254.0/24 oifname != "jrun0" masquerade comment' in text
+    assert 'ip saddr 172.31.200.0/24 oifname != "jrun-abc" masquerade comment' in text
+    assert 'iifname { "jrun0", "jrun-abc" } fib daddr type local drop comment' in text  # prerouting: no host address
+    assert 'iifname { "jrun0", "jrun-abc" } drop comment' in text  # input: nothing of the host
+    assert 'iifname "jrun-abc" oifname "jrun-abc" accept comment' in text  # a named network talks
     assert 'iifname "jrun0" oifname "jrun0" accept' not in text  # the default bridge does not
-    assert text.index("ct state established,related accept") < text.index('iifname { "jrun0", "jrun-abc" } drop')
+    inp = text[text.index("chain input"):]
+    assert inp.index("ct state established,related accept") < inp.index('iifname { "jrun0", "jrun-abc" } drop')
     assert jrun.nft_ruleset([]) == "add table inet jrun\ndelete table inet jrun\n"
 
 
