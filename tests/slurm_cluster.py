@@ -56,6 +56,20 @@ def free_ports(n):
             s.close()
 
 
+def _die_with_parent():
+    """In the daemon, before exec: SIGTERM when the test process dies, so
+    that a killed pytest does not leave the lane running."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def _listening(port):
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def alive(pid):
     """PID exists and is not a zombie (a killed job's PID 1 waits as a
     zombie until whoever inherited it reaps it)."""
@@ -184,8 +198,9 @@ class SlurmCluster:
 
     def start(self, timeout=20):
         if self.own_cgroups():
-            raise LaneError("Slurm cgroups of nodes %s exist already (%s): another slurmd uses these node names"
-                            % (", ".join(self.nodes), ", ".join(self.own_cgroups())))
+            raise LaneError("Slurm cgroups of nodes %s exist already (%s): another slurmd uses these node names, "
+                            "or a lane was killed (then rmdir them)" % (", ".join(self.nodes),
+                                                                       ", ".join(self.own_cgroups())))
         self.dir = tempfile.mkdtemp(prefix="jrun-slurm-")
         # munged wants every directory above its socket searchable by all,
         # and its key in a directory nobody else may write.
@@ -221,6 +236,8 @@ class SlurmCluster:
         self._wait_for(lambda: os.path.exists(self.path("munge.sock")), timeout, "munged's socket")
         conf = self.path("slurm.conf")
         self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", conf])
+        # A slurmd that finds no controller yet retries only a second later.
+        self._wait_for(lambda: _listening(ports[0]), timeout, "slurmctld on port %d" % ports[0])
         for node in self.nodes:
             self._spawn("slurmd-" + node, ["slurmd", "-D", "-N", node, "-f", conf])
         self._wait_for(self._all_idle, timeout, "idle nodes in sinfo")
@@ -228,7 +245,8 @@ class SlurmCluster:
     def _spawn(self, name, argv):
         with open(self.path(name + ".out"), "wb") as log:
             self.procs[name] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                                stderr=subprocess.STDOUT, env=self.env, cwd=self.dir)
+                                                stderr=subprocess.STDOUT, env=self.env, cwd=self.dir,
+                                                preexec_fn=_die_with_parent)
 
     def _wait_for(self, pred, timeout, what):
         deadline = time.monotonic() + timeout

@@ -348,9 +348,13 @@ def _cancel_and_watch(lane, job_id, rec):
     return gone, r
 
 
-# How the batch script runs jrun; whether jrun must clean up by itself (with
-# exec it gets KillWait to do so; without, slurmstepd SIGKILLs it as soon as
-# the shell is gone, and the Epilog's gc is what cleans up); Slurm's ExitCode.
+# How the batch script runs jrun; whether jrun must clean up by itself;
+# Slurm's ExitCode.  On scancel, proctrack/cgroup sends SIGTERM only to the
+# step's task (the process slurmstepd started: the batch shell, or jrun with
+# exec) and, KillWait later, SIGKILL to every process of the step.  With exec
+# jrun gets the SIGTERM and KillWait to clean up; without, the shell dies at
+# once, slurmstepd SIGKILLs the rest of the step, jrun included, and the
+# Epilog's gc is what cleans up.
 SCANCEL = [
     pytest.param("exec %s --name %s -- sleep 300", True, None, id="exec", marks=xfail(
         "scancel's SIGTERM is relayed to a PID 1 that drops it; jrun waits its 10 s --stop-timeout, Slurm "
@@ -359,6 +363,12 @@ SCANCEL = [
         "without exec the batch shell dies of SIGTERM and slurmstepd SIGKILLs the rest of the step at once: "
         "jrun cannot clean up, and `jrun gc --slurm-job` (the Epilog's) does not exist")),
     pytest.param("exec %s --name %s --init -- sleep 300", True, "143:0", id="exec-init"),  # tini: sleep got SIGTERM
+    # The README's way for a script that goes on after jrun: Slurm's
+    # SIGTERM (proctrack/cgroup) reaches only the step's task, the shell,
+    # which hands it on to jrun and waits for jrun's cleanup.
+    pytest.param("%s --name %s --init -- sleep 300 &\npid=$!\ntrap 'kill -TERM $pid' TERM\n"
+                 "while kill -0 $pid 2>/dev/null; do wait $pid; rc=$?; done\necho jrun-exit=$rc", True, None,
+                 id="no-exec-forward-init"),
 ]
 
 
@@ -375,6 +385,26 @@ def test_scancel_stops_the_job_within_killwait_and_leaves_nothing(lane, request,
             assert not [line for line in epilog if n in line], epilog
         else:
             assert "gc exit 0" in epilog, epilog
+    finally:
+        gc_names([n])
+
+
+def test_stop_timeout_below_killwait_lets_jrun_stop_a_slow_job_and_clean_up(lane, tmp_path):
+    """A PID 1 that handles SIGTERM and takes its time: with the README's
+    `stop-timeout` below KillWait, jrun's own SIGKILL comes first and jrun
+    cleans up before Slurm's SIGKILL could reach it."""
+    cfg = tmp_path / "jrun.toml"
+    cfg.write_text('stop-timeout = "1s"\nnet = "none"\n')
+    n = name("slow")
+    slow = "trap 'echo TERM ignored' TERM; while :; do sleep 0.1; done"
+    try:
+        job, gone, r = _run_and_cancel(lane, n, "exec %s --config %s --name %s -- /bin/sh -c %s"
+                                       % (JR, cfg, n, shlex.quote(slow)))
+        assert r["JobState"] == "CANCELLED" and r["ExitCode"] == "137:0", r
+        assert 1 <= gone < KILL_WAIT, gone
+        assert "TERM ignored" in lane.output(job) and "sending SIGKILL" in lane.output(job)
+        assert leftovers([n]) == []
+        assert not [line for line in lane.epilog_lines(job) if n in line]
     finally:
         gc_names([n])
 
