@@ -21,10 +21,12 @@ One privileged invocation, no daemon, no setuid helper.  The order of a run:
      read-only), /work, a minimal /dev, uploads copied and volumes bound
      (all still before pivot_root, never following a symlink of the job's
      root out of it), pivot_root, old root detached, /proc (hardened),
-     read-only /sys and cgroup fs, hostname, new session, capabilities,
-     user, no_new_privs, seccomp last, exec COMMAND (a failure before exec
-     is reported through a close-on-exec error pipe);
-  6. parent: forward signals, enforce --timeout, reap, tear down in reverse.
+     read-only /sys and cgroup fs, hostname, its own stdio on fds 0-2,
+     new session, capabilities, user, no_new_privs, seccomp last, exec
+     COMMAND (a failure before exec is reported through a close-on-exec
+     error pipe);
+  6. parent: relay the job's stdio (where it is a host file or terminal)
+     and signals, enforce --timeout, reap, tear down in reverse.
 
 Exit status: COMMAND's own; 128+N if killed by signal N; 137 OOM-killed;
 124 --timeout expired; 125 jrun failed (nothing started, nothing left);
@@ -547,7 +549,7 @@ RUN_OPTIONS = (
     Opt("--hostname", None, "NAME", "hostname inside the job (default: the job id)"),
     Opt("--timeout", None, "DURATION", "kill the job after DURATION (30, 30s, 5m, 1h); exit 124"),
     Opt("--stop-timeout", None, "DURATION",
-        "grace period between SIGTERM and SIGKILL (default 10s)"),
+        "grace period from SIGTERM to SIGKILL if PID 1 handles SIGTERM (default 10s)"),
     Opt("--init", None, None, "run a small reaper (tini) as PID 1 that forwards signals and reaps zombies"),
     Opt("--cpu", None, "PCT", "CPU bandwidth in percent of one CPU (25 = a quarter core)"),
     Opt("--cores", None, "LIST", "pin to CPUs, cpuset syntax 0-1,3"),
