@@ -344,6 +344,32 @@ def test_stdout_and_stderr_to_one_file_keep_their_order(tmp_path):
     assert (tmp_path / "log").read_text() == want
 
 
+def test_jrun_s_own_messages_come_after_the_job_s_output(tmp_path):
+    with open(tmp_path / "err", "wb") as f:
+        p = jrun_proc(["--timeout", "1", "--", "/bin/sh", "-c", "echo before >&2; exec sleep 10"], stderr=f)
+    assert p.returncode == 124
+    lines = (tmp_path / "err").read_text().splitlines()
+    assert lines[0] == "before" and "timed out" in lines[1], lines
+
+
+def test_a_reader_that_stops_reading_does_not_keep_jrun_past_its_timeout(tmp_path):
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["sh", "-c", "exec cat > /dev/null < %s" % fifo])
+    try:
+        with open(fifo, "wb") as f:
+            reader.send_signal(signal.SIGSTOP)  # it has the fifo open, and reads nothing more
+            t = time.monotonic()
+            p = jrun_proc(["--timeout", "2", "--stop-timeout", "1", "--", "head", "-c", "50000000", "/dev/zero"],
+                          stdout=f, stderr=subprocess.PIPE, text=True)
+        assert p.returncode == 124 and time.monotonic() - t < 8
+        assert "output was not all delivered" in p.stderr, p.stderr
+    finally:
+        reader.send_signal(signal.SIGCONT)
+        reader.kill()
+        reader.wait()
+
+
 def test_a_stdin_file_is_read_to_its_end_and_eof_is_seen(tmp_path):
     data = os.urandom(2 << 20)
     (tmp_path / "in").write_bytes(data)
