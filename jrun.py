@@ -4633,6 +4633,9 @@ def run_job(spec, kinds):
     # never unblocked again: jrun exits after the job), and the end of
     # jrun's caller is one of them.
     sigmask = signal.pthread_sigmask(signal.SIG_BLOCK, WAITED_SIGNALS)
+    # An ignored SIGCHLD (inherited through exec) would make the kernel
+    # reap the job itself, and its status would be lost.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     die_with_caller()
     validate(spec)
     for cls in RESOURCE_CLASSES:
@@ -4722,10 +4725,10 @@ def supervise(spec, state, teardown, out, kinds, sigmask):
     os.close(status_w)
     os.close(sync_r)
     stdio.close_job_ends()
-    relay = Relay(stdio) if stdio.relayed else None
     state.save(pid=pid)
-    reaped = None
+    reaped = relay = None
     try:
+        relay = Relay(stdio) if stdio.relayed else None
         status = _read_status(status_r)
         if status == "R":
             for res in resources:
