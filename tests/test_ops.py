@@ -386,9 +386,9 @@ def test_log_format_json_on_every_path(tmp_path):
     p = jrun("--net", "none", "--log-format", "json", "--", "no-such-cmd")  # a child error
     assert p.returncode == 127 and "not found" in _json_lines(p.stderr)[0]["msg"]
     p = jrun("--net", "none", "--log-format", "json", "--timeout", "1", "--stop-timeout", "1",
-             "--", "sleep", "30")  # supervision
+             "--", "sleep", "30")  # supervision: timed out, and SIGKILL at once (sleep has no handler)
     recs = _json_lines(p.stderr)
-    assert p.returncode == 124 and [r["level"] for r in recs] == ["warning", "warning"]
+    assert p.returncode == 124 and [r["level"] for r in recs] == ["warning"] and "SIGKILL" in recs[0]["msg"]
     assert all(r["job"] for r in recs)
     p = jrun("--net", "none", "--log-format", "json", "--log-level", "debug", "--", "true")
     assert len(_json_lines(p.stderr)) > 5
