@@ -57,7 +57,10 @@ TINI = "/usr/bin/tini-static"
 BUSYBOX = "/bin/busybox"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_WORKDIR = "/work"
-DEFAULT_WORKDIR_SIZE = "25%"  # of RAM, like tmpfs's own default (50%) but halved
+# The job's writable space (/, /tmp, /work, /dev/shm share one tmpfs of
+# this size, see build_root): a quarter of RAM, half of what tmpfs gives
+# each mount by default.
+DEFAULT_WORKDIR_SIZE = "25%"
 DEFAULT_STOP_TIMEOUT = 10.0
 
 # Networks (see the Network section).  The default subnet: podman takes
@@ -178,6 +181,18 @@ DEFAULT_CAPS = frozenset((
 ))
 
 RLIMIT_CORE = 4  # <asm-generic/resource.h>
+
+# The job's device nodes (name, major, minor): <linux/major.h>, and
+# Documentation/admin-guide/devices.txt.  jrun makes them for each job
+# (build_dev); the device allow-list of the job's cgroup lets it use these,
+# its own ptys, and nothing else (Cgroup.restrict_devices).
+DEV_NODES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9),
+             ("tty", 5, 0))
+# (type, major, minor or None for any, access): read, write, mknod.  mknod
+# only of the job's own nodes, which the child makes after joining its
+# cgroup; /dev/ptmx (5:2) and the ptys (136:*) belong to the job's devpts.
+DEVICE_RULES = tuple(("c", major, minor, "rwm") for _, major, minor in DEV_NODES) + (
+    ("c", 5, 2, "rw"), ("c", 136, None, "rw"))
 
 # --userns: each job's root is mapped to its own range of USERNS_SIZE host
 # uids (and gids) in [USERNS_BASE, 2^32): above every range useradd hands
@@ -498,8 +513,8 @@ RUN_OPTIONS = (
     Opt("--upload", None, "SRC[:DEST]", "copy a host file or directory into the job (repeatable)", repeat=True),
     Opt("--volume", "-v", "SRC:DEST[:ro]", "bind a host path into the job (repeatable)", repeat=True),
     Opt("--workdir", "-w", "DIR", "working directory inside the job (default /work)"),
-    Opt("--workdir-size", None, "SIZE", "bound of the /work tmpfs: 512M, 2G or a percentage of RAM "
-        "(default %s)" % DEFAULT_WORKDIR_SIZE),
+    Opt("--workdir-size", None, "SIZE", "the job's writable space, shared by /work, /tmp, /dev/shm and "
+        "the root: 512M, 2G or a percentage of RAM (default %s)" % DEFAULT_WORKDIR_SIZE),
     Opt("--env", "-e", "KEY[=VALUE]", "set a variable, or pass the caller's value (repeatable)", repeat=True),
     Opt("--env-file", None, "FILE", "read KEY=VALUE lines from FILE (repeatable)", repeat=True),
     Opt("--rootfs", None, "minimal|host|PATH", "the job's root filesystem (default minimal)"),
@@ -1295,24 +1310,34 @@ def check_staging_sources(spec):
 
 
 def workdir_bytes(spec):
-    """The /work tmpfs's size= in bytes (a percentage is of RAM, as tmpfs has it)."""
+    """The job's writable space in bytes (a percentage is of RAM, as tmpfs has it)."""
     if spec.workdir_size.endswith("%"):
         ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         return ram * int(spec.workdir_size[:-1]) // 100
     return int(spec.workdir_size)
 
 
+def workdir_inodes(spec):
+    """How many files the job's writable space may hold: one per 4 KiB of
+    it.  A tmpfs's own default (half of RAM's pages) would let a job fill
+    gigabytes of kernel memory with empty files that its size= never counts."""
+    return max(workdir_bytes(spec) // 4096, 1024)
+
+
 def survey_uploads(spec):
     """Count the files and bytes of every upload (the parent, before any side
     effect): for the progress line, and to refuse uploads that cannot fit in
-    the /work tmpfs.  Returns the spec with the counts in its Upload records."""
+    the job's writable space, where every upload lands (volumes and the
+    kernel's directories are refused as destinations).  Returns the spec
+    with the counts in its Upload records."""
     import stat
 
     counted = []
-    in_work = in_memory = 0
+    in_memory = inodes = 0
     for up in spec.uploads:
         files = size = pages = 0
         todo = [up.src]
+        inodes += 1
         try:
             st = os.stat(up.src)
             if stat.S_ISREG(st.st_mode):
@@ -1320,6 +1345,7 @@ def survey_uploads(spec):
             while todo:
                 with os.scandir(todo.pop()) as it:
                     for e in it:
+                        inodes += 1
                         if e.is_dir(follow_symlinks=False):
                             todo.append(e.path)
                             continue
@@ -1332,12 +1358,15 @@ def survey_uploads(spec):
             raise UsageError("--upload: %s: %s" % (e.filename or up.src, e.strerror)) from None
         counted.append(up.replace(files=files, bytes=size))
         in_memory += pages * 4096
-        if _under(up.dest, DEFAULT_WORKDIR):
-            in_work += pages * 4096
-    if in_work > workdir_bytes(spec):
-        raise UsageError("--upload: the uploads into %s need %s, more than --workdir-size %s allows "
-                         "(raise --workdir-size)" % (DEFAULT_WORKDIR, fmt_size(in_work),
-                                                     fmt_size(workdir_bytes(spec))))
+    if in_memory > workdir_bytes(spec):
+        raise UsageError("--upload: the uploads need %s, more than --workdir-size %s allows (the job's "
+                         "writable space, which they share with everything the job writes; raise "
+                         "--workdir-size)" % (fmt_size(in_memory), fmt_size(workdir_bytes(spec))))
+    if inodes > workdir_inodes(spec):
+        raise UsageError("--upload: the uploads hold %s files and directories, more than --workdir-size %s "
+                         "allows (%s: one per 4 KiB; raise --workdir-size)" % (
+                             format(inodes, ","), fmt_size(workdir_bytes(spec)),
+                             format(workdir_inodes(spec), ",")))
     # Every upload lands on a tmpfs whose pages are charged to the job's
     # memory cgroup: more than --memory would be an OOM kill while staging.
     if spec.limits.memory and in_memory > spec.limits.memory:
@@ -3595,7 +3624,7 @@ def child_steps(plan):
     mount_proc_and_sys()
     for res in plan.resources:
         res.enter_root()
-    harden_proc_and_sys()
+    harden_proc_and_sys(spec)
     sethostname(spec.hostname)
     audit("hostname set to %s" % spec.hostname)
 
@@ -3630,28 +3659,41 @@ def child_steps(plan):
 
 
 def build_root(spec, state_dir, userns=None, resources=()):
-    """The job's root, on a tmpfs inside the job's own mount namespace, so
-    that everything the job writes vanishes with it even if jrun is
-    SIGKILLed, and concurrent jobs never see each other's writes: for
-    --rootfs minimal or PATH an overlay whose lower layer is that directory
-    (never modified) and whose upper layer is on the tmpfs; for --rootfs host
-    the tmpfs itself, with the host's system directories bound read-only.
+    """The job's root, in the job's own mount namespace, so that everything
+    the job writes vanishes with it even if jrun is SIGKILLed, and
+    concurrent jobs never see each other's writes: for --rootfs minimal or
+    PATH an overlay whose lower layer is that directory (never modified);
+    for --rootfs host a directory with the host's system directories bound
+    read-only.
+
+    Everything the job can write lives on ONE tmpfs of --workdir-size (the
+    overlay's upper layer or the host root's directory, and /tmp, /work and
+    /dev/shm, bound from its directories): one size= bounds the job's whole
+    writable space, and a job that fills it gets ENOSPC in every place at
+    once, never the host's memory.  (Separate tmpfs would each default to
+    half of RAM; and tmpfs pages outlive the process that wrote them, so the
+    host's OOM killer would pick host daemons instead.)
 
     Under --userns the job's root is host uid B (userns.base): the rootfs is
     bound through an idmapped mount (its root-owned files appear owned by B,
-    so copy-ups stay B's too) and the roots of the writable layer and of the
-    tmpfs mounts belong to B."""
+    so copy-ups stay B's too) and the writable directories belong to B."""
     base = os.path.join(state_dir, "root")
-    mount("jrun-" + spec.id, base, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
+    mount("jrun-" + spec.id, base, "tmpfs", MS_NOSUID | MS_NODEV,
+          "mode=0755,size=%d,nr_inodes=%d" % (workdir_bytes(spec), workdir_inodes(spec)))
+    space = {}
+    for name, mode in WRITABLE_DIRS + (HOST_ROOT_DIRS if spec.rootfs == "host" else OVERLAY_DIRS):
+        space[name] = os.path.join(base, name)
+        os.mkdir(space[name])
+        os.chmod(space[name], mode)  # past the umask
+        if userns:
+            os.chown(space[name], userns.base, userns.base)
     root = os.path.join(base, "root")
-    owner = ",uid=%d,gid=%d" % (userns.base, userns.base) if userns else ""
     os.mkdir(root, 0o755)
     if spec.rootfs == "host":
-        mount("jrun-" + spec.id, root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755" + owner)
+        mount(space["host"], root, None, MS_BIND)  # a mount point, for pivot_root
         build_host_root(root)
     else:
-        for d in ("lower", "upper", "work"):
-            os.mkdir(os.path.join(base, d), 0o755)
+        os.mkdir(os.path.join(base, "lower"), 0o755)
         lower = rootfs_path(spec)
         if userns:
             fd = os.open(os.path.join(base, "lower"), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -3659,7 +3701,6 @@ def build_root(spec, state_dir, userns=None, resources=()):
                 bind_into(lower, fd, MOUNT_ATTR_IDMAP, userns.fd)
             finally:
                 os.close(fd)
-            chown_to_job(os.path.join(base, "upper"), userns.base)
         else:
             mount(lower, os.path.join(base, "lower"), None, MS_BIND | MS_REC)
         # Relative layer paths, so that the job's /proc/self/mountinfo names no
@@ -3667,18 +3708,18 @@ def build_root(spec, state_dir, userns=None, resources=()):
         os.chdir(base)
         # nodev: a device node in a custom rootfs (an image from anywhere)
         # must not open the host's disks; /dev is a mount of its own.
-        mount("overlay", root, "overlay", MS_NOSUID | MS_NODEV, "lowerdir=lower,upperdir=upper,workdir=work")
+        mount("overlay", root, "overlay", MS_NOSUID | MS_NODEV, "lowerdir=lower,upperdir=upper,workdir=ovlwork")
         audit("root: overlay of %s with a private writable layer" % lower)
 
-    tmp = _safe_mkdirs(root, "tmp", 0o1777)
-    mount("tmpfs", tmp, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777" + owner)
-    # /work is always the job's own bounded tmpfs, whatever -w says: a job
-    # that fills it gets ENOSPC, and the host's disk is never involved.
-    work = _safe_mkdirs(root, DEFAULT_WORKDIR)
-    mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=%s%s" % (spec.workdir_size, owner))
-    audit("writable /tmp and %s (tmpfs, size=%s) mounted" % (DEFAULT_WORKDIR, spec.workdir_size))
+    # Binds keep the tmpfs mount's nosuid and nodev (clone_mnt copies them).
+    mount(space["tmp"], _safe_mkdirs(root, "tmp", 0o1777), None, MS_BIND)
+    # /work is always there, whatever -w says: uploads land in it by default.
+    mount(space["work"], _safe_mkdirs(root, DEFAULT_WORKDIR), None, MS_BIND)
+    audit("writable space: one tmpfs (size=%s, nr_inodes=%d) for %s, /tmp, %s and /dev/shm"
+          % (fmt_size(workdir_bytes(spec)), workdir_inodes(spec),
+             "/" if spec.rootfs == "host" else "the root's writable layer", DEFAULT_WORKDIR))
 
-    build_dev(root, spec)
+    build_dev(root, spec, base, space["shm"])
     _safe_mkdirs(root, "proc", 0o555)
     _safe_mkdirs(root, "sys", 0o555)
     etc = {"etc/hostname": spec.hostname + "\n",
@@ -3693,6 +3734,14 @@ def build_root(spec, state_dir, userns=None, resources=()):
     if spec.read_only:
         make_root_read_only(root)
     return root
+
+
+# The directories of the job's writable tmpfs (name, mode): what is bound at
+# /tmp, /work and /dev/shm; then the overlay's upper and work directories,
+# or the root of --rootfs host.
+WRITABLE_DIRS = (("tmp", 0o1777), ("work", 0o755), ("shm", 0o1777))
+OVERLAY_DIRS = (("upper", 0o755), ("ovlwork", 0o700))
+HOST_ROOT_DIRS = (("host", 0o755),)
 
 
 def stage_files(spec, root, userns=None):
@@ -3720,21 +3769,37 @@ def stage_files(spec, root, userns=None):
         os.close(rootfd)
 
 
-def build_dev(root, spec):
-    """A minimal /dev: a few harmless host device nodes bind-mounted (as bwrap
-    does), a private devpts instance, /dev/shm; nothing else of the host."""
+def build_dev(root, spec, base, shm):
+    """A minimal /dev whose device nodes are the job's own: made (mknod) on a
+    small tmpfs of the job's, which is then made read-only and bound node by
+    node into /dev.  A chmod, chown or rm of /dev/null in the job (or of the
+    /proc files masked by it) therefore never reaches the host's nodes, and
+    fails on the read-only mount anyway.  /dev itself is nodev like every
+    writable mount of the job: a node the job manages to make anywhere
+    (--cap-add MKNOD) cannot be opened; the only mounts without nodev are
+    the read-only nodes and the job's private devpts.  Not /dev/console:
+    jrun gives the job no console."""
+    import stat
+
+    nodes = os.path.join(base, "dev")
+    os.mkdir(nodes, 0o755)
+    mount("jrun-dev", nodes, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=4k,nr_inodes=16")
+    for name, major, minor in DEV_NODES:
+        os.mknod(os.path.join(nodes, name), stat.S_IFCHR | 0o666, os.makedev(major, minor))
+        os.chmod(os.path.join(nodes, name), 0o666)  # past the umask
+    mount(None, nodes, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
     dev = _safe_mkdirs(root, "dev")
-    mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k")
-    for name in ("null", "zero", "full", "random", "urandom", "tty"):
+    mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=64k")
+    for name, _, _ in DEV_NODES:
         target = os.path.join(dev, name)
         os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
-        mount("/dev/" + name, target, None, MS_BIND)
+        mount(os.path.join(nodes, name), target, None, MS_BIND)
     os.mkdir(os.path.join(dev, "pts"), 0o755)
     mount("devpts", os.path.join(dev, "pts"), "devpts", MS_NOSUID | MS_NOEXEC,
           "newinstance,ptmxmode=0666,mode=0620")
     os.symlink("pts/ptmx", os.path.join(dev, "ptmx"))
     os.mkdir(os.path.join(dev, "shm"), 0o1777)
-    mount("tmpfs", os.path.join(dev, "shm"), "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    mount(shm, os.path.join(dev, "shm"), None, MS_BIND)  # of the job's writable space, nosuid, nodev
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         os.symlink(target, os.path.join(dev, name))
@@ -3744,8 +3809,9 @@ def build_dev(root, spec):
         init = os.path.join(dev, "init")
         os.close(os.open(init, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o755))
         mount(TINI, init, None, MS_BIND)
-        mount(None, init, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID)
-    audit("minimal /dev: null zero full random urandom tty pts shm%s" % (" init" if spec.init else ""))
+        mount(None, init, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    audit("minimal /dev (nodev): the job's own read-only %s; pts shm%s"
+          % (" ".join(n for n, _, _ in DEV_NODES), " init" if spec.init else ""))
 
 
 def pivot_into(root):
@@ -3779,15 +3845,22 @@ MASKED_DIRS = ("/proc/acpi", "/proc/asound", "/proc/scsi", "/sys/firmware",
 READ_ONLY_PROC = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 
 
-def harden_proc_and_sys():
-    # ping without NET_RAW, through ICMP datagram sockets, for every group,
-    # as docker does; a per-network-namespace sysctl, so this is the job's
-    # own, and it must be written before /proc/sys goes read-only.
-    try:
-        with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
-            f.write("0 2147483647")
-    except OSError:
-        pass
+def harden_proc_and_sys(spec):
+    # Written before /proc/sys goes read-only; each is a sysctl of the job's
+    # own namespace.  ping without NET_RAW, through ICMP datagram sockets,
+    # for every group, as docker does (network namespace).  SysV shared
+    # memory (IPC namespace) at most the job's writable space: a segment
+    # outlives the processes that made it, out of the OOM killer's sight,
+    # until the job's IPC namespace goes.
+    budget = workdir_bytes(spec)
+    for path, value in (("net/ipv4/ping_group_range", "0 2147483647"), ("kernel/shmmax", str(budget)),
+                        ("kernel/shmall", str(budget // os.sysconf("SC_PAGE_SIZE")))):
+        try:
+            with open("/proc/sys/" + path, "w") as f:
+                f.write(value)
+        except OSError:
+            pass
+    # The masks are binds of the job's own /dev/null (build_dev), read-only.
     for path in MASKED_FILES:
         if os.path.exists(path):
             mount("/dev/null", path, None, MS_BIND)
