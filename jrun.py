@@ -217,6 +217,22 @@ BPF_JEQ_K = 0x15
 BPF_JGE_K = 0x35
 BPF_JSET_K = 0x45
 BPF_RET_K = 0x06
+# What the filter checks the arguments of: <asm-generic/ioctls.h> (the same
+# numbers on x86_64 and aarch64), <linux/socket.h>.
+TIOCSTI = 0x5412
+TIOCLINUX = 0x541C
+AF_VSOCK = 40
+
+# <linux/bpf.h>: the eBPF device allow-list of a cgroup v2 job.
+BPF_PROG_LOAD = 5
+BPF_PROG_ATTACH = 8
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_PROG_QUERY = 16
+BPF_PROG_TYPE_CGROUP_DEVICE = 15
+BPF_CGROUP_DEVICE = 6
+BPF_F_ALLOW_MULTI = 2
+BPF_DEVCG_DEV_BLOCK, BPF_DEVCG_DEV_CHAR = 1, 2
+BPF_DEVCG_ACC_MKNOD, BPF_DEVCG_ACC_READ, BPF_DEVCG_ACC_WRITE = 1, 2, 4
 
 # ---------------------------------------------------------------------------
 # Errors: one root; main() alone prints them and turns them into a status.
@@ -433,6 +449,16 @@ def mount_setattr(fd, attr_set, recursive=True, userns_fd=0):
     L = ctypes.c_long
     _check(_c().syscall(L(nr), L(fd), b"", L(flags), ctypes.byref(attr), L(ctypes.sizeof(attr))),
            "mount_setattr")
+
+
+def bpf(cmd, attr):
+    """bpf(2): ATTR is a ctypes structure laid out as the command's member
+    of union bpf_attr (the kernel takes a shorter one: the rest is zero)."""
+    import ctypes
+
+    nr = _SYSCALLS[os.uname().machine]["bpf"]
+    L = ctypes.c_long
+    return _check(_c().syscall(L(nr), L(cmd), ctypes.byref(attr), L(ctypes.sizeof(attr))), "bpf")
 
 
 # ---------------------------------------------------------------------------
@@ -1009,7 +1035,7 @@ CPU_PERIOD_US = 100000
 # Below this a job cannot even start (the child's own pages, busybox's page
 # cache); a limit under it would fail in confusing ways, so it is refused.
 MEMORY_FLOOR = 4 << 20
-V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio")
+V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices")
 # The controllers each limit needs, by cgroup version.
 _LIMIT_CONTROLLERS = {
     "cpu": ("--cpu", "cpu", "cpu"), "cores": ("--cores", "cpuset", "cpuset"),
@@ -1175,13 +1201,16 @@ def io_paths(spec):
 
 
 ACCOUNTING_CONTROLLERS = {1: ("memory", "pids", "cpuacct", "blkio"), 2: ("memory", "pids", "io")}
+# v1's device allow-list is a controller (v2's is an eBPF program, which
+# needs none): see Cgroup.restrict_devices.
+GUARD_CONTROLLERS = {1: ("devices",), 2: ()}
 
 
 def cgroup_controllers(spec):
     """The controllers the job's cgroup uses: those its limits need (each
-    must exist here, or the run is refused) and those that account for it
-    (--stats, --json-status, and killing every process at the end), where the
-    host has them."""
+    must exist here, or the run is refused), those that account for it
+    (--stats, --json-status, and killing every process at the end) and v1's
+    device allow-list, where the host has them."""
     host = cgroup_host()
     parent = cgroup_parent(spec)
     if host.version == 2:
@@ -1209,7 +1238,8 @@ def cgroup_controllers(spec):
             host.mounts.get("memory", (CGROUP_ROOT + "/memory",))[0], parent))
     if not have:
         raise SetupError("no cgroup v1 hierarchy of %s is mounted under %s" % (", ".join(V1_CONTROLLERS), CGROUP_ROOT))
-    return sorted(set(need) | (set(ACCOUNTING_CONTROLLERS[host.version]) & have))
+    used = ACCOUNTING_CONTROLLERS[host.version] + GUARD_CONTROLLERS[host.version]
+    return sorted(set(need) | (set(used) & have))
 
 
 def validate_limits(spec):
@@ -2264,12 +2294,35 @@ class Cgroup(Resource):
                         raise
                     self.teardown()  # what this attempt made, then again
             self.write_limits(self.spec.limits)
+            self.restrict_devices()
         except OSError as e:
             self.teardown()
             raise SetupError("cgroup %s: %s" % (getattr(e, "filename", None) or self.dirs[0], e.strerror)) from None
+        except SetupError:
+            self.teardown()
+            raise
         audit("cgroup v%d: %s created with %s" % (self.version, ", ".join(self.dirs),
-                                                  "; ".join("%s=%s" % (os.path.basename(f), v.strip())
+                                                  "; ".join("%s=%s" % (os.path.basename(f), " ".join(v.split()))
                                                             for f, v in self.checks) or "no limits"))
+
+    def restrict_devices(self):
+        """Parent, in setup: the device allow-list (DEVICE_RULES), where this
+        cgroup version has one.  It is the wall that holds if the job can
+        make device nodes (--cap-add MKNOD): such a node in a read-write
+        volume is a node on the host's filesystem.  So MKNOD is refused
+        where no allow-list can be set (no v1 devices hierarchy, a kernel
+        without cgroup BPF); without it the job's own nodes and nodev on
+        every writable mount (build_dev) are what hold."""
+
+    def _no_device_list(self, why):
+        if "MKNOD" in job_capabilities(self.spec):
+            raise SetupError("--cap-add MKNOD: the job's cgroup can have no device allow-list here (%s), "
+                             "and it is what stops a device node the job makes from being opened" % why)
+        audit("cgroup: no device allow-list (%s); the job's own nodes and nodev hold" % why)
+
+    def verify_devices(self):
+        """Child, in enter(): the device allow-list the parent set is in
+        force (v1: its devices.list is one of the checks)."""
 
     def limit(self, path, value):
         """Write a limit, and note what the child must read back."""
@@ -2301,8 +2354,10 @@ class Cgroup(Resource):
                                  % (ctrls or "unified", mine.get(ctrls), want))
         for path, want in self.checks:
             got = _read(path)
-            if got is None or sorted(got.split()) != sorted(want.split()):
+            # Line by line, in any order (devices.list, io.max have several).
+            if got is None or sorted(map(str.split, got.splitlines())) != sorted(map(str.split, want.splitlines())):
                 raise SetupError("cgroup verification failed: %s is %r, not %r" % (path, got, want))
+        self.verify_devices()
         audit("cgroup verified: this process is in %s only, limits read back: %s" % (
             ", ".join("%s:%s" % (c or "0:", mine[c]) for c in self.where),
             "; ".join("%s=%s" % (os.path.basename(f), v.strip().replace("\n", " ")) for f, v in self.checks)
@@ -2454,6 +2509,22 @@ class CgroupV1(Cgroup):
                     _write(os.path.join(d, f), "%s %d" % (dev, lim.io_bps))
                 self.checks.append((os.path.join(d, f), "".join("%s %d\n" % (dev, lim.io_bps) for dev in devs)))
 
+    def restrict_devices(self):
+        """'a' denied, then each rule allowed: the job's list, its parent's
+        left untouched (a v1 child can narrow its parent's list, never
+        widen it)."""
+        d = self._dir("devices")
+        if d is None:
+            return self._no_device_list(
+                "--cgroup-parent %s is not in the v1 devices hierarchy" % self.spec.cgroup_parent
+                if "devices" in cgroup_host().mounts else "no v1 devices hierarchy is mounted")
+        rules = ["%s %d:%s %s" % (kind, major, "*" if minor is None else minor, access)
+                 for kind, major, minor, access in DEVICE_RULES]
+        _write(os.path.join(d, "devices.deny"), "a")
+        for rule in rules:
+            _write(os.path.join(d, "devices.allow"), rule)
+        self.checks.append((os.path.join(d, "devices.list"), "".join(r + "\n" for r in rules)))
+
     def enter_root(self):
         """A read-only tmpfs at /sys/fs/cgroup, and on it each of the job's
         hierarchies read-only; in the job's cgroup namespace each shows the
@@ -2493,12 +2564,116 @@ class CgroupV1(Cgroup):
                         out.io_write_bytes += int(f[2])
 
 
+# Cgroup v2's device allow-list is an eBPF program (BPF_PROG_TYPE_CGROUP_DEVICE)
+# attached to the job's cgroup, as crun, runc and systemd do it: the kernel
+# runs it on every open and mknod of a device node by a process of the
+# cgroup (devcgroup_check_permission), with struct bpf_cgroup_dev_ctx
+# {u32 access_type (access << 16 | type), major, minor} in r1; it returns 1
+# to allow, 0 to refuse (EPERM).  Hand-assembled, like the seccomp filter:
+# ~40 instructions, and no compiler or libbpf on the run path.
+BPF_LDX_MEM_W, BPF_MOV64_X, BPF_MOV64_K, BPF_AND32_K, BPF_RSH32_K, BPF_JNE_K, BPF_EXIT = (
+    0x61, 0xBF, 0xB7, 0x54, 0x74, 0x55, 0x95)
+
+
+def _bpf_insn(code, dst=0, src=0, off=0, imm=0):
+    """One struct bpf_insn (little-endian: x86_64 and aarch64)."""
+    return bytes((code, dst | src << 4)) + (off & 0xFFFF).to_bytes(2, "little") + \
+        (imm & 0xFFFFFFFF).to_bytes(4, "little")
+
+
+def device_filter_program(rules):
+    """RULES (DEVICE_RULES) as eBPF: r2 = type, r3 = access, r4 = major,
+    r5 = minor; each rule a block that jumps past itself on any mismatch
+    and returns 1 at its end; 0 after the last."""
+    prog = [_bpf_insn(BPF_LDX_MEM_W, 2, 1, 0), _bpf_insn(BPF_MOV64_X, 3, 2),
+            _bpf_insn(BPF_AND32_K, 2, imm=0xFFFF), _bpf_insn(BPF_RSH32_K, 3, imm=16),
+            _bpf_insn(BPF_LDX_MEM_W, 4, 1, 4), _bpf_insn(BPF_LDX_MEM_W, 5, 1, 8)]
+    for kind, major, minor, access in rules:
+        allowed = sum(bit for ch, bit in (("m", BPF_DEVCG_ACC_MKNOD), ("r", BPF_DEVCG_ACC_READ),
+                                          ("w", BPF_DEVCG_ACC_WRITE)) if ch in access)
+        # (register, value): r1 = access & ~allowed must be 0.
+        tests = [(2, BPF_DEVCG_DEV_CHAR if kind == "c" else BPF_DEVCG_DEV_BLOCK), (1, 0), (4, major)]
+        if minor is not None:
+            tests.append((5, minor))
+        block = []
+        for reg, value in tests:
+            if reg == 1:
+                block += [(BPF_MOV64_X, 1, 3, None, 0), (BPF_AND32_K, 1, 0, None, ~allowed)]
+            block.append((BPF_JNE_K, reg, 0, "next", value))
+        block += [(BPF_MOV64_K, 0, 0, None, 1), (BPF_EXIT, 0, 0, None, 0)]
+        prog += [_bpf_insn(code, dst, src, len(block) - i - 1 if off == "next" else 0, imm)
+                 for i, (code, dst, src, off, imm) in enumerate(block)]
+    prog += [_bpf_insn(BPF_MOV64_K, 0, imm=0), _bpf_insn(BPF_EXIT)]
+    return b"".join(prog)
+
+
+def attach_device_filter(cgroup_dir, rules):
+    """Load RULES' program and attach it to CGROUP_DIR (BPF_F_ALLOW_MULTI:
+    it runs after any program a delegating parent attached, and all must
+    allow).  Returns the program's id.  The cgroup holds the program: it
+    goes when the cgroup is removed, with nothing for teardown or gc."""
+    import ctypes
+
+    u32, u64 = ctypes.c_uint32, ctypes.c_uint64
+
+    class ProgLoad(ctypes.Structure):
+        _fields_ = [("prog_type", u32), ("insn_cnt", u32), ("insns", u64), ("license", u64), ("log_level", u32),
+                    ("log_size", u32), ("log_buf", u64), ("kern_version", u32), ("prog_flags", u32),
+                    ("prog_name", ctypes.c_char * 16)]
+
+    class Attach(ctypes.Structure):
+        _fields_ = [("target_fd", u32), ("attach_bpf_fd", u32), ("attach_type", u32), ("attach_flags", u32)]
+
+    class InfoByFd(ctypes.Structure):
+        _fields_ = [("bpf_fd", u32), ("info_len", u32), ("info", u64)]
+
+    code = device_filter_program(rules)
+    insns = ctypes.create_string_buffer(code, len(code))
+    lic = ctypes.create_string_buffer(b"Apache-2.0")
+    prog = bpf(BPF_PROG_LOAD, ProgLoad(prog_type=BPF_PROG_TYPE_CGROUP_DEVICE, insn_cnt=len(code) // 8,
+                                       insns=ctypes.addressof(insns), license=ctypes.addressof(lic),
+                                       prog_name=b"jrun_devices"))
+    try:
+        cg = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            bpf(BPF_PROG_ATTACH, Attach(target_fd=cg, attach_bpf_fd=prog, attach_type=BPF_CGROUP_DEVICE,
+                                        attach_flags=BPF_F_ALLOW_MULTI))
+        finally:
+            os.close(cg)
+        info = (u32 * 2)()  # struct bpf_prog_info: type, id
+        bpf(BPF_OBJ_GET_INFO_BY_FD, InfoByFd(bpf_fd=prog, info_len=8, info=ctypes.addressof(info)))
+        return info[1]
+    finally:
+        os.close(prog)
+
+
+def attached_device_filters(cgroup_dir):
+    """The ids of the device programs attached to CGROUP_DIR itself."""
+    import ctypes
+
+    u32, u64 = ctypes.c_uint32, ctypes.c_uint64
+
+    class Query(ctypes.Structure):
+        _fields_ = [("target_fd", u32), ("attach_type", u32), ("query_flags", u32), ("attach_flags", u32),
+                    ("prog_ids", u64), ("prog_cnt", u32)]
+
+    ids = (u32 * 64)()
+    cg = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        query = Query(target_fd=cg, attach_type=BPF_CGROUP_DEVICE, prog_ids=ctypes.addressof(ids), prog_cnt=64)
+        bpf(BPF_PROG_QUERY, query)
+    finally:
+        os.close(cg)
+    return list(ids[:query.prog_cnt])
+
+
 class CgroupV2(Cgroup):
     """One directory in the unified hierarchy: /sys/fs/cgroup/<parent>/<id>.
     Controllers are enabled in cgroup.subtree_control along the path; jrun
     never puts a process in the parents (the no-internal-process rule)."""
 
     version = 2
+    device_filter = None  # the id of the job's device program, once attached
 
     def plan(self):
         self.controllers = cgroup_controllers(self.spec)
@@ -2559,6 +2734,27 @@ class CgroupV2(Cgroup):
                 _write(os.path.join(d, "io.max"), "%s rbps=%d wbps=%d" % (dev, lim.io_bps, lim.io_bps))
             self.checks.append((os.path.join(d, "io.max"), "".join(
                 "%s rbps=%d wbps=%d riops=max wiops=max\n" % (dev, lim.io_bps, lim.io_bps) for dev in devs)))
+
+    def restrict_devices(self):
+        self.device_filter = None
+        try:
+            self.device_filter = attach_device_filter(self.dirs[0], DEVICE_RULES)
+        except OSError as e:
+            # A kernel without CONFIG_CGROUP_BPF (EINVAL), a seccomp profile
+            # around jrun (EPERM), a delegating parent whose program allows
+            # no other (EPERM).
+            return self._no_device_list("cgroup BPF: %s" % os.strerror(e.errno))
+        audit("cgroup: device allow-list attached (eBPF program %d): %s" % (self.device_filter, " ".join(
+            "%s %d:%s %s" % (k, ma, "*" if mi is None else mi, a) for k, ma, mi, a in DEVICE_RULES)))
+
+    def verify_devices(self):
+        if self.device_filter is None:
+            return
+        found = attached_device_filters(self.dirs[0])
+        if found != [self.device_filter]:
+            raise SetupError("cgroup verification failed: device programs %s attached to %s, not [%d]"
+                             % (found, self.dirs[0], self.device_filter))
+        audit("cgroup verified: the device allow-list (eBPF program %d) is attached" % self.device_filter)
 
     def enter_root(self):
         mount("cgroup2", CGROUP_ROOT, "cgroup2", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
