@@ -124,7 +124,8 @@ AT_RECURSIVE = 0x8000
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 # <asm/unistd_64.h> (x86_64) and <asm-generic/unistd.h> (aarch64): the
-# syscalls jrun calls by number, and those the default seccomp filter refuses.
+# syscalls jrun calls by number, and those the default seccomp filter refuses
+# or checks the arguments of.
 # (tests/test_security.py checks them against the installed headers.)
 _SYSCALL_NAMES = (
     "pivot_root", "clone", "clone3", "unshare", "setns", "mount", "umount2", "move_mount", "fsopen",
@@ -134,6 +135,7 @@ _SYSCALL_NAMES = (
     "finit_module", "delete_module", "reboot", "kexec_load", "kexec_file_load", "settimeofday",
     "clock_settime", "clock_adjtime", "acct", "iopl", "ioperm", "open_by_handle_at",
     "name_to_handle_at", "bpf", "perf_event_open", "userfaultfd", "syslog", "vhangup", "openat2",
+    "ioctl", "socket", "socketpair", "setrlimit", "prlimit64",
 )
 _SYSCALLS = {
     "x86_64": dict(zip(_SYSCALL_NAMES, (
@@ -143,7 +145,8 @@ _SYSCALLS = {
         248, 249, 425, 426, 427, 175,
         313, 176, 169, 246, 320, 164,
         227, 305, 163, 172, 173, 304,
-        303, 321, 298, 323, 103, 153, 437))),
+        303, 321, 298, 323, 103, 153, 437,
+        16, 41, 53, 160, 302))),
     "aarch64": dict(zip(_SYSCALL_NAMES, (
         41, 220, 435, 97, 268, 40, 39, 429, 430,
         431, 432, 433, 428, 467, 442, 60,
@@ -151,7 +154,8 @@ _SYSCALLS = {
         217, 218, 425, 426, 427, 105,
         273, 106, 142, 104, 294, 170,
         112, 266, 89, None, None, 265,
-        264, 280, 241, 282, 116, 58, 437))),
+        264, 280, 241, 282, 116, 58, 437,
+        29, 198, 199, 164, 261))),
 }
 
 # <linux/audit.h>: the architecture tag of a syscall as seccomp sees it.
@@ -1958,17 +1962,20 @@ def seccomp_program(machine, caps):
     k) sock_filter tuples.
 
     Why hand-made BPF rather than libseccomp: the filter is a deny list of
-    ~50 numbers and one argument test, which is ~110 straight-line
-    instructions that a reviewer can read (and tests/test_security.py
-    decodes and runs).  libseccomp's own Python binding is not published
-    on PyPI (Debian's python3-seccomp is built for the system python, not
-    /opt/jrun's), the PyPI stand-ins are unmaintained (pyseccomp: 2021) or
-    third-party rebuilds, and either would be a bigger thing to trust than
-    this function.  Each refused syscall is a pair
-    `jeq NR / ret ERRNO` so that no jump needs an offset over 255; the
-    kernel's seccomp action cache (5.11+) turns every syscall whose verdict
-    does not depend on its arguments (all but clone) into a bitmap lookup,
-    so the length of the list costs nothing at run time.
+    ~50 numbers and a few argument tests, ~140 straight-line instructions
+    that a reviewer can read (and tests/test_security.py decodes and runs).
+    libseccomp's own Python binding is not published on PyPI (Debian's
+    python3-seccomp is built for the system python, not /opt/jrun's), the
+    PyPI stand-ins are unmaintained (pyseccomp: 2021) or third-party
+    rebuilds, and either would be a bigger thing to trust than this
+    function.  Each refused syscall is a pair `jeq NR / ret ERRNO` so that
+    no jump needs an offset over 255.  The kernel's seccomp action cache
+    (5.11+) turns every syscall whose verdict does not depend on its
+    arguments into a bitmap lookup, so the length of the list costs nothing
+    at run time; the few that are checked by argument (ioctl, socket,
+    socketpair, clone, setrlimit, prlimit64) run the program on every call,
+    so they come first, ioctl (the most frequent) at the top, each block
+    ending in a verdict: a few instructions per call (tests/bench_security.py).
 
     A syscall of another architecture (i386 through int 0x80, or x32 on
     x86_64; arm32 on aarch64) kills the process (SIGSYS) rather than
@@ -1976,6 +1983,10 @@ def seccomp_program(machine, caps):
     the native table would be bypassed, and a 32-bit program that gets EPERM
     even from exit() would spin instead of failing clearly."""
     nrs = _SYSCALLS[machine]
+    eperm, allow = SECCOMP_RET_ERRNO | errno.EPERM, SECCOMP_RET_ALLOW
+    # seccomp_data: nr at 0, arch at 4, args[i] at 16 + 8 i (the low 32 bits
+    # first on these little-endian machines).  int and unsigned int arguments
+    # are the low 32 bits only: the kernel never reads the high ones.
     prog = [
         (BPF_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
         (BPF_JEQ_K, 1, 0, AUDIT_ARCH[machine]),
@@ -1984,26 +1995,61 @@ def seccomp_program(machine, caps):
     ]
     if machine == "x86_64":
         prog += [(BPF_JGE_K, 0, 1, X32_SYSCALL_BIT), (BPF_RET_K, 0, 0, SECCOMP_RET_KILL_PROCESS)]
+    prog += [
+        # Pushing input into a terminal: TIOCSTI types into the terminal a
+        # program reads from (CVE-2017-5226 and the sandbox escapes like
+        # it), TIOCLINUX's selection paste does the same on a virtual
+        # console.  No job needs either.
+        (BPF_JEQ_K, 0, 5, nrs["ioctl"]),
+        (BPF_LD_W_ABS, 0, 0, 24),  # the request, args[1]
+        (BPF_JEQ_K, 2, 0, TIOCSTI),
+        (BPF_JEQ_K, 1, 0, TIOCLINUX),
+        (BPF_RET_K, 0, 0, allow),
+        (BPF_RET_K, 0, 0, eperm),
+        # AF_VSOCK reaches the hypervisor (and the host of a VM) whatever
+        # the job's network namespace: as if the kernel had no such family.
+        (BPF_JEQ_K, 1, 0, nrs["socket"]),
+        (BPF_JEQ_K, 0, 4, nrs["socketpair"]),
+        (BPF_LD_W_ABS, 0, 0, 16),  # the family, args[0]
+        (BPF_JEQ_K, 0, 1, AF_VSOCK),
+        (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.EAFNOSUPPORT),
+        (BPF_RET_K, 0, 0, allow),
+        # RLIMIT_CORE stays at 1 (see drop_privileges): setrlimit of it,
+        # and prlimit64 of it with a new limit (a NULL one only reads), are
+        # refused.
+        (BPF_JEQ_K, 0, 4, nrs["setrlimit"]),
+        (BPF_LD_W_ABS, 0, 0, 16),  # the resource, args[0]
+        (BPF_JEQ_K, 0, 1, RLIMIT_CORE),
+        (BPF_RET_K, 0, 0, eperm),
+        (BPF_RET_K, 0, 0, allow),
+        (BPF_JEQ_K, 0, 8, nrs["prlimit64"]),
+        (BPF_LD_W_ABS, 0, 0, 24),  # the resource, args[1]
+        (BPF_JEQ_K, 0, 5, RLIMIT_CORE),
+        (BPF_LD_W_ABS, 0, 0, 32),  # the new limit's pointer, args[2]: low half
+        (BPF_JEQ_K, 0, 2, 0),
+        (BPF_LD_W_ABS, 0, 0, 36),  # high half
+        (BPF_JEQ_K, 1, 0, 0),
+        (BPF_RET_K, 0, 0, eperm),
+        (BPF_RET_K, 0, 0, allow),
+    ]
     if "SYS_ADMIN" not in caps:
         prog += [
             # clone3 passes its flags in memory, which seccomp cannot read:
             # ENOSYS makes glibc and musl fall back to clone(), checked next.
-            # First in the program, because clone is the one verdict the
-            # kernel cannot cache (it depends on an argument).
             (BPF_JEQ_K, 0, 1, nrs["clone3"]), (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.ENOSYS),
             (BPF_JEQ_K, 0, 4, nrs["clone"]),
-            (BPF_LD_W_ABS, 0, 0, 16),  # low 32 bits of args[0], clone's flags (little-endian)
+            (BPF_LD_W_ABS, 0, 0, 16),  # low 32 bits of args[0], clone's flags
             (BPF_JSET_K, 0, 1, CLONE_NS_FLAGS),
-            (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.EPERM),
-            (BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
+            (BPF_RET_K, 0, 0, eperm),
+            (BPF_RET_K, 0, 0, allow),
         ]
     for cap, names in SECCOMP_DENY:
         if cap in caps:
             continue
         for name in names:
             if nrs[name] is not None:
-                prog += [(BPF_JEQ_K, 0, 1, nrs[name]), (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.EPERM)]
-    prog.append((BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW))
+                prog += [(BPF_JEQ_K, 0, 1, nrs[name]), (BPF_RET_K, 0, 0, eperm)]
+    prog.append((BPF_RET_K, 0, 0, allow))
     return prog
 
 
@@ -4169,9 +4215,14 @@ def drop_privileges(spec, uid, gid, sync_r, userns=None):
     execve stays allowed."""
     import prctl
 
-    # No core dumps, and no way back up (the hard limit): the host's
-    # core_pattern may pipe a dump to a host program running as root.
-    setrlimit(RLIMIT_CORE, 0, 0)
+    # No core dumps: the host's core_pattern may pipe a dump to a program
+    # that runs as host root (apport, systemd-coredump) and reads the
+    # crashed process.  A pipe ignores the limit, except 1: the kernel's own
+    # mark of a crashing dump helper, for which it aborts the dump
+    # (fs/coredump.c, coredump_pipe); a file dump needs a page at least.
+    # Hard limit 1 too, and the filter refuses setting RLIMIT_CORE at all,
+    # since lowering the soft limit to 0 would start the helper again.
+    setrlimit(RLIMIT_CORE, 1, 1)
     if userns:
         userns.join()
         audit("joined the job's user namespace: uid %d is %d on the host" % (uid, userns.base + uid))
