@@ -5081,6 +5081,60 @@ def verify_mounts(v):
         "run jrun as real root on a kernel with mount namespaces; do not bind host paths with -v"
 
 
+def _node_state(path):
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_mode, st.st_uid, st.st_gid, st.st_rdev
+
+
+def _restore_node(path, state):
+    """Put a host device node back as it was (mode, owner; made again if gone)."""
+    mode, uid, gid, rdev = state
+    if _node_state(path) is None:
+        os.mknod(path, mode, rdev)
+    os.chown(path, uid, gid, follow_symlinks=False)
+    os.chmod(path, mode & 0o7777)
+
+
+@_verify_check("Device nodes")
+def verify_device_nodes(v):
+    nodes = ["/dev/" + name for name, _, _ in DEV_NODES]
+    before = {path: _node_state(path) for path in nodes}
+    try:
+        # Everything a job may try on its nodes and on the /proc files they
+        # mask; the host's nodes must not change.
+        p = v.run([], "for n in %s /proc/kcore /proc/keys /proc/timer_list; do chmod 600 $n; chown 1:1 $n; "
+                  "rm -f $n; echo x > $n; done 2>/dev/null; ls -ln /dev/null" % " ".join(nodes))
+    finally:
+        changed = [path for path in nodes if _node_state(path) != before[path]]
+        for path in changed:
+            _restore_node(path, before[path])
+    ev = "host /dev/{null..tty} %s by chmod, chown, rm in the job (saw %s)" % (
+        "CHANGED (restored): " + " ".join(changed) if changed else "unchanged", (p.stdout.split() or ["?"])[0])
+    if changed:
+        return False, ev, "a job can change the host's device nodes", "use a jrun that makes the job's own nodes"
+    o, _ = split_argv(v.extra)
+    if o.get("user") not in (None, "0", "root"):
+        return True, ev + "; mknod not tried (--user: no capabilities)", "", ""
+    try:
+        # /dev/mem (c 1:1) is on no allow-list: with MKNOD the job may not
+        # even make it (and could not open it: every writable mount is nodev).
+        p = v.run(["--cap-add", "MKNOD"], "mknod /tmp/mem c 1 1 2>&1 && echo MADE; "
+                  "head -c 1 /tmp/mem >/dev/null 2>&1 && echo READ; true")
+    except _Refused as e:
+        if "MKNOD" not in str(e):
+            raise
+        return True, ev + "; no device allow-list here, so jrun refuses --cap-add MKNOD", "", ""
+    made = "MADE" in p.stdout
+    ev += "; MKNOD c 1:1: %s%s" % (
+        "made" if made else _excerpt(p.stdout.split(":")[-1], 30) or "refused",
+        ", READ" if "READ" in p.stdout else (", open refused" if made else ""))
+    return not made and "READ" not in p.stdout, ev, "the job's cgroup has no device allow-list", \
+        "mount the v1 devices controller, or use a kernel with CONFIG_CGROUP_BPF (cgroup v2)"
+
+
 @_verify_check("Network namespace")
 def verify_netns(v):
     p = v.run([], "readlink /proc/self/ns/net; cat /proc/net/dev")
