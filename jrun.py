@@ -2800,7 +2800,7 @@ class CgroupV2(Cgroup):
         if found != [self.device_filter]:
             raise SetupError("cgroup verification failed: device programs %s attached to %s, not [%d]"
                              % (found, self.dirs[0], self.device_filter))
-        audit("cgroup verified: the device allow-list (eBPF program %d) is attached" % self.device_filter)
+        audit("device allow-list verified: eBPF program %d is attached to the job's cgroup" % self.device_filter)
 
     def enter_root(self):
         mount("cgroup2", CGROUP_ROOT, "cgroup2", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
