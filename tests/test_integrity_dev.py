@@ -48,11 +48,14 @@ def need_userns(mode="userns"):
 
 
 def node_state(path):
+    """Type, mode, owner, device and (but for ttys: the kernel stamps a
+    tty's inode when anyone on the host uses it) modification time."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return None
-    return stat.S_IFMT(st.st_mode), st.st_mode & 0o7777, st.st_uid, st.st_gid, st.st_rdev, st.st_mtime_ns
+    tty = path in ("/dev/tty", "/dev/ptmx")
+    return stat.S_IFMT(st.st_mode), st.st_mode & 0o7777, st.st_uid, st.st_gid, st.st_rdev, tty or st.st_mtime_ns
 
 
 @contextlib.contextmanager
