@@ -117,8 +117,8 @@ int main(int argc, char **argv)
         return 0;
     }
     if (!strcmp(what, "rlimit-core")) {  /* lower RLIMIT_CORE to 0 (which pipes a dump again) */
-        struct rlimit rl = {0, 0};
-        return report(setrlimit(RLIMIT_CORE, &rl));
+        struct rlimit rl = {0, 0};  /* the old syscall: glibc's setrlimit() calls prlimit64 */
+        return report(syscall(SYS_setrlimit, RLIMIT_CORE, &rl));
     }
     if (!strcmp(what, "prlimit-core")) {
         struct rlimit rl = {0, 0};
