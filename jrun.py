@@ -59,7 +59,10 @@ TINI = "/usr/bin/tini-static"
 BUSYBOX = "/bin/busybox"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_WORKDIR = "/work"
-DEFAULT_WORKDIR_SIZE = "25%"  # of RAM, like tmpfs's own default (50%) but halved
+# The job's writable space (/, /tmp, /work, /dev/shm share one tmpfs of
+# this size, see build_root): a quarter of RAM, half of what tmpfs gives
+# each mount by default.
+DEFAULT_WORKDIR_SIZE = "25%"
 DEFAULT_STOP_TIMEOUT = 10.0
 
 # Networks (see the Network section).  The default subnet: podman takes
@@ -130,7 +133,8 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUI
 WAITED_SIGNALS = FORWARDED_SIGNALS + (signal.SIGCHLD, signal.SIGWINCH)
 
 # <asm/unistd_64.h> (x86_64) and <asm-generic/unistd.h> (aarch64): the
-# syscalls jrun calls by number, and those the default seccomp filter refuses.
+# syscalls jrun calls by number, and those the default seccomp filter refuses
+# or checks the arguments of.
 # (tests/test_security.py checks them against the installed headers.)
 _SYSCALL_NAMES = (
     "pivot_root", "clone", "clone3", "unshare", "setns", "mount", "umount2", "move_mount", "fsopen",
@@ -140,6 +144,7 @@ _SYSCALL_NAMES = (
     "finit_module", "delete_module", "reboot", "kexec_load", "kexec_file_load", "settimeofday",
     "clock_settime", "clock_adjtime", "acct", "iopl", "ioperm", "open_by_handle_at",
     "name_to_handle_at", "bpf", "perf_event_open", "userfaultfd", "syslog", "vhangup", "openat2",
+    "ioctl", "socket", "socketpair", "setrlimit", "prlimit64",
 )
 _SYSCALLS = {
     "x86_64": dict(zip(_SYSCALL_NAMES, (
@@ -149,7 +154,8 @@ _SYSCALLS = {
         248, 249, 425, 426, 427, 175,
         313, 176, 169, 246, 320, 164,
         227, 305, 163, 172, 173, 304,
-        303, 321, 298, 323, 103, 153, 437))),
+        303, 321, 298, 323, 103, 153, 437,
+        16, 41, 53, 160, 302))),
     "aarch64": dict(zip(_SYSCALL_NAMES, (
         41, 220, 435, 97, 268, 40, 39, 429, 430,
         431, 432, 433, 428, 467, 442, 60,
@@ -157,7 +163,8 @@ _SYSCALLS = {
         217, 218, 425, 426, 427, 105,
         273, 106, 142, 104, 294, 170,
         112, 266, 89, None, None, 265,
-        264, 280, 241, 282, 116, 58, 437))),
+        264, 280, 241, 282, 116, 58, 437,
+        29, 198, 199, 164, 261))),
 }
 
 # <linux/audit.h>: the architecture tag of a syscall as seccomp sees it.
@@ -189,6 +196,18 @@ DEFAULT_CAPS = frozenset((
 RLIMIT_CORE = 4  # <asm-generic/resource.h>
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
+# The job's device nodes (name, major, minor): <linux/major.h>, and
+# Documentation/admin-guide/devices.txt.  jrun makes them for each job
+# (build_dev); the device allow-list of the job's cgroup lets it use these,
+# its own ptys, and nothing else (Cgroup.restrict_devices).
+DEV_NODES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9),
+             ("tty", 5, 0))
+# (type, major, minor or None for any, access): read, write, mknod.  mknod
+# only of the job's own nodes, which the child makes after joining its
+# cgroup; /dev/ptmx (5:2) and the ptys (136:*) belong to the job's devpts.
+DEVICE_RULES = tuple(("c", major, minor, "rwm") for _, major, minor in DEV_NODES) + (
+    ("c", 5, 2, "rw"), ("c", 136, None, "rw"))
+
 # --userns: each job's root is mapped to its own range of USERNS_SIZE host
 # uids (and gids) in [USERNS_BASE, 2^32): above every range useradd hands
 # out in /etc/subuid (100000 + 65536 per user), so no host user or rootless
@@ -212,6 +231,22 @@ BPF_JEQ_K = 0x15
 BPF_JGE_K = 0x35
 BPF_JSET_K = 0x45
 BPF_RET_K = 0x06
+# What the filter checks the arguments of: <asm-generic/ioctls.h> (the same
+# numbers on x86_64 and aarch64), <linux/socket.h>.
+TIOCSTI = 0x5412
+TIOCLINUX = 0x541C
+AF_VSOCK = 40
+
+# <linux/bpf.h>: the eBPF device allow-list of a cgroup v2 job.
+BPF_PROG_LOAD = 5
+BPF_PROG_ATTACH = 8
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_PROG_QUERY = 16
+BPF_PROG_TYPE_CGROUP_DEVICE = 15
+BPF_CGROUP_DEVICE = 6
+BPF_F_ALLOW_MULTI = 2
+BPF_DEVCG_DEV_BLOCK, BPF_DEVCG_DEV_CHAR = 1, 2
+BPF_DEVCG_ACC_MKNOD, BPF_DEVCG_ACC_READ, BPF_DEVCG_ACC_WRITE = 1, 2, 4
 
 # ---------------------------------------------------------------------------
 # Errors: one root; main() alone prints them and turns them into a status.
@@ -652,6 +687,14 @@ def ptrace_sender(tid):
     if _c().ptrace(ctypes.c_int(PTRACE_GETSIGINFO), ctypes.c_int(tid), None, info) != 0:
         return None
     return int.from_bytes(info.raw[16:20], sys.byteorder, signed=True)  # _sifields._kill.si_pid
+def bpf(cmd, attr):
+    """bpf(2): ATTR is a ctypes structure laid out as the command's member
+    of union bpf_attr (the kernel takes a shorter one: the rest is zero)."""
+    import ctypes
+
+    nr = _SYSCALLS[os.uname().machine]["bpf"]
+    L = ctypes.c_long
+    return _check(_c().syscall(L(nr), L(cmd), ctypes.byref(attr), L(ctypes.sizeof(attr))), "bpf")
 
 
 # ---------------------------------------------------------------------------
@@ -737,8 +780,8 @@ RUN_OPTIONS = (
         "a relative DEST is under /work, whatever -w says", repeat=True),
     Opt("--volume", "-v", "SRC:DEST[:ro]", "bind a host path into the job (repeatable)", repeat=True),
     Opt("--workdir", "-w", "DIR", "working directory inside the job (default /work)"),
-    Opt("--workdir-size", None, "SIZE", "bound of the /work tmpfs: 512M, 2G or a percentage of RAM "
-        "(default %s)" % DEFAULT_WORKDIR_SIZE),
+    Opt("--workdir-size", None, "SIZE", "the job's writable space, shared by /work, /tmp, /dev/shm and "
+        "the root: 512M, 2G or a percentage of RAM (default %s)" % DEFAULT_WORKDIR_SIZE),
     Opt("--env", "-e", "KEY[=VALUE]", "set a variable, or pass the caller's value (repeatable)", repeat=True),
     Opt("--env-file", None, "FILE", "read KEY=VALUE lines from FILE (repeatable)", repeat=True),
     Opt("--rootfs", None, "minimal|host|PATH", "the job's root filesystem (default minimal)"),
@@ -1247,7 +1290,7 @@ CPU_PERIOD_US = 100000
 # Below this a job cannot even start (the child's own pages, busybox's page
 # cache); a limit under it would fail in confusing ways, so it is refused.
 MEMORY_FLOOR = 4 << 20
-V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio")
+V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices")
 # The controllers each limit needs, by cgroup version.
 _LIMIT_CONTROLLERS = {
     "cpu": ("--cpu", "cpu", "cpu"), "cores": ("--cores", "cpuset", "cpuset"),
@@ -1413,13 +1456,16 @@ def io_paths(spec):
 
 
 ACCOUNTING_CONTROLLERS = {1: ("memory", "pids", "cpuacct", "blkio"), 2: ("memory", "pids", "io")}
+# v1's device allow-list is a controller (v2's is an eBPF program, which
+# needs none): see Cgroup.restrict_devices.
+GUARD_CONTROLLERS = {1: ("devices",), 2: ()}
 
 
 def cgroup_controllers(spec):
     """The controllers the job's cgroup uses: those its limits need (each
-    must exist here, or the run is refused) and those that account for it
-    (--stats, --json-status, and killing every process at the end), where the
-    host has them."""
+    must exist here, or the run is refused), those that account for it
+    (--stats, --json-status, and killing every process at the end) and v1's
+    device allow-list, where the host has them."""
     host = cgroup_host()
     parent = cgroup_parent(spec)
     if host.version == 2:
@@ -1447,7 +1493,8 @@ def cgroup_controllers(spec):
             host.mounts.get("memory", (CGROUP_ROOT + "/memory",))[0], parent))
     if not have:
         raise SetupError("no cgroup v1 hierarchy of %s is mounted under %s" % (", ".join(V1_CONTROLLERS), CGROUP_ROOT))
-    return sorted(set(need) | (set(ACCOUNTING_CONTROLLERS[host.version]) & have))
+    used = ACCOUNTING_CONTROLLERS[host.version] + GUARD_CONTROLLERS[host.version]
+    return sorted(set(need) | (set(used) & have))
 
 
 def validate_limits(spec):
@@ -1636,23 +1683,33 @@ def close_staging_sources(spec):
 
 
 def workdir_bytes(spec):
-    """The /work tmpfs's size= in bytes (a percentage is of RAM, as tmpfs has it)."""
+    """The job's writable space in bytes (a percentage is of RAM, as tmpfs has it)."""
     if spec.workdir_size.endswith("%"):
         ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         return ram * int(spec.workdir_size[:-1]) // 100
     return int(spec.workdir_size)
 
 
+def workdir_inodes(spec):
+    """How many files the job's writable space may hold: one per 4 KiB of
+    it.  A tmpfs's own default (half of RAM's pages) would let a job fill
+    gigabytes of kernel memory with empty files that its size= never counts."""
+    return max(workdir_bytes(spec) // 4096, 1024)
+
+
 def survey_uploads(spec):
     """Count the files and bytes of every upload (the parent, before any side
     effect): for the progress line, and to refuse uploads that cannot fit in
-    the /work tmpfs.  Returns the spec with the counts in its Upload records."""
+    the job's writable space, where every upload lands (volumes and the
+    kernel's directories are refused as destinations).  Returns the spec
+    with the counts in its Upload records."""
     import stat
 
     counted = []
-    in_work = in_memory = 0
+    in_memory = inodes = 0
     for up in spec.uploads:
         files = size = pages = 0
+        inodes += 1
         try:
             # Walked from SRC's own fd (open_staging_sources), never through
             # a symlink below it: what is counted is what is copied.
@@ -1665,6 +1722,7 @@ def survey_uploads(spec):
                 dfd = openat2(up.fd, rel, os.O_RDONLY | os.O_DIRECTORY, RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH)
                 try:
                     for e in os.scandir(dfd):
+                        inodes += 1
                         if e.is_dir(follow_symlinks=False):
                             todo.append(rel + "/" + e.name)
                             continue
@@ -1679,12 +1737,15 @@ def survey_uploads(spec):
             raise UsageError("--upload: %s: %s" % (up.src, os.strerror(e.errno))) from None
         counted.append(up.replace(files=files, bytes=size))
         in_memory += pages * 4096
-        if _under(up.dest, DEFAULT_WORKDIR):
-            in_work += pages * 4096
-    if in_work > workdir_bytes(spec):
-        raise UsageError("--upload: the uploads into %s need %s, more than --workdir-size %s allows "
-                         "(raise --workdir-size)" % (DEFAULT_WORKDIR, fmt_size(in_work),
-                                                     fmt_size(workdir_bytes(spec))))
+    if in_memory > workdir_bytes(spec):
+        raise UsageError("--upload: the uploads need %s, more than --workdir-size %s allows (the job's "
+                         "writable space, which they share with everything the job writes; raise "
+                         "--workdir-size)" % (fmt_size(in_memory), fmt_size(workdir_bytes(spec))))
+    if inodes > workdir_inodes(spec):
+        raise UsageError("--upload: the uploads hold %s files and directories, more than --workdir-size %s "
+                         "allows (%s: one per 4 KiB; raise --workdir-size)" % (
+                             format(inodes, ","), fmt_size(workdir_bytes(spec)),
+                             format(workdir_inodes(spec), ",")))
     # Every upload lands on a tmpfs whose pages are charged to the job's
     # memory cgroup: more than --memory would be an OOM kill while staging.
     if spec.limits.memory and in_memory > spec.limits.memory:
@@ -2236,17 +2297,20 @@ def seccomp_program(machine, caps):
     k) sock_filter tuples.
 
     Why hand-made BPF rather than libseccomp: the filter is a deny list of
-    ~50 numbers and one argument test, which is ~110 straight-line
-    instructions that a reviewer can read (and tests/test_security.py
-    decodes and runs).  libseccomp's own Python binding is not published
-    on PyPI (Debian's python3-seccomp is built for the system python, not
-    /opt/jrun's), the PyPI stand-ins are unmaintained (pyseccomp: 2021) or
-    third-party rebuilds, and either would be a bigger thing to trust than
-    this function.  Each refused syscall is a pair
-    `jeq NR / ret ERRNO` so that no jump needs an offset over 255; the
-    kernel's seccomp action cache (5.11+) turns every syscall whose verdict
-    does not depend on its arguments (all but clone) into a bitmap lookup,
-    so the length of the list costs nothing at run time.
+    ~50 numbers and a few argument tests, ~140 straight-line instructions
+    that a reviewer can read (and tests/test_security.py decodes and runs).
+    libseccomp's own Python binding is not published on PyPI (Debian's
+    python3-seccomp is built for the system python, not /opt/jrun's), the
+    PyPI stand-ins are unmaintained (pyseccomp: 2021) or third-party
+    rebuilds, and either would be a bigger thing to trust than this
+    function.  Each refused syscall is a pair `jeq NR / ret ERRNO` so that
+    no jump needs an offset over 255.  The kernel's seccomp action cache
+    (5.11+) turns every syscall whose verdict does not depend on its
+    arguments into a bitmap lookup, so the length of the list costs nothing
+    at run time; the few that are checked by argument (ioctl, socket,
+    socketpair, clone, setrlimit, prlimit64) run the program on every call,
+    so they come first, ioctl (the most frequent) at the top, each block
+    ending in a verdict: a few instructions per call (tests/bench_security.py).
 
     A syscall of another architecture (i386 through int 0x80, or x32 on
     x86_64; arm32 on aarch64) kills the process (SIGSYS) rather than
@@ -2254,6 +2318,10 @@ def seccomp_program(machine, caps):
     the native table would be bypassed, and a 32-bit program that gets EPERM
     even from exit() would spin instead of failing clearly."""
     nrs = _SYSCALLS[machine]
+    eperm, allow = SECCOMP_RET_ERRNO | errno.EPERM, SECCOMP_RET_ALLOW
+    # seccomp_data: nr at 0, arch at 4, args[i] at 16 + 8 i (the low 32 bits
+    # first on these little-endian machines).  int and unsigned int arguments
+    # are the low 32 bits only: the kernel never reads the high ones.
     prog = [
         (BPF_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
         (BPF_JEQ_K, 1, 0, AUDIT_ARCH[machine]),
@@ -2262,26 +2330,61 @@ def seccomp_program(machine, caps):
     ]
     if machine == "x86_64":
         prog += [(BPF_JGE_K, 0, 1, X32_SYSCALL_BIT), (BPF_RET_K, 0, 0, SECCOMP_RET_KILL_PROCESS)]
+    prog += [
+        # Pushing input into a terminal: TIOCSTI types into the terminal a
+        # program reads from (CVE-2017-5226 and the sandbox escapes like
+        # it), TIOCLINUX's selection paste does the same on a virtual
+        # console.  No job needs either.
+        (BPF_JEQ_K, 0, 5, nrs["ioctl"]),
+        (BPF_LD_W_ABS, 0, 0, 24),  # the request, args[1]
+        (BPF_JEQ_K, 2, 0, TIOCSTI),
+        (BPF_JEQ_K, 1, 0, TIOCLINUX),
+        (BPF_RET_K, 0, 0, allow),
+        (BPF_RET_K, 0, 0, eperm),
+        # AF_VSOCK reaches the hypervisor (and the host of a VM) whatever
+        # the job's network namespace: as if the kernel had no such family.
+        (BPF_JEQ_K, 1, 0, nrs["socket"]),
+        (BPF_JEQ_K, 0, 4, nrs["socketpair"]),
+        (BPF_LD_W_ABS, 0, 0, 16),  # the family, args[0]
+        (BPF_JEQ_K, 0, 1, AF_VSOCK),
+        (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.EAFNOSUPPORT),
+        (BPF_RET_K, 0, 0, allow),
+        # RLIMIT_CORE stays at 1 (see drop_privileges): setrlimit of it,
+        # and prlimit64 of it with a new limit (a NULL one only reads), are
+        # refused.
+        (BPF_JEQ_K, 0, 4, nrs["setrlimit"]),
+        (BPF_LD_W_ABS, 0, 0, 16),  # the resource, args[0]
+        (BPF_JEQ_K, 0, 1, RLIMIT_CORE),
+        (BPF_RET_K, 0, 0, eperm),
+        (BPF_RET_K, 0, 0, allow),
+        (BPF_JEQ_K, 0, 8, nrs["prlimit64"]),
+        (BPF_LD_W_ABS, 0, 0, 24),  # the resource, args[1]
+        (BPF_JEQ_K, 0, 5, RLIMIT_CORE),
+        (BPF_LD_W_ABS, 0, 0, 32),  # the new limit's pointer, args[2]: low half
+        (BPF_JEQ_K, 0, 2, 0),
+        (BPF_LD_W_ABS, 0, 0, 36),  # high half
+        (BPF_JEQ_K, 1, 0, 0),
+        (BPF_RET_K, 0, 0, eperm),
+        (BPF_RET_K, 0, 0, allow),
+    ]
     if "SYS_ADMIN" not in caps:
         prog += [
             # clone3 passes its flags in memory, which seccomp cannot read:
             # ENOSYS makes glibc and musl fall back to clone(), checked next.
-            # First in the program, because clone is the one verdict the
-            # kernel cannot cache (it depends on an argument).
             (BPF_JEQ_K, 0, 1, nrs["clone3"]), (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.ENOSYS),
             (BPF_JEQ_K, 0, 4, nrs["clone"]),
-            (BPF_LD_W_ABS, 0, 0, 16),  # low 32 bits of args[0], clone's flags (little-endian)
+            (BPF_LD_W_ABS, 0, 0, 16),  # low 32 bits of args[0], clone's flags
             (BPF_JSET_K, 0, 1, CLONE_NS_FLAGS),
-            (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.EPERM),
-            (BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
+            (BPF_RET_K, 0, 0, eperm),
+            (BPF_RET_K, 0, 0, allow),
         ]
     for cap, names in SECCOMP_DENY:
         if cap in caps:
             continue
         for name in names:
             if nrs[name] is not None:
-                prog += [(BPF_JEQ_K, 0, 1, nrs[name]), (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.EPERM)]
-    prog.append((BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW))
+                prog += [(BPF_JEQ_K, 0, 1, nrs[name]), (BPF_RET_K, 0, 0, eperm)]
+    prog.append((BPF_RET_K, 0, 0, allow))
     return prog
 
 
@@ -2585,6 +2688,7 @@ class Cgroup(Resource):
                     self.dirs = []
             state.save(cgroup={"version": self.version, "dirs": self.dirs})
             self.write_limits(self.spec.limits)
+            self.restrict_devices()
         except FileExistsError as e:
             self.teardown()
             raise SetupError("cgroup %s already exists, and jrun did not make it: it is left alone (another "
@@ -2594,9 +2698,31 @@ class Cgroup(Resource):
         except OSError as e:
             self.teardown()
             raise SetupError("cgroup %s: %s" % (getattr(e, "filename", None) or planned[0], e.strerror)) from None
+        except SetupError:
+            self.teardown()
+            raise
         audit("cgroup v%d: %s created with %s" % (self.version, ", ".join(self.dirs),
-                                                  "; ".join("%s=%s" % (os.path.basename(f), v.strip())
+                                                  "; ".join("%s=%s" % (os.path.basename(f), " ".join(v.split()))
                                                             for f, v in self.checks) or "no limits"))
+
+    def restrict_devices(self):
+        """Parent, in setup: the device allow-list (DEVICE_RULES), where this
+        cgroup version has one.  It is the wall that holds if the job can
+        make device nodes (--cap-add MKNOD): such a node in a read-write
+        volume is a node on the host's filesystem.  So MKNOD is refused
+        where no allow-list can be set (no v1 devices hierarchy, a kernel
+        without cgroup BPF); without it the job's own nodes and nodev on
+        every writable mount (build_dev) are what hold."""
+
+    def _no_device_list(self, why):
+        if "MKNOD" in job_capabilities(self.spec):
+            raise SetupError("--cap-add MKNOD: the job's cgroup can have no device allow-list here (%s), "
+                             "and it is what stops a device node the job makes from being opened" % why)
+        audit("cgroup: no device allow-list (%s); the job's own nodes and nodev hold" % why)
+
+    def verify_devices(self):
+        """Child, in enter(): the device allow-list the parent set is in
+        force (v1: its devices.list is one of the checks)."""
 
     def limit(self, path, value):
         """Write a limit, and note what the child must read back."""
@@ -2628,8 +2754,10 @@ class Cgroup(Resource):
                                  % (ctrls or "unified", mine.get(ctrls), want))
         for path, want in self.checks:
             got = _read(path)
-            if got is None or sorted(got.split()) != sorted(want.split()):
+            # Line by line, in any order (devices.list, io.max have several).
+            if got is None or sorted(map(str.split, got.splitlines())) != sorted(map(str.split, want.splitlines())):
                 raise SetupError("cgroup verification failed: %s is %r, not %r" % (path, got, want))
+        self.verify_devices()
         audit("cgroup verified: this process is in %s only, limits read back: %s" % (
             ", ".join("%s:%s" % (c or "0:", mine[c]) for c in self.where),
             "; ".join("%s=%s" % (os.path.basename(f), v.strip().replace("\n", " ")) for f, v in self.checks)
@@ -2783,6 +2911,22 @@ class CgroupV1(Cgroup):
                     _write(os.path.join(d, f), "%s %d" % (dev, lim.io_bps))
                 self.checks.append((os.path.join(d, f), "".join("%s %d\n" % (dev, lim.io_bps) for dev in devs)))
 
+    def restrict_devices(self):
+        """'a' denied, then each rule allowed: the job's list, its parent's
+        left untouched (a v1 child can narrow its parent's list, never
+        widen it)."""
+        d = self._dir("devices")
+        if d is None:
+            return self._no_device_list(
+                "--cgroup-parent %s is not in the v1 devices hierarchy" % self.spec.cgroup_parent
+                if "devices" in cgroup_host().mounts else "no v1 devices hierarchy is mounted")
+        rules = ["%s %d:%s %s" % (kind, major, "*" if minor is None else minor, access)
+                 for kind, major, minor, access in DEVICE_RULES]
+        _write(os.path.join(d, "devices.deny"), "a")
+        for rule in rules:
+            _write(os.path.join(d, "devices.allow"), rule)
+        self.checks.append((os.path.join(d, "devices.list"), "".join(r + "\n" for r in rules)))
+
     def enter_root(self):
         """A read-only tmpfs at /sys/fs/cgroup, and on it each of the job's
         hierarchies read-only; in the job's cgroup namespace each shows the
@@ -2822,12 +2966,116 @@ class CgroupV1(Cgroup):
                         out.io_write_bytes += int(f[2])
 
 
+# Cgroup v2's device allow-list is an eBPF program (BPF_PROG_TYPE_CGROUP_DEVICE)
+# attached to the job's cgroup, as crun, runc and systemd do it: the kernel
+# runs it on every open and mknod of a device node by a process of the
+# cgroup (devcgroup_check_permission), with struct bpf_cgroup_dev_ctx
+# {u32 access_type (access << 16 | type), major, minor} in r1; it returns 1
+# to allow, 0 to refuse (EPERM).  Hand-assembled, like the seccomp filter:
+# ~40 instructions, and no compiler or libbpf on the run path.
+BPF_LDX_MEM_W, BPF_MOV64_X, BPF_MOV64_K, BPF_AND32_K, BPF_RSH32_K, BPF_JNE_K, BPF_EXIT = (
+    0x61, 0xBF, 0xB7, 0x54, 0x74, 0x55, 0x95)
+
+
+def _bpf_insn(code, dst=0, src=0, off=0, imm=0):
+    """One struct bpf_insn (little-endian: x86_64 and aarch64)."""
+    return bytes((code, dst | src << 4)) + (off & 0xFFFF).to_bytes(2, "little") + \
+        (imm & 0xFFFFFFFF).to_bytes(4, "little")
+
+
+def device_filter_program(rules):
+    """RULES (DEVICE_RULES) as eBPF: r2 = type, r3 = access, r4 = major,
+    r5 = minor; each rule a block that jumps past itself on any mismatch
+    and returns 1 at its end; 0 after the last."""
+    prog = [_bpf_insn(BPF_LDX_MEM_W, 2, 1, 0), _bpf_insn(BPF_MOV64_X, 3, 2),
+            _bpf_insn(BPF_AND32_K, 2, imm=0xFFFF), _bpf_insn(BPF_RSH32_K, 3, imm=16),
+            _bpf_insn(BPF_LDX_MEM_W, 4, 1, 4), _bpf_insn(BPF_LDX_MEM_W, 5, 1, 8)]
+    for kind, major, minor, access in rules:
+        allowed = sum(bit for ch, bit in (("m", BPF_DEVCG_ACC_MKNOD), ("r", BPF_DEVCG_ACC_READ),
+                                          ("w", BPF_DEVCG_ACC_WRITE)) if ch in access)
+        # (register, value): r1 = access & ~allowed must be 0.
+        tests = [(2, BPF_DEVCG_DEV_CHAR if kind == "c" else BPF_DEVCG_DEV_BLOCK), (1, 0), (4, major)]
+        if minor is not None:
+            tests.append((5, minor))
+        block = []
+        for reg, value in tests:
+            if reg == 1:
+                block += [(BPF_MOV64_X, 1, 3, None, 0), (BPF_AND32_K, 1, 0, None, ~allowed)]
+            block.append((BPF_JNE_K, reg, 0, "next", value))
+        block += [(BPF_MOV64_K, 0, 0, None, 1), (BPF_EXIT, 0, 0, None, 0)]
+        prog += [_bpf_insn(code, dst, src, len(block) - i - 1 if off == "next" else 0, imm)
+                 for i, (code, dst, src, off, imm) in enumerate(block)]
+    prog += [_bpf_insn(BPF_MOV64_K, 0, imm=0), _bpf_insn(BPF_EXIT)]
+    return b"".join(prog)
+
+
+def attach_device_filter(cgroup_dir, rules):
+    """Load RULES' program and attach it to CGROUP_DIR (BPF_F_ALLOW_MULTI:
+    it runs after any program a delegating parent attached, and all must
+    allow).  Returns the program's id.  The cgroup holds the program: it
+    goes when the cgroup is removed, with nothing for teardown or gc."""
+    import ctypes
+
+    u32, u64 = ctypes.c_uint32, ctypes.c_uint64
+
+    class ProgLoad(ctypes.Structure):
+        _fields_ = [("prog_type", u32), ("insn_cnt", u32), ("insns", u64), ("license", u64), ("log_level", u32),
+                    ("log_size", u32), ("log_buf", u64), ("kern_version", u32), ("prog_flags", u32),
+                    ("prog_name", ctypes.c_char * 16)]
+
+    class Attach(ctypes.Structure):
+        _fields_ = [("target_fd", u32), ("attach_bpf_fd", u32), ("attach_type", u32), ("attach_flags", u32)]
+
+    class InfoByFd(ctypes.Structure):
+        _fields_ = [("bpf_fd", u32), ("info_len", u32), ("info", u64)]
+
+    code = device_filter_program(rules)
+    insns = ctypes.create_string_buffer(code, len(code))
+    lic = ctypes.create_string_buffer(b"Apache-2.0")
+    prog = bpf(BPF_PROG_LOAD, ProgLoad(prog_type=BPF_PROG_TYPE_CGROUP_DEVICE, insn_cnt=len(code) // 8,
+                                       insns=ctypes.addressof(insns), license=ctypes.addressof(lic),
+                                       prog_name=b"jrun_devices"))
+    try:
+        cg = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            bpf(BPF_PROG_ATTACH, Attach(target_fd=cg, attach_bpf_fd=prog, attach_type=BPF_CGROUP_DEVICE,
+                                        attach_flags=BPF_F_ALLOW_MULTI))
+        finally:
+            os.close(cg)
+        info = (u32 * 2)()  # struct bpf_prog_info: type, id
+        bpf(BPF_OBJ_GET_INFO_BY_FD, InfoByFd(bpf_fd=prog, info_len=8, info=ctypes.addressof(info)))
+        return info[1]
+    finally:
+        os.close(prog)
+
+
+def attached_device_filters(cgroup_dir):
+    """The ids of the device programs attached to CGROUP_DIR itself."""
+    import ctypes
+
+    u32, u64 = ctypes.c_uint32, ctypes.c_uint64
+
+    class Query(ctypes.Structure):
+        _fields_ = [("target_fd", u32), ("attach_type", u32), ("query_flags", u32), ("attach_flags", u32),
+                    ("prog_ids", u64), ("prog_cnt", u32)]
+
+    ids = (u32 * 64)()
+    cg = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        query = Query(target_fd=cg, attach_type=BPF_CGROUP_DEVICE, prog_ids=ctypes.addressof(ids), prog_cnt=64)
+        bpf(BPF_PROG_QUERY, query)
+    finally:
+        os.close(cg)
+    return list(ids[:query.prog_cnt])
+
+
 class CgroupV2(Cgroup):
     """One directory in the unified hierarchy: /sys/fs/cgroup/<parent>/<id>.
     Controllers are enabled in cgroup.subtree_control along the path; jrun
     never puts a process in the parents (the no-internal-process rule)."""
 
     version = 2
+    device_filter = None  # the id of the job's device program, once attached
 
     def plan(self):
         self.controllers = cgroup_controllers(self.spec)
@@ -2889,6 +3137,27 @@ class CgroupV2(Cgroup):
                 _write(os.path.join(d, "io.max"), "%s rbps=%d wbps=%d" % (dev, lim.io_bps, lim.io_bps))
             self.checks.append((os.path.join(d, "io.max"), "".join(
                 "%s rbps=%d wbps=%d riops=max wiops=max\n" % (dev, lim.io_bps, lim.io_bps) for dev in devs)))
+
+    def restrict_devices(self):
+        self.device_filter = None
+        try:
+            self.device_filter = attach_device_filter(self.dirs[0], DEVICE_RULES)
+        except OSError as e:
+            # A kernel without CONFIG_CGROUP_BPF (EINVAL), a seccomp profile
+            # around jrun (EPERM), a delegating parent whose program allows
+            # no other (EPERM).
+            return self._no_device_list("cgroup BPF: %s" % os.strerror(e.errno))
+        audit("cgroup: device allow-list attached (eBPF program %d): %s" % (self.device_filter, " ".join(
+            "%s %d:%s %s" % (k, ma, "*" if mi is None else mi, a) for k, ma, mi, a in DEVICE_RULES)))
+
+    def verify_devices(self):
+        if self.device_filter is None:
+            return
+        found = attached_device_filters(self.dirs[0])
+        if found != [self.device_filter]:
+            raise SetupError("cgroup verification failed: device programs %s attached to %s, not [%d]"
+                             % (found, self.dirs[0], self.device_filter))
+        audit("device allow-list verified: eBPF program %d is attached to the job's cgroup" % self.device_filter)
 
     def enter_root(self):
         mount("cgroup2", CGROUP_ROOT, "cgroup2", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
@@ -4601,7 +4870,7 @@ def child_steps(plan):
     mount_proc_and_sys()
     for res in plan.resources:
         res.enter_root()
-    harden_proc_and_sys()
+    harden_proc_and_sys(spec)
     sethostname(spec.hostname)
     audit("hostname set to %s" % spec.hostname)
 
@@ -4640,28 +4909,41 @@ def child_steps(plan):
 
 
 def build_root(spec, state_dir, userns=None, resources=()):
-    """The job's root, on a tmpfs inside the job's own mount namespace, so
-    that everything the job writes vanishes with it even if jrun is
-    SIGKILLed, and concurrent jobs never see each other's writes: for
-    --rootfs minimal or PATH an overlay whose lower layer is that directory
-    (never modified) and whose upper layer is on the tmpfs; for --rootfs host
-    the tmpfs itself, with the host's system directories bound read-only.
+    """The job's root, in the job's own mount namespace, so that everything
+    the job writes vanishes with it even if jrun is SIGKILLed, and
+    concurrent jobs never see each other's writes: for --rootfs minimal or
+    PATH an overlay whose lower layer is that directory (never modified);
+    for --rootfs host a directory with the host's system directories bound
+    read-only.
+
+    Everything the job can write lives on ONE tmpfs of --workdir-size (the
+    overlay's upper layer or the host root's directory, and /tmp, /work and
+    /dev/shm, bound from its directories): one size= bounds the job's whole
+    writable space, and a job that fills it gets ENOSPC in every place at
+    once, never the host's memory.  (Separate tmpfs would each default to
+    half of RAM; and tmpfs pages outlive the process that wrote them, so the
+    host's OOM killer would pick host daemons instead.)
 
     Under --userns the job's root is host uid B (userns.base): the rootfs is
     bound through an idmapped mount (its root-owned files appear owned by B,
-    so copy-ups stay B's too) and the roots of the writable layer and of the
-    tmpfs mounts belong to B."""
+    so copy-ups stay B's too) and the writable directories belong to B."""
     base = os.path.join(state_dir, "root")
-    mount("jrun-" + spec.id, base, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")
+    mount("jrun-" + spec.id, base, "tmpfs", MS_NOSUID | MS_NODEV,
+          "mode=0755,size=%d,nr_inodes=%d" % (workdir_bytes(spec), workdir_inodes(spec)))
+    space = {}
+    for name, mode in WRITABLE_DIRS + (HOST_ROOT_DIRS if spec.rootfs == "host" else OVERLAY_DIRS):
+        space[name] = os.path.join(base, name)
+        os.mkdir(space[name])
+        os.chmod(space[name], mode)  # past the umask
+        if userns:
+            os.chown(space[name], userns.base, userns.base)
     root = os.path.join(base, "root")
-    owner = ",uid=%d,gid=%d" % (userns.base, userns.base) if userns else ""
     os.mkdir(root, 0o755)
     if spec.rootfs == "host":
-        mount("jrun-" + spec.id, root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755" + owner)
+        mount(space["host"], root, None, MS_BIND)  # a mount point, for pivot_root
         build_host_root(root)
     else:
-        for d in ("lower", "upper", "work"):
-            os.mkdir(os.path.join(base, d), 0o755)
+        os.mkdir(os.path.join(base, "lower"), 0o755)
         lower = rootfs_path(spec)
         # The tree validate() cloned (open_staging_sources), not the path.
         fd = os.open(os.path.join(base, "lower"), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -4669,25 +4951,23 @@ def build_root(spec, state_dir, userns=None, resources=()):
             bind_into(spec.rootfs_fd, fd, MOUNT_ATTR_IDMAP if userns else 0, userns.fd if userns else 0)
         finally:
             os.close(fd)
-        if userns:
-            chown_to_job(os.path.join(base, "upper"), userns.base)
         # Relative layer paths, so that the job's /proc/self/mountinfo names no
         # host path (overlayfs shows its options as they were given).
         os.chdir(base)
         # nodev: a device node in a custom rootfs (an image from anywhere)
         # must not open the host's disks; /dev is a mount of its own.
-        mount("overlay", root, "overlay", MS_NOSUID | MS_NODEV, "lowerdir=lower,upperdir=upper,workdir=work")
+        mount("overlay", root, "overlay", MS_NOSUID | MS_NODEV, "lowerdir=lower,upperdir=upper,workdir=ovlwork")
         audit("root: overlay of %s with a private writable layer" % lower)
 
-    tmp = _safe_mkdirs(root, "tmp", 0o1777)
-    mount("tmpfs", tmp, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777" + owner)
-    # /work is always the job's own bounded tmpfs, whatever -w says: a job
-    # that fills it gets ENOSPC, and the host's disk is never involved.
-    work = _safe_mkdirs(root, DEFAULT_WORKDIR)
-    mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=%s%s" % (spec.workdir_size, owner))
-    audit("writable /tmp and %s (tmpfs, size=%s) mounted" % (DEFAULT_WORKDIR, spec.workdir_size))
+    # Binds keep the tmpfs mount's nosuid and nodev (clone_mnt copies them).
+    mount(space["tmp"], _safe_mkdirs(root, "tmp", 0o1777), None, MS_BIND)
+    # /work is always there, whatever -w says: uploads land in it by default.
+    mount(space["work"], _safe_mkdirs(root, DEFAULT_WORKDIR), None, MS_BIND)
+    audit("writable space: one tmpfs (size=%s, nr_inodes=%d) for %s, /tmp, %s and /dev/shm"
+          % (fmt_size(workdir_bytes(spec)), workdir_inodes(spec),
+             "/" if spec.rootfs == "host" else "the root's writable layer", DEFAULT_WORKDIR))
 
-    build_dev(root, spec)
+    build_dev(root, spec, base, space["shm"])
     _safe_mkdirs(root, "proc", 0o555)
     _safe_mkdirs(root, "sys", 0o555)
     etc = {"etc/hostname": spec.hostname + "\n",
@@ -4702,6 +4982,14 @@ def build_root(spec, state_dir, userns=None, resources=()):
     if spec.read_only:
         make_root_read_only(root)
     return root
+
+
+# The directories of the job's writable tmpfs (name, mode): what is bound at
+# /tmp, /work and /dev/shm; then the overlay's upper and work directories,
+# or the root of --rootfs host.
+WRITABLE_DIRS = (("tmp", 0o1777), ("work", 0o755), ("shm", 0o1777))
+OVERLAY_DIRS = (("upper", 0o755), ("ovlwork", 0o700))
+HOST_ROOT_DIRS = (("host", 0o755),)
 
 
 def stage_files(spec, root, userns=None):
@@ -4729,21 +5017,37 @@ def stage_files(spec, root, userns=None):
         os.close(rootfd)
 
 
-def build_dev(root, spec):
-    """A minimal /dev: a few harmless host device nodes bind-mounted (as bwrap
-    does), a private devpts instance, /dev/shm; nothing else of the host."""
+def build_dev(root, spec, base, shm):
+    """A minimal /dev whose device nodes are the job's own: made (mknod) on a
+    small tmpfs of the job's, which is then made read-only and bound node by
+    node into /dev.  A chmod, chown or rm of /dev/null in the job (or of the
+    /proc files masked by it) therefore never reaches the host's nodes, and
+    fails on the read-only mount anyway.  /dev itself is nodev like every
+    writable mount of the job: a node the job manages to make anywhere
+    (--cap-add MKNOD) cannot be opened; the only mounts without nodev are
+    the read-only nodes and the job's private devpts.  Not /dev/console:
+    jrun gives the job no console."""
+    import stat
+
+    nodes = os.path.join(base, "dev")
+    os.mkdir(nodes, 0o755)
+    mount("jrun-dev", nodes, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=4k,nr_inodes=16")
+    for name, major, minor in DEV_NODES:
+        os.mknod(os.path.join(nodes, name), stat.S_IFCHR | 0o666, os.makedev(major, minor))
+        os.chmod(os.path.join(nodes, name), 0o666)  # past the umask
+    mount(None, nodes, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
     dev = _safe_mkdirs(root, "dev")
-    mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=64k")
-    for name in ("null", "zero", "full", "random", "urandom", "tty"):
+    mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=64k")
+    for name, _, _ in DEV_NODES:
         target = os.path.join(dev, name)
         os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
-        mount("/dev/" + name, target, None, MS_BIND)
+        mount(os.path.join(nodes, name), target, None, MS_BIND)
     os.mkdir(os.path.join(dev, "pts"), 0o755)
     mount("devpts", os.path.join(dev, "pts"), "devpts", MS_NOSUID | MS_NOEXEC,
           "newinstance,ptmxmode=0666,mode=0620")
     os.symlink("pts/ptmx", os.path.join(dev, "ptmx"))
     os.mkdir(os.path.join(dev, "shm"), 0o1777)
-    mount("tmpfs", os.path.join(dev, "shm"), "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+    mount(shm, os.path.join(dev, "shm"), None, MS_BIND)  # of the job's writable space, nosuid, nodev
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         os.symlink(target, os.path.join(dev, name))
@@ -4753,8 +5057,9 @@ def build_dev(root, spec):
         init = os.path.join(dev, "init")
         os.close(os.open(init, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o755))
         mount(TINI, init, None, MS_BIND)
-        mount(None, init, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID)
-    audit("minimal /dev: null zero full random urandom tty pts shm%s" % (" init" if spec.init else ""))
+        mount(None, init, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    audit("minimal /dev (nodev): the job's own read-only %s; pts shm%s"
+          % (" ".join(n for n, _, _ in DEV_NODES), " init" if spec.init else ""))
 
 
 def pivot_into(root):
@@ -4788,15 +5093,22 @@ MASKED_DIRS = ("/proc/acpi", "/proc/asound", "/proc/scsi", "/sys/firmware",
 READ_ONLY_PROC = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 
 
-def harden_proc_and_sys():
-    # ping without NET_RAW, through ICMP datagram sockets, for every group,
-    # as docker does; a per-network-namespace sysctl, so this is the job's
-    # own, and it must be written before /proc/sys goes read-only.
-    try:
-        with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
-            f.write("0 2147483647")
-    except OSError:
-        pass
+def harden_proc_and_sys(spec):
+    # Written before /proc/sys goes read-only; each is a sysctl of the job's
+    # own namespace.  ping without NET_RAW, through ICMP datagram sockets,
+    # for every group, as docker does (network namespace).  SysV shared
+    # memory (IPC namespace) at most the job's writable space: a segment
+    # outlives the processes that made it, out of the OOM killer's sight,
+    # until the job's IPC namespace goes.
+    budget = workdir_bytes(spec)
+    for path, value in (("net/ipv4/ping_group_range", "0 2147483647"), ("kernel/shmmax", str(budget)),
+                        ("kernel/shmall", str(budget // os.sysconf("SC_PAGE_SIZE")))):
+        try:
+            with open("/proc/sys/" + path, "w") as f:
+                f.write(value)
+        except OSError:
+            pass
+    # The masks are binds of the job's own /dev/null (build_dev), read-only.
     for path in MASKED_FILES:
         if os.path.exists(path):
             mount("/dev/null", path, None, MS_BIND)
@@ -4912,9 +5224,14 @@ def drop_privileges(spec, uid, gid, sync_r, userns=None):
     execve stays allowed."""
     import prctl
 
-    # No core dumps, and no way back up (the hard limit): the host's
-    # core_pattern may pipe a dump to a host program running as root.
-    setrlimit(RLIMIT_CORE, 0, 0)
+    # No core dumps: the host's core_pattern may pipe a dump to a program
+    # that runs as host root (apport, systemd-coredump) and reads the
+    # crashed process.  A pipe ignores the limit, except 1: the kernel's own
+    # mark of a crashing dump helper, for which it aborts the dump
+    # (fs/coredump.c, coredump_pipe); a file dump needs a page at least.
+    # Hard limit 1 too, and the filter refuses setting RLIMIT_CORE at all,
+    # since lowering the soft limit to 0 would start the helper again.
+    setrlimit(RLIMIT_CORE, 1, 1)
     if userns:
         userns.join()
         audit("joined the job's user namespace: uid %d is %d on the host" % (uid, userns.base + uid))
@@ -5894,6 +6211,60 @@ def verify_mounts(v):
          "/sys: read-only" % (len(points), points.get("/proc"), ",".join(map(str, sorted(pids)[:4])))
     return not problems, ev if not problems else "; ".join(problems), "the job's mounts are not private", \
         "run jrun as real root on a kernel with mount namespaces; do not bind host paths with -v"
+
+
+def _node_state(path):
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_mode, st.st_uid, st.st_gid, st.st_rdev
+
+
+def _restore_node(path, state):
+    """Put a host device node back as it was (mode, owner; made again if gone)."""
+    mode, uid, gid, rdev = state
+    if _node_state(path) is None:
+        os.mknod(path, mode, rdev)
+    os.chown(path, uid, gid, follow_symlinks=False)
+    os.chmod(path, mode & 0o7777)
+
+
+@_verify_check("Device nodes")
+def verify_device_nodes(v):
+    nodes = ["/dev/" + name for name, _, _ in DEV_NODES]
+    before = {path: _node_state(path) for path in nodes}
+    try:
+        # Everything a job may try on its nodes and on the /proc files they
+        # mask; the host's nodes must not change.
+        p = v.run([], "for n in %s /proc/kcore /proc/keys /proc/timer_list; do chmod 600 $n; chown 1:1 $n; "
+                  "rm -f $n; echo x > $n; done 2>/dev/null; ls -ln /dev/null" % " ".join(nodes))
+    finally:
+        changed = [path for path in nodes if _node_state(path) != before[path]]
+        for path in changed:
+            _restore_node(path, before[path])
+    ev = "host /dev/{null..tty} %s by chmod, chown, rm in the job (saw %s)" % (
+        "CHANGED (restored): " + " ".join(changed) if changed else "unchanged", (p.stdout.split() or ["?"])[0])
+    if changed:
+        return False, ev, "a job can change the host's device nodes", "use a jrun that makes the job's own nodes"
+    o, _ = split_argv(v.extra)
+    if o.get("user") not in (None, "0", "root"):
+        return True, ev + "; mknod not tried (--user: no capabilities)", "", ""
+    try:
+        # /dev/mem (c 1:1) is on no allow-list: with MKNOD the job may not
+        # even make it (and could not open it: every writable mount is nodev).
+        p = v.run(["--cap-add", "MKNOD"], "mknod /tmp/mem c 1 1 2>&1 && echo MADE; "
+                  "head -c 1 /tmp/mem >/dev/null 2>&1 && echo READ; true")
+    except _Refused as e:
+        if "MKNOD" not in str(e):
+            raise
+        return True, ev + "; no device allow-list here, so jrun refuses --cap-add MKNOD", "", ""
+    made = "MADE" in p.stdout
+    ev += "; MKNOD c 1:1: %s%s" % (
+        "made" if made else _excerpt(p.stdout.split(":")[-1], 30) or "refused",
+        ", READ" if "READ" in p.stdout else (", open refused" if made else ""))
+    return not made and "READ" not in p.stdout, ev, "the job's cgroup has no device allow-list", \
+        "mount the v1 devices controller, or use a kernel with CONFIG_CGROUP_BPF (cgroup v2)"
 
 
 @_verify_check("Network namespace")

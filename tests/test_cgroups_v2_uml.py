@@ -30,7 +30,13 @@ from conftest import IS_ROOT, ROOT
 UML = "/usr/bin/linux.uml"
 UML_MODULES = "/usr/lib/uml/modules"
 ROOTFS = "/var/lib/jrun/rootfs"
-GUEST_TESTS = ["tests/test_cgroups_unit.py", "tests/test_cgroups.py", "tests/test_zz_leftovers.py"]
+GUEST_TESTS = ["tests/test_cgroups_unit.py", "tests/test_cgroups.py"] + [
+    "tests/test_integrity_dev.py::" + t for t in (  # the device allow-list of each layout, and the budget
+        "test_a_hostile_job_cannot_change_the_hosts_device_nodes",
+        "test_the_device_allow_list_refuses_what_the_job_makes_with_mknod",
+        "test_mknod_is_refused_where_no_allow_list_can_be_set",
+        "test_the_ebpf_device_program_allows_the_jobs_nodes_only",
+        "test_one_budget_bounds_all_the_writable_space")] + ["tests/test_zz_leftovers.py"]
 BOOT_TIMEOUT = 600
 
 INIT = r"""#!/bin/sh
@@ -132,7 +138,8 @@ def test_cgroup_battery_in_a_uml_guest(tmp_path, layout):
         line for line in console.splitlines() if line.startswith(("\u2705", "\u274c", "\u26a0")) or " checks: " in line)))
     assert verify and verify.group(1) == "0", "jrun verify failed in the %s guest:\n%s" % (layout, console[-8000:])
     assert re.search(r"^\d+ checks: \d+ passed, 0 failed", console, re.M), console[-8000:]
-    for check in ("Memory limit", "PIDs limit", "CPU limit", "cgroup membership", "I/O limit", "Seccomp"):
+    for check in ("Memory limit", "PIDs limit", "CPU limit", "cgroup membership", "I/O limit", "Seccomp",
+                  "Device nodes"):
         assert re.search("^\u2705 %s " % check, console, re.M), "verify's %s check did not pass in the %s guest" % (
             check, layout)
     assert result.group(1) == "0" and not failed, "failed in the guest: %s\n%s" % (failed, console[-8000:])
@@ -141,5 +148,10 @@ def test_cgroup_battery_in_a_uml_guest(tmp_path, layout):
     for must in ("test_memory_over_limit_is_oom_killed_137", "test_cpu_50_uses_half_a_cpu",
                  "test_fork_bomb_is_contained_and_jrun_returns", "test_io_bps_throttles_direct_reads",
                  "test_job_sees_its_own_cgroup_read_only", "test_gc_removes_the_cgroup_of_a_killed_jrun",
-                 "test_cgroup_parent_places_the_job_under_it", "test_an_existing_cgroup_is_refused_and_left_alone"):
+                 "test_cgroup_parent_places_the_job_under_it", "test_an_existing_cgroup_is_refused_and_left_alone",
+                 "test_one_budget_bounds_all_the_writable_space") + (
+            # v2's allow-list, the eBPF program; this v1 layout mounts no devices hierarchy.
+            ("test_the_device_allow_list_refuses_what_the_job_makes_with_mknod",
+             "test_the_ebpf_device_program_allows_the_jobs_nodes_only") if layout == "v2" else
+            ("test_mknod_is_refused_where_no_allow_list_can_be_set",)):
         assert any(must in name for name in passed), "%s did not pass in the %s guest" % (must, layout)

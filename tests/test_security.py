@@ -98,16 +98,21 @@ def test_cap_add_with_a_user_is_refused():
 # The seccomp program, decoded: a classic-BPF interpreter for the opcodes
 # jrun emits (anything else fails the test).
 
-def run_bpf(prog, nr, arch, args=(0,) * 6):
+def run_bpf(prog, nr, arch, args=(0,) * 6, loads=None):
+    """The verdict; LOADS, a set, collects the seccomp_data offsets read."""
     data = {0: nr, 4: arch}
     for i, a in enumerate(args):
         data[16 + 8 * i] = a & 0xFFFFFFFF
         data[20 + 8 * i] = a >> 32
+    for off in range(16, 64, 4):
+        data.setdefault(off, 0)
     acc, pc = 0, 0
     while True:
         code, jt, jf, k = prog[pc]
         if code == jrun.BPF_LD_W_ABS:
             acc = data[k]
+            if loads is not None:
+                loads.add(k)
         elif code == jrun.BPF_RET_K:
             return k
         elif code in (jrun.BPF_JEQ_K, jrun.BPF_JGE_K, jrun.BPF_JSET_K):
@@ -120,6 +125,7 @@ def run_bpf(prog, nr, arch, args=(0,) * 6):
 
 ALLOW, KILL = jrun.SECCOMP_RET_ALLOW, jrun.SECCOMP_RET_KILL_PROCESS
 EPERM, ENOSYS = jrun.SECCOMP_RET_ERRNO | errno.EPERM, jrun.SECCOMP_RET_ERRNO | errno.ENOSYS
+EAFNOSUPPORT = jrun.SECCOMP_RET_ERRNO | errno.EAFNOSUPPORT
 
 
 @pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
@@ -139,8 +145,28 @@ def test_seccomp_program_verdicts(machine):
     assert run_bpf(prog, nrs["clone"], arch, (jrun.CLONE_NEWNET,)) == EPERM
     assert run_bpf(prog, nrs["clone"], arch, (0x003D0F00 | 17,)) == ALLOW  # pthread_create's flags
     assert run_bpf(prog, nrs["clone"], arch, (17,)) == ALLOW  # fork
+    # Checked by argument: vsock sockets, pushing input into a terminal,
+    # changing RLIMIT_CORE.  The kernel reads int arguments as their low 32
+    # bits: high bits set change nothing.
+    for name in ("socket", "socketpair"):
+        assert run_bpf(prog, nrs[name], arch, (jrun.AF_VSOCK, 1, 0)) == EAFNOSUPPORT, name
+        assert run_bpf(prog, nrs[name], arch, (jrun.AF_VSOCK | 1 << 32, 1, 0)) == EAFNOSUPPORT, name
+        for family in (1, 2, 10, 16, 17, 41):  # unix, inet, inet6, netlink, packet, the one after vsock
+            assert run_bpf(prog, nrs[name], arch, (family, 1, 0)) == ALLOW, (name, family)
+    for request in (jrun.TIOCSTI, jrun.TIOCLINUX, jrun.TIOCSTI | 0xFFFFFFFF << 32):
+        assert run_bpf(prog, nrs["ioctl"], arch, (0, request, 0)) == EPERM, request
+    for request in (0x5401, 0x5402, 0x5413, 0x541B, 0x5411, 0x5421):  # TCGETS TCSETS TIOCGWINSZ FIONREAD ...
+        assert run_bpf(prog, nrs["ioctl"], arch, (0, request, 0)) == ALLOW, request
+    assert run_bpf(prog, nrs["ioctl"], arch, (jrun.TIOCSTI, 0x5401, 0)) == ALLOW  # fd 0x5412: not a request
+    assert run_bpf(prog, nrs["setrlimit"], arch, (jrun.RLIMIT_CORE, 0x7FFF0000)) == EPERM
+    assert run_bpf(prog, nrs["setrlimit"], arch, (7, 0x7FFF0000)) == ALLOW  # RLIMIT_NOFILE
+    for new in (0x7FFF0000, 0x7F << 32, 1):
+        assert run_bpf(prog, nrs["prlimit64"], arch, (0, jrun.RLIMIT_CORE, new, 0)) == EPERM, new
+    assert run_bpf(prog, nrs["prlimit64"], arch, (0, jrun.RLIMIT_CORE, 0, 0x7FFF0000)) == ALLOW  # getrlimit
+    assert run_bpf(prog, nrs["prlimit64"], arch, (0, 7, 0x7FFF0000, 0)) == ALLOW
     for nr in (0, 1, 2, 59, 60, 63, 221, 231, 257, 293, 334, 435 - 1):  # read, write, execve, ...
-        if nr not in [nrs[n] for n in denied] + [nrs["clone"], nrs["clone3"]]:
+        if nr not in [nrs[n] for n in denied] + [nrs[n] for n in ("clone", "clone3", "ioctl", "socket",
+                                                                   "socketpair", "setrlimit", "prlimit64")]:
             assert run_bpf(prog, nr, arch) == ALLOW, nr
     # Another architecture, whose numbers mean other syscalls, is killed.
     other = jrun.AUDIT_ARCH["aarch64" if machine == "x86_64" else "x86_64"]
@@ -148,6 +174,22 @@ def test_seccomp_program_verdicts(machine):
         assert run_bpf(prog, 0, foreign) == KILL
     if machine == "x86_64":
         assert run_bpf(prog, 0x40000000 | 1, arch) == KILL  # x32 write
+
+
+@pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
+def test_seccomp_program_reads_arguments_only_for_the_checked_syscalls(machine):
+    """The kernel caches the verdict of every syscall whose path through the
+    filter reads no argument (seccomp_cache_prepare_bitmap emulates it the
+    same way): only the few checked by argument run the program per call."""
+    prog = jrun.seccomp_program(machine, jrun.DEFAULT_CAPS)
+    nrs, arch = jrun._SYSCALLS[machine], jrun.AUDIT_ARCH[machine]
+    uncached = set()
+    for nr in range(600):
+        loads = set()
+        run_bpf(prog, nr, arch, loads=loads)
+        if loads - {0, 4}:
+            uncached.add(nr)
+    assert uncached == {nrs[n] for n in ("ioctl", "socket", "socketpair", "setrlimit", "prlimit64", "clone")}
 
 
 def test_seccomp_program_follows_the_capabilities():
@@ -376,9 +418,29 @@ def test_admin_operations_fail(rootfs):
     ("io_uring_setup", "EPERM"), ("clone3", "ENOSYS"), ("clone-newuser", "EPERM"),
     ("unshare-user", "EPERM"), ("mount-proc", "EPERM"), ("clone-plain", "ok"),
     ("raw-socket", "EPERM"), ("icmp-socket", "ok"),  # no NET_RAW, yet ping's datagram socket works
+    ("vsock", "EAFNOSUPPORT"), ("vsock-pair", "EAFNOSUPPORT"), ("tiocsti-own", "EPERM"),
+    ("tioclinux", "EPERM"), ("rlimit-core", "EPERM"), ("prlimit-core", "EPERM"),
 ])
 def test_syscalls_refused_in_the_job(probe, what, want):
     assert job("/tmp/p " + what, probe=probe, check=None).strip() == want
+
+
+@needs_root
+def test_the_filter_is_what_refuses_vsock_terminal_input_and_core_limits(probe, tmp_path):
+    """Without the filter the kernel allows each of them here (the same
+    probe on the host says what the kernel does with an AF_VSOCK socket:
+    this VM has a vsock transport)."""
+    host = tmp_path / "probe"
+    host.write_bytes(probe)
+    host.chmod(0o755)
+    vsock = subprocess.run([str(host), "vsock"], capture_output=True, text=True).stdout.strip()
+    with open("/proc/sys/dev/tty/legacy_tiocsti") as f:
+        tiocsti = "ok" if f.read().strip() == "1" else "EIO"
+    out = job("for w in vsock tiocsti-own tioclinux rlimit-core prlimit-core; do /tmp/p $w; done",
+              "--seccomp", "unconfined", probe=probe, check=None)
+    assert out.split() == [vsock, tiocsti, "ENOTTY", "ok", "ok"]
+    if vsock == "EAFNOSUPPORT":
+        pytest.skip("this kernel has no AF_VSOCK: the filter's refusal is not told apart")
 
 
 @needs_root
@@ -417,8 +479,11 @@ def test_proc_and_sys_hardened(rootfs):
 
 @needs_root
 def test_core_dumps_off_for_good():
-    out = job("ulimit -c; ulimit -Hc; ulimit -c 1024 2>/dev/null && echo RAISED; echo done")
-    assert out.split() == ["0", "0", "done"]
+    """RLIMIT_CORE is 1 byte (no dump of any kind, see test_integrity_dev),
+    soft and hard, and cannot be changed, lowered or raised."""
+    out = job("grep 'core file' /proc/self/limits; ulimit -c 1024 2>/dev/null && echo RAISED; "
+              "ulimit -S -c 0 2>/dev/null && echo LOWERED; echo done")
+    assert out.split() == ["Max", "core", "file", "size", "1", "1", "bytes", "done"]
 
 
 @needs_root

@@ -14,6 +14,8 @@
 #include <grp.h>
 #include <netinet/in.h>
 #include <sys/ioctl.h>
+#include <sys/resource.h>
+#include <time.h>
 #include <sys/socket.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
@@ -89,6 +91,54 @@ int main(int argc, char **argv)
         char c = '\n';
         return report(ioctl(2, TIOCSTI, &c));
     }
+    if (!strcmp(what, "vsock"))  /* the hypervisor's sockets, whatever the network namespace */
+        return report(socket(40 /* AF_VSOCK */, SOCK_STREAM, 0));
+    if (!strcmp(what, "vsock-pair")) {
+        int sv[2];
+        return report(socketpair(40, SOCK_STREAM, 0, sv));
+    }
+    if (!strcmp(what, "tiocsti-own") || !strcmp(what, "tioclinux")) {
+        /* On a pty of the job's own, made this process's controlling
+         * terminal: the kernel itself allows TIOCSTI there. */
+        int master = posix_openpt(O_RDWR | O_NOCTTY), slave;
+        char c = 'x', sub = 6;  /* TIOCL_GETFGCONSOLE */
+        if (master < 0 || grantpt(master) < 0 || unlockpt(master) < 0)
+            return report(-1);
+        if (fork() == 0) {
+            setsid();
+            slave = open(ptsname(master), O_RDWR);  /* becomes the controlling terminal */
+            if (slave < 0)
+                _exit(report(-1));
+            if (what[4] == 'l')
+                _exit(report(ioctl(slave, TIOCLINUX, &sub)));
+            _exit(report(ioctl(slave, TIOCSTI, &c)));
+        }
+        wait(NULL);
+        return 0;
+    }
+    if (!strcmp(what, "rlimit-core")) {  /* lower RLIMIT_CORE to 0 (which pipes a dump again) */
+        struct rlimit rl = {0, 0};  /* the old syscall: glibc's setrlimit() calls prlimit64 */
+        return report(syscall(SYS_setrlimit, RLIMIT_CORE, &rl));
+    }
+    if (!strcmp(what, "prlimit-core")) {
+        struct rlimit rl = {0, 0};
+        return report(prlimit(0, RLIMIT_CORE, &rl, NULL));
+    }
+    if (!strcmp(what, "ioctl-loop") && argc > 2) {  /* ns per ioctl(TCGETS) and per getppid */
+        long n = atol(argv[2]);
+        struct termios t;
+        struct timespec a, b, c;
+        clock_gettime(CLOCK_MONOTONIC, &a);
+        for (long i = 0; i < n; i++)
+            ioctl(0, TCGETS, &t);
+        clock_gettime(CLOCK_MONOTONIC, &b);
+        for (long i = 0; i < n; i++)
+            syscall(SYS_getppid);
+        clock_gettime(CLOCK_MONOTONIC, &c);
+        printf("%.1f %.1f\n", ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)) / n,
+               ((c.tv_sec - b.tv_sec) * 1e9 + (c.tv_nsec - b.tv_nsec)) / n);
+        return 0;
+    }
     if (!strcmp(what, "ids")) {
         uid_t r, e, s;
         getresuid(&r, &e, &s);
@@ -119,6 +169,7 @@ int main(int argc, char **argv)
     }
     fprintf(stderr, "usage: probe keyctl|add_key|init_module|bpf|userfaultfd|perf_event_open|"
             "open_by_handle_at|io_uring_setup|clone3|clone-newuser|clone-plain|unshare-user|"
-            "mount-proc|icmp-socket|raw-socket|tiocsti|ids|as UID PROG ARGS|chroot-escape [fd]\n");
+            "mount-proc|icmp-socket|raw-socket|tiocsti|vsock|vsock-pair|tiocsti-own|tioclinux|rlimit-core|"
+            "prlimit-core|ioctl-loop N|ids|as UID PROG ARGS|chroot-escape [fd]\n");
     return 2;
 }
