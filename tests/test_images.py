@@ -722,6 +722,13 @@ def _hostile(case, top, tmp):
         return oci(tar_of([hard("x", "../../../../.." + top + "/victim")])), (), 125, "leaves the image"
     if case == "hardlink-to-directory":
         return oci(tar_of([hard("x", "etc")])), (), 125, "Operation not permitted"
+    if case == "xattrs":  # an overlay redirect and a file capability: never written
+        (dti, _), (fti, data) = d("opq"), f("opq/ping", "x", 0o755)
+        dti.pax_headers = {"SCHILY.xattr.trusted.overlay.opaque": "y",
+                           "SCHILY.xattr.trusted.overlay.redirect": top}
+        fti.pax_headers = {"SCHILY.xattr.security.capability": "\x01\x00\x00\x02\x00\x20\x00\x00",
+                           "SCHILY.xattr.user.note": "x"}
+        return oci(tar_of([(dti, None), (fti, data)])), (), 0, "dropped the extended attributes of 2 entries"
     if case == "device-node":
         return oci(tar_of([entry("dev/sda", tarfile.CHRTYPE, mode=0o666)])), (), 0, "skipped 1 device nodes"
     if case == "whiteout-dotdot":
@@ -784,7 +791,7 @@ def _hostile(case, top, tmp):
 HOSTILE = ["dotdot", "dotdot-inside", "absolute", "symlink-then-file", "symlink-dotdot-then-file",
            "symlink-dangling-then-file",
            "hardlink-to-shadow", "hardlink-to-canary", "hardlink-through-symlink", "hardlink-dotdot",
-           "hardlink-to-directory", "device-node", "whiteout-dotdot", "whiteout-through-symlink",
+           "hardlink-to-directory", "xattrs", "device-node", "whiteout-dotdot", "whiteout-through-symlink",
            "opaque-through-symlink", "symlink-loop", "layer-digest", "layer-size", "config-digest",
            "manifest-digest", "diff-id", "blob-path", "size-bomb", "tarball-bomb", "files-bomb", "long-header",
            "truncated"]
@@ -809,6 +816,9 @@ def test_hostile_archive(case, canary, tmp_path, name):
             assert open(t + canary + "/victim").read() == "pwned"
         if case in ("whiteout-through-symlink", "opaque-through-symlink"):
             assert os.readlink(t + "/l") == canary
+        if case == "xattrs":
+            assert os.listxattr(t + "/opq", follow_symlinks=False) == []
+            assert os.listxattr(t + "/opq/ping", follow_symlinks=False) == []
         if case == "hardlink-to-shadow":
             assert os.stat(t + "/shadow-copy").st_ino == os.stat(t + "/etc/shadow").st_ino != shadow.st_ino
     assert os.stat("/etc/shadow").st_nlink == shadow.st_nlink and os.stat("/etc/shadow").st_ino == shadow.st_ino
