@@ -504,7 +504,7 @@ RUN_OPTIONS = (
     Opt("--env", "-e", "KEY[=VALUE]", "set a variable, or pass the caller's value (repeatable)", repeat=True),
     Opt("--env-file", None, "FILE", "read KEY=VALUE lines from FILE (repeatable)", repeat=True),
     Opt("--rootfs", None, "minimal|host|PATH|IMAGE",
-        "the job's root filesystem: minimal (default), host, a directory (PATH with a '/') or an imported IMAGE"),
+        "the job's root: minimal (default), host, a directory (with a '/') or an imported IMAGE"),
     Opt("--read-only", None, None, "make the root filesystem read-only (workdir and /tmp stay writable)"),
     Opt("--net", None, "bridge|none|NAME", "network: bridge (default), none (loopback only) or a named network"),
     Opt("--user", "-u", "UID[:GID]", "run COMMAND as this user, with no capabilities"),
