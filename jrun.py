@@ -6385,7 +6385,7 @@ def cmd_rootfs(argv):
 def check_image_name(what, text):
     check_name(what, text)
     if text in ("minimal", "host"):
-        raise UsageError("%s: %r means a --rootfs of its own; choose another name" % (what, text))
+        raise UsageError("%s: %r is a --rootfs of its own, never an image's name" % (what, text))
     return text
 
 

@@ -320,7 +320,7 @@ def test_an_image_job_may_leave_command_and_workdir_to_the_image():
 
 @pytest.mark.parametrize("args, fragment", [
     (("../x", "f"), "rootfs import: NAME: '../x' is not a valid name"),
-    (("minimal", "f"), "rootfs import: NAME: 'minimal' means a --rootfs of its own"),
+    (("minimal", "f"), "rootfs import: NAME: 'minimal' is a --rootfs of its own, never an image's name"),
     (("x", "f", "--platform", "linux"), "rootfs import: --platform: 'linux' is not OS/ARCH"),
     (("x", "f", "--max-size", "12Q"), "rootfs import: --max-size: '12Q' is not a size"),
     (("x", "f", "--max-files", "0"), "rootfs import: --max-files: '0' is out of range"),
