@@ -110,9 +110,10 @@ def test_parse_workdir_size_refuses(text):
 
 def test_rootfs_values(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert jrun.parse_rootfs("minimal") == "minimal"
-    assert jrun.parse_rootfs("host") == "host"
-    assert jrun.parse_rootfs("img") == str(tmp_path / "img")
+    assert jrun.parse_rootfs("minimal") == ("minimal", None)
+    assert jrun.parse_rootfs("host") == ("host", None)
+    assert jrun.parse_rootfs("./img") == (str(tmp_path / "img"), None)
+    assert jrun.parse_rootfs("img") == (None, "img")  # a bare word names an image (tests/test_images.py)
     with pytest.raises(jrun.UsageError, match="--rootfs"):
         jrun.parse_rootfs("")
 
