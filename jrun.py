@@ -52,6 +52,9 @@ import time
 CONFIG_FILE = "/etc/jrun/jrun.toml"
 STATE_DIR = "/run/jrun"
 ROOTFS_DIR = "/var/lib/jrun/rootfs"
+# --rootfs host: the host's system directories the job sees, read-only.  On
+# merged-/usr systems bin, sbin and lib* are symlinks into usr.
+HOST_SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
 AUDIT_LOG = "/var/log/jrun/audit.log"
 TINI = "/usr/bin/tini-static"
 BUSYBOX = "/bin/busybox"
@@ -1154,9 +1157,15 @@ def block_devices(paths, _depth=0):
 
 
 def io_paths(spec):
-    """Where the job's files live on the host: its root's lower layer (the
-    writable layer, /tmp and the default workdir are tmpfs: no disk IO)."""
-    return [rootfs_path(spec)]
+    """Where the job's files live on the host: its root's lower layer, or
+    under --rootfs host the host's system directories and /etc that the job
+    reads through read-only binds; and its volumes.  (The writable layer,
+    /tmp and the default workdir are tmpfs: no disk IO.)"""
+    if spec.rootfs == "host":
+        paths = ["/" + n for n in HOST_SYSTEM_DIRS if os.path.isdir("/" + n)] + ["/etc"]
+    else:
+        paths = [rootfs_path(spec)]
+    return paths + [v.src for v in spec.volumes]
 
 
 ACCOUNTING_CONTROLLERS = {1: ("memory", "pids", "cpuacct", "blkio"), 2: ("memory", "pids", "io")}
@@ -1732,9 +1741,8 @@ def mount_volume(v, target_fd):
           % (v.src, v.dest, "read-only" if v.read_only else "read-write"))
 
 
-# --rootfs host: the host's system directories, read-only, on the job's own
-# tmpfs.  On merged-/usr systems bin, sbin and lib* are symlinks into usr.
-HOST_SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
+# --rootfs host: the host's system directories (HOST_SYSTEM_DIRS), read-only,
+# on the job's own tmpfs.
 # What of the host's /etc a program needs to run (users, libraries, TLS roots,
 # time zone, interpreters' configuration); never shadow, gshadow, sudoers,
 # ssh host keys, ssl/private, nor files that often hold credentials (pip.conf,
