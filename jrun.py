@@ -3822,24 +3822,38 @@ def job_environment(spec, home):
 
 
 def resolve_command(spec, env):
-    """Find COMMAND in the job's root, as execvp would, so that 'not found'
-    (127) and 'not executable' (126) are told apart before exec."""
+    """Find COMMAND in the job's root as the shell and docker do, so that
+    'not found' (127) and 'found but not executable' (126) are told apart
+    before exec.  A COMMAND with a '/' is that path: missing is 127; a
+    directory, or a file without an x bit, is 126.  A PATH lookup takes the
+    first executable regular file and skips directories (as sh and Go's
+    LookPath do); a non-executable file it met is 126, nothing at all 127."""
+    import stat
+
     cmd = spec.command[0]
     if "/" in cmd:
-        candidates = [cmd]
+        try:
+            st = os.stat(cmd)
+        except OSError:
+            raise NotFound("%s: command not found in the job's root" % cmd) from None
+        if stat.S_ISDIR(st.st_mode):
+            raise NotExecutable("%s: is a directory, not a program" % cmd)
+        if not stat.S_ISREG(st.st_mode) or not os.access(cmd, os.X_OK):
+            raise NotExecutable("%s: permission denied (not executable)" % cmd)
+        found = cmd
     else:
-        candidates = [os.path.join(d or ".", cmd) for d in env.get("PATH", DEFAULT_PATH).split(":")]
-    found = None
-    for path in candidates:
-        if os.path.isfile(path):
-            if os.access(path, os.X_OK):
-                found = path
-                break
-            found = found or path
-    if found is None:
-        raise NotFound("%s: command not found in the job's root" % cmd)
-    if not os.access(found, os.X_OK):
-        raise NotExecutable("%s: permission denied (not executable)" % found)
+        found = plain = None
+        for d in env.get("PATH", DEFAULT_PATH).split(":"):
+            path = os.path.join(d or ".", cmd)
+            if os.path.isfile(path):
+                if os.access(path, os.X_OK):
+                    found = path
+                    break
+                plain = plain or path
+        if found is None and plain is None:
+            raise NotFound("%s: command not found in the job's root" % cmd)
+        if found is None:
+            raise NotExecutable("%s: permission denied (not executable)" % plain)
     argv = [found] + list(spec.command[1:])
     if spec.init:
         argv = ["/dev/init", "--"] + argv

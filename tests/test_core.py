@@ -106,6 +106,27 @@ def test_exit_126_not_executable():
     assert p.stderr.startswith("jrun: ") and "/etc/passwd" in p.stderr
 
 
+def test_exit_126_directory_given_as_a_path():
+    # As the shell and docker: found, but a directory cannot be executed.
+    for cmd in ("/tmp", "/tmp/"):
+        p = jrun("--net", "none", "--", cmd)
+        assert p.returncode == 126, p.stderr
+        assert p.stderr == "jrun: %s: is a directory, not a program\n" % cmd
+    p = jrun("--net", "none", "--", "/no/such/program")
+    assert p.returncode == 127 and "not found" in p.stderr
+
+
+def test_path_lookup_skips_directories(tmp_path):
+    """A directory on PATH named like COMMAND is not COMMAND (sh and Go's
+    LookPath skip it): the next PATH entry wins, or 127 if none has it."""
+    for d in ("true", "nothere"):
+        (tmp_path / "bin" / d).mkdir(parents=True)
+    opts = ("-q", "--net", "none", "--upload", "%s:/opt/bin" % (tmp_path / "bin"), "-e", "PATH=/opt/bin:/bin")
+    assert jrun(*opts, "--", "true").returncode == 0
+    p = jrun(*opts, "--", "nothere")
+    assert p.returncode == 127 and p.stderr == "jrun: nothere: command not found in the job's root\n"
+
+
 def test_exit_126_script_without_interpreter_is_127():
     p = sh("printf '#!/usr/bin/python3\\nprint(1)\\n' > /tmp/s; chmod +x /tmp/s; /tmp/s")
     assert p.returncode == 127  # the shell's own verdict, passed through
