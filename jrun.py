@@ -252,9 +252,19 @@ def log(level, msg):
     else:
         line = "jrun: " + msg + "\n"
     try:
-        os.write(2, line.encode("utf-8", "replace"))
+        os.write(2, _exact_bytes(line))
     except OSError:
         pass
+
+
+def _exact_bytes(text):
+    """TEXT as the bytes it came from: Python decodes argv, environment and
+    file names that are not UTF-8 with surrogateescape (a byte 0xe9 becomes
+    U+DCE9), and encoding the same way gives back exactly those bytes."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate no file name can hold
+        return text.encode("utf-8", "replace")
 
 
 def audit(msg):
@@ -268,7 +278,13 @@ _JSON_ESC.update({ord('"'): '\\"', ord("\\"): "\\\\", 10: "\\n", 9: "\\t", 13: "
 
 def dumps_json(obj):
     """A small JSON encoder for flat records: the json module imports re,
-    which costs 7 ms of every job's start here."""
+    which costs 7 ms of every job's start here.
+
+    JSON text is UTF-8, but Linux allows any bytes in arguments, environment
+    values and file names.  A string that is not valid UTF-8 is written as
+    an array of its bytes, each a number 0-255, as journalctl -o json does:
+    lossless, unambiguous (a string field is either a JSON string or such an
+    array), and every JSON parser reads it.  (json_text() turns it back.)"""
     if obj is None:
         return "null"
     if obj is True:
@@ -278,12 +294,24 @@ def dumps_json(obj):
     if isinstance(obj, (int, float)):
         return repr(obj)
     if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return dumps_json(list(_exact_bytes(obj)))
         return '"' + obj.translate(_JSON_ESC) + '"'
     if isinstance(obj, (list, tuple)):
         return "[" + ", ".join(dumps_json(x) for x in obj) + "]"
     if isinstance(obj, dict):
         return "{" + ", ".join(dumps_json(str(k)) + ": " + dumps_json(v) for k, v in obj.items()) + "}"
     return dumps_json(str(obj))
+
+
+def json_text(value):
+    """A string field read back from jrun's JSON: an array of bytes (see
+    dumps_json) is the string it stands for, with its bytes exact."""
+    if isinstance(value, list) and value and all(isinstance(b, int) and 0 <= b < 256 for b in value):
+        return bytes(value).decode("utf-8", "surrogateescape")
+    return value
 
 
 # ---------------------------------------------------------------------------
@@ -2175,7 +2203,7 @@ class Cgroup(Resource):
     def from_state(cls, record):
         cg = record.get("cgroup")
         if cg:
-            return (CgroupV2 if cg.get("version") == 2 else CgroupV1)(None, cg.get("dirs", ()))
+            return (CgroupV2 if cg.get("version") == 2 else CgroupV1)(None, [json_text(d) for d in cg.get("dirs", ())])
         if not record.get("id"):
             return None
         # The default place needs no record: <hierarchy>/jrun/<id>.
@@ -3547,7 +3575,7 @@ class ChildPlan(_Frozen):
 
 def _report(fd, code, msg):
     try:
-        os.write(fd, ("E%d %s\n" % (code, msg)).encode("utf-8", "replace"))
+        os.write(fd, _exact_bytes("E%d %s\n" % (code, msg)))
     except OSError:
         pass
 
@@ -4234,7 +4262,7 @@ def _read_status(fd, relay_to=None):
         if not chunk:
             break
         buf += chunk
-    return buf.decode("utf-8", "replace").rstrip("\n")
+    return buf.decode("utf-8", "surrogateescape").rstrip("\n")
 
 
 def _kill_and_reap(pid):
@@ -4366,7 +4394,7 @@ def _fmt_cgroup(cg):
     dirs = cg.get("dirs") if isinstance(cg, dict) else None
     if not dirs:
         return str(cg or "-")
-    rel = os.path.relpath(dirs[0], CGROUP_ROOT).split("/")
+    rel = os.path.relpath(json_text(dirs[0]), CGROUP_ROOT).split("/")
     return "/" + "/".join(rel[1:] if cg.get("version") == 1 else rel)
 
 
@@ -4381,6 +4409,22 @@ def _fmt_limits(limits):
             v = "%s%%" % v
         parts.append("%s=%s" % (k.replace("_", "-"), v))
     return ",".join(parts) or "-"
+
+
+def shown(text):
+    """TEXT for a terminal: a byte that is not UTF-8 (see _exact_bytes) and
+    a control character are shown as \\xNN, so that a job's command can
+    neither garble nor drive the terminal of whoever lists it."""
+    out = []
+    for ch in text:
+        o = ord(ch)
+        if 0xDC80 <= o <= 0xDCFF:
+            out.append("\\x%02x" % (o - 0xDC00))
+        elif o < 32 or 127 <= o < 160:
+            out.append("\\x%02x" % o)
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def _fmt_age(seconds):
@@ -4411,7 +4455,7 @@ def cmd_ps(argv):
             net = "%s %s" % (net, address)
         rows.append((j["id"], str(j.get("pid")), time.strftime("%H:%M:%S", time.localtime(started)),
                      _fmt_age(now - started), _fmt_limits(j.get("limits")), net, _fmt_cgroup(j.get("cgroup")),
-                     " ".join(j.get("command") or ())))
+                     " ".join(shown(json_text(a)) for a in j.get("command") or ())))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] + "\n")

@@ -127,6 +127,22 @@ def test_path_lookup_skips_directories(tmp_path):
     assert p.returncode == 127 and p.stderr == "jrun: nothere: command not found in the job's root\n"
 
 
+def test_arguments_and_environment_that_are_not_utf8_pass_byte_exact():
+    """Linux allows any bytes but NUL in an argument (file names in other
+    encodings): the job gets exactly those bytes, and jrun names them
+    exactly in its messages."""
+    arg, val = b"caf\xe9 \xff\x80\\x", b"\xe8t\xe9"
+    p = subprocess.run(JRUN + ["--net", "none", "-e", b"X=" + val, "--", "/bin/sh", "-c",
+                               'printf %s "$1" | od -An -tx1; echo -; printf %s "$X" | od -An -tx1', "sh", arg],
+                       capture_output=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    got_arg, got_val = p.stdout.split(b"-\n")
+    assert got_arg.split() == [b"%02x" % c for c in arg]
+    assert got_val.split() == [b"%02x" % c for c in val]
+    p = subprocess.run(JRUN + ["--net", "none", "--", b"/no/such/\xe9"], capture_output=True, timeout=60)
+    assert p.returncode == 127 and p.stderr == b"jrun: /no/such/\xe9: command not found in the job's root\n"
+
+
 def test_exit_126_script_without_interpreter_is_127():
     p = sh("printf '#!/usr/bin/python3\\nprint(1)\\n' > /tmp/s; chmod +x /tmp/s; /tmp/s")
     assert p.returncode == 127  # the shell's own verdict, passed through

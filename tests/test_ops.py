@@ -116,6 +116,21 @@ def test_ps_lists_running_jobs_with_their_fields():
     assert name not in {j["id"] for j in _ps_json("--config", OWN["cfg"])}
 
 
+def test_ps_shows_an_argument_that_is_not_utf8_exactly_and_safely():
+    name = _name("ps8")
+    proc = ostart("--net", "none", "--name", name, "--", "/bin/sh", "-c", "echo ready; read x", "sh",
+                  b"caf\xe9\x1b[2J")
+    try:
+        j = next(j for j in _ps_json("--config", OWN["cfg"]) if j["id"] == name)
+        # JSON: a string that is not UTF-8 is the array of its bytes.
+        assert j["command"][-1] == list(b"caf\xe9\x1b[2J")
+        row = next(line for line in oj("ps", check=0).stdout.splitlines() if line.startswith(name + " "))
+        # The table: \xNN for what is not UTF-8 and for control characters.
+        assert row.endswith("read x sh caf\\xe9\\x1b[2J"), row
+    finally:
+        _stop(proc)
+
+
 def test_ps_does_not_list_a_dead_jobs_stale_state():
     name = _name("stale")
     proc = ostart("--net", "none", "--name", name, "--", "/bin/sh", "-c", "echo ready; sleep 60")
@@ -323,6 +338,21 @@ def test_audit_log_start_and_end(tmp_path):
         assert rec["time"].endswith("Z")
     assert end["exit_code"] == 3 and end["signal"] is None and end["oom_killed"] is False
     assert end["timed_out"] is False and 0 <= end["duration_s"] < 30
+
+
+def test_audit_log_and_json_status_of_a_job_with_arguments_that_are_not_utf8(tmp_path):
+    cfg, log = _audit(tmp_path)
+    status = os.path.join(os.fsencode(tmp_path), b"st-\xe9.json")
+    arg = b"\xe9t\xe9"
+    p = subprocess.run(JRUN + ["--config", str(cfg), "--json-status", status, "--", "/bin/sh", "-c", "exit 4",
+                               "sh", arg, "ok"], capture_output=True, timeout=60)
+    assert p.returncode == 4, p.stderr
+    for raw in log.read_bytes().splitlines():
+        rec = json.loads(raw.decode("utf-8"))  # valid UTF-8, valid JSON
+        assert rec["command"] == ["/bin/sh", "-c", "exit 4", "sh", list(arg), "ok"]
+        assert bytes(rec["command"][4]) == arg
+    with open(status, "rb") as f:
+        assert json.loads(f.read().decode("utf-8"))["exit_code"] == 4
 
 
 def test_audit_log_timeout_signal_and_failure(tmp_path):
