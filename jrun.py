@@ -5263,6 +5263,11 @@ def _is_static_elf(path):
     return all(struct.unpack(end + "I", table[i * phentsize: i * phentsize + 4])[0] != 3 for i in range(phnum))
 
 
+def rootfs_stamp():
+    """Where build_rootfs notes what it built: beside the rootfs."""
+    return ROOTFS_DIR.rstrip("/") + ".stamp"
+
+
 def build_rootfs(force=False):
     """The recipe of the default minimal rootfs (see rootfs/README.md)."""
     import shutil
@@ -5279,6 +5284,7 @@ def build_rootfs(force=False):
     parent = os.path.dirname(ROOTFS_DIR)
     os.makedirs(parent, mode=0o755, exist_ok=True)
     tmp = "%s.new-%d" % (ROOTFS_DIR, os.getpid())
+    stamp = rootfs_stamp()
     os.mkdir(tmp, 0o755)
     try:
         for d, mode in (("bin", 0o755), ("sbin", 0o755), ("usr/bin", 0o755), ("usr/sbin", 0o755),
@@ -5293,12 +5299,16 @@ def build_rootfs(force=False):
                                  text=True).stdout.split()
         for rel in applets:
             link = os.path.join(tmp, rel)
-            if rel == "bin/busybox" or os.path.lexists(link):
+            # Applets live in bin, sbin, usr/bin and usr/sbin; "linuxrc" (an
+            # initrd's init) would sit in the job's / for no use.
+            if "/" not in rel or rel == "bin/busybox" or os.path.lexists(link):
                 continue
             os.makedirs(os.path.dirname(link), exist_ok=True)
             os.symlink("/bin/busybox", link)
         shutil.copytree(skel, tmp, symlinks=True, dirs_exist_ok=True)
-        with open(os.path.join(tmp, ".jrun-rootfs"), "w") as f:
+        # The stamp is beside the tree, not in it: the job's / holds the
+        # rootfs's files and jrun's mount points, nothing of jrun's own.
+        with open(stamp + ".new", "w") as f:
             f.write("built by jrun %s from %s (%d applets) at %s\n"
                     % (__version__, BUSYBOX, len(applets), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
         if os.path.exists(ROOTFS_DIR):
@@ -5308,8 +5318,11 @@ def build_rootfs(force=False):
             shutil.rmtree(old)
         else:
             os.rename(tmp, ROOTFS_DIR)
+        os.rename(stamp + ".new", stamp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.exists(stamp + ".new"):
+            os.unlink(stamp + ".new")
         raise
     log("info", "rootfs built at %s (busybox, %d applets)" % (ROOTFS_DIR, len(applets)))
     return 0
