@@ -3693,6 +3693,14 @@ def build_root(spec, state_dir, userns=None, resources=()):
             fd = os.open(os.path.join(base, "lower"), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 bind_into(lower, fd, MOUNT_ATTR_IDMAP, userns.fd)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                # ext4, xfs, btrfs and vfat allow idmapped mounts since 5.12-5.15,
+                # tmpfs since 6.3; ext2, NFS and FUSE (among others) do not.
+                raise SetupError("--userns: the rootfs %s is on %s, which cannot be idmapped on Linux %s (use a "
+                                 "rootfs on ext4, xfs or btrfs, or --rootfs host)"
+                                 % (lower, _mount_of(lower)[0] or "a filesystem", os.uname().release)) from None
             finally:
                 os.close(fd)
             chown_to_job(os.path.join(base, "upper"), userns.base)
