@@ -497,18 +497,9 @@ def test_config_unit_parsing(tmp_path, monkeypatch):
 # --- verify ---------------------------------------------------------------
 
 CORE_CHECKS = ("Process isolation", "Filesystem isolation", "Mount isolation", "Network namespace")
-# check -> the run options it needs (refused by a jrun that lacks them)
-OPTION_CHECKS = {
-    "Network readiness": ["--net", "bridge"], "Network isolation": ["--net", "bridge"],
-    "Memory limit": ["--memory", "32M"], "PIDs limit": ["--pids", "8"], "CPU limit": ["--cpu", "20"],
-    "cgroup membership": ["--memory", "48M", "--pids", "32", "--cpu", "50", "--cores", "0"],
-    "I/O limit": ["--io-bps", "1M"], "Upload isolation": ["--upload", "/etc/hostname:x"],
-}
-
-
-def _supported(opts):
-    p = jrun(*(["--net", "none"] if "--net" not in opts else []), *opts, "--", "true")
-    return "not supported by this version" not in p.stderr
+ALL_CHECKS = set(CORE_CHECKS) | {"Network readiness", "Network isolation", "Memory limit", "PIDs limit", "CPU limit",
+                                 "cgroup membership", "I/O limit", "Upload isolation", "Capabilities", "no_new_privs",
+                                 "Seccomp"}
 
 
 def _verify(*args):
@@ -517,26 +508,15 @@ def _verify(*args):
     return p, report, {c["name"]: c for c in report["checks"]}
 
 
-def test_verify_passes_what_this_jrun_supports():
+def test_verify_passes_on_this_host():
+    """This host has every controller and the network: every check runs
+    and passes (a skip would hide one)."""
     p, report, checks = _verify()
-    assert set(checks) >= set(CORE_CHECKS) | set(OPTION_CHECKS) | {"Capabilities", "no_new_privs", "Seccomp"}
-    for name in CORE_CHECKS:
-        assert checks[name]["status"] == "pass", checks[name]
-    for name, opts in OPTION_CHECKS.items():
-        c = checks[name]
-        if _supported(opts):
-            assert c["status"] in ("pass", "skip"), c
-        else:  # refused, and said so: never a pass by not looking
-            assert c["status"] == "fail" and c["why"] == "not supported by this jrun", c
-    security_landed = _supported(["--cap-drop", "ALL"])
-    for name in ("Capabilities", "no_new_privs", "Seccomp"):
-        c = checks[name]
-        assert c["status"] == ("pass" if security_landed else "fail"), c
-        assert c["evidence"]
-    fails = [c for c in report["checks"] if c["status"] == "fail"]
-    assert report["ok"] is (not fails) and p.returncode == (1 if fails else 0)
-    assert all(c["why"] and c["fix"] for c in fails)
-    assert report["host"]["cgroup"].startswith(("v1", "v2", "hybrid"))
+    assert set(checks) >= ALL_CHECKS
+    for c in report["checks"]:
+        assert c["status"] == "pass" and c["evidence"], c
+    assert report["ok"] is True and p.returncode == 0
+    assert report["host"]["cgroup"].startswith(("v1", "v2"))
 
 
 def test_verify_fails_a_check_when_a_defence_is_turned_off():
@@ -551,7 +531,7 @@ def test_verify_fails_a_check_when_a_defence_is_turned_off():
     assert text.returncode == 1
     line = next(x for x in text.stdout.splitlines() if "Seccomp" in x and "why" not in x)
     assert line.startswith("\u274c") and "Seccomp: 0" in line
-    assert any(x.startswith("\u2705 Process isolation") and "PID 1 = '/bin/ps aux'" in x
+    assert any(x.startswith("\u2705 Process isolation") and "PID 1 sh (parent 0)" in x
                for x in text.stdout.splitlines())
     assert "checks:" in text.stdout.splitlines()[-1]
 
