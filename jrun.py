@@ -3235,6 +3235,16 @@ def _remove_network(nl, f):
     f.remove()
 
 
+def _nft_refused(net, e):
+    """nft's refusal of jrun's table as one line (nft prints the error, then
+    the offending rule and a caret line, for each error)."""
+    lines = str(e).splitlines()
+    first = next((ln.split("Error: ", 1)[1] for ln in lines if "Error: " in ln), lines[0] if lines else "")
+    hint = ("; this kernel's nftables lacks what jrun's firewall needs (the inet family and NAT: "
+            "CONFIG_NF_TABLES_INET, CONFIG_NFT_NAT): use --net none") if "not supported" in first else ""
+    return SetupError("--net %s: nft refused jrun's firewall: %s%s" % (net, first, hint))
+
+
 def _enable_forwarding():
     """NAT needs the host to forward IPv4, as for docker, podman and libvirt.
     It is left on when the last network goes: another tool that started
@@ -3330,7 +3340,14 @@ class Network(Resource):
         if new or missing:
             # Rules first: a bridge never exists without them, whenever a
             # jrun may have been killed.
-            _sync_nft()
+            try:
+                _sync_nft()
+            except SetupError as e:
+                # nft applies a ruleset whole or not at all: the table is as
+                # it was, so a new network leaves nothing (its file goes).
+                if new:
+                    f.remove()
+                raise _nft_refused(self.net, e) from None
             _enable_forwarding()
         if missing:
             self._create_bridge(f)
