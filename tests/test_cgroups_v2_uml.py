@@ -25,7 +25,8 @@ Debian's UML kernel (6.1um4) cannot: it is built without NF_TABLES_INET,
 NF_TABLES_IPV4/IPV6 and NFT_NAT (only the bridge family is there), so there
 the lane checks instead that jrun refuses a networked job (125, naming nft)
 and leaves nothing.  Results come back on the console: pytest's -rA lines
-between markers.
+between markers.  Nothing of the host is touched (guest_only): the lane needs
+no host lock.
 """
 import os
 import re
@@ -165,6 +166,7 @@ def _boot(tmp_path, layout):
     return console, time.monotonic() - t
 
 
+@pytest.mark.guest_only
 @pytest.mark.skipif(not IS_ROOT, reason="needs root (jrun inside the guest runs as the guest's root)")
 @pytest.mark.skipif(not os.path.exists(UML), reason="%s missing (apt-get install user-mode-linux)" % UML)
 @pytest.mark.skipif(not shutil.which("mke2fs", path="/usr/sbin:/sbin:/usr/bin"), reason="mke2fs missing")
