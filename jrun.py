@@ -55,6 +55,9 @@ CONFIG_FILE = "/etc/jrun/jrun.toml"
 STATE_DIR = "/run/jrun"
 ROOTFS_DIR = "/var/lib/jrun/rootfs"
 IMAGE_DIR = "/var/lib/jrun/images"  # imported images (see the Images section)
+# --rootfs host: the host's system directories the job sees, read-only.  On
+# merged-/usr systems bin, sbin and lib* are symlinks into usr.
+HOST_SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
 AUDIT_LOG = "/var/log/jrun/audit.log"
 TINI = "/usr/bin/tini-static"
 BUSYBOX = "/bin/busybox"
@@ -299,9 +302,19 @@ def log(level, msg):
     if _log["crlf"]:
         line = line.replace("\n", "\r\n")
     try:
-        os.write(2, line.encode("utf-8", "replace"))
+        os.write(2, _exact_bytes(line))
     except OSError:
         pass
+
+
+def _exact_bytes(text):
+    """TEXT as the bytes it came from: Python decodes argv, environment and
+    file names that are not UTF-8 with surrogateescape (a byte 0xe9 becomes
+    U+DCE9), and encoding the same way gives back exactly those bytes."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate no file name can hold
+        return text.encode("utf-8", "replace")
 
 
 def audit(msg):
@@ -315,7 +328,13 @@ _JSON_ESC.update({ord('"'): '\\"', ord("\\"): "\\\\", 10: "\\n", 9: "\\t", 13: "
 
 def dumps_json(obj):
     """A small JSON encoder for flat records: the json module imports re,
-    which costs 7 ms of every job's start here."""
+    which costs 7 ms of every job's start here.
+
+    JSON text is UTF-8, but Linux allows any bytes in arguments, environment
+    values and file names.  A string that is not valid UTF-8 is written as
+    an array of its bytes, each a number 0-255, as journalctl -o json does:
+    lossless, unambiguous (a string field is either a JSON string or such an
+    array), and every JSON parser reads it.  (json_text() turns it back.)"""
     if obj is None:
         return "null"
     if obj is True:
@@ -325,12 +344,24 @@ def dumps_json(obj):
     if isinstance(obj, (int, float)):
         return repr(obj)
     if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return dumps_json(list(_exact_bytes(obj)))
         return '"' + obj.translate(_JSON_ESC) + '"'
     if isinstance(obj, (list, tuple)):
         return "[" + ", ".join(dumps_json(x) for x in obj) + "]"
     if isinstance(obj, dict):
         return "{" + ", ".join(dumps_json(str(k)) + ": " + dumps_json(v) for k, v in obj.items()) + "}"
     return dumps_json(str(obj))
+
+
+def json_text(value):
+    """A string field read back from jrun's JSON: an array of bytes (see
+    dumps_json) is the string it stands for, with its bytes exact."""
+    if isinstance(value, list) and value and all(isinstance(b, int) and 0 <= b < 256 for b in value):
+        return bytes(value).decode("utf-8", "surrogateescape")
+    return value
 
 
 # ---------------------------------------------------------------------------
@@ -1462,9 +1493,15 @@ def block_devices(paths, _depth=0):
 
 
 def io_paths(spec):
-    """Where the job's files live on the host: its root's lower layer (the
-    writable layer, /tmp and the default workdir are tmpfs: no disk IO)."""
-    return [rootfs_path(spec)]
+    """Where the job's files live on the host: its root's lower layer, or
+    under --rootfs host the host's system directories and /etc that the job
+    reads through read-only binds; and its volumes.  (The writable layer,
+    /tmp and the default workdir are tmpfs: no disk IO.)"""
+    if spec.rootfs == "host":
+        paths = ["/" + n for n in HOST_SYSTEM_DIRS if os.path.isdir("/" + n)] + ["/etc"]
+    else:
+        paths = [rootfs_path(spec)]
+    return paths + [v.src for v in spec.volumes]
 
 
 ACCOUNTING_CONTROLLERS = {1: ("memory", "pids", "cpuacct", "blkio"), 2: ("memory", "pids", "io")}
@@ -2142,9 +2179,8 @@ def mount_volume(v, target_fd):
           % (v.src, v.dest, "read-only" if v.read_only else "read-write"))
 
 
-# --rootfs host: the host's system directories, read-only, on the job's own
-# tmpfs.  On merged-/usr systems bin, sbin and lib* are symlinks into usr.
-HOST_SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
+# --rootfs host: the host's system directories (HOST_SYSTEM_DIRS), read-only,
+# on the job's own tmpfs.
 # What of the host's /etc a program needs to run (users, libraries, TLS roots,
 # time zone, interpreters' configuration); never shadow, gshadow, sudoers,
 # ssh host keys, ssl/private, nor files that often hold credentials (pip.conf,
@@ -2157,6 +2193,9 @@ HOST_ETC = ("passwd", "group", "nsswitch.conf", "host.conf", "gai.conf", "protoc
             "mtab", "python3*", "perl", "fonts")
 # Copied rather than bound: the job (or jrun's network setup) may rewrite it.
 HOST_ETC_COPIED = ("resolv.conf",)
+# The rest of a --rootfs host root: the job's own empty directories.
+HOST_ROOT_OWN_DIRS = (("etc", 0o755), ("root", 0o700), ("home", 0o755), ("run", 0o755), ("var", 0o755),
+                      ("var/tmp", 0o1777), ("mnt", 0o755))
 RO = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
 
 
@@ -2176,8 +2215,7 @@ def build_host_root(root):
                     bind_into(host, fd, RO)
                 finally:
                     os.close(fd)
-        for d, mode in (("etc", 0o755), ("root", 0o700), ("home", 0o755), ("run", 0o755),
-                        ("var", 0o755), ("var/tmp", 0o1777), ("mnt", 0o755)):
+        for d, mode in HOST_ROOT_OWN_DIRS:
             os.mkdir(d, mode, dir_fd=rootfd)
             os.chmod(d, mode, dir_fd=rootfd)  # past the umask
         names = []
@@ -3797,7 +3835,7 @@ class Cgroup(Resource):
         """Only the directories the job recorded as made by it (setup)."""
         cg = record.get("cgroup")
         if cg and cg.get("dirs"):
-            return (CgroupV2 if cg.get("version") == 2 else CgroupV1)(None, cg["dirs"])
+            return (CgroupV2 if cg.get("version") == 2 else CgroupV1)(None, [json_text(d) for d in cg["dirs"]])
         return None
 
     # A job cgroup under jrun's own subtree whose job has no state directory
@@ -5161,6 +5199,16 @@ def _remove_network(nl, f):
     f.remove()
 
 
+def _nft_refused(net, e):
+    """nft's refusal of jrun's table as one line (nft prints the error, then
+    the offending rule and a caret line, for each error)."""
+    lines = str(e).splitlines()
+    first = next((ln.split("Error: ", 1)[1] for ln in lines if "Error: " in ln), lines[0] if lines else "")
+    hint = ("; this kernel's nftables lacks what jrun's firewall needs (the inet family and NAT: "
+            "CONFIG_NF_TABLES_INET, CONFIG_NFT_NAT): use --net none") if "not supported" in first else ""
+    return SetupError("--net %s: nft refused jrun's firewall: %s%s" % (net, first, hint))
+
+
 def _enable_forwarding():
     """NAT needs the host to forward IPv4, as for docker, podman and libvirt.
     It is left on when the last network goes: another tool that started
@@ -5260,7 +5308,14 @@ class Network(Resource):
         if new:
             # Rules first: a bridge never exists without them, whenever a
             # jrun may have been killed.
-            _sync_nft()
+            try:
+                _sync_nft()
+            except SetupError as e:
+                # nft applies a ruleset whole or not at all: the table is as
+                # it was, so a new network leaves nothing (its file goes).
+                if new:
+                    f.remove()
+                raise _nft_refused(self.net, e) from None
         if new or missing:
             _enable_forwarding()
         if missing:
@@ -5993,7 +6048,7 @@ class ChildPlan(_Frozen):
 
 def _report(fd, code, msg):
     try:
-        os.write(fd, ("E%d %s\n" % (code, msg)).encode("utf-8", "replace"))
+        os.write(fd, _exact_bytes("E%d %s\n" % (code, msg)))
     except OSError:
         pass
 
@@ -6128,6 +6183,14 @@ def build_root(spec, state_dir, userns=None, resources=()):
         fd = os.open(os.path.join(base, "lower"), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             bind_into(spec.rootfs_fd, fd, MOUNT_ATTR_IDMAP if userns else 0, userns.fd if userns else 0)
+        except OSError as e:
+            if not userns or e.errno != errno.EINVAL:
+                raise
+            # ext4, xfs, btrfs and vfat allow idmapped mounts since 5.12-5.15,
+            # tmpfs since 6.3; ext2, NFS and FUSE (among others) do not.
+            raise SetupError("--userns: the rootfs %s is on %s, which cannot be idmapped on Linux %s (use a "
+                             "rootfs on ext4, xfs or btrfs, or --rootfs host)"
+                             % (lower, _mount_of(lower)[0] or "a filesystem", os.uname().release)) from None
         finally:
             os.close(fd)
         # Relative layer paths, so that the job's /proc/self/mountinfo names no
@@ -6314,24 +6377,38 @@ def job_environment(spec, home):
 
 
 def resolve_command(spec, env):
-    """Find COMMAND in the job's root, as execvp would, so that 'not found'
-    (127) and 'not executable' (126) are told apart before exec."""
+    """Find COMMAND in the job's root as the shell and docker do, so that
+    'not found' (127) and 'found but not executable' (126) are told apart
+    before exec.  A COMMAND with a '/' is that path: missing is 127; a
+    directory, or a file without an x bit, is 126.  A PATH lookup takes the
+    first executable regular file and skips directories (as sh and Go's
+    LookPath do); a non-executable file it met is 126, nothing at all 127."""
+    import stat
+
     cmd = spec.command[0]
     if "/" in cmd:
-        candidates = [cmd]
+        try:
+            st = os.stat(cmd)
+        except OSError:
+            raise NotFound("%s: command not found in the job's root" % cmd) from None
+        if stat.S_ISDIR(st.st_mode):
+            raise NotExecutable("%s: is a directory, not a program" % cmd)
+        if not stat.S_ISREG(st.st_mode) or not os.access(cmd, os.X_OK):
+            raise NotExecutable("%s: permission denied (not executable)" % cmd)
+        found = cmd
     else:
-        candidates = [os.path.join(d or ".", cmd) for d in env.get("PATH", DEFAULT_PATH).split(":")]
-    found = None
-    for path in candidates:
-        if os.path.isfile(path):
-            if os.access(path, os.X_OK):
-                found = path
-                break
-            found = found or path
-    if found is None:
-        raise NotFound("%s: command not found in the job's root" % cmd)
-    if not os.access(found, os.X_OK):
-        raise NotExecutable("%s: permission denied (not executable)" % found)
+        found = plain = None
+        for d in env.get("PATH", DEFAULT_PATH).split(":"):
+            path = os.path.join(d or ".", cmd)
+            if os.path.isfile(path):
+                if os.access(path, os.X_OK):
+                    found = path
+                    break
+                plain = plain or path
+        if found is None and plain is None:
+            raise NotFound("%s: command not found in the job's root" % cmd)
+        if found is None:
+            raise NotExecutable("%s: permission denied (not executable)" % plain)
     argv = [found] + list(spec.command[1:])
     if spec.init:
         argv = ["/dev/init", "--"] + argv
@@ -6761,7 +6838,7 @@ def _read_status(fd, relay_to=None):
         if not chunk:
             break
         buf += chunk
-    return buf.decode("utf-8", "replace").rstrip("\n")
+    return buf.decode("utf-8", "surrogateescape").rstrip("\n")
 
 
 def _kill_and_reap(pid):
@@ -6975,7 +7052,7 @@ def _fmt_cgroup(cg):
     dirs = cg.get("dirs") if isinstance(cg, dict) else None
     if not dirs:
         return str(cg or "-")
-    rel = os.path.relpath(dirs[0], CGROUP_ROOT).split("/")
+    rel = os.path.relpath(json_text(dirs[0]), CGROUP_ROOT).split("/")
     return "/" + "/".join(rel[1:] if cg.get("version") == 1 else rel)
 
 
@@ -6990,6 +7067,22 @@ def _fmt_limits(limits):
             v = "%s%%" % v
         parts.append("%s=%s" % (k.replace("_", "-"), v))
     return ",".join(parts) or "-"
+
+
+def shown(text):
+    """TEXT for a terminal: a byte that is not UTF-8 (see _exact_bytes) and
+    a control character are shown as \\xNN, so that a job's command can
+    neither garble nor drive the terminal of whoever lists it."""
+    out = []
+    for ch in text:
+        o = ord(ch)
+        if 0xDC80 <= o <= 0xDCFF:
+            out.append("\\x%02x" % (o - 0xDC00))
+        elif o < 32 or 127 <= o < 160:
+            out.append("\\x%02x" % o)
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def _fmt_age(seconds):
@@ -7027,7 +7120,7 @@ def cmd_ps(argv):
             net = "%s %s" % (net, address)
         rows.append((j["id"], str(j.get("pid")), time.strftime("%H:%M:%S", time.localtime(started)),
                      _fmt_age(now - started), _fmt_limits(j.get("limits")), net, _fmt_cgroup(j.get("cgroup")),
-                     " ".join(j.get("command") or ())))
+                     " ".join(shown(json_text(a)) for a in j.get("command") or ())))
     _print_table(rows)
     return 0
 
@@ -7221,33 +7314,42 @@ class _Skip(Exception):
 class _Verifier:
     """Runs the verification jobs: this same jrun, as a subprocess."""
 
-    def __init__(self, extra):
+    def __init__(self, extra, config=None):
         self.base = [sys.executable, os.path.abspath(__file__)]
         if _config_used["explicit"]:
             self.base += ["--config", _config_used["path"]]
         self.extra = list(extra)  # the caller's run options win: they come last
         self.tag = os.urandom(3).hex()
+        # What the caller's options (and the config file's defaults, which
+        # every job gets too) promise: each check judges what it saw by it.
+        self.spec = parse_run(self.extra + ["true"], config)
 
-    def argv(self, opts, script, net_none=True):
+    def argv(self, opts, script, net_none=True, net=None):
+        """NET, if given, is this job's network whatever the caller's."""
         command = list(script) if isinstance(script, (list, tuple)) else ["/bin/sh", "-c", script]
-        return self.base + (["--net", "none"] if net_none else []) + list(opts) + self.extra + ["--"] + command
+        extra = self.extra
+        if net is not None:
+            extra = [a for i, a in enumerate(extra) if not a.startswith("--net=") and a != "--net"
+                     and (i == 0 or extra[i - 1] != "--net")]
+            opts, net_none = ["--net", net] + list(opts), False
+        return self.base + (["--net", "none"] if net_none else []) + list(opts) + extra + ["--"] + command
 
     def run(self, opts, script, net_none=True, timeout=60):
         import subprocess
 
         p = subprocess.run(self.argv(opts, script, net_none), stdin=subprocess.DEVNULL,
-                           capture_output=True, text=True, timeout=timeout)
+                           capture_output=True, text=True, errors="replace", timeout=timeout)
         if p.returncode == EXIT_JRUN:
             raise _Refused(_last_message(p.stderr))
         return p
 
-    def start(self, opts, script, net_none=True):
+    def start(self, opts, script, net_none=True, net=None):
         """Start a job whose script prints 'ready' once running and then
         waits for stdin to close; returns (Popen, first lines before ready)."""
         import subprocess
 
-        proc = subprocess.Popen(self.argv(opts, script, net_none), stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(self.argv(opts, script, net_none, net), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
         lines = []
         for line in proc.stdout:
             if line.strip() == "ready":
@@ -7328,75 +7430,212 @@ def _job_cgroup_dir(pid, field):
     raise AssertionError("PID %d is in no %s cgroup" % (pid, ctrl))
 
 
+# Each check below that depends on the run options is split in two: the
+# check runs its job (observe), and a judge_* function, pure, decides from
+# what the job printed and from v.spec, the JobSpec the caller's options
+# make, what that mode promises.  The tests feed the judges recorded leaky
+# observations, so a judge is known to fail on a real leak.
+
+# The probe is the job's only process: a loop of shell builtins (no fork)
+# that prints /proc/PID/stat of every process the job can see.
+_PROC_PROBE = "cd /proc && for p in [0-9]*; do read -r s < $p/stat && echo \"$s\"; done"
+
+
 @_verify_check("Process isolation")
 def verify_processes(v):
-    p = v.run([], ["ps", "aux"])
-    rows = [line.split(None, 2) for line in p.stdout.strip().splitlines()[1:]]
-    ev = "ps aux in the job: %d process(es), PID 1 = %r" % (len(rows), rows[0][2] if rows else "")
-    ok = len(rows) == 1 and rows[0][0] == "1" and rows[0][2].endswith("ps aux")
+    p = v.run([], ["/bin/sh", "-c", _PROC_PROBE])
+    return judge_processes(v.spec, p.stdout)
+
+
+def judge_processes(spec, out):
+    """Without --init the probe is PID 1 and alone; with --init PID 1 is
+    the init (tini, at /dev/init) and the probe its only child."""
+    procs = []
+    for line in out.splitlines():
+        head, _, tail = line.rpartition(")")
+        pid, _, comm = head.partition(" (")
+        if pid.strip().isdigit() and len(tail.split()) > 1:
+            procs.append((int(pid), comm, int(tail.split()[1])))
+    procs.sort()
+    ev = "processes in the job: %s" % ", ".join("PID %d %s (parent %d)" % p for p in procs)
+    if spec.init:
+        ok = len(procs) == 2 and procs[0] == (1, "init", 0) and procs[1][1:] == ("sh", 1)
+        ev += " (--init: the init is PID 1, the probe its child)" if ok else ""
+    else:
+        ok = procs == [(1, "sh", 0)]
     return ok, ev, "the job sees processes that are not its own", \
         "the kernel must support PID namespaces (CONFIG_PID_NS)"
+
+
+# The device nodes of the job's /dev (build_dev); init is there with --init.
+_DEV_NODES = {"fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin", "stdout", "tty",
+              "urandom", "zero"}
+
+
+# find without -xdev: a marker is looked for through every mount.
+_FS_PROBE = ("ls -a /; echo ---; ls -a /dev; echo ---; find / \\( -path /proc -o -path /sys \\) -prune -o "
+             "-name '%s' -print 2>/dev/null; echo ---; cat /etc/shadow 2>/dev/null; echo ---; "
+             "for d in / /tmp " + DEFAULT_WORKDIR + "; do touch $d/.jrun-verify 2>/dev/null && echo $d; done; true")
 
 
 @_verify_check("Filesystem isolation")
 def verify_filesystem(v):
     marker = "jrun-verify-marker-" + os.urandom(6).hex()
-    places = ["/tmp", "/root", "/var/tmp", STATE_DIR]
     made = []
     try:
-        for d in places:
+        for d in ("/tmp", "/root", "/home", "/var/tmp", STATE_DIR):
             path = os.path.join(d, marker)
             try:
-                with open(path, "w") as f:
+                with open(path, "x") as f:
                     f.write("host-secret\n")
                 made.append(path)
             except OSError:
                 pass
-        script = ("ls -a /; echo ---; ls /dev; echo ---; find / -xdev -name '%s' 2>/dev/null; "
-                  "cat %s 2>/dev/null; true" % (marker, " ".join(made)))
-        p = v.run([], script)
+        p = v.run([], _FS_PROBE % marker)
     finally:
         for path in made:
             os.unlink(path)
-    root, dev, rest = (p.stdout.split("---\n") + ["", ""])[:3]
-    top = sorted(set(root.split()) - {".", ".."})
-    leaked = marker in rest or "host-secret" in rest
-    ok = not leaked and ".jrun-rootfs" in top and "home" in top and set(dev.split()) <= {
-        "fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin", "stdout", "tty", "urandom",
-        "zero", "init"}
-    ev = "host marker in %s: %s; ls -a /: %s; /dev: %s" % (
-        " ".join(os.path.dirname(m) for m in made), "READ BY THE JOB" if leaked else "unreachable",
-        " ".join(top), " ".join(dev.split()))
-    return ok, ev, "the job can see host files or a host /dev", \
+    return judge_filesystem(v.spec, p.stdout, made, _read_text("/etc/shadow"))
+
+
+def _root_entries(spec):
+    """(what / must hold, what it may hold besides) for SPEC's root."""
+    if spec.rootfs == "host":
+        must = {n for n in HOST_SYSTEM_DIRS if os.path.lexists("/" + n)}
+        own = must | {d for d, _ in HOST_ROOT_OWN_DIRS if "/" not in d}
+    else:
+        try:
+            must = own = set(os.listdir(rootfs_path(spec)))
+        except OSError:
+            must = own = set()
+    made = {"dev", "proc", "sys", "tmp", "etc"} | {p.strip("/").split("/")[0] for p in
+                                                   [DEFAULT_WORKDIR, spec.workdir] + [x.dest for x in
+                                                                                     spec.volumes + spec.uploads]}
+    return must, own | made
+
+
+def judge_filesystem(spec, out, markers, host_shadow):
+    """/ holds the rootfs's files (minimal, PATH) or the host's system
+    directories (host), jrun's mount points and the volumes; no host file
+    is reachable but through a volume; the host's /etc/shadow never; /dev
+    is jrun's few nodes; / is writable unless --read-only, /tmp and /work
+    always (for root in the job: a --user may not write /)."""
+    root, dev, found, shadow, writable = (out.split("---\n") + [""] * 5)[:5]
+    top = set(root.split()) - {".", ".."}
+    must, may = _root_entries(spec)
+    problems = []
+    if top - may:
+        problems.append("/ holds %s, which is neither the rootfs's nor jrun's" % " ".join(sorted(top - may)))
+    if must - top:
+        problems.append("/ lacks %s of the rootfs" % " ".join(sorted(must - top)))
+    names = {os.path.basename(m) for m in markers}
+    leaks = [line for line in found.split() if os.path.basename(line) in names and not any(
+        _under(line, x.dest) and os.path.normpath(os.path.join(x.src, os.path.relpath(line, x.dest))) in markers
+        for x in spec.volumes)]
+    if leaks:
+        problems.append("host files READ BY THE JOB: %s" % " ".join(sorted(set(leaks))))
+    if host_shadow.strip() and shadow.strip() == host_shadow.strip():
+        problems.append("the host's /etc/shadow is READ BY THE JOB")
+    extra_dev = set(dev.split()) - {".", ".."} - _DEV_NODES - ({"init"} if spec.init else set())
+    if extra_dev:
+        problems.append("/dev holds %s" % " ".join(sorted(extra_dev)))
+    w = set(writable.split())
+    want_w = {"/tmp", DEFAULT_WORKDIR}
+    if not spec.read_only and not (spec.user and spec.user[0] not in ("0", "root")):
+        want_w.add("/")
+    if spec.read_only and "/" in w:
+        problems.append("/ is writable despite --read-only")
+    if want_w - w:
+        problems.append("%s not writable" % " ".join(sorted(want_w - w)))
+    ev = "ls -a /: %s; host markers in %s: %s; /etc/shadow: %s; writable: %s%s" % (
+        " ".join(sorted(top)), " ".join(os.path.dirname(m) for m in markers),
+        "READ" if leaks else "unreachable", "the host's" if "shadow" in " ".join(problems) else
+        "absent" if not shadow.strip() else "the rootfs's own", " ".join(sorted(w)) or "nothing",
+        ", / read-only (--read-only)" if spec.read_only and "/" not in w else "")
+    return not problems, ev if not problems else "; ".join(problems), \
+        "the job can see host files, or its root is not what --rootfs and --read-only promise", \
         "check --rootfs and -v/--volume options; the default rootfs must be built by 'jrun rootfs build'"
+
+
+_MOUNT_PROBE = "cat /proc/self/mountinfo; echo ---; ls /proc"
 
 
 @_verify_check("Mount isolation")
 def verify_mounts(v):
-    p = v.run([], "cat /proc/self/mountinfo; echo ---; ls /proc; echo ---; touch /sys/x 2>&1")
-    mountinfo, procs, sysw = (p.stdout.split("---\n") + ["", "", ""])[:3]
-    host_dev = os.stat("/").st_dev
-    host_majmin = "%d:%d" % (os.major(host_dev), os.minor(host_dev))
-    problems = []
-    points = {}
-    for line in mountinfo.strip().splitlines():
+    p = v.run([], _MOUNT_PROBE)
+    return judge_mounts(v.spec, p.stdout, _read_text("/proc/self/mountinfo"))
+
+
+def _mountinfo(text):
+    """/proc/PID/mountinfo -> [(point, 'maj:min', per-mount options,
+    optional fields, fstype, the line)]; octal escapes (\\040) undone."""
+    out = []
+    for line in text.strip().splitlines():
         pre, _, post = line.partition(" - ")
-        fields = pre.split()
-        points[fields[4]] = post.split()[0]
-        if any(o.startswith(("shared:", "master:")) for o in fields[6:]):
-            problems.append("%s propagates to/from the host" % fields[4])
-        if fields[2] == host_majmin and fields[4] not in ("/dev/null", "/dev/zero", "/dev/full", "/dev/random",
-                                                           "/dev/urandom", "/dev/tty"):
-            problems.append("host filesystem mounted at %s" % fields[4])
-    if points.get("/proc") != "proc":
+        f = pre.split()
+        if len(f) < 6 or not post:
+            continue
+        point = f[4]
+        for esc, ch in (("\\040", " "), ("\\011", "\\t"), ("\\012", "\\n"), ("\\134", "\\\\")):
+            point = point.replace(esc, ch)
+        out.append((point, f[2], set(f[5].split(",")), f[6:], post.split()[0], line))
+    return out
+
+
+def judge_mounts(spec, out, host_mountinfo):
+    """No mount propagates to or from the host.  A filesystem of the host
+    (its superblock, told by the device number) is mounted only where the
+    options promise it, with the flags promised: the harmless device nodes
+    and /proc masks (/dev/null), the job's cgroup read-only, /dev/init
+    read-only (--init), each volume (read-only with :ro), and the host's
+    system directories and part of /etc read-only (--rootfs host); all
+    nosuid and nodev but the device nodes.  /proc is the job's own, /sys
+    read-only, and no mount names jrun's state or rootfs directory."""
+    mountinfo, _, procs = out.partition("---\n")
+    mounts = _mountinfo(mountinfo)
+    host_devs = {m[1] for m in _mountinfo(host_mountinfo)}
+    nodes = {"/dev/" + n for n in ("null", "zero", "full", "random", "urandom", "tty")} | set(MASKED_FILES)
+    # (where, the flags it must have, what promised it)
+    promised = [("/sys/fs/cgroup", {"ro"}, None)] + ([("/dev/init", {"ro"}, "/dev/init read-only (--init)")]
+                                                      if spec.init else [])
+    promised += [(x.dest, {"nosuid", "nodev"} | ({"ro"} if x.read_only else set()),
+                  "%s%s (-v)" % (x.dest, " read-only" if x.read_only else "")) for x in spec.volumes]
+    system = ["/" + n for n in HOST_SYSTEM_DIRS if os.path.isdir("/" + n) and not os.path.islink("/" + n)]
+    if spec.rootfs == "host":
+        promised += [(d, {"ro", "nosuid", "nodev"}, "%s and part of /etc read-only (--rootfs host)" % " ".join(system))
+                     for d in system + ["/etc"]]
+    problems, seen, labels = [], [], []
+    for point, dev, opts, optional, fstype, line in mounts:
+        if any(o.startswith(("shared:", "master:")) for o in optional):
+            problems.append("%s propagates to/from the host" % point)
+        if (STATE_DIR in line or ROOTFS_DIR in line) and not any(_under(point, x.dest) for x in spec.volumes):
+            problems.append("the mount at %s names jrun's %s or %s" % (point, STATE_DIR, ROOTFS_DIR))
+        if dev not in host_devs or point in nodes:
+            continue
+        want = next(((w, label) for top, w, label in promised if _under(point, top)), None)
+        if want is None:
+            problems.append("host filesystem %s mounted at %s" % (dev, point))
+        elif want[0] - opts:
+            problems.append("%s is not %s" % (point, ",".join(sorted(want[0] - opts))))
+        else:
+            seen.append(point)
+            if want[1] and want[1] not in labels:
+                labels.append(want[1])
+    points = {m[0]: m for m in mounts}
+    missing = [d for d in (["/dev/init"] if spec.init else []) + [x.dest for x in spec.volumes]
+               + (system if spec.rootfs == "host" else []) if d not in seen]
+    if missing:
+        problems.append("%s not mounted as promised" % " ".join(missing))
+    if points.get("/proc", ("",) * 5)[4] != "proc":
         problems.append("/proc is not a fresh proc mount")
     pids = [int(x) for x in procs.split() if x.isdigit()]
     if not pids or max(pids) > 50:
         problems.append("/proc shows host PIDs")
-    if "Read-only" not in sysw and "read-only" not in sysw.lower():
+    if "ro" not in points.get("/sys", ("", "", set()))[2]:
         problems.append("/sys is writable")
-    ev = "%d mounts, none shared, none of the host's root filesystem; /proc: fresh %s (PIDs %s); " \
-         "/sys: read-only" % (len(points), points.get("/proc"), ",".join(map(str, sorted(pids)[:4])))
+    ev = "%d mounts, none shared; of the host's: device nodes, the job's cgroup read-only%s; /proc: fresh " \
+         "(PIDs %s); /sys: read-only" % (len(mounts), "".join(", " + x for x in labels),
+                                         ",".join(map(str, sorted(pids)[:4])))
     return not problems, ev if not problems else "; ".join(problems), "the job's mounts are not private", \
         "run jrun as real root on a kernel with mount namespaces; do not bind host paths with -v"
 
@@ -7453,18 +7692,27 @@ def verify_device_nodes(v):
         ", READ" if "READ" in p.stdout else (", open refused" if made else ""))
     return not made and "READ" not in p.stdout, ev, "the job's cgroup has no device allow-list", \
         "mount the v1 devices controller, or use a kernel with CONFIG_CGROUP_BPF (cgroup v2)"
+_NETNS_PROBE = "readlink /proc/self/ns/net; cat /proc/net/dev"
 
 
 @_verify_check("Network namespace")
 def verify_netns(v):
-    p = v.run([], "readlink /proc/self/ns/net; cat /proc/net/dev")
-    lines = p.stdout.strip().splitlines()
-    host_ns = os.readlink("/proc/self/ns/net")
+    p = v.run([], _NETNS_PROBE)
+    # This job ran with --net none unless the caller's options said otherwise.
+    net = split_argv(v.extra)[0].get("net", "none")
+    return judge_netns(v.spec.replace(net=net), p.stdout, os.readlink("/proc/self/ns/net"))
+
+
+def judge_netns(spec, out, host_ns):
+    """Its own network namespace: lo only (--net none), else lo and eth0."""
+    lines = out.strip().splitlines()
     ifaces = sorted(line.split(":")[0].strip() for line in lines[3:] if ":" in line)
     ns = lines[0] if lines else ""
-    ok = ns.startswith("net:") and ns != host_ns and ifaces == ["lo"]
-    return ok, "job %s vs host %s; interfaces with --net none: %s" % (ns, host_ns, " ".join(ifaces)), \
-        "the job shares the host's network namespace", "the kernel must support network namespaces"
+    want = ["lo"] if spec.net == "none" else ["eth0", "lo"]
+    ok = ns.startswith("net:") and ns != host_ns and ifaces == want
+    return ok, "job %s vs host %s; interfaces with --net %s: %s" % (ns, host_ns, spec.net, " ".join(ifaces)), \
+        "the job shares the host's network namespace" if ns == host_ns else \
+        "the job's network is not what --net promises", "the kernel must support network namespaces"
 
 
 _NET_PROBE = ("ip -4 addr show dev eth0 2>&1 | grep -o 'inet [0-9./]*'; "
@@ -7494,35 +7742,63 @@ def verify_net_isolation(v):
     import socket
 
     _need_network(v)
-    net_none = False  # the default network, or the one the caller chose
     listener = socket.socket()
     listener.bind(("0.0.0.0", 0))
     listener.listen(8)
     port = listener.getsockname()[1]
+    serve = ("ip -4 addr show dev eth0 | grep -o 'inet [0-9.]*'; echo ready; %snc -l -p 7777 </dev/null & read x"
+             % _NC)
+    jobs = []
     try:
-        a, before = v.start(["--name", v.name("neta")], "ip -4 addr show dev eth0 | grep -o 'inet [0-9.]*'; "
-                            "echo ready; nc -l -p 7777 </dev/null & read x", net_none=net_none)
-        try:
-            addr_a = " ".join(before).replace("inet ", "").strip()
-            script = ("gw=$(ip -4 route | grep -o 'default via [0-9.]*' | cut -d' ' -f3); echo gw=$gw; "
-                      "nc -w 2 $gw %d </dev/null && echo HOST-REACHED; "
-                      "nc -w 2 127.0.0.1 %d </dev/null && echo HOST-LOOPBACK-REACHED; "
-                      "nc -w 2 '%s' 7777 </dev/null && echo JOB-REACHED; "
-                      "ip -4 addr show dev eth0 | grep -o 'inet [0-9.]*'" % (port, port, addr_a))
-            p = v.run([], script, net_none=net_none)
-        finally:
-            v.stop(a)
+        # A job of the same network, and under --net NAME one of another
+        # (the default bridge): the first is reachable only on a named network.
+        for what, net in [("neta", None)] + ([("netc", "bridge")] if v.spec.net != "bridge" else []):
+            jobs.append(v.start(["--name", v.name(what)], serve, net_none=False, net=net))
+        addrs = [" ".join(lines).replace("inet ", "").strip() for _, lines in jobs]
+        probes = [("HOST", "$gw", port), ("HOST-LOOPBACK", "127.0.0.1", port), ("JOB", addrs[0], 7777)]
+        probes += [("OTHER-NET-JOB", addrs[1], 7777)] if len(addrs) > 1 else []
+        # The probes run at once (a dropped SYN costs nc its whole -w 2);
+        # the job's own loopback shows that nc works at all.
+        script = ("%sgw=$(ip -4 route | grep -o 'default via [0-9.]*' | cut -d' ' -f3); echo gw=$gw; "
+                  "%s wait; nc -l -p 7778 </dev/null & for i in 1 2 3 4 5 6 7 8 9 10; do "
+                  "nc -w 1 127.0.0.1 7778 </dev/null && echo SELF-REACHED && break; sleep 0.1; done; wait"
+                  % (_NC, " ".join("(nc -w 2 %s %d </dev/null && echo %s-REACHED) &" % (a, p, w)
+                                   for w, a, p in probes)))
+        p = v.run([], script, net_none=False)
     finally:
+        for proc, _ in jobs:
+            v.stop(proc)
         listener.close()
-    out = p.stdout
-    reached = [w for w in ("HOST-REACHED", "HOST-LOOPBACK-REACHED", "JOB-REACHED") if w in out]
+    return judge_net_isolation(v.spec, p.stdout, port, addrs)
+
+
+# nc as the job's root has it, else busybox's (a --rootfs host without netcat).
+_NC = "command -v nc >/dev/null || nc() { busybox nc \"$@\"; }; "
+
+
+def judge_net_isolation(spec, out, port, addrs):
+    """Nothing of the host is reachable; another job is only on a named
+    network, and there only one of the same network."""
+    reached = {w[:-len("-REACHED")] for w in out.split() if w.endswith("-REACHED")}
     gw = out.split("gw=", 1)[1].split()[0] if "gw=" in out and out.split("gw=", 1)[1].split() else ""
-    ok = not reached and bool(addr_a) and bool(gw)
-    ev = ("host port %d via %s: %s; other job %s:7777: %s" % (
-        port, gw or "?", "REACHED" if "HOST-REACHED" in reached else "refused",
-        addr_a or "?", "REACHED" if "JOB-REACHED" in reached else "refused"))
-    return ok, ev, "a job can reach the host's services or another job" if reached else \
-        "the job has no address or no route", "the jrun bridge's nftables rules must be in place (jrun gc; rerun)"
+    named = spec.net != "bridge"
+    leaks = sorted(reached & {"HOST", "HOST-LOOPBACK", "OTHER-NET-JOB"} | (reached & {"JOB"} if not named else set()))
+    problems = ["REACHED " + w.lower().replace("-", " ") for w in leaks]
+    if named and "JOB" not in reached:
+        problems.append("a job of network %s cannot reach another of it" % spec.net)
+    if "SELF" not in reached or not gw or not all(addrs):
+        problems.append("the check could not run (no nc in the job's root, no address or no route)")
+    ev = "host port %d via %s: %s; a job of %s at %s:7777: %s%s" % (
+        port, gw or "?", "REACHED" if "HOST" in reached else "refused",
+        "the same network" if named else "the default bridge", addrs[0] or "?",
+        "reached (--net %s: its jobs talk)" % spec.net if named and "JOB" in reached else
+        "REACHED" if "JOB" in reached else "refused",
+        "; a job of the default bridge at %s: %s" % (addrs[1], "REACHED" if "OTHER-NET-JOB" in reached
+                                                   else "refused") if named else "")
+    return not problems, ev if not problems else "; ".join(problems) + " (%s)" % ev, \
+        "a job can reach the host's services or a job of another network" if leaks else \
+        "the job's network is not what --net promises", \
+        "the jrun bridge's nftables rules must be in place (jrun gc; rerun)"
 
 
 @_verify_check("Firewall")
@@ -7661,6 +7937,9 @@ def verify_cgroup_membership(v):
 @_verify_check("I/O limit")
 def verify_io(v):
     _need_controller("io_bps")
+    if not block_devices(io_paths(v.spec)):
+        raise _Skip("the job's files (%s) are on no block device; jrun refuses --io-bps here"
+                    % " ".join(io_paths(v.spec)))
     name = v.name("io")
     proc, _ = v.start(["--name", name, "--io-bps", "1M"], "echo ready; read x")
     try:
@@ -7671,7 +7950,10 @@ def verify_io(v):
         text = " ".join(_read(os.path.join(d, f), "").strip() for f in files)
     finally:
         v.stop(proc)
-    ok = str(1 << 20) in text and name in d
+    # Every disk that holds the job's files (the rootfs's or, under --rootfs
+    # host, the host's system directories'; the volumes') is throttled.
+    ok = name in d and all("%s %d" % (dev, 1 << 20) in text or "%s rbps=%d" % (dev, 1 << 20) in text
+                           for dev in block_devices(io_paths(v.spec)))
     return ok, "%s: %s" % (" ".join(files) or "no io files", _excerpt(text or "empty")), \
         "the job's block I/O is not throttled", "enable the blkio (v1) or io (v2) controller"
 
@@ -7686,9 +7968,10 @@ def verify_upload(v):
             f.write(token + "\n")
         with open(os.path.join(d, "sibling.txt"), "w") as f:
             f.write("sibling-secret\n")
-        p = v.run(["--upload", os.path.join(d, "in.txt") + ":in.txt"],
-                  "cat in.txt; echo changed > in.txt; cat %s/sibling.txt 2>/dev/null; "
-                  "find / -xdev -name sibling.txt 2>/dev/null; true" % d)
+        # An absolute DEST on the job's own /tmp: whatever -w and -v say.
+        p = v.run(["--upload", os.path.join(d, "in.txt") + ":/tmp/jrun-verify/in.txt"],
+                  "cat /tmp/jrun-verify/in.txt; echo changed > /tmp/jrun-verify/in.txt; cat %s/sibling.txt "
+                  "2>/dev/null; find / -xdev -name sibling.txt 2>/dev/null; true" % d)
         with open(os.path.join(d, "in.txt")) as f:
             after = f.read().strip()
     ok = token in p.stdout and after == token and "sibling" not in p.stdout
@@ -7741,19 +8024,47 @@ def _job_status(v, probe=""):
     return _proc_status(status), (rest + p.stderr).strip()
 
 
+# sethostname in the job's own UTS namespace needs CAP_SYS_ADMIN and nothing
+# else (the syscall filter allows it): it must fail.
+_CAPS_PROBE = "cat /proc/self/uid_map; hostname verify-caps 2>&1 && echo SETHOSTNAME-ALLOWED"
+
+
 @_verify_check("Capabilities")
 def verify_caps(v):
-    # sethostname in the job's own UTS namespace needs CAP_SYS_ADMIN and
-    # nothing else (the syscall filter allows it): it must fail.
-    st, probe = _job_status(v, "hostname verify-caps 2>&1 && echo SETHOSTNAME-ALLOWED")
-    eff, bnd = (int(st.get(k, "0").strip() or "0", 16) for k in ("CapEff", "CapBnd"))
-    held = [n for bit, n in sorted(_DANGEROUS_CAPS.items()) if (eff | bnd) >> bit & 1]
-    bit = "SETHOSTNAME-ALLOWED" in probe
-    ev = "CapEff=%s CapBnd=%s%s; sethostname: %s" % (
+    st, probe = _job_status(v, _CAPS_PROBE)
+    return judge_caps(v.spec, st, probe)
+
+
+def judge_caps(spec, st, probe):
+    """Root in the job holds exactly job_capabilities(spec) (effective,
+    permitted, bounding), a -u/--user that is not root none at all, nobody
+    an inheritable or ambient one; none of the dangerous ones in any case
+    (a --cap-add of one is the defence turned off), so sethostname fails.
+    Under --userns root in the job is an unprivileged host uid (uid_map)."""
+    sets = {k: int(st.get(k, "0").strip() or "0", 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}
+    uid = int((st.get("Uid", "-1").split() or ["-1"])[0])
+    want = job_capabilities(spec) if uid == 0 else frozenset()
+    mask = sum(1 << CAPABILITIES.index(c) for c in want)
+    held = [n for bit, n in sorted(_DANGEROUS_CAPS.items()) if (sets["CapEff"] | sets["CapBnd"]) >> bit & 1]
+    umap = (probe.split("\n", 1)[0].split() + ["", "", ""])[:3]
+    host_uid = int(umap[1]) if umap[0] == "0" and umap[1].isdigit() else None
+    allowed = "SETHOSTNAME-ALLOWED" in probe
+    problems = ["%s=%x, not the promised %x" % (k, sets[k], mask) for k in ("CapPrm", "CapEff", "CapBnd")
+                if sets[k] != mask] + ["%s=%x" % (k, sets[k]) for k in ("CapInh", "CapAmb") if sets[k]]
+    if spec.userns and not (host_uid is not None and host_uid >= USERNS_BASE and umap[2] == str(USERNS_SIZE)):
+        problems.append("--userns: uid_map is %r, not the job's own unprivileged range" % " ".join(umap))
+    ev = "uid %d%s; CapEff=%s CapBnd=%s (%s)%s; sethostname: %s" % (
+        uid, " (host uid %s: --userns)" % (host_uid + uid if host_uid is not None else "?") if spec.userns else "",
         st.get("CapEff", "?").strip(), st.get("CapBnd", "?").strip(),
+        "none: -u/--user" if uid and not want else "the default set" if want == DEFAULT_CAPS else
+        "the set --cap-add/--cap-drop ask for",
         "; holds " + ",".join(held) if held else "; none of " + ",".join(sorted(_DANGEROUS_CAPS.values())[:4])
-        + ",...", "ALLOWED" if bit else _excerpt(probe.split(":")[-1], 30) or "refused")
-    return not held and not bit, ev, "the job keeps capabilities that give root over the host", \
+        + ",...", "ALLOWED" if allowed else _excerpt(probe.splitlines()[-1].split(":")[-1], 30) or "refused")
+    if problems:
+        ev += "; " + "; ".join(problems)
+    return not held and not allowed and not problems, ev, \
+        "the job keeps capabilities that give root over the host" if held or allowed else \
+        "the job's capabilities or user are not what its options promise", \
         "do not pass --cap-add for these; use a jrun that drops capabilities"
 
 
@@ -7782,8 +8093,8 @@ def verify_seccomp(v):
         "do not pass --cap-add SYS_ADMIN"
 
 
-def run_verification(extra):
-    v = _Verifier(extra)
+def run_verification(extra, config=None):
+    v = _Verifier(extra, config)
     results = []
     for name, fn in VERIFY_CHECKS:
         r = {"name": name}
@@ -7795,11 +8106,8 @@ def run_verification(extra):
         except _Skip as e:
             r.update(status="skip", evidence="", why=str(e))
         except _Refused as e:
-            msg = str(e)
-            unsupported = "not supported by this" in msg
-            r.update(status="fail", evidence=_excerpt(msg, 160),
-                     why="not supported by this jrun" if unsupported else "jrun refused the check's job",
-                     fix="use a jrun build that implements it" if unsupported else "see the message")
+            r.update(status="fail", evidence=_excerpt(str(e), 160), why="jrun refused the check's job",
+                     fix="see the message")
         except Exception as e:  # noqa: BLE001 - one broken check must not hide the others
             r.update(status="fail", evidence=_excerpt("%s: %s" % (type(e).__name__, e), 160),
                      why="the check could not run", fix="run the check's job by hand with --log-level debug")
@@ -7807,7 +8115,7 @@ def run_verification(extra):
     return results
 
 
-def cmd_verify(argv):
+def cmd_verify(argv, config=None):
     if argv[:1] in (["-h"], ["--help"]):
         sys.stdout.write("usage: jrun verify [--json] [RUN OPTIONS]\n\nRun the isolation self-test on this "
                          "host as real jobs and print the verification report.\nRUN OPTIONS are added to "
@@ -7825,7 +8133,7 @@ def cmd_verify(argv):
     _, mode = verify_cgroup_host()
     host = {"kernel": u.release, "machine": u.machine, "cgroup": mode, "jrun": __version__,
             "extra_options": extra}
-    results = run_verification(extra)
+    results = run_verification(extra, config)
     counts = {s: sum(r["status"] == s for r in results) for s in ("pass", "fail", "skip")}
     if as_json:
         import json
@@ -8082,6 +8390,11 @@ def _is_static_elf(path):
     return all(struct.unpack(end + "I", table[i * phentsize: i * phentsize + 4])[0] != 3 for i in range(phnum))
 
 
+def rootfs_stamp():
+    """Where build_rootfs notes what it built: beside the rootfs."""
+    return ROOTFS_DIR.rstrip("/") + ".stamp"
+
+
 def build_rootfs(force=False):
     """The recipe of the default minimal rootfs (see rootfs/README.md)."""
     import shutil
@@ -8098,6 +8411,7 @@ def build_rootfs(force=False):
     parent = os.path.dirname(ROOTFS_DIR)
     os.makedirs(parent, mode=0o755, exist_ok=True)
     tmp = "%s.new-%d" % (ROOTFS_DIR, os.getpid())
+    stamp = rootfs_stamp()
     os.mkdir(tmp, 0o755)
     try:
         for d, mode in (("bin", 0o755), ("sbin", 0o755), ("usr/bin", 0o755), ("usr/sbin", 0o755),
@@ -8112,12 +8426,16 @@ def build_rootfs(force=False):
                                  text=True).stdout.split()
         for rel in applets:
             link = os.path.join(tmp, rel)
-            if rel == "bin/busybox" or os.path.lexists(link):
+            # Applets live in bin, sbin, usr/bin and usr/sbin; "linuxrc" (an
+            # initrd's init) would sit in the job's / for no use.
+            if "/" not in rel or rel == "bin/busybox" or os.path.lexists(link):
                 continue
             os.makedirs(os.path.dirname(link), exist_ok=True)
             os.symlink("/bin/busybox", link)
         shutil.copytree(skel, tmp, symlinks=True, dirs_exist_ok=True)
-        with open(os.path.join(tmp, ".jrun-rootfs"), "w") as f:
+        # The stamp is beside the tree, not in it: the job's / holds the
+        # rootfs's files and jrun's mount points, nothing of jrun's own.
+        with open(stamp + ".new", "w") as f:
             f.write("built by jrun %s from %s (%d applets) at %s\n"
                     % (__version__, BUSYBOX, len(applets), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
         if os.path.exists(ROOTFS_DIR):
@@ -8127,8 +8445,11 @@ def build_rootfs(force=False):
             shutil.rmtree(old)
         else:
             os.rename(tmp, ROOTFS_DIR)
+        os.rename(stamp + ".new", stamp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.exists(stamp + ".new"):
+            os.unlink(stamp + ".new")
         raise
     log("info", "rootfs built at %s (busybox, %d applets)" % (ROOTFS_DIR, len(applets)))
     return 0
@@ -8172,8 +8493,8 @@ def _main(argv):
         _early_log_settings(argv, config)
         if argv[:1] and argv[0] in SUBCOMMANDS:
             sub, rest = argv[0], argv[1:]
-            if sub == "run":
-                return cmd_run(rest, config)
+            if sub in ("run", "verify"):
+                return (cmd_run if sub == "run" else cmd_verify)(rest, config)
             return {"ps": cmd_ps, "kill": cmd_kill, "gc": cmd_gc, "verify": cmd_verify,
                     "rootfs": cmd_rootfs}[sub](rest)
         return cmd_run(argv, config)

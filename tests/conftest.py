@@ -9,6 +9,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -75,7 +76,94 @@ def state_dirs():
         return []
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "guest_only: runs jrun only inside a VM; touches nothing of the host")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _rootfs():
     if IS_ROOT and not os.path.isfile("/var/lib/jrun/rootfs/bin/busybox"):
         subprocess.run(JRUN + ["rootfs", "build"], check=True)
+
+
+# --- nothing of jrun is left on the host: checked around every test ------------
+#
+# What jrun makes on the host, listed cheaply (a few listdirs and one read of
+# mountinfo, ~1 ms; the nft table costs one `nft` run, ~5 ms, after each test
+# only: the state before a test is the one after the previous test).  A test
+# that leaves something is named; one that deliberately leaves a job for gc
+# must run gc itself.  A test marked guest_only (it runs jrun in a VM of its
+# own) touches nothing of the host: it is not checked, and needs no host lock.
+
+
+def _listdir(path):
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _cgroup_hierarchies():
+    with open("/proc/self/mounts") as f:
+        return sorted({line.split()[1] for line in f if line.split()[2] in ("cgroup", "cgroup2")})
+
+
+_HIERARCHIES = _cgroup_hierarchies()
+
+
+def _nft_table():
+    p = subprocess.run(["nft", "list", "table", "inet", "jrun"], capture_output=True)
+    return {"nft table inet jrun"} if p.returncode == 0 else set()
+
+
+def jrun_objects():
+    """Every object of jrun on this host now, by kind and name: state
+    directories and network files, job cgroups and jrun's subtrees, job
+    veths and jrun bridges ('jr*' links), mounts of jobs."""
+    found = {"state " + n for n in _listdir("/run/jrun")}
+    found |= {"network file " + n for n in _listdir("/run/jrun/.net")}
+    for h in _HIERARCHIES:
+        sub = os.path.join(h, "jrun")
+        if os.path.isdir(sub):
+            found.add("cgroup " + sub)
+            found |= {"cgroup " + os.path.join(sub, n) for n in _listdir(sub) if os.path.isdir(os.path.join(sub, n))}
+    found |= {"link " + n for n in _listdir("/sys/class/net") if n.startswith("jr")}
+    with open("/proc/self/mountinfo") as f:
+        found |= {"mount " + line.split()[4] for line in f if "/run/jrun" in line or " jrun-" in line}
+    return found
+
+
+_last = {}
+
+
+@pytest.fixture(autouse=True)
+def _leaves_nothing_of_jrun(request):
+    if not IS_ROOT or request.node.get_closest_marker("guest_only"):
+        yield
+        return
+    if "nft" not in _last:
+        _last["nft"] = _nft_table()
+        _last["session"] = jrun_objects() | _last["nft"]
+    before = jrun_objects() | _last["nft"]
+    yield
+    deadline = time.monotonic() + 2  # a jrun the test ended may still be tearing down
+    while True:
+        _last["nft"] = _nft_table()
+        left = jrun_objects() | _last["nft"]
+        left -= before
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if left:
+        pytest.fail("%s left on the host: %s" % (request.node.nodeid, ", ".join(sorted(left))), pytrace=False)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """What no single test left, but the session did (a fixture's job)."""
+    if not IS_ROOT or "session" not in _last:
+        return
+    left = (jrun_objects() | _nft_table()) - _last["session"]
+    if left:
+        session.config.get_terminal_writer().line(
+            "jrun objects left on the host by the session (outside any test): %s" % ", ".join(sorted(left)), red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

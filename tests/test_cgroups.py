@@ -184,6 +184,34 @@ def test_io_bps_throttles_direct_reads(tmp_path):
     assert free > 2 * rate, "unthrottled direct reads are too slow here to prove anything: %.0f B/s" % free
 
 
+def test_io_bps_with_rootfs_host_throttles_the_hosts_system_disk(tmp_path):
+    """--rootfs host: the job reads the host's /usr, so that disk is throttled."""
+    n = name("ioh")
+    want = J.block_devices(["/usr"])
+    if not want:
+        pytest.skip("/usr is on no block device here")
+    proc = subprocess.Popen(JRUN + ["--net", "none", "--name", n, "--rootfs", "host", "--io-bps", "1M", "--",
+                                    "/bin/sh", "-c", "echo ready; read x; true"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n", proc.stderr.read()
+        d = job_cgroups(n)[0] if V2 else next(c for c in job_cgroups(n) if "blkio" in c)
+        text = J._read(os.path.join(d, "io.max" if V2 else "blkio.throttle.read_bps_device"))
+        for dev in want:
+            assert ("%s rbps=1048576" % dev if V2 else "%s 1048576" % dev) in text, text
+    finally:
+        proc.stdin.close()
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()
+
+
+def test_io_paths_follow_the_rootfs_mode_and_the_volumes():
+    spec = J.parse_run(["--rootfs", "host", "-v", "/srv:/data", "true"])
+    paths = J.io_paths(spec)
+    assert "/usr" in paths and "/etc" in paths and "host" not in paths and paths[-1] == "/srv"
+    assert J.io_paths(J.parse_run(["true"])) == [J.ROOTFS_DIR]
+    assert J.io_paths(J.parse_run(["--rootfs", "/opt/img", "true"])) == ["/opt/img"]
+
+
 def test_io_devices_are_found_at_run_time():
     devs = J.block_devices(["/var/lib/jrun/rootfs"])
     assert devs and all(os.path.isdir("/sys/dev/block/%s" % d) for d in devs)

@@ -13,8 +13,9 @@ from conftest import JRUN, jrun, jrun_in_pty, needs_root, sh, state_dirs
 
 pytestmark = needs_root
 
-MINIMAL_TOP = {".jrun-rootfs", "bin", "dev", "etc", "home", "linuxrc", "mnt", "proc", "root",
-               "run", "sbin", "sys", "tmp", "usr", "var", "work"}
+# The rootfs's own entries and jrun's mount points: nothing of jrun's (its
+# stamp is beside the rootfs) and no busybox linuxrc.
+MINIMAL_TOP = {"bin", "dev", "etc", "home", "mnt", "proc", "root", "run", "sbin", "sys", "tmp", "usr", "var", "work"}
 
 
 def test_job_sees_only_its_own_processes_and_is_pid_1():
@@ -104,6 +105,43 @@ def test_exit_126_not_executable():
     p = jrun("--net", "none", "--", "/etc/passwd")
     assert p.returncode == 126
     assert p.stderr.startswith("jrun: ") and "/etc/passwd" in p.stderr
+
+
+def test_exit_126_directory_given_as_a_path():
+    # As the shell and docker: found, but a directory cannot be executed.
+    for cmd in ("/tmp", "/tmp/"):
+        p = jrun("--net", "none", "--", cmd)
+        assert p.returncode == 126, p.stderr
+        assert p.stderr == "jrun: %s: is a directory, not a program\n" % cmd
+    p = jrun("--net", "none", "--", "/no/such/program")
+    assert p.returncode == 127 and "not found" in p.stderr
+
+
+def test_path_lookup_skips_directories(tmp_path):
+    """A directory on PATH named like COMMAND is not COMMAND (sh and Go's
+    LookPath skip it): the next PATH entry wins, or 127 if none has it."""
+    for d in ("true", "nothere"):
+        (tmp_path / "bin" / d).mkdir(parents=True)
+    opts = ("-q", "--net", "none", "--upload", "%s:/opt/bin" % (tmp_path / "bin"), "-e", "PATH=/opt/bin:/bin")
+    assert jrun(*opts, "--", "true").returncode == 0
+    p = jrun(*opts, "--", "nothere")
+    assert p.returncode == 127 and p.stderr == "jrun: nothere: command not found in the job's root\n"
+
+
+def test_arguments_and_environment_that_are_not_utf8_pass_byte_exact():
+    """Linux allows any bytes but NUL in an argument (file names in other
+    encodings): the job gets exactly those bytes, and jrun names them
+    exactly in its messages."""
+    arg, val = b"caf\xe9 \xff\x80\\x", b"\xe8t\xe9"
+    p = subprocess.run(JRUN + ["--net", "none", "-e", b"X=" + val, "--", "/bin/sh", "-c",
+                               'printf %s "$1" | od -An -tx1; echo -; printf %s "$X" | od -An -tx1', "sh", arg],
+                       capture_output=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    got_arg, got_val = p.stdout.split(b"-\n")
+    assert got_arg.split() == [b"%02x" % c for c in arg]
+    assert got_val.split() == [b"%02x" % c for c in val]
+    p = subprocess.run(JRUN + ["--net", "none", "--", b"/no/such/\xe9"], capture_output=True, timeout=60)
+    assert p.returncode == 127 and p.stderr == b"jrun: /no/such/\xe9: command not found in the job's root\n"
 
 
 def test_exit_126_script_without_interpreter_is_127():

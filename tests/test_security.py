@@ -279,21 +279,10 @@ def probe(tmp_path_factory):
         return f.read()
 
 
-IS_ROOT = os.geteuid() == 0
-_refused = {}
-
-
 @pytest.fixture(params=["minimal", "host"])
 def rootfs(request):
-    """The battery runs with the minimal rootfs and with --rootfs host (once
-    that option has landed)."""
-    opts = ("--rootfs", request.param)
-    if request.param not in _refused:
-        p = run_jrun("--net", "none", *opts, "--", "true") if IS_ROOT else None
-        _refused[request.param] = p is not None and p.returncode == 125 and "not supported" in p.stderr
-    if _refused[request.param]:
-        pytest.skip("--rootfs %s is not supported by this jrun yet" % request.param)
-    return opts
+    """The battery runs with the minimal rootfs and with --rootfs host."""
+    return ("--rootfs", request.param)
 
 
 def job(script, *opts, probe=None, check=0, **kw):
@@ -643,8 +632,6 @@ def test_userns_files_in_a_volume_are_owned_by_the_mapped_uid(tmp_path):
     os.chmod(vol, 0o1777)
     p = run_jrun("--net", "none", "--userns", "-v", "%s:/data" % vol, "--", "/bin/sh", "-c",
                  "cat /proc/self/uid_map; touch /data/made-by-job")
-    if p.returncode == 125 and "not supported" in p.stderr:
-        pytest.skip("-v/--volume is not supported by this jrun yet")
     assert p.returncode == 0, p.stderr
     base = _uid_map(p.stdout)[1]
     st = os.stat(vol / "made-by-job")
