@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from conftest import JRUN, IS_ROOT, needs_root
+from conftest import JRUN, needs_root
 
 pytestmark = needs_root
 
