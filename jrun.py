@@ -6043,7 +6043,7 @@ class Relay:
 class ChildPlan(_Frozen):
     """What the child needs beyond the JobSpec, computed by the parent."""
 
-    __slots__ = ("spec", "state_dir", "status_w", "sync_r", "parent_pid", "sigmask", "resources", "stdio")
+    __slots__ = ("spec", "state_dir", "status_w", "sync_r", "parent_pid", "resources", "stdio")
 
 
 def _report(fd, code, msg):
@@ -6128,9 +6128,16 @@ def child_steps(plan):
         audit("new session; its controlling terminal is the job's own pty (TIOCSTI, CVE-2017-5226)")
     else:
         audit("new session: the job has no controlling terminal (TIOCSTI, CVE-2017-5226)")
-    for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # ignored by Python, not by COMMAND
-        signal.signal(sig, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_SETMASK, plan.sigmask)
+    # COMMAND starts with every signal at its default and none blocked, as
+    # in a fresh container: exec keeps an ignored signal ignored (Python
+    # ignores SIGPIPE and SIGXFSZ; a shell ignores SIGINT and SIGQUIT in
+    # what it starts with `&`, and `trap '' TERM` in a batch script ignores
+    # SIGTERM), and a shell cannot trap a signal ignored on entry: its
+    # PID 1 would be deaf to what jrun relays.
+    for sig in signal.valid_signals():
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
     drop_privileges(spec, uid, gid, plan.sync_r, userns)
     audit("exec %s" % " ".join(argv))
     try:
@@ -6678,7 +6685,7 @@ def run_job(spec, kinds):
     # came during setup must not kill jrun before it can clean up; they are
     # never unblocked again: jrun exits after the job), and the end of
     # jrun's caller is one of them.
-    sigmask = signal.pthread_sigmask(signal.SIG_BLOCK, WAITED_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, WAITED_SIGNALS)
     # An ignored SIGCHLD (inherited through exec) would make the kernel
     # reap the job itself, and its status would be lost.
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -6700,7 +6707,7 @@ def run_job(spec, kinds):
                    user=invoking_user()[1], jrun_pid=os.getpid())
         append_audit_log(start_record(spec))
         started = time.monotonic()
-        return supervise(spec, state, teardown, out, kinds, sigmask)
+        return supervise(spec, state, teardown, out, kinds)
     except JrunError as e:
         if out.exit_code is None:
             out.exit_code = e.exit_code
@@ -6747,7 +6754,7 @@ def die_with_caller():
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def supervise(spec, state, teardown, out, kinds, sigmask):
+def supervise(spec, state, teardown, out, kinds):
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
     sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
     resources = host_resources(spec)
@@ -6756,7 +6763,7 @@ def supervise(spec, state, teardown, out, kinds, sigmask):
         teardown.push(res.name, res.teardown)
     stdio = JobStdio(kinds)
     plan = ChildPlan(spec=spec, state_dir=state.dir, status_w=status_w, sync_r=sync_r,
-                     parent_pid=os.getpid(), sigmask=sigmask, resources=resources, stdio=stdio)
+                     parent_pid=os.getpid(), resources=resources, stdio=stdio)
     import prctl  # noqa: F401 - for the child: cheaper here than after fork (copy-on-write faults)
 
     pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)

@@ -267,6 +267,31 @@ def test_other_signals_reach_the_job(sig):
     assert proc.returncode == 9 and "got-it" in out
 
 
+def test_the_job_starts_with_no_signal_ignored_or_blocked():
+    """What jrun's caller ignores or blocks (a shell ignores SIGINT and
+    SIGQUIT in what it starts with `&`; `trap '' TERM` in a batch script)
+    is not the job's: its PID 1 could not trap a signal ignored on entry,
+    and would be deaf to what jrun relays."""
+    def caller_ignores_and_blocks():
+        for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2, signal.SIGHUP})
+    p = subprocess.run(JRUN + ["--net", "none", "--", "/bin/grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"],
+                       capture_output=True, text=True, preexec_fn=caller_ignores_and_blocks, timeout=30)
+    assert p.returncode == 0, p.stderr
+    masks = dict(line.split(":\t") for line in p.stdout.splitlines())
+    assert int(masks["SigIgn"], 16) == 0 and int(masks["SigBlk"], 16) == 0, masks
+    # And so a trap for SIGINT works, and jrun's relayed SIGINT reaches it.
+    proc = subprocess.Popen(JRUN + ["--net", "none", "--", "/bin/sh", "-c",
+                                    "trap 'echo got-it; exit 9' INT; echo ready; while :; do sleep 0.1; done"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGQUIT, signal.SIG_IGN))
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 9 and "got-it" in out
+
+
 def test_sigterm_escalates_to_sigkill_after_grace():
     proc = _start("--net", "none", "--stop-timeout", "1", "--", "/bin/sh", "-c",
                   "trap '' TERM; echo ready; while :; do sleep 0.1; done")
