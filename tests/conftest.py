@@ -80,6 +80,24 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "guest_only: runs jrun only inside a VM; touches nothing of the host")
 
 
+_lane_modules = []
+
+
+@pytest.hookimpl(trylast=True)  # after -k and --deselect
+def pytest_collection_modifyitems(config, items):
+    """The guest_only tests (the UML lanes) run last, and their guests boot in
+    the background from now on (their module's start_lanes), while the
+    host's tests run."""
+    lanes = [item for item in items if item.get_closest_marker("guest_only")]
+    if not lanes:
+        return
+    items[:] = [item for item in items if not item.get_closest_marker("guest_only")] + lanes
+    module = lanes[0].module
+    if hasattr(module, "start_lanes"):
+        _lane_modules.append(module)
+        module.start_lanes()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _rootfs():
     if IS_ROOT and not os.path.isfile("/var/lib/jrun/rootfs/bin/busybox"):
@@ -160,6 +178,8 @@ def _leaves_nothing_of_jrun(request):
 
 def pytest_sessionfinish(session, exitstatus):
     """What no single test left, but the session did (a fixture's job)."""
+    for module in _lane_modules:
+        module.stop_lanes()
     if not IS_ROOT or "session" not in _last:
         return
     left = (jrun_objects() | _nft_table()) - _last["session"]

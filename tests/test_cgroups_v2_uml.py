@@ -5,10 +5,12 @@ kernel that runs as an ordinary process, cpu, io, memory and pids in cgroup2)
 and runs test_cgroups.py and test_cgroups_unit.py inside it, against this
 checkout's jrun.py; conftest.py's leftover check runs there too.  A second
 boot lays the same kernel's controllers out as cgroup v1 the way systemd does
-(cpu and cpuacct co-mounted), which the dev host cannot show.  In each guest
-`jrun verify` runs in its default mode and with every other run option that
-changes what it judges (--rootfs host --init --read-only --userns --user and a
-read-only volume, at once).
+(cpu and cpuacct co-mounted), which the dev host cannot show.  The guests boot
+one after the other in the background while the host's tests run (see
+start_lanes); their tests run last and wait for them.  In each guest
+`jrun verify` runs in its default mode, and in the v2 guest also with every
+other run option that changes what it judges (--rootfs host --init
+--read-only --userns --user and a read-only volume, at once).
 
 The guest's root is the host's / over hostfs, mounted READ-ONLY (hostfs
 writes through to the host's disk); everything the guest writes goes to its
@@ -29,11 +31,13 @@ between markers.  Nothing of the host is touched (guest_only): the lane needs
 no host lock.
 """
 import os
+import pathlib
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -148,6 +152,7 @@ LAYOUTS = {
 def _boot(tmp_path, layout):
     image = tmp_path / "rootfs.ext4"
     subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", ROOTFS, str(image), "64M"], check=True,
+                   capture_output=True,
                    env=dict(os.environ, PATH="/usr/sbin:/sbin:" + os.environ.get("PATH", "")))
     if os.uname().machine != "x86_64":
         pytest.skip("user-mode-linux here is x86_64 only")
@@ -165,6 +170,7 @@ def _boot(tmp_path, layout):
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, errors="replace", start_new_session=True, cwd=str(tmp_path),
                             env=dict(os.environ, TMPDIR=str(tmp_path)))
+    _guests.add(proc)
     try:
         console, _ = proc.communicate(timeout=BOOT_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -175,21 +181,60 @@ def _boot(tmp_path, layout):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        _guests.discard(proc)
     return console, time.monotonic() - t
 
 
-@pytest.fixture(scope="module")
-def guests(tmp_path_factory):
-    """Both layouts' guests, booted at once (each mostly keeps one CPU busy,
-    and the suite waits for them anyway): their consoles and times, or what
-    each raised (a skip, a failure), for its own test to raise."""
-    def boot(layout):
+# The lanes run in the background from the moment pytest has collected them
+# (conftest.py calls start_lanes, and runs their tests last), one guest after
+# the other, while the host's tests run: a guest keeps one CPU busy for two or
+# three minutes, and the host's tests leave one mostly idle (two guests at
+# once would starve the timing tests of the host and of each guest).
+_lanes = {}
+_guests = set()  # the guests running now, killed if the session ends first
+
+
+def _can_boot():
+    return (IS_ROOT and os.path.exists(UML) and os.uname().machine == "x86_64"
+            and shutil.which("mke2fs", path="/usr/sbin:/sbin:/usr/bin") is not None
+            and os.path.isfile(os.path.join(ROOTFS, "bin", "busybox")))
+
+
+def _boot_or_exception(tmp_path, layout):
+    try:
+        return _boot(tmp_path, layout)
+    except BaseException as e:  # pytest's skip and fail are BaseExceptions
+        return e
+
+
+def start_lanes():
+    if _lanes or not _can_boot():
+        return
+    _lanes["dir"] = tempfile.mkdtemp(prefix="jrun-uml-")
+    pool = ThreadPoolExecutor(1)
+    for layout in sorted(LAYOUTS):
+        lane = pathlib.Path(_lanes["dir"], layout)
+        lane.mkdir()
+        _lanes[layout] = pool.submit(_boot_or_exception, lane, layout)
+    pool.shutdown(wait=False)
+
+
+def stop_lanes():
+    for proc in list(_guests):
         try:
-            return _boot(tmp_path_factory.mktemp(layout), layout)
-        except BaseException as e:  # pytest's skip and fail are BaseExceptions
-            return e
-    with ThreadPoolExecutor(len(LAYOUTS)) as pool:
-        return dict(zip(LAYOUTS, pool.map(boot, LAYOUTS)))
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if "dir" in _lanes:
+        shutil.rmtree(_lanes["dir"], ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def guests():
+    """Each layout's console and time, or what its boot raised (a skip, a
+    failure), for its own test to raise."""
+    start_lanes()
+    return {layout: _lanes[layout].result() for layout in LAYOUTS}
 
 
 @pytest.mark.guest_only
