@@ -356,9 +356,8 @@ def _cancel_and_watch(lane, job_id, rec):
 # once, slurmstepd SIGKILLs the rest of the step, jrun included, and the
 # Epilog's gc is what cleans up.
 SCANCEL = [
-    pytest.param("exec %s --name %s -- sleep 300", True, None, id="exec", marks=xfail(
-        "scancel's SIGTERM is relayed to a PID 1 that drops it; jrun waits its 10 s --stop-timeout, Slurm "
-        "SIGKILLs it after KillWait (3 s) and its state, cgroups and lease stay until gc")),
+    # PID 1 (sleep) has no SIGTERM handler: jrun sends SIGKILL at once.
+    pytest.param("exec %s --name %s -- sleep 300", True, None, id="exec"),
     pytest.param("%s --name %s -- sleep 300\necho jrun-exit=$?", False, None, id="no-exec", marks=xfail(
         "without exec the batch shell dies of SIGTERM and slurmstepd SIGKILLs the rest of the step at once: "
         "jrun cannot clean up, and `jrun gc --slurm-job` (the Epilog's) does not exist")),
@@ -409,9 +408,6 @@ def test_stop_timeout_below_killwait_lets_jrun_stop_a_slow_job_and_clean_up(lane
         gc_names([n])
 
 
-@xfail("with proctrack/linuxproc the orphaned jrun of a script without exec is out of Slurm's sight: "
-       "it relays SIGTERM to a PID 1 that drops it and runs on for its 10 s --stop-timeout after the "
-       "job was CANCELLED")
 def test_linuxproc_scancel_jrun_without_exec_stops_within_killwait(linuxproc_lane):
     lane = linuxproc_lane
     n = name("lp")
@@ -594,8 +590,6 @@ def test_jobs_under_slurm_get_slurm_derived_names(lane, tmp_path):
 # --- --timeout (its job was submitted with the lane: it ran meanwhile) ---
 
 
-@xfail("a SIGTERM that PID 1 does not handle is dropped; jrun waits the whole --stop-timeout "
-       "(10 s) before SIGKILL, so `--timeout 1 -- sleep 300` takes 11 s")
 def test_timeout_is_124_and_prompt(lane):
     job = lane.early["timeout"]
     (r,) = lane.wait(job, timeout=60)
