@@ -1520,6 +1520,15 @@ def job_cgroup_parents(spec):
     return parents, any(p != CGROUP_SUBTREE for p in parents.values())
 
 
+def memory_bound(spec):
+    """The memory limit that bounds the job, for the OOM message."""
+    if spec.limits.memory:
+        return fmt_size(spec.limits.memory)
+    parents, in_step = job_cgroup_parents(spec)
+    mem = next((p for n, p in parents.items() if n == "" or "memory" in n.split(",")), CGROUP_SUBTREE)
+    return "none of its own: the Slurm step's" if in_step and mem != CGROUP_SUBTREE else "none: the host's"
+
+
 def _hierarchy_root(ctrls):
     """The mount point of a hierarchy named as in /proc/self/cgroup."""
     mounts = cgroup_host().mounts
@@ -6949,8 +6958,7 @@ def supervise(spec, state, teardown, out, kinds, sigmask):
             res.collect(out)
         if out.oom_killed and not out.timed_out:
             out.exit_code = EXIT_OOM
-            log("error", "job killed: out of memory (limit %s)" % (
-                fmt_size(spec.limits.memory) if spec.limits.memory else "none: the host's"))
+            log("error", "job killed: out of memory (limit %s)" % memory_bound(spec))
     finally:
         os.close(sync_w)
         os.close(status_r)
@@ -7458,14 +7466,20 @@ def gc_jobs(ids):
             log("warning", "gc: job %s is running: left alone" % job_id)
             clean = False
             continue
-        dirs = (Cgroup.from_state(state.load()) or Cgroup(None)).dirs
-        if gc_job(job_id):
-            log("info", "gc: removed leftovers of job %s" % job_id)
-            release_slurm_cgroups(dirs)
-        elif os.path.isdir(state.dir):
+        if not gc_dead_job(job_id) and os.path.isdir(state.dir):
             log("warning", "gc: job %s: not everything could be removed" % job_id)
             clean = False
     return clean
+
+
+def gc_dead_job(job_id):
+    """gc_job, said on stderr, then Slurm's cgroups the job's kept."""
+    dirs = (Cgroup.from_state(JobState(job_id).load()) or Cgroup(None)).dirs
+    if not gc_job(job_id):
+        return False
+    log("info", "gc: removed leftovers of job %s" % job_id)
+    release_slurm_cgroups(dirs)
+    return True
 
 
 def release_slurm_cgroups(dirs):
@@ -7523,8 +7537,7 @@ def cmd_gc(argv):
             ids += [j for j in job_ids() if slurm_job_of(JobState(j).load(), args.slurm_job)]
         return 0 if gc_jobs(sorted(set(ids))) else 1
     for job_id in job_ids():
-        if gc_job(job_id):
-            log("info", "gc: removed leftovers of job %s" % job_id)
+        gc_dead_job(job_id)
     for name in collect_orphans():
         log("info", "gc: removed orphan %s" % name)
     store = ImageStore.open()  # images stay; what dead imports and retired images left goes
@@ -8476,12 +8489,16 @@ def completion_parser():
     _add_run_options(p)
     sub = p.add_subparsers(dest="subcommand")
     _add_run_options(sub.add_parser("run", help="run COMMAND isolated (the default)"))
-    sub.add_parser("ps", help="the jobs running now").add_argument("--json", action="store_true")
+    ps = sub.add_parser("ps", help="the jobs running now")
+    ps.add_argument("--json", action="store_true")
+    ps.add_argument("--all", action="store_true")
     kill = sub.add_parser("kill", help="signal a running job")
     kill.add_argument("-s", "--signal", choices=[s.name[3:] for s in signal.Signals if s.name.startswith("SIG")
                                                  and not s.name.startswith(("SIGRT", "SIG_"))])
     kill.add_argument("job").completer = lambda **kw: [j["id"] for j in running_jobs()]
-    sub.add_parser("gc", help="remove what dead jobs left behind")
+    gc = sub.add_parser("gc", help="remove what dead jobs left behind")
+    gc.add_argument("jobs", metavar="JOB", nargs="*").completer = lambda **kw: [j["id"] for j in dead_jobs(())]
+    gc.add_argument("--slurm-job", metavar="N")
     verify = sub.add_parser("verify", help="run the isolation self-test")
     verify.add_argument("--json", action="store_true")
     _add_run_options(verify)

@@ -236,6 +236,8 @@ def test_job_cgroup_parents_inside_a_slurm_step(tmp_path, monkeypatch):
         parents, in_step = J.job_cgroup_parents(_spec(*argv))
         assert in_step and parents == {"memory": step, "cpuset": step, "pids": "jrun", "cpu": "jrun",
                                        "cpuacct": "jrun", "blkio": "jrun", "devices": "jrun"}
+        assert J.memory_bound(_spec(*argv)) == "none of its own: the Slurm step's"
+    assert J.memory_bound(_spec("--memory", "64M")) == "64 MiB"
     # Another PATH: in every hierarchy, as always.
     parents, in_step = J.job_cgroup_parents(_spec("--cgroup-parent", "/jrun.slice"))
     assert not in_step and set(parents.values()) == {"jrun.slice"}
@@ -248,5 +250,6 @@ def test_job_cgroup_parents_inside_a_slurm_step(tmp_path, monkeypatch):
 def test_cgroup_parent_slurm_outside_a_step_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(J, "_cgroup_host", [_Host(tmp_path, {})])
     assert J.job_cgroup_parents(_spec()) == ({c: "jrun" for c in _Host(tmp_path, {}).mounts}, False)
+    assert J.memory_bound(_spec()) == "none: the host's"
     with pytest.raises(J.UsageError, match="^--cgroup-parent: slurm: jrun is not in a Slurm step's cgroup"):
         J.job_cgroup_parents(_spec("--cgroup-parent", "slurm"))

@@ -463,7 +463,7 @@ def test_a_job_under_slurm_stays_inside_the_steps_memory_limit(lane):
     (r,) = lane.wait(job)
     out = lane.output(job)
     assert r["ExitCode"] == "137:0", (r["JobState"], r["ExitCode"], out)
-    assert "out of memory" in out
+    assert "jrun: job killed: out of memory (limit none of its own: the Slurm step's)" in out
 
 
 def test_sigkilled_nested_jrun_does_not_block_slurms_cleanup(lane):
