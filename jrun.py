@@ -782,6 +782,7 @@ class JobSpec(_Frozen):
         "limits", "uploads", "volumes", "workdir", "workdir_size", "env", "rootfs", "image", "read_only",
         "net", "user", "cap_add", "cap_drop", "seccomp", "userns", "stats",
         "json_status", "cgroup_parent", "log_level", "log_format",
+        "slurm",  # the Slurm task jrun runs as (slurm_task), or None
         # Opened by validate(): fds of the host paths above, used instead of them.
         "rootfs_fd", "json_status_dir",
     )
@@ -797,7 +798,8 @@ class Opt:
 
 
 RUN_OPTIONS = (
-    Opt("--name", None, "NAME", "job id (default: 12 random hex chars); also the hostname"),
+    Opt("--name", None, "NAME", "job id (default: 12 random hex chars, under Slurm slurm-JOB[_TASK].STEP.RANK); "
+        "also the hostname"),
     Opt("--hostname", None, "NAME", "hostname inside the job (default: the job id)"),
     Opt("--timeout", None, "DURATION", "kill the job after DURATION (30, 30s, 5m, 1h); exit 124"),
     Opt("--stop-timeout", None, "DURATION",
@@ -828,7 +830,8 @@ RUN_OPTIONS = (
     Opt("--userns", None, None, "map the job's root to an unprivileged host uid range"),
     Opt("--stats", None, None, "print a resource-usage summary on stderr when the job ends"),
     Opt("--json-status", None, "FILE", "write the job's result as JSON to FILE"),
-    Opt("--cgroup-parent", None, "PATH", "create the job's cgroup under PATH (an existing, delegated subtree)"),
+    Opt("--cgroup-parent", None, "PATH|slurm", "create the job's cgroup under PATH (an existing, delegated "
+        "subtree), or inside the Slurm step jrun runs in (the default there)"),
     Opt("--quiet", "-q", None, "only print errors"),
     Opt("--log-level", None, "LEVEL", "debug, info, warning or error; debug shows the isolation audit trail",
         choices=tuple(LEVELS)),
@@ -983,9 +986,9 @@ def parse_run(argv, config=None):
     if not command and not image:  # an image may bring its own (with_image)
         raise UsageError("no COMMAND given (usage: jrun [OPTIONS] [--] COMMAND [ARG...])")
     named = "name" in o
-    job_id = check_name("--name", o["name"]) if named else os.urandom(6).hex()
-    hostname = check_hostname("--hostname", o["hostname"]) if "hostname" in o else (
-        job_id if all(c.isalnum() or c == "-" for c in job_id) else "jrun")
+    slurm = slurm_task()
+    job_id = check_name("--name", o["name"]) if named else slurm_job_name(slurm) if slurm else os.urandom(6).hex()
+    hostname = check_hostname("--hostname", o["hostname"]) if "hostname" in o else default_hostname(job_id)
     level = "error" if o.get("quiet") else o.get("log_level", "info")
     limits = Limits(
         cpu=parse_int("--cpu", o["cpu"], 1) if "cpu" in o else None,
@@ -1018,7 +1021,7 @@ def parse_run(argv, config=None):
         seccomp=o.get("seccomp", "default"), userns=bool(o.get("userns")),
         stats=bool(o.get("stats")), json_status=o.get("json_status"),
         cgroup_parent=o.get("cgroup_parent"), log_level=level,
-        log_format=o.get("log_format", "text"),
+        log_format=o.get("log_format", "text"), slurm=slurm,
     )
 
 
@@ -1177,7 +1180,8 @@ def run_help():
     lines = [
         "usage: jrun [--config FILE] [OPTIONS] [--] COMMAND [ARG...]",
         "       jrun [--config FILE] run [OPTIONS] [--] COMMAND [ARG...]",
-        "       jrun [--config FILE] ps [--json] | kill [-s SIGNAL] JOB | gc | verify [--json] [OPTIONS]",
+        "       jrun [--config FILE] ps [--json] [--all] | kill [-s SIGNAL] JOB | verify [--json] [OPTIONS]",
+        "       jrun [--config FILE] gc [JOB...] [--slurm-job N]",
         "       jrun rootfs build [--force] | rootfs path | rootfs ls [--json] | rootfs rm NAME...",
         "       jrun rootfs import NAME FILE|DIR [--platform OS/ARCH] [--force]",
         "       jrun --version | --help",
@@ -1343,11 +1347,15 @@ _LIMIT_CONTROLLERS = {
 
 
 class CgroupHost:
-    """version 1 or 2; v1: mounts = {controller: (mountpoint, options)}."""
+    """version 1 or 2; v1: mounts = {controller: (mountpoint, options)};
+    slurm_steps = {hierarchy: path}: the Slurm step jrun runs in, in each
+    hierarchy where Slurm made one (v1: named as in /proc/self/cgroup;
+    v2: ""), as a path relative to the hierarchy's root (see slurm_step_of)."""
 
     def __init__(self):
         self.version = 1
         self.mounts = {}
+        self.slurm_steps = {}
         with open("/proc/self/mounts", encoding="utf-8") as f:
             for line in f:
                 _src, point, fstype, opts = line.split()[:4]
@@ -1358,15 +1366,17 @@ class CgroupHost:
                     ctrls = [o for o in opts.split(",") if o in V1_CONTROLLERS]
                     for c in ctrls:
                         self.mounts.setdefault(c, (point, ",".join(ctrls)))
-        if self.version == 1:
-            # A hierarchy is named by all its controllers, as /proc/self/cgroup
-            # spells them ("cpu,cpuacct", "net_cls,net_prio"), whatever jrun uses.
-            with open("/proc/self/cgroup", encoding="utf-8") as f:
-                for line in f:
-                    ctrls = line.split(":", 2)[1]
-                    for c in ctrls.split(","):
-                        if c in self.mounts:
-                            self.mounts[c] = (self.mounts[c][0], ctrls)
+        # v1: a hierarchy is named by all its controllers, as /proc/self/cgroup
+        # spells them ("cpu,cpuacct", "net_cls,net_prio"), whatever jrun uses.
+        with open("/proc/self/cgroup", encoding="utf-8") as f:
+            for line in f:
+                _, ctrls, path = line.rstrip("\n").split(":", 2)
+                for c in ctrls.split(","):
+                    if c in self.mounts:
+                        self.mounts[c] = (self.mounts[c][0], ctrls)
+                step = slurm_step_of(path, self.version)
+                if step and (ctrls or self.version == 2):
+                    self.slurm_steps[ctrls] = step
 
     def controllers(self, parent):
         """The controllers a job under PARENT (relative to the root) can use."""
@@ -1410,6 +1420,119 @@ def remove_unused_subtrees(subtrees):
             audit("cgroup: %s removed (no job left in it)" % sub)
         except OSError:
             pass
+
+
+# Slurm.  Under Slurm jrun is one task of a step: slurmstepd starts it with
+# SLURM_* in its environment and in the step's cgroups (proctrack/cgroup,
+# task/cgroup).  jrun names the job after that task (slurm_task) and makes
+# the job's cgroup inside the step's, so that Slurm's own limits (--mem, the
+# cores it gave the task) bound the job too and its cancel reaches every
+# process.  Outside Slurm this costs one environment lookup; the step is
+# found in the /proc/self/cgroup that CgroupHost reads anyway.
+
+# Slurm's numbers for its special steps (SLURM_BATCH_SCRIPT, SLURM_EXTERN_CONT
+# in slurm.h), spelled as sacct spells them.
+SLURM_STEP_NAMES = {"4294967294": "batch", "4294967295": "extern", "4294967291": "interactive"}
+# The job.json/ps/--json-status/audit fields, from slurmstepd's variables.
+SLURM_FIELDS = (("job_id", "SLURM_JOB_ID"), ("array_job_id", "SLURM_ARRAY_JOB_ID"),
+                ("array_task_id", "SLURM_ARRAY_TASK_ID"), ("step", "SLURM_STEP_ID"), ("rank", "SLURM_PROCID"),
+                ("local_rank", "SLURM_LOCALID"), ("node", "SLURMD_NODENAME"), ("cluster", "SLURM_CLUSTER_NAME"))
+
+
+def slurm_task(environ=os.environ):
+    """The Slurm task jrun runs as: {field: value as Slurm spells it} from
+    SLURM_FIELDS (a batch script has no SLURM_STEP_ID: its step is "batch"),
+    or None outside Slurm (no SLURM_JOB_ID).  The numbers become the job's
+    name, so each must be one: the caller sets these variables (sudo's
+    env_keep), and a name must never become a path."""
+    if not environ.get("SLURM_JOB_ID"):
+        return None
+    defaults = {"step": "4294967294", "rank": "0", "local_rank": "0"}
+    task = {k: environ.get(v) or defaults[k] for k, v in SLURM_FIELDS if environ.get(v) or k in defaults}
+    task["step"] = SLURM_STEP_NAMES.get(task["step"], task["step"])
+    for key, var in SLURM_FIELDS[:6]:
+        if key in task and not task[key].isdigit() and not (key == "step" and task[key] in SLURM_STEP_NAMES.values()):
+            raise UsageError("%s: %r is not a Slurm number (jrun names the job after it: give --name, or fix the "
+                             "variable)" % (var, task[key]))
+    return task
+
+
+def slurm_job_name(task):
+    """slurm-JOB[_TASK].STEP.RANK: the step as sacct spells it (12.0,
+    11_1.batch) and the task's rank in the step."""
+    job = task["job_id"]
+    if "array_job_id" in task and "array_task_id" in task:
+        job = "%s_%s" % (task["array_job_id"], task["array_task_id"])
+    return "slurm-%s.%s.%s" % (job, task["step"], task["rank"])
+
+
+def default_hostname(job_id):
+    """A job id as a hostname: itself if it is one, '_' and '.' turned
+    into '-' for a Slurm name (slurm-12_3.batch.0 -> slurm-12-3-batch-0)."""
+    if job_id.startswith("slurm-"):
+        return job_id.replace("_", "-").replace(".", "-")
+    return job_id if all(c.isalnum() or c == "-" for c in job_id) else "jrun"
+
+
+def slurm_step_of(path, version):
+    """The Slurm step cgroup that PATH (a line of /proc/self/cgroup) is in,
+    relative to its hierarchy's root, or None.  cgroup/v1 makes the step
+    /slurm[_NODE]/uid_U/job_J/step_S in each hierarchy it uses (then
+    task_T below it); cgroup/v2 puts the tasks in .../job_J/step_S/user/
+    task_T (slurmstepd itself in step_S/slurm), and a job's cgroup goes
+    beside them, in step_S/user (no process may be in a v2 cgroup that has
+    children with controllers: user has none of its own)."""
+    parts = path.split("/")
+    for i in range(1, len(parts) - 1):
+        if not (parts[i].startswith("job_") and parts[i][4:].isdigit() and parts[i + 1].startswith("step_")):
+            continue
+        if version == 1 and i == 3 and parts[1].startswith("slurm") and parts[2].startswith("uid_") \
+                and parts[2][4:].isdigit():
+            return "/".join(parts[1:5])
+        if version == 2 and i + 2 < len(parts) and parts[i + 2] == "user":
+            return "/".join(parts[1:i + 3])
+    return None
+
+
+def job_cgroup_parents(spec):
+    """(parents, step): where the job's cgroup goes, {hierarchy: parent
+    relative to its root} (v1: every hierarchy jrun may use; v2: ""), and
+    whether that is inside a Slurm step.  In a step (found in
+    /proc/self/cgroup, or insisted on with --cgroup-parent slurm, or its own
+    path given as --cgroup-parent): the step's cgroup wherever Slurm made
+    one, jrun's own subtree elsewhere (Slurm's v1 step has no pids, cpu or
+    blkio cgroup).  Otherwise --cgroup-parent, or jrun's own subtree, in
+    every hierarchy."""
+    host = cgroup_host()
+    names = [""] if host.version == 2 else sorted({ctrls for _, ctrls in host.mounts.values()})
+    want = spec.cgroup_parent
+    steps = host.slurm_steps
+    if want == "slurm":
+        if not any(n in steps for n in names):
+            raise UsageError("--cgroup-parent: slurm: jrun is not in a Slurm step's cgroup (/proc/self/cgroup "
+                             "shows none: run it as a task of sbatch or srun, with proctrack/cgroup or task/cgroup)")
+    elif want:
+        rel = want.strip("/")
+        if slurm_step_of("/" + rel, host.version) != rel:
+            return {n: rel for n in names}, False
+        steps = {n: rel for n in names if os.path.isdir(os.path.join(_hierarchy_root(n), rel))}
+    parents = {n: steps.get(n, CGROUP_SUBTREE) for n in names}
+    return parents, any(p != CGROUP_SUBTREE for p in parents.values())
+
+
+def memory_bound(spec):
+    """The memory limit that bounds the job, for the OOM message."""
+    if spec.limits.memory:
+        return fmt_size(spec.limits.memory)
+    parents, in_step = job_cgroup_parents(spec)
+    mem = next((p for n, p in parents.items() if n == "" or "memory" in n.split(",")), CGROUP_SUBTREE)
+    return "none of its own: the Slurm step's" if in_step and mem != CGROUP_SUBTREE else "none: the host's"
+
+
+def _hierarchy_root(ctrls):
+    """The mount point of a hierarchy named as in /proc/self/cgroup."""
+    mounts = cgroup_host().mounts
+    return next((mounts[c][0] for c in ctrls.split(",") if c in mounts), CGROUP_ROOT)
 
 
 def parse_cpuset(opt, text):
@@ -1516,21 +1639,26 @@ def cgroup_controllers(spec):
     (--stats, --json-status, and killing every process at the end) and v1's
     device allow-list, where the host has them."""
     host = cgroup_host()
-    parent = cgroup_parent(spec)
+    parents, in_step = job_cgroup_parents(spec)
     if host.version == 2:
-        where = os.path.join(CGROUP_ROOT, parent) if spec.cgroup_parent else CGROUP_ROOT
+        parent = parents[""]
+        where = os.path.join(CGROUP_ROOT, parent) if parent != CGROUP_SUBTREE else CGROUP_ROOT
         if not os.path.isdir(where):
             raise UsageError("--cgroup-parent: %s does not exist (create or delegate it first)" % where)
-        have = host.controllers(parent if spec.cgroup_parent else "")
+        have = host.controllers(parent if parent != CGROUP_SUBTREE else "")
     else:
-        have = {c for c, (point, _) in host.mounts.items()
-                if not spec.cgroup_parent or os.path.isdir(os.path.join(point, parent))}
+        have = {c for c, (point, ctrls) in host.mounts.items()
+                if parents[ctrls] == CGROUP_SUBTREE or os.path.isdir(os.path.join(point, parents[ctrls]))}
     need = []
     for field, (opt, v1, v2) in _LIMIT_CONTROLLERS.items():
         ctrl = v1 if host.version == 1 else v2
         if getattr(spec.limits, field) is None:
             continue
         if ctrl not in have:
+            if in_step and host.version == 2:
+                raise UsageError("%s: Slurm did not enable the cgroup v2 '%s' controller for this step (/%s has "
+                                 "%s): the job's cgroup is inside the step's; ask Slurm for it in cgroup.conf"
+                                 % (opt, ctrl, parents[""], " ".join(sorted(have)) or "none"))
             if spec.cgroup_parent and (host.version == 2 or ctrl in host.mounts):
                 raise UsageError("%s: the cgroup v%d '%s' controller is not available under --cgroup-parent %s"
                                  " (delegate it, or create the parent in that hierarchy)"
@@ -1539,7 +1667,7 @@ def cgroup_controllers(spec):
         need.append(ctrl)
     if not have and spec.cgroup_parent:
         raise UsageError("--cgroup-parent: %s does not exist (create or delegate it first)" % os.path.join(
-            host.mounts.get("memory", (CGROUP_ROOT + "/memory",))[0], parent))
+            host.mounts.get("memory", (CGROUP_ROOT + "/memory",))[0], cgroup_parent(spec)))
     if not have:
         raise SetupError("no cgroup v1 hierarchy of %s is mounted under %s" % (", ".join(V1_CONTROLLERS), CGROUP_ROOT))
     used = ACCOUNTING_CONTROLLERS[host.version] + GUARD_CONTROLLERS[host.version]
@@ -3641,23 +3769,33 @@ class JobState:
         self.lock_fd = None
         self.record = {}
 
-    def create(self):
+    def create(self, numbered=False):
+        """NUMBERED: the id is a default name (Slurm's, one per task), which
+        another live job of the same task may hold (two jruns in one batch
+        script): then the first of ID-2, ID-3, ... that is free."""
         top = open_private_dir(STATE_DIR, "state-dir")
+        base, n, tries = self.id, 1, 0
         try:
-            for _ in range(3):
+            while True:
                 try:
                     os.mkdir(self.id, 0o700, dir_fd=top)
                     break
                 except FileExistsError:
                     other = JobState(self.id)
                     if other.is_live():
-                        raise UsageError("--name %s: a job with this name is already running" % self.id) from None
+                        if not numbered or n >= 999:
+                            raise UsageError("--name %s: a job with this name is already running" % self.id) from None
+                        n += 1
+                        self.id = "%s-%d" % (base, n)
+                        self.dir = os.path.join(STATE_DIR, self.id)
+                        continue
                     # A dead job's leftovers: clean, then take the name (if a
                     # concurrent `jrun gc` is at it, give it a moment).
+                    tries += 1
+                    if tries > 3:
+                        raise SetupError("cannot create %s" % self.dir) from None
                     if not gc_job(self.id):
                         time.sleep(0.2)
-            else:
-                raise SetupError("cannot create %s" % self.dir)
             self.fd = os.open(self.id, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=top)
         finally:
             os.close(top)
@@ -4059,10 +4197,11 @@ class CgroupV1(Cgroup):
 
     def plan(self):
         host = cgroup_host()
+        parents = job_cgroup_parents(self.spec)[0]
         self.where = {}
         for ctrl in cgroup_controllers(self.spec):
             point, ctrls = host.mounts[ctrl]
-            self.where[ctrls] = os.path.join(point, cgroup_parent(self.spec), self.spec.id)
+            self.where[ctrls] = os.path.join(point, parents[ctrls], self.spec.id)
         self.dirs = list(self.where.values())
 
     def mountpoint(self, ctrls):
@@ -4073,11 +4212,13 @@ class CgroupV1(Cgroup):
         for d in planned:
             ctrls = next(c for c, w in self.where.items() if w == d)
             p = os.path.dirname(d)
-            try:
-                os.mkdir(p, 0o755)  # the shared jrun subtree; --cgroup-parent exists already
-            except FileExistsError:
-                pass
-            if "cpuset" in ctrls.split(",") and not self.spec.cgroup_parent:
+            own = p in jrun_subtrees()  # else --cgroup-parent or the Slurm step: never made by jrun
+            if own:
+                try:
+                    os.mkdir(p, 0o755)
+                except FileExistsError:
+                    pass
+            if "cpuset" in ctrls.split(",") and own:
                 # A new v1 cpuset has no CPUs and no memory nodes, and no
                 # task may join it until both are set: the shared subtree
                 # gets its own parent's.  (A delegated parent is its
@@ -4296,7 +4437,7 @@ class CgroupV2(Cgroup):
 
     def plan(self):
         self.controllers = cgroup_controllers(self.spec)
-        d = os.path.join(CGROUP_ROOT, cgroup_parent(self.spec), self.spec.id)
+        d = os.path.join(CGROUP_ROOT, job_cgroup_parents(self.spec)[0][""], self.spec.id)
         self.where = {"": d}
         self.dirs = [d]
 
@@ -4306,7 +4447,7 @@ class CgroupV2(Cgroup):
     def create(self, planned):
         d = planned[0]
         parent = os.path.dirname(d)
-        if not self.spec.cgroup_parent:
+        if parent in jrun_subtrees():
             self._enable(CGROUP_ROOT)
             try:
                 os.mkdir(parent, 0o755)
@@ -6586,11 +6727,16 @@ def _iso(t):
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % (t % 1 * 1000)
 
 
+def slurm_field(spec):
+    """{"slurm": the Slurm task} for the job's records, under Slurm only."""
+    return {"slurm": spec.slurm} if spec.slurm else {}
+
+
 def start_record(spec):
     uid, user = invoking_user()
     return {"time": _iso(time.time()), "event": "start", "job": spec.id, "uid": uid, "user": user,
             "command": list(spec.command), "limits": limits_record(spec), "net": spec.net,
-            "rootfs": spec.rootfs, "jrun_pid": os.getpid()}
+            "rootfs": spec.rootfs, "jrun_pid": os.getpid(), **slurm_field(spec)}
 
 
 def end_record(spec, out, duration):
@@ -6598,7 +6744,8 @@ def end_record(spec, out, duration):
     rec = {"time": _iso(time.time()), "event": "end", "job": spec.id, "uid": uid, "user": user,
            "command": list(spec.command), "limits": limits_record(spec), "net": spec.net,
            "exit_code": out.exit_code, "signal": out.signal, "timed_out": out.timed_out,
-           "oom_killed": bool(getattr(out, "oom_killed", False)), "duration_s": round(duration, 3)}
+           "oom_killed": bool(getattr(out, "oom_killed", False)), "duration_s": round(duration, 3),
+           **slurm_field(spec)}
     for extra in ("cpu_s", "memory_peak_bytes", "io_read_bytes", "io_write_bytes"):
         if getattr(out, extra, None) is not None:
             rec[extra] = getattr(out, extra)
@@ -6666,7 +6813,7 @@ class Outcome:
                 "oom_killed": self.oom_killed, "timed_out": self.timed_out,
                 "duration_s": r3(self.duration_s), "cpu_s": r3(self.cpu_s),
                 "memory_peak_bytes": self.memory_peak_bytes, "io_read_bytes": self.io_read_bytes,
-                "io_write_bytes": self.io_write_bytes}
+                "io_write_bytes": self.io_write_bytes, **slurm_field(spec)}
 
     def stats_line(self, spec):
         def size(v):
@@ -6696,7 +6843,11 @@ def run_job(spec, kinds):
     spec = survey_uploads(spec)
     teardown = Teardown()
     state = JobState(spec.id)
-    state.create()
+    state.create(numbered=spec.slurm is not None and not spec.named)
+    if state.id != spec.id:  # a Slurm name taken on this node: NAME-2, ...
+        hostname = default_hostname(state.id) if spec.hostname == default_hostname(spec.id) else spec.hostname
+        spec = spec.replace(id=state.id, hostname=hostname)
+        _log["job"] = spec.id
     teardown.push("state %s removed" % state.dir, state.remove)
     out = Outcome()
     started = None
@@ -6704,7 +6855,7 @@ def run_job(spec, kinds):
         os.mkdir("root", 0o700, dir_fd=state.fd)
         state.save(id=spec.id, command=list(spec.command), hostname=spec.hostname,
                    started=time.time(), net=spec.net, limits=limits_record(spec),
-                   user=invoking_user()[1], jrun_pid=os.getpid())
+                   user=invoking_user()[1], jrun_pid=os.getpid(), **slurm_field(spec))
         append_audit_log(start_record(spec))
         started = time.monotonic()
         return supervise(spec, state, teardown, out, kinds)
@@ -6814,8 +6965,7 @@ def supervise(spec, state, teardown, out, kinds):
             res.collect(out)
         if out.oom_killed and not out.timed_out:
             out.exit_code = EXIT_OOM
-            log("error", "job killed: out of memory (limit %s)" % (
-                fmt_size(spec.limits.memory) if spec.limits.memory else "none: the host's"))
+            log("error", "job killed: out of memory (limit %s)" % memory_bound(spec))
     finally:
         os.close(sync_w)
         os.close(status_r)
@@ -7108,11 +7258,31 @@ def _print_table(rows):
         sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] + "\n")
 
 
+def dead_jobs(running):
+    """job.json records of jobs whose jrun is gone but whose state directory
+    is still there (with what it records: cgroups, veth, lease), marked
+    "state": "dead": what `jrun gc` would remove.  RUNNING: the running
+    jobs' ids; a job starting up (no lock yet, or no PID) is neither."""
+    dead = []
+    for job_id in job_ids():
+        state = JobState(job_id)
+        if job_id in running or state.is_live():
+            continue
+        rec = dict(state.load(), id=job_id, state="dead")
+        dead.append(rec)
+    return dead
+
+
 def cmd_ps(argv):
     p = _subparser("jrun ps", "List the jobs running now on this host.")
     p.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+    p.add_argument("--all", action="store_true", help="also dead jobs that left something behind for jrun gc "
+                   "(state \"dead\")")
     args = p.parse_args(argv)
     jobs = running_jobs()
+    if args.all:
+        jobs = [dict(j, state="running") for j in jobs]
+        jobs += dead_jobs({j["id"] for j in jobs})
     if args.json:
         sys.stdout.write(dumps_json(jobs) + "\n")
         return 0
@@ -7125,8 +7295,9 @@ def cmd_ps(argv):
         address = j.get("net_address") or j.get("address")
         if address:
             net = "%s %s" % (net, address)
-        rows.append((j["id"], str(j.get("pid")), time.strftime("%H:%M:%S", time.localtime(started)),
-                     _fmt_age(now - started), _fmt_limits(j.get("limits")), net, _fmt_cgroup(j.get("cgroup")),
+        up = "dead" if j.get("state") == "dead" else _fmt_age(now - started)
+        rows.append((j["id"], str(j.get("pid") or "-"), time.strftime("%H:%M:%S", time.localtime(started)),
+                     up, _fmt_limits(j.get("limits")), net, _fmt_cgroup(j.get("cgroup")),
                      " ".join(shown(json_text(a)) for a in j.get("command") or ())))
     _print_table(rows)
     return 0
@@ -7232,10 +7403,18 @@ def gc_job(job_id):
             except BlockingIOError:
                 return False  # live, or another gc is at it
         record = state.load()
+        stuck = []
         for cls in reversed(RESOURCE_CLASSES):
             res = cls.from_state(record)
             if res is not None:
                 res.teardown()
+                if isinstance(res, Cgroup):
+                    stuck = [d for d in res.dirs if os.path.isdir(d)]
+        if stuck:
+            # job.json is jrun's only proof that it made these (see
+            # Cgroup.setup): it stays until a later gc removes them.
+            log("warning", "gc: job %s: %s still there; its state stays for the next gc" % (job_id, ", ".join(stuck)))
+            return False
         root = os.path.join(state.dir, "root")
         # The job's mounts lived in its own mount namespace and died with
         # it; a mount here would only come from a crash mid-setup of an old
@@ -7270,15 +7449,102 @@ def collect_orphans():
     return removed
 
 
+def slurm_job_of(record, slurm_job):
+    """Whether a job.json record is of Slurm job SLURM_JOB: its own job id
+    or its array's (an array task's Epilog sees the task's own id), or a
+    cgroup inside one of the job's steps (a jrun run without Slurm's
+    variables: sudo drops them unless told to keep them)."""
+    task = record.get("slurm") if isinstance(record.get("slurm"), dict) else {}
+    if slurm_job in (task.get("job_id"), task.get("array_job_id")):
+        return True
+    cg = Cgroup.from_state(record)
+    return any("/job_%s/step_" % slurm_job in d for d in (cg.dirs if cg else ()))
+
+
+def gc_jobs(ids):
+    """gc of exactly these jobs: True if nothing of them is left.  A job
+    that is still running is left alone, and counts as left."""
+    clean = True
+    for job_id in ids:
+        state = JobState(job_id)
+        if not os.path.isdir(state.dir):
+            continue  # cleaned up by its own jrun, or never there
+        if state.is_live():
+            log("warning", "gc: job %s is running: left alone" % job_id)
+            clean = False
+            continue
+        if not gc_dead_job(job_id) and os.path.isdir(state.dir):
+            log("warning", "gc: job %s: not everything could be removed" % job_id)
+            clean = False
+    return clean
+
+
+def gc_dead_job(job_id):
+    """gc_job, said on stderr, then Slurm's cgroups the job's kept."""
+    dirs = (Cgroup.from_state(JobState(job_id).load()) or Cgroup(None)).dirs
+    if not gc_job(job_id):
+        return False
+    log("info", "gc: removed leftovers of job %s" % job_id)
+    release_slurm_cgroups(dirs)
+    return True
+
+
+def release_slurm_cgroups(dirs):
+    """After gc removed a dead job's cgroups that were inside a Slurm step:
+    Slurm's step, job and (v1) user cgroups above them.  slurmstepd removes
+    those once, at the step's end, and fails while a child is in them (the
+    dead jrun's); nothing of Slurm retries.  Only empty ones go (rmdir
+    refuses a cgroup with processes or children), and under the flock on
+    Slurm's own root cgroup that slurmstepd holds while it makes or removes
+    a step's (cgroup/v1 xcgroup_lock), so no starting step loses its
+    parent."""
+    version = cgroup_host().version
+    for d in dirs:
+        parts = d.split("/")
+        step = next((i + 1 for i in range(len(parts) - 2) if parts[i].startswith("job_")
+                     and parts[i][4:].isdigit() and parts[i + 1].startswith("step_")), None)
+        if step is None or os.path.dirname(d) != "/".join(parts[:step + 1 if version == 1 else step + 2]):
+            continue  # not directly in a step
+        top = step - 2 if version == 1 else step - 1  # uid_U (v1), job_J (v2)
+        lock = None
+        if version == 1:  # Slurm's root: <hierarchy>/slurm[_NODE]
+            try:
+                lock = os.open("/".join(parts[:step - 2]), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            except OSError:
+                pass
+        try:
+            for i in range(len(parts) - 1, top, -1):
+                try:
+                    os.rmdir("/".join(parts[:i]))
+                except FileNotFoundError:
+                    continue
+                except OSError:
+                    break
+                audit("gc: Slurm's empty cgroup %s removed" % "/".join(parts[:i]))
+        finally:
+            if lock is not None:
+                os.close(lock)
+
+
 def cmd_gc(argv):
     p = _subparser("jrun gc", "Remove what jobs that died without cleanup left behind; never touches a "
                               "live job.  Safe to run at any time, e.g. from cron.")
-    p.parse_args(argv)
+    p.add_argument("jobs", nargs="*", metavar="JOB", help="only these jobs' leftovers")
+    p.add_argument("--slurm-job", metavar="N", help="only the leftovers of the jobs run under Slurm job N "
+                   "(or array job N), and Slurm's cgroups they kept: for slurm.conf's Epilog=")
+    args = p.parse_args(argv)
     if os.geteuid() != 0:
         raise UsageError("gc must run as root (try: sudo jrun gc)")
+    if args.jobs or args.slurm_job is not None:
+        ids = [check_name("gc: JOB", j) for j in args.jobs]
+        if args.slurm_job is not None:
+            if not args.slurm_job.isdigit():
+                raise UsageError("gc: --slurm-job: %r is not a Slurm job id" % args.slurm_job)
+            ids += [j for j in job_ids() if slurm_job_of(JobState(j).load(), args.slurm_job)]
+        return 0 if gc_jobs(sorted(set(ids))) else 1
     for job_id in job_ids():
-        if gc_job(job_id):
-            log("info", "gc: removed leftovers of job %s" % job_id)
+        gc_dead_job(job_id)
     for name in collect_orphans():
         log("info", "gc: removed orphan %s" % name)
     store = ImageStore.open()  # images stay; what dead imports and retired images left goes
@@ -8230,12 +8496,16 @@ def completion_parser():
     _add_run_options(p)
     sub = p.add_subparsers(dest="subcommand")
     _add_run_options(sub.add_parser("run", help="run COMMAND isolated (the default)"))
-    sub.add_parser("ps", help="the jobs running now").add_argument("--json", action="store_true")
+    ps = sub.add_parser("ps", help="the jobs running now")
+    ps.add_argument("--json", action="store_true")
+    ps.add_argument("--all", action="store_true")
     kill = sub.add_parser("kill", help="signal a running job")
     kill.add_argument("-s", "--signal", choices=[s.name[3:] for s in signal.Signals if s.name.startswith("SIG")
                                                  and not s.name.startswith(("SIGRT", "SIG_"))])
     kill.add_argument("job").completer = lambda **kw: [j["id"] for j in running_jobs()]
-    sub.add_parser("gc", help="remove what dead jobs left behind")
+    gc = sub.add_parser("gc", help="remove what dead jobs left behind")
+    gc.add_argument("jobs", metavar="JOB", nargs="*").completer = lambda **kw: [j["id"] for j in dead_jobs(())]
+    gc.add_argument("--slurm-job", metavar="N")
     verify = sub.add_parser("verify", help="run the isolation self-test")
     verify.add_argument("--json", action="store_true")
     _add_run_options(verify)

@@ -423,6 +423,85 @@ def test_an_existing_cgroup_is_refused_and_left_alone(where):
             _rmdir_when_empty(t)
 
 
+def _slurm_step_layout(tok):
+    """Slurm's cgroups of one step, made here as Slurm makes them (not by
+    Slurm: tests/test_slurm.py has the real thing, on v1 only): v1
+    slurm_NODE/uid_0/job_1/step_0 in the cpuset and memory hierarchies
+    only (task/cgroup); v2 .../job_1/step_0/user/task_0 with only memory
+    enabled for the step's children.  Return (the cgroups, bottom last;
+    where a task of the step goes)."""
+    if V2:
+        top = "/sys/fs/cgroup/jrun-test-slurm-%s" % tok
+        made = [top] + [top + p for p in ("/job_1", "/job_1/step_0", "/job_1/step_0/user",
+                                           "/job_1/step_0/user/task_0")]
+        for d in made:
+            os.mkdir(d)
+        for d in ["/sys/fs/cgroup"] + made[:3]:  # memory, and only memory, down to step_0's children
+            with open(os.path.join(d, "cgroup.subtree_control"), "w") as f:
+                f.write("+memory")
+        return made, [made[-1]]
+    made = []
+    for ctrl in ("cpuset", "memory"):
+        d = HOST.mounts[ctrl][0]
+        for part in ("slurm_t%s" % tok, "uid_0", "job_1", "step_0"):
+            d = os.path.join(d, part)
+            _mkcg(d)
+            made.append(d)
+    return made, made[3::4]
+
+
+def test_a_job_in_a_slurm_step_nests_inside_it_and_gc_lets_slurm_clean_up():
+    """jrun started in a step's cgroups (found in /proc/self/cgroup, with no
+    SLURM_* variable) makes the job's cgroup inside the step's where the
+    step has one, jrun/<id> elsewhere; on v2 a limit whose controller the
+    step did not enable is refused, naming it.  After kill -9 of jrun, gc
+    removes the job's cgroup and then the empty step cgroups it kept."""
+    tok = uuid.uuid4().hex[:6]
+    made, steps = _slurm_step_layout(tok)
+    n = name("slurm")
+    enter = "for d in %s; do echo $$ > $d/cgroup.procs; done; exec \"$@\"" % " ".join(steps)
+    task = ["/bin/sh", "-c", enter, "task"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
+    cores = [] if V2 else ["--cores", str(min(os.sched_getaffinity(0)))]  # v1: a cpuset inside the step's too
+    proc = None
+    try:
+        if V2:
+            p = subprocess.run(task + JRUN + ["--net", "none", "--pids", "20", "--", "true"], env=env,
+                               capture_output=True, text=True, timeout=60)
+            assert p.returncode == 125 and p.stderr.startswith(
+                "jrun: --pids: Slurm did not enable the cgroup v2 'pids' controller for this step"), p.stderr
+        proc = subprocess.Popen(task + JRUN + ["--net", "none", "--name", n, "--memory", "64M", *cores, "--",
+                                               "/bin/sh", "-c", "echo ready; sleep 30"], env=env,
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline() == "ready\n"
+        # v1: step_0/<id>; v2: step_0/user/<id>, beside task_0.
+        inside = [os.path.join(os.path.dirname(s) if V2 else s, n) for s in steps]
+        assert all(os.path.isdir(d) for d in inside), inside
+        mem = inside[-1]
+        with open(os.path.join(mem, "memory.max" if V2 else "memory.limit_in_bytes")) as f:
+            assert int(f.read()) == 64 << 20
+        own = job_cgroups(n)  # v1: pids, cpuacct, blkio, devices in jrun/<id>; none on v2
+        assert own == [] if V2 else own and not [d for d in own if "/memory/" in d or "/cpuset/" in d], own
+        proc.kill()  # jrun SIGKILLed: the job's cgroups stay, and keep the step's
+        proc.wait()
+        if V2:  # at the step's end slurmstepd removes its tasks' cgroups, then tries user/ and up
+            _rmdir_when_empty(steps[0])
+        assert all(os.path.isdir(d) for d in inside)
+        p = jrun("gc", n)
+        assert p.returncode == 0 and "gc: removed leftovers of job %s" % n in p.stderr, p.stderr
+        assert not any(os.path.exists(d) for d in inside) and job_cgroups(n) == []
+        # ... and the step's, job's (and v1 user's) empty cgroups, kept by it.
+        left = [d for d in made if os.path.isdir(d)]
+        assert left == ([made[0]] if V2 else [d for d in made if d.endswith("/slurm_t%s" % tok)]), left
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        jrun("gc", n)
+        for d in reversed(made):
+            _rmdir_when_empty(d)
+
+
 @pytest.mark.skipif(not V2, reason="the no-internal-process rule is cgroup v2's")
 def test_cgroup_parent_with_processes_of_its_own_is_refused():
     parent = "/sys/fs/cgroup/jrun-test-busy-%s" % uuid.uuid4().hex[:6]

@@ -144,3 +144,112 @@ def test_from_state_rebuilds_for_gc():
     cg = J.Cgroup.from_state({"cgroup": {"version": 1, "dirs": ["/a/jrun/x", "/b/jrun/x"]}})
     assert isinstance(cg, J.CgroupV1) and len(cg.dirs) == 2
     assert J.Cgroup.from_state({}) is None
+
+
+# --- Slurm: names, the step's cgroup ----------------------------------------
+
+SLURM_ENV = {"SLURM_JOB_ID": "4712", "SLURMD_NODENAME": "n1", "SLURM_CLUSTER_NAME": "c"}
+
+
+@pytest.mark.parametrize("env,name,hostname", [
+    ({}, "slurm-4712.batch.0", "slurm-4712-batch-0"),  # a batch script: no SLURM_STEP_ID
+    ({"SLURM_STEP_ID": "4294967294"}, "slurm-4712.batch.0", "slurm-4712-batch-0"),
+    ({"SLURM_STEP_ID": "0", "SLURM_PROCID": "5", "SLURM_LOCALID": "1"}, "slurm-4712.0.5", "slurm-4712-0-5"),
+    ({"SLURM_ARRAY_JOB_ID": "4711", "SLURM_ARRAY_TASK_ID": "3"}, "slurm-4711_3.batch.0", "slurm-4711-3-batch-0"),
+    ({"SLURM_STEP_ID": "4294967295"}, "slurm-4712.extern.0", "slurm-4712-extern-0"),
+])
+def test_a_job_under_slurm_is_named_after_its_task(monkeypatch, env, name, hostname):
+    for k, v in dict(SLURM_ENV, **env).items():
+        monkeypatch.setenv(k, v)
+    spec = _spec()
+    assert (spec.id, spec.hostname, spec.named) == (name, hostname, False)
+    assert spec.slurm["job_id"] == "4712" and spec.slurm["node"] == "n1" and spec.slurm["cluster"] == "c"
+    assert spec.slurm["rank"] == env.get("SLURM_PROCID", "0")
+    assert spec.slurm.get("array_task_id") == env.get("SLURM_ARRAY_TASK_ID")
+    # --name and --hostname still win; the task is recorded all the same.
+    named = _spec("--name", "mine", "--hostname", "h")
+    assert (named.id, named.hostname, named.slurm) == ("mine", "h", spec.slurm)
+
+
+def test_slurm_numbers_are_checked_before_they_become_a_name(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "12")
+    for var, value in (("SLURM_PROCID", "../x"), ("SLURM_ARRAY_TASK_ID", "1/2"), ("SLURM_STEP_ID", "batch;")):
+        monkeypatch.setenv(var, value)
+        with pytest.raises(J.UsageError, match="^%s: .* is not a Slurm number" % var):
+            _spec()
+        monkeypatch.delenv(var)
+    assert _spec().id == "slurm-12.batch.0"
+
+
+def test_outside_slurm_nothing_of_it(monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    spec = _spec()
+    assert spec.slurm is None and len(spec.id) == 12 and spec.hostname == spec.id
+    assert "slurm" not in J.Outcome().status_record(spec) and "slurm" not in J.start_record(spec)
+
+
+def test_the_status_and_audit_records_carry_the_slurm_task(monkeypatch):
+    for k, v in SLURM_ENV.items():
+        monkeypatch.setenv(k, v)
+    spec = _spec()
+    out = J.Outcome()
+    out.exit_code = 0
+    for rec in (out.status_record(spec), J.start_record(spec), J.end_record(spec, out, 1.0)):
+        assert rec["slurm"] == spec.slurm
+
+
+@pytest.mark.parametrize("path,version,step", [
+    ("/slurm/uid_1000/job_12/step_0", 1, "slurm/uid_1000/job_12/step_0"),
+    ("/slurm_n1/uid_0/job_12/step_batch/task_0", 1, "slurm_n1/uid_0/job_12/step_batch"),
+    ("/slurm/uid_0/job_12/step_extern", 1, "slurm/uid_0/job_12/step_extern"),
+    ("/slurm/uid_0/job_12", 1, None),  # slurmstepd itself sits in the job's cgroup
+    ("/system.slice/slurm/uid_0/job_12/step_0", 1, None),  # not Slurm's v1 layout
+    ("/slurm/uid_x/job_12/step_0", 1, None),
+    ("/slurm/uid_0/job_1x/step_0", 1, None),
+    ("/jrun/x", 1, None), ("/", 1, None), ("", 1, None),
+    ("/system.slice/slurmstepd.scope/job_3/step_0/user/task_0", 2, "system.slice/slurmstepd.scope/job_3/step_0/user"),
+    ("/system.slice/slurmstepd.scope/job_3/step_0/slurm", 2, None),  # slurmstepd, not a task
+    ("/system.slice/slurmstepd.scope/job_3/step_0", 2, None),
+    ("/user.slice/user-0.slice/session-1.scope", 2, None),
+])
+def test_slurm_step_of(path, version, step):
+    assert J.slurm_step_of(path, version) == step
+
+
+class _Host:
+    version = 1
+
+    def __init__(self, root, steps):
+        self.mounts = {}
+        for c in ("memory", "cpuset", "pids", "cpu", "cpuacct", "blkio", "devices"):
+            os.makedirs(root / c, exist_ok=True)
+            self.mounts[c] = (str(root / c), c)
+        self.slurm_steps = steps
+
+
+def test_job_cgroup_parents_inside_a_slurm_step(tmp_path, monkeypatch):
+    step = "slurm_n1/uid_0/job_7/step_batch"
+    monkeypatch.setattr(J, "_cgroup_host", [_Host(tmp_path, {"memory": step, "cpuset": step, "freezer": step})])
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    # Found in /proc/self/cgroup: automatic, and the same with "slurm".
+    for argv in ((), ("--cgroup-parent", "slurm")):
+        parents, in_step = J.job_cgroup_parents(_spec(*argv))
+        assert in_step and parents == {"memory": step, "cpuset": step, "pids": "jrun", "cpu": "jrun",
+                                       "cpuacct": "jrun", "blkio": "jrun", "devices": "jrun"}
+        assert J.memory_bound(_spec(*argv)) == "none of its own: the Slurm step's"
+    assert J.memory_bound(_spec("--memory", "64M")) == "64 MiB"
+    # Another PATH: in every hierarchy, as always.
+    parents, in_step = J.job_cgroup_parents(_spec("--cgroup-parent", "/jrun.slice"))
+    assert not in_step and set(parents.values()) == {"jrun.slice"}
+    # The step's own path as --cgroup-parent: where it exists, jrun/ elsewhere.
+    os.makedirs(tmp_path / "memory" / step)
+    parents, in_step = J.job_cgroup_parents(_spec("--cgroup-parent", "/" + step))
+    assert in_step and parents["memory"] == step and parents["cpuset"] == parents["pids"] == "jrun"
+
+
+def test_cgroup_parent_slurm_outside_a_step_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(J, "_cgroup_host", [_Host(tmp_path, {})])
+    assert J.job_cgroup_parents(_spec()) == ({c: "jrun" for c in _Host(tmp_path, {}).mounts}, False)
+    assert J.memory_bound(_spec()) == "none: the host's"
+    with pytest.raises(J.UsageError, match="^--cgroup-parent: slurm: jrun is not in a Slurm step's cgroup"):
+        J.job_cgroup_parents(_spec("--cgroup-parent", "slurm"))

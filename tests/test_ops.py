@@ -282,7 +282,7 @@ def test_gc_prints_nothing_when_there_is_nothing_to_do(tmp_path):
     cfg = _config(tmp_path, 'state-dir = "%s"\n' % (tmp_path / "state"))
     p = jrun("--config", cfg, "gc", check=0)
     assert p.stdout == "" and p.stderr == ""
-    assert oj("gc", "extra").returncode == 125
+    assert oj("gc", "--extra").returncode == 125
 
 
 def test_gc_calls_the_orphans_hook(monkeypatch, tmp_path):
@@ -307,6 +307,79 @@ def test_gc_calls_the_orphans_hook(monkeypatch, tmp_path):
 
     monkeypatch.setattr(J, "RESOURCE_CLASSES", (Fake,))
     assert J.collect_orphans() == ["fake gone"] and torn == ["gone"]
+
+
+# --- scoped gc, ps --all, Slurm names (Slurm's variables set by hand; the
+# real thing, with the step's cgroups, is tests/test_slurm.py) -------------
+
+
+def _slurm_start(job_id, *args):
+    """A job as if jrun were rank 1 of step 0 of Slurm job JOB_ID, on n7."""
+    env = dict(os.environ, SLURM_JOB_ID=job_id, SLURM_STEP_ID="0", SLURM_PROCID="1", SLURMD_NODENAME="n7")
+    proc = subprocess.Popen(JRUN + ["--config", OWN["cfg"]] + list(args), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    line = proc.stdout.readline()
+    assert line.strip() == "ready", (line, proc.stderr.read() if proc.poll() is not None else "")
+    return proc
+
+
+def test_slurm_names_are_unique_on_the_node_and_gc_is_scoped():
+    slurm_job = str(900000 + uuid.uuid4().int % 99999)
+    name = "slurm-%s.0.1" % slurm_job
+    wait = "echo ready; hostname; read x"
+    first = _slurm_start(slurm_job, "--net", "none", "--", "/bin/sh", "-c", wait)
+    second = _slurm_start(slurm_job, "--net", "none", "--", "/bin/sh", "-c", wait)  # same task, same time
+    other = ostart("--net", "none", "--name", _name("other"), "--", "/bin/sh", "-c", "echo ready; sleep 60")
+    other_name = [n for n in odirs() if n.startswith("other-")][0]
+    try:
+        assert first.stdout.readline().strip() == "slurm-%s-0-1" % slurm_job
+        assert second.stdout.readline().strip() == "slurm-%s-0-1-2" % slurm_job
+        live = {j["id"]: j for j in _ps_json("--config", OWN["cfg"])}
+        assert {name, name + "-2"} <= set(live)
+        assert live[name]["slurm"] == {"job_id": slurm_job, "step": "0", "rank": "1", "local_rank": "0",
+                                       "node": "n7"}
+        first.kill()  # SIGKILL of jrun: its state and cgroups stay
+        other.kill()
+        first.communicate()
+        other.communicate()
+        # ps lists only running jobs; ps --all also the dead ones with leftovers.
+        assert name not in {j["id"] for j in _ps_json("--config", OWN["cfg"])}
+        every = {j["id"]: j for j in json.loads(oj("ps", "--all", "--json", check=0).stdout)}
+        assert every[name]["state"] == every[other_name]["state"] == "dead"
+        assert every[name + "-2"]["state"] == "running" and every[name]["slurm"]["job_id"] == slurm_job
+        table = oj("ps", "--all", check=0).stdout
+        assert any(line.startswith(name + " ") and " dead " in line for line in table.splitlines()), table
+        # gc --slurm-job: the dead job of that Slurm job goes; its running one
+        # stays (exit 1: not everything of it is gone), another job's too.
+        p = oj("gc", "--slurm-job", slurm_job)
+        assert p.returncode == 1, p.stderr
+        assert "gc: removed leftovers of job %s\n" % name in p.stderr
+        assert "gc: job %s-2 is running: left alone" % name in p.stderr
+        assert name not in odirs() and {name + "-2", other_name} <= set(odirs())
+        # gc JOB: that job only.
+        assert oj("gc", other_name, name + "-2").returncode == 1
+        assert other_name not in odirs() and name + "-2" in odirs()
+        second.stdin.write("x\n")
+        second.stdin.flush()
+        assert second.wait(timeout=15) == 0
+        p = oj("gc", "--slurm-job", slurm_job, name)
+        assert (p.returncode, p.stdout, p.stderr) == (0, "", "")  # nothing left of either
+    finally:
+        for proc in (first, second, other):
+            _stop(proc)
+        oj("gc", name, other_name)
+
+
+def test_scoped_gc_and_slurm_names_refuse_bad_input():
+    for args, msg in ((("gc", "../x"), "gc: JOB: '../x' is not a valid name"),
+                      (("gc", "--slurm-job", "12;rm"), "gc: --slurm-job: '12;rm' is not a Slurm job id"),
+                      (("--cgroup-parent", "slurm", "--", "true"), "--cgroup-parent: slurm: jrun is not in a "
+                                                                    "Slurm step's cgroup")):
+        p = oj(*args)
+        assert p.returncode == 125 and p.stderr.startswith("jrun: " + msg), p.stderr
+    p = jrun("--config", OWN["cfg"], "--", "true", env=dict(os.environ, SLURM_JOB_ID="12", SLURM_PROCID="a/b"))
+    assert p.returncode == 125 and p.stderr.startswith("jrun: SLURM_PROCID: 'a/b' is not a Slurm number")
+    assert odirs() == []
 
 
 # --- audit log ------------------------------------------------------------

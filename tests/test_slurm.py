@@ -8,10 +8,6 @@ task/cgroup with cgroup/v1 (the step's freezer, cpuset and memory cgroups,
 --mem enforced), KillWait=3, and an Epilog that runs
 `jrun gc --slurm-job $SLURM_JOB_ID` as the README asks sites to; one test
 uses a second cluster with proctrack/linuxproc.
-
-Tests marked xfail(strict) describe what jrun must do once issue 12 is
-built; each fails today for the reason it names, and turns into a hard
-failure the moment the feature works (then remove the mark).
 """
 import glob
 import json
@@ -46,10 +42,6 @@ def name(tag):
 
 def script(*lines):
     return "#!/bin/sh\n" + "\n".join(lines) + "\n"
-
-
-def xfail(missing):
-    return pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 12: " + missing)
 
 
 # busybox has no allocator: tail buffers its whole input (/dev/zero has no
@@ -356,12 +348,9 @@ def _cancel_and_watch(lane, job_id, rec):
 # once, slurmstepd SIGKILLs the rest of the step, jrun included, and the
 # Epilog's gc is what cleans up.
 SCANCEL = [
-    pytest.param("exec %s --name %s -- sleep 300", True, None, id="exec", marks=xfail(
-        "scancel's SIGTERM is relayed to a PID 1 that drops it; jrun waits its 10 s --stop-timeout, Slurm "
-        "SIGKILLs it after KillWait (3 s) and its state, cgroups and lease stay until gc")),
-    pytest.param("%s --name %s -- sleep 300\necho jrun-exit=$?", False, None, id="no-exec", marks=xfail(
-        "without exec the batch shell dies of SIGTERM and slurmstepd SIGKILLs the rest of the step at once: "
-        "jrun cannot clean up, and `jrun gc --slurm-job` (the Epilog's) does not exist")),
+    # PID 1 (sleep) has no SIGTERM handler: jrun sends SIGKILL at once.
+    pytest.param("exec %s --name %s -- sleep 300", True, None, id="exec"),
+    pytest.param("%s --name %s -- sleep 300\necho jrun-exit=$?", False, None, id="no-exec"),
     pytest.param("exec %s --name %s --init -- sleep 300", True, "143:0", id="exec-init"),  # tini: sleep got SIGTERM
     # The README's way for a script that goes on after jrun: Slurm's
     # SIGTERM (proctrack/cgroup) reaches only the step's task, the shell,
@@ -409,9 +398,6 @@ def test_stop_timeout_below_killwait_lets_jrun_stop_a_slow_job_and_clean_up(lane
         gc_names([n])
 
 
-@xfail("with proctrack/linuxproc the orphaned jrun of a script without exec is out of Slurm's sight: "
-       "it relays SIGTERM to a PID 1 that drops it and runs on for its 10 s --stop-timeout after the "
-       "job was CANCELLED")
 def test_linuxproc_scancel_jrun_without_exec_stops_within_killwait(linuxproc_lane):
     lane = linuxproc_lane
     n = name("lp")
@@ -439,8 +425,6 @@ def _hold(tmp_path):
     return d
 
 
-@xfail("under --cgroup-parent jrun uses only the hierarchies where the parent exists; Slurm made the step "
-       "in freezer, cpuset and memory only, so --pids, --cpu and --io-bps fail with 125")
 def test_cgroup_parent_step_with_every_limit(lane, tmp_path):
     x = _hold(tmp_path)
     n = name("nest")
@@ -473,19 +457,15 @@ def test_cgroup_parent_step_with_every_limit(lane, tmp_path):
     assert leftovers([n]) == [] and slurm_job_cgroups(lane, job) == []
 
 
-@xfail("jrun moves the job into its own /jrun/<id> memory cgroup, out of the step's: "
-       "the job escapes Slurm's --mem (here it allocates 150 MB under --mem=64M and exits 0)")
 def test_a_job_under_slurm_stays_inside_the_steps_memory_limit(lane):
     job = lane.sbatch(script("exec %s --net none -- /bin/sh -c %s" % (JR, shlex.quote(ALLOC % (150 << 20)))),
                       "--mem=64M")
     (r,) = lane.wait(job)
     out = lane.output(job)
     assert r["ExitCode"] == "137:0", (r["JobState"], r["ExitCode"], out)
-    assert "out of memory" in out
+    assert "jrun: job killed: out of memory (limit none of its own: the Slurm step's)" in out
 
 
-@xfail("a SIGKILLed jrun's child cgroup under the step stays, so Slurm cannot remove the step's and "
-       "the job's memory cgroups; `jrun gc --slurm-job` (the Epilog's) does not exist")
 def test_sigkilled_nested_jrun_does_not_block_slurms_cleanup(lane):
     n = name("kill9")
     job = lane.sbatch(script(
@@ -506,8 +486,6 @@ def test_sigkilled_nested_jrun_does_not_block_slurms_cleanup(lane):
 # --- scoped cleanup ---------------------------------------------------------
 
 
-@xfail("there is no `jrun ps --all` (dead jobs that hold leftovers), no `jrun gc JOB...` and no "
-       "`jrun gc --slurm-job N`: gc is host-wide only")
 def test_ps_all_and_gc_of_one_job_and_of_one_slurm_job(lane, tmp_path):
     a, b = name("dead-a"), name("dead-b")
     out = tmp_path / "out"
@@ -549,8 +527,6 @@ def slurm_name(job, step, proc, array=None):
     return "slurm-%s%s.%s.%s" % (job, "_%s" % array[1] if array else "", step, proc)
 
 
-@xfail("without --name a job under Slurm gets 12 random hex chars, not a name derived from "
-       "SLURM_JOB_ID, the array task, the step and the rank; nothing of Slurm is recorded")
 def test_jobs_under_slurm_get_slurm_derived_names(lane, tmp_path):
     x = _hold(tmp_path)
     st = tmp_path / "st"
@@ -594,8 +570,6 @@ def test_jobs_under_slurm_get_slurm_derived_names(lane, tmp_path):
 # --- --timeout (its job was submitted with the lane: it ran meanwhile) ---
 
 
-@xfail("a SIGTERM that PID 1 does not handle is dropped; jrun waits the whole --stop-timeout "
-       "(10 s) before SIGKILL, so `--timeout 1 -- sleep 300` takes 11 s")
 def test_timeout_is_124_and_prompt(lane):
     job = lane.early["timeout"]
     (r,) = lane.wait(job, timeout=60)
