@@ -42,7 +42,9 @@ __version__ = "0.1.0"
 import errno
 import fcntl
 import os
-import signal
+# _signal: the signal module's numbers and calls without its enum wrappers,
+# whose import costs 4-9 ms at every start (names: signal_name()).
+import _signal as signal
 import sys
 import time
 
@@ -135,6 +137,18 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUI
 # What jrun keeps blocked from the start of a run and reads in its wait loop:
 # those, its child's state changes, and its terminal's resizes.
 WAITED_SIGNALS = FORWARDED_SIGNALS + (signal.SIGCHLD, signal.SIGWINCH)
+
+
+def _signal_names():
+    """The signal module's enum of signals (SIGTERM...): for messages and
+    `jrun kill -s` only, imported when one is needed."""
+    import signal as with_names
+
+    return with_names.Signals
+
+
+def signal_name(sig):
+    return _signal_names()(sig).name
 
 # <asm/unistd_64.h> (x86_64) and <asm-generic/unistd.h> (aarch64): the
 # syscalls jrun calls by number, and those the default seccomp filter refuses
@@ -2000,7 +2014,7 @@ class Uploader:
             # means the caller wants to stop (Ctrl-C): do not finish a long copy.
             pending = signal.sigpending() & set(FORWARDED_SIGNALS)
             if pending:
-                raise SetupError("interrupted by %s" % signal.Signals(min(pending)).name)
+                raise SetupError("interrupted by %s" % signal_name(min(pending)))
             self._say(" %d%%" % (100 * self.bytes // max(self.total_bytes, 1)), False)
 
     def upload(self, rootfd, up):
@@ -6865,7 +6879,7 @@ def wait_for_job(spec, pid, out, started, relay=None):
     def stop(sig, why, forwarding):
         """Relay SIG to PID 1, or SIGKILL at once if PID 1 cannot act on it
         (under --init, tini handles them all); returns when to send SIGKILL."""
-        name = signal.Signals(sig).name
+        name = signal_name(sig)
         if spec.init or _handles(pid, sig):
             say("warning" if forwarding is None else "info", "%s; %s" % (why, forwarding or "sending " + name))
             _signal(pid, sig)
@@ -6887,7 +6901,7 @@ def wait_for_job(spec, pid, out, started, relay=None):
             if sig == signal.SIGWINCH and relay:
                 relay.resize()
             elif sig in FORWARDED_SIGNALS and not out.killed:
-                when = stop(sig, "job %s: %s received" % (spec.id, signal.Signals(sig).name),
+                when = stop(sig, "job %s: %s received" % (spec.id, signal_name(sig)),
                             "forwarding it to the job")
                 kill_at = when if kill_at is None else kill_at
         while relay and relay.typed and not out.killed:
@@ -7134,8 +7148,8 @@ def parse_signal(text):
             return num
     else:
         name = t if t.startswith("SIG") else "SIG" + t
-        sig = getattr(signal.Signals, name, None) if name.isidentifier() else None
-        if isinstance(sig, signal.Signals):
+        sig = getattr(_signal_names(), name, None) if name.isidentifier() else None
+        if isinstance(sig, _signal_names()):
             return int(sig)
     raise UsageError("kill: -s: %r is not a signal (use e.g. TERM, KILL, HUP, 15)" % text)
 
@@ -7178,7 +7192,7 @@ def cmd_kill(argv):
         raise UsageError("kill: job %r has just ended" % args.job) from None
     finally:
         os.close(pidfd)
-    log("debug", "kill: %s sent to %s %d of job %s" % (signal.Signals(sig).name, "jrun" if relayed else "PID 1",
+    log("debug", "kill: %s sent to %s %d of job %s" % (signal_name(sig), "jrun" if relayed else "PID 1",
                                                       pid, args.job))
     return 0
 
@@ -8225,7 +8239,7 @@ def completion_parser():
     _add_run_options(sub.add_parser("run", help="run COMMAND isolated (the default)"))
     sub.add_parser("ps", help="the jobs running now").add_argument("--json", action="store_true")
     kill = sub.add_parser("kill", help="signal a running job")
-    kill.add_argument("-s", "--signal", choices=[s.name[3:] for s in signal.Signals if s.name.startswith("SIG")
+    kill.add_argument("-s", "--signal", choices=[s.name[3:] for s in _signal_names() if s.name.startswith("SIG")
                                                  and not s.name.startswith(("SIGRT", "SIG_"))])
     kill.add_argument("job").completer = lambda **kw: [j["id"] for j in running_jobs()]
     sub.add_parser("gc", help="remove what dead jobs left behind")
@@ -8280,7 +8294,7 @@ def check_image_name(what, text):
 
 
 def _import_interrupted(signum, frame):
-    raise SetupError("interrupted by %s; nothing was imported" % signal.Signals(signum).name)
+    raise SetupError("interrupted by %s; nothing was imported" % signal_name(signum))
 
 
 def cmd_rootfs_import(argv):
