@@ -526,7 +526,8 @@ def host_objects():
     files and leases, bridges and job veths: 'jr...'), jrun's nft table;
     without the networks that are whole and idle (jrun keeps them for
     network-idle, see conftest.idle_networks)."""
-    return sorted(network_leftovers() | {"state " + n for n in state_dirs()})
+    # (/run/jrun/.net is the networks' directory: judged with them.)
+    return sorted(network_leftovers() | {"state " + n for n in state_dirs() if n != ".net"})
 
 
 def exclusive(ex):
