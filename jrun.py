@@ -217,9 +217,6 @@ DEFAULT_CAPS = frozenset((
 
 RLIMIT_CORE = 4  # <asm-generic/resource.h>
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-PR_SET_DUMPABLE = 4
-PR_SET_NO_NEW_PRIVS = 38
-_LINUX_CAPABILITY_VERSION_3 = 0x20080522  # <linux/capability.h>: 64 capabilities, in two halves
 
 # The job's device nodes (name, major, minor): <linux/major.h>, and
 # Documentation/admin-guide/devices.txt.  jrun makes them for each job
@@ -437,35 +434,14 @@ def pivot_root(new_root, put_old):
 
 
 def sys_prctl(option, *args):
-    """prctl(2); every argument is passed as an unsigned long, as the kernel
-    reads it.  (python-prctl costs ~2 ms to import, and knows no capability
-    above its own compile-time last one.)"""
+    """prctl(2) for the options python-prctl does not know (ambient
+    capabilities, seccomp, capabilities above its compile-time last one);
+    every argument is passed as an unsigned long, as the kernel reads it."""
     import ctypes
 
     args = [ctypes.c_ulong(a) if isinstance(a, int) else a for a in args]
     args += [ctypes.c_ulong(0)] * (4 - len(args))
     return _check(_c().prctl(ctypes.c_int(option), *args), "prctl %d" % option)
-
-
-def narrow_capabilities(keep):
-    """capget(2), then capset(2) for this thread: the effective and permitted
-    sets keep only the capabilities in the mask KEEP (bit N: capability N)
-    that they have, whatever the kernel's last capability is; the
-    inheritable set is emptied.  (A set can only shrink: jrun itself may
-    run without some capability, e.g. in a container.)"""
-    import ctypes
-
-    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)  # version, pid 0: this thread
-    # struct __user_cap_data_struct[2] {effective, permitted, inheritable}:
-    # capabilities 0-31, then 32-63.
-    data = (ctypes.c_uint32 * 6)()
-    _check(_c().capget(header, data), "capget")
-    for half in (0, 1):
-        bits = keep >> (32 * half) & 0xFFFFFFFF
-        data[3 * half] &= bits
-        data[3 * half + 1] &= bits
-        data[3 * half + 2] = 0
-    _check(_c().capset(header, data), "capset")
 
 
 def seccomp_set_filter(prog):
@@ -6199,15 +6175,17 @@ def child_main(plan):
 
 def child_steps(plan):
     spec = plan.spec
+    import prctl
+
     # If jrun dies, even by SIGKILL, the job dies with it; and the PID
     # namespace collapses with its PID 1.
     # (getppid() is 0 here: the parent lives outside our PID namespace; a
     # parent that died before this point closes the sync pipe instead.)
-    sys_prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    prctl.set_pdeathsig(signal.SIGKILL)
     # Not dumpable until exec (which resets it for COMMAND): no process of
     # the job can ptrace this interpreter or open its /proc/1/mem, environ
     # or fds while it still holds privileges and host file descriptors.
-    sys_prctl(PR_SET_DUMPABLE, 0)
+    prctl.set_dumpable(0)
     unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET)
     audit("namespaces created: pid (PID %d inside), mount, uts, ipc, net" % os.getpid())
     loopback_up()
@@ -6602,6 +6580,8 @@ def drop_privileges(spec, uid, gid, sync_r, userns=None):
     a capability (bounding set, setuid) before the capabilities go, and the
     seccomp filter last, so that it need not allow what jrun itself calls.
     execve stays allowed."""
+    import prctl
+
     # No core dumps: the host's core_pattern may pipe a dump to a program
     # that runs as host root (apport, systemd-coredump) and reads the
     # crashed process.  A pipe ignores the limit, except 1: the kernel's own
@@ -6617,7 +6597,7 @@ def drop_privileges(spec, uid, gid, sync_r, userns=None):
     keep = {CAPABILITIES.index(c) for c in caps}
     # The bounding set decides what a root COMMAND gets at exec.  Counted
     # up to the running kernel's last capability (EINVAL past it), which
-    # may be newer than the names jrun knows.
+    # may be newer than the names python-prctl was built with.
     for n in range(64):
         if n not in keep:
             try:
@@ -6634,7 +6614,7 @@ def drop_privileges(spec, uid, gid, sync_r, userns=None):
     # A change of euid clears the parent-death signal (commit_creds): arm it
     # again, then check that jrun did not die in between (its end of the
     # sync pipe, held open for the job's life, would read as EOF).
-    sys_prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    prctl.set_pdeathsig(signal.SIGKILL)
     os.set_blocking(sync_r, False)
     try:
         os.read(sync_r, 1)
@@ -6642,15 +6622,17 @@ def drop_privileges(spec, uid, gid, sync_r, userns=None):
     except BlockingIOError:
         pass
     # A non-root uid already lost the effective and permitted sets at
-    # setresuid; root keeps KEEP (what of it jrun has).  The inheritable
-    # and ambient sets are emptied for both (CVE-2022-24769: a non-empty
-    # inheritable set leaks capabilities to programs with file capabilities).
-    narrow_capabilities(sum(1 << n for n in keep))
+    # setresuid; root keeps exactly KEEP.  The inheritable and ambient sets
+    # are emptied for both (CVE-2022-24769: a non-empty inheritable set
+    # leaks capabilities to programs with file capabilities).
+    known = prctl.ALL_CAPS
+    prctl.set_caps(([n for n in known if n not in keep], (prctl.CAP_EFFECTIVE, prctl.CAP_PERMITTED), False),
+                   (known, prctl.CAP_INHERITABLE, False))
     sys_prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     audit("user %d:%d, no supplementary groups; capabilities: %s"
           % (uid, gid, ", ".join(sorted(caps)) or "none (all sets empty, bounding and ambient too)"))
     # setuid, setgid and file-capability binaries gain nothing from now on.
-    sys_prctl(PR_SET_NO_NEW_PRIVS, 1)
+    prctl.set_no_new_privs(1)
     audit("no_new_privs set; core dumps off")
     if spec.seccomp == "default":
         prog = seccomp_program(os.uname().machine, caps)
@@ -6877,6 +6859,8 @@ def supervise(spec, state, teardown, out, kinds, sigmask):
     stdio = JobStdio(kinds)
     plan = ChildPlan(spec=spec, state_dir=state.dir, status_w=status_w, sync_r=sync_r,
                      parent_pid=os.getpid(), sigmask=sigmask, resources=resources, stdio=stdio)
+    import prctl  # noqa: F401 - for the child: cheaper here than after fork (copy-on-write faults)
+
     pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     unshare(CLONE_NEWPID)
     pid = os.fork()
@@ -8300,7 +8284,12 @@ def network_names():
 
 
 def _capability_names():
-    return ["ALL"] + list(CAPABILITIES)
+    try:
+        import prctl
+
+        return ["ALL"] + [n.upper() for n in prctl.ALL_CAP_NAMES]
+    except ImportError:
+        return ["ALL"]
 
 
 def _add_run_options(parser):
