@@ -479,7 +479,8 @@ SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 1  # <linux/sockios.h>, <ne
 
 def loopback_up():
     """lo of a new network namespace starts down.  Two ioctls on a plain
-    socket bring it up: no netlink on the --net none path."""
+    socket bring it up: no netlink library (pyroute2 costs 36 ms to import)
+    on the --net none path."""
     # AF_INET, SOCK_DGRAM | SOCK_CLOEXEC (the socket module costs 7 ms to import)
     fd = _check(_c().socket(2, 2 | 0o2000000, 0), "socket")
     try:
@@ -4557,9 +4558,9 @@ class JobUserNamespace(Resource):
 
 # ---------------------------------------------------------------------------
 # Network.  Runs in the parent, as root, in the host's namespaces (attach()
-# borrows the job's network namespace for one socket).  The few netlink
-# messages jrun needs are encoded and decoded here (Netlink); it sends a
-# batch and reads the acks.  Shared state (leases, which bridges exist, the nftables table) lives
+# borrows the job's network namespace for one socket).  Every netlink message
+# is encoded and decoded by pyroute2; jrun only sends a batch and reads the
+# acks.  Shared state (leases, which bridges exist, the nftables table) lives
 # in /run/jrun/.net, changed only under the flock of that directory, so that
 # concurrent jruns never collide and no daemon is needed.
 # ---------------------------------------------------------------------------
@@ -4610,27 +4611,23 @@ def subnets_overlap(a, b):
     return a[0] & _mask(plen) == b[0] & _mask(plen)
 
 
-def _blake2s(text, size):
-    """hashlib.blake2s, from the module that has it: hashlib itself loads
-    OpenSSL's bindings first (~4 ms)."""
-    from _blake2 import blake2s
-
-    return blake2s(text.encode(), digest_size=size)
-
-
 def bridge_name(net):
     """The host bridge of a network.  Every jrun bridge starts with 'jrun' and
     no job veth does ('jr' + hex), so each is told apart by name alone; a
     hash keeps any NAME within IFNAMSIZ (15) and free of odd characters."""
     if net == "bridge":
         return DEFAULT_BRIDGE
-    return "jrun-" + _blake2s(net, 5).hexdigest()
+    import hashlib
+
+    return "jrun-" + hashlib.blake2s(net.encode(), digest_size=5).hexdigest()
 
 
 def veth_name(job_dir):
     """The host end of a job's veth pair: 'jr' + 10 hex of the job's state
     directory, unique per live job (whatever state-dir each jrun uses)."""
-    return "jr" + _blake2s(job_dir, 5).hexdigest()
+    import hashlib
+
+    return "jr" + hashlib.blake2s(job_dir.encode(), digest_size=5).hexdigest()
 
 
 def _lease_live(job_dir):
@@ -4645,8 +4642,10 @@ def named_subnet(name, pool, used):
     """A /24 from the pool for a named network: the same one for the same
     NAME whenever it is free, else the next free one; None if none is.
     `used` holds the subnets that are taken (other networks, host routes)."""
+    import hashlib
+
     count = 1 << max(0, NAMED_PREFIXLEN - pool[1])
-    start = int.from_bytes(_blake2s(name, 4).digest(), "big") % count
+    start = int.from_bytes(hashlib.blake2s(name.encode(), digest_size=4).digest(), "big") % count
     for i in range(count):
         cand = (pool[0] + ((start + i) % count << (32 - NAMED_PREFIXLEN)), NAMED_PREFIXLEN)
         if not any(subnets_overlap(cand, u) for u in used):
@@ -4702,8 +4701,10 @@ def nft_tag(chains):
     rules from an older or partly deleted table by the rules alone.  (Not
     the table's own comment: the kernel keeps a table's first comment when
     the table is defined again.)"""
+    import hashlib
+
     text = "\n".join("%s %s %s" % (c, hook, " ; ".join(rules)) for c, hook, rules in chains)
-    return "jrun " + _blake2s(text, 8).hexdigest()
+    return "jrun " + hashlib.blake2s(text.encode(), digest_size=8).hexdigest()
 
 
 def nft_ruleset(networks, allow_link_local=False):
@@ -4758,109 +4759,45 @@ def _read_text(path):
         return ""
 
 
-def _nla(data, off=0, end=None):
-    """The netlink attributes in data[off:end]: {type: value bytes}."""
-    import struct
+def _pyroute2():
+    """pyroute2's rtnetlink message modules, and nothing else of pyroute2.
 
-    out, end = {}, len(data) if end is None else end
-    while off + 4 <= end:
-        alen, atype = struct.unpack_from("HH", data, off)
-        if alen < 4:
-            break
-        out[atype & 0x3FFF] = data[off + 4:off + alen]  # without NLA_F_NESTED, NLA_F_NET_BYTEORDER
-        off += (alen + 3) & ~3
-    return out
+    `import pyroute2` (and so any pyroute2.x.y) first runs the package's
+    __init__, which imports every protocol the library speaks, asyncio,
+    ssl and multiprocessing among them: 133 ms here, more than four whole
+    --net none jobs.  The three message modules need none of it (36 ms), so
+    the package is registered without running its __init__ unless it was
+    already imported."""
+    if "pyroute2" not in sys.modules:
+        for d in sys.path:
+            path = os.path.join(d or ".", "pyroute2")
+            if os.path.isfile(os.path.join(path, "__init__.py")):
+                pkg = type(sys)("pyroute2")
+                pkg.__path__ = [path]
+                pkg.__file__ = os.path.join(path, "__init__.py")
+                sys.modules["pyroute2"] = pkg
+                break
+        else:
+            raise SetupError("--net: pyroute2 is not installed (pip install pyroute2; or use --net none)")
+    from pyroute2.netlink.rtnl import ifaddrmsg, ifinfmsg, rtmsg
 
-
-# <linux/rtnetlink.h>, <linux/if_link.h>, <linux/if_addr.h>, <linux/veth.h>:
-# the attributes jrun sends or reads, name -> (number, kind).  A kind is how
-# the value is encoded: 'str' (NUL-terminated), 'u32', 'u8', 'ip' (dotted
-# IPv4), 'mac', 'link' (a whole ifinfomsg: a veth's peer) or a dict (a nest
-# of those attributes).
-_BRPORT_ATTRS = {"IFLA_BRPORT_ISOLATED": (33, "u8")}
-_VETH_ATTRS = {"VETH_INFO_PEER": (1, "link")}
-_LINKINFO_ATTRS = {"IFLA_INFO_KIND": (1, "str"), "IFLA_INFO_DATA": (2, _VETH_ATTRS),
-                   "IFLA_INFO_SLAVE_KIND": (4, "str"), "IFLA_INFO_SLAVE_DATA": (5, _BRPORT_ATTRS)}
-_LINK_ATTRS = {"IFLA_ADDRESS": (1, "mac"), "IFLA_IFNAME": (3, "str"), "IFLA_MASTER": (10, "u32"),
-               "IFLA_LINKINFO": (18, _LINKINFO_ATTRS), "IFLA_NET_NS_FD": (28, "u32")}
-_ADDR_ATTRS = {"IFA_ADDRESS": (1, "ip"), "IFA_LOCAL": (2, "ip"), "IFA_BROADCAST": (4, "ip")}
-_ROUTE_ATTRS = {"RTA_DST": (1, "ip"), "RTA_OIF": (4, "u32"), "RTA_GATEWAY": (5, "ip")}
-
-
-def _nl_value(kind, value):
-    import struct
-
-    if kind == "str":
-        return value.encode() + b"\0"
-    if kind == "u32":
-        return struct.pack("I", value)
-    if kind == "u8":
-        return bytes((value,))
-    if kind == "ip":
-        return parse_ip(value).to_bytes(4, "big")
-    if kind == "mac":
-        return bytes.fromhex(value.replace(":", ""))
-    if kind == "link":
-        return struct.pack(Netlink.link[0], 0, 0, 0, 0, 0) + _nl_attrs(_LINK_ATTRS, value["attrs"])
-    return _nl_attrs(kind, value["attrs"])  # a nest
-
-
-def _nl_attrs(table, attrs):
-    """Netlink attributes [(name, value)] of TABLE, encoded."""
-    import struct
-
-    out = b""
-    for name, value in attrs:
-        number, kind = table[name]
-        data = _nl_value(kind, value)
-        out += struct.pack("HH", 4 + len(data), number) + data + b"\0" * (-len(data) % 4)
-    return out
-
-
-class NetlinkMessage(dict):
-    """A decoded rtnetlink message: its header's fields, and get_attr()."""
-
-    def __init__(self, cls, data):
-        import struct
-
-        fmt, fields, table = cls
-        super().__init__(zip(fields, struct.unpack_from(fmt, data, 16)))
-        self.attrs = {}
-        names = {number: (name, kind) for name, (number, kind) in table.items()}
-        for number, raw in _nla(data, 16 + struct.calcsize(fmt)).items():
-            name, kind = names.get(number, (None, None))
-            if kind == "str":
-                self.attrs[name] = raw.split(b"\0", 1)[0].decode(errors="replace")
-            elif kind == "u32" and len(raw) == 4:
-                self.attrs[name] = int.from_bytes(raw, sys.byteorder)
-            elif kind == "ip":
-                self.attrs[name] = format_ip(int.from_bytes(raw, "big")) if len(raw) == 4 else raw.hex(":")
-
-    def get_attr(self, name):
-        return self.attrs.get(name)
+    return ifinfmsg.ifinfmsg, ifaddrmsg.ifaddrmsg, rtmsg.rtmsg
 
 
 class Netlink:
     """An rtnetlink socket in the host's network namespace or, with netns_fd,
-    in a job's.  The few messages jrun needs are encoded here, by the
-    tables above (pyroute2's message modules cost ~40 ms to import, more
-    than a whole --net none job); a batch goes in one datagram, and the
-    kernel's acks are read back."""
+    in a job's.  pyroute2 encodes and decodes the messages; this class sends
+    a batch in one datagram and reads the kernel's acks."""
 
     # <linux/netlink.h>, <linux/rtnetlink.h>
     F_REQUEST, F_ACK, F_EXCL, F_CREATE, F_DUMP = 1, 4, 0x200, 0x400, 0x300
     ERROR, DONE = 2, 3
     NEWLINK, DELLINK, GETLINK, NEWADDR, NEWROUTE, GETROUTE = 16, 17, 18, 20, 24, 26
-    # The message kinds: (struct, its fields, attributes).  struct ifinfomsg,
-    # struct ifaddrmsg, struct rtmsg.
-    link = ("BxHiII", ("family", "type", "index", "flags", "change"), _LINK_ATTRS)
-    addr = ("BBBBi", ("family", "prefixlen", "flags", "scope", "index"), _ADDR_ATTRS)
-    route = ("BBBBBBBBI", ("family", "dst_len", "src_len", "tos", "table", "proto", "scope", "type", "flags"),
-             _ROUTE_ATTRS)
 
     def __init__(self, netns_fd=None):
-        import _socket  # not socket: that one costs 7 ms to import (enum)
+        import socket
 
+        self.link, self.addr, self.route = _pyroute2()
         host_ns = None
         if netns_fd is not None:
             # A netlink socket stays in the namespace it was created in: enter
@@ -4869,7 +4806,7 @@ class Netlink:
             host_ns = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
             setns(netns_fd, CLONE_NEWNET)
         try:
-            self.sock = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, 0)
+            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
         finally:
             if host_ns is not None:
                 setns(host_ns, CLONE_NEWNET)
@@ -4881,23 +4818,26 @@ class Netlink:
         self.sock.close()
 
     def message(self, cls, mtype, nlflags=0, attrs=(), **fields):
-        """A message of kind cls (fields: its struct's, e.g. index=,
-        flags=; the others 0), encoded, with the next sequence number:
-        (sequence number, bytes)."""
-        import struct
-
-        fmt, names, table = cls
-        body = struct.pack(fmt, *(fields.get(n, 0) for n in names)) + _nl_attrs(table, attrs)
+        """A pyroute2 message of class cls (fields: the struct's, e.g.
+        index=, flags=), encoded, with the next sequence number."""
+        msg = cls()
+        for k, v in fields.items():
+            msg[k] = v
+        msg["attrs"] = list(attrs)
         self.seq += 1
-        return self.seq, struct.pack("IHHII", 16 + len(body), mtype, self.F_REQUEST | nlflags, self.seq, 0) + body
+        msg["header"]["type"] = mtype
+        msg["header"]["flags"] = self.F_REQUEST | nlflags
+        msg["header"]["sequence_number"] = self.seq
+        msg.encode()
+        return msg
 
     def do(self, *requests):
         """Send requests [(what, message)] in one datagram (the kernel
         handles them in order); raise OSError naming the first that failed."""
         import struct
 
-        self.sock.send(b"".join(data for _, (_, data) in requests))
-        whats = {seq: w for w, (seq, _) in requests}
+        self.sock.send(b"".join(bytes(m.data) for _, m in requests))
+        whats = {m["header"]["sequence_number"]: w for w, m in requests}
         errors = {}
         while whats.keys() - errors.keys():
             data = self.sock.recv(1 << 16)
@@ -4915,7 +4855,8 @@ class Netlink:
         """A dump request; the decoded messages of the reply."""
         import struct
 
-        self.sock.send(self.message(cls, mtype, self.F_DUMP, **fields)[1])
+        req = self.message(cls, mtype, self.F_DUMP, **fields)
+        self.sock.send(bytes(req.data))
         out = []
         while True:
             data = self.sock.recv(1 << 16)
@@ -4927,7 +4868,9 @@ class Netlink:
                 if rtype == self.ERROR:
                     err = -struct.unpack_from("i", data, off + 16)[0]
                     raise OSError(err, "netlink dump: %s" % os.strerror(err))
-                out.append(NetlinkMessage(cls, data[off:off + length]))
+                msg = cls(data[off:off + length])
+                msg.decode()
+                out.append(msg)
                 off += (length + 3) & ~3
 
     def up(self, index, **more):
@@ -5086,20 +5029,33 @@ NFTA_HOOK_HOOKNUM, NFTA_HOOK_PRIORITY = 1, 2
 NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_USERDATA = 1, 2, 7
 
 
+def _nla(data, off=0, end=None):
+    """The netlink attributes in data[off:end]: {type: value bytes}."""
+    import struct
+
+    out, end = {}, len(data) if end is None else end
+    while off + 4 <= end:
+        alen, atype = struct.unpack_from("HH", data, off)
+        if alen < 4:
+            break
+        out[atype & 0x3FFF] = data[off + 4:off + alen]  # without NLA_F_NESTED, NLA_F_NET_BYTEORDER
+        off += (alen + 3) & ~3
+    return out
+
+
 def _nft_dump(mtype, table_attr=None):
     """An nf_tables dump of the inet family on a netfilter netlink socket,
     built by hand: 0.1 ms, where `nft list` is a 10 ms process and
     pyroute2's nftables module another import.  With table_attr, the kernel
     dumps jrun's table only.  Each object as {attribute: bytes}."""
-    import _socket  # not socket (enum, 7 ms)
+    import socket
     import struct
 
     body = struct.pack("BBH", NFPROTO_INET, 0, 0)  # struct nfgenmsg
     if table_attr is not None:
         name = NFT_TABLE.split()[1].encode() + b"\0"
         body += struct.pack("HH", 4 + len(name), table_attr) + name + b"\0" * (-len(name) % 4)
-    sock = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
-    try:
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER) as sock:
         sock.send(struct.pack("IHHII", 16 + len(body), NFNL_SUBSYS_NFTABLES << 8 | mtype,
                               Netlink.F_REQUEST | Netlink.F_DUMP, 1, 0) + body)
         out = []
@@ -5115,8 +5071,6 @@ def _nft_dump(mtype, table_attr=None):
                     raise OSError(err, "nft: reading table %s: %s" % (NFT_TABLE, os.strerror(err)))
                 out.append(_nla(data, off + 20, off + length))  # after struct nlmsghdr, struct nfgenmsg
                 off += (length + 3) & ~3
-    finally:
-        sock.close()
 
 
 def _nft_rules():
@@ -5209,7 +5163,7 @@ def _host_routes_overlapping(nl, subnet, own_bridge=None):
     subnet, as 'dst/len' strings; routes through own_bridge are jrun's own.
     (Told by the device's name after the dump: a concurrent jrun may create
     the bridge while this one looks.)"""
-    import _socket
+    import socket
 
     out = []
     for r in nl.dump(nl.route, Netlink.GETROUTE, family=2):
@@ -5222,7 +5176,7 @@ def _host_routes_overlapping(nl, subnet, own_bridge=None):
         oif = r.get_attr("RTA_OIF")
         if oif is not None and own_bridge is not None:
             try:
-                if _socket.if_indextoname(oif) == own_bridge:
+                if socket.if_indextoname(oif) == own_bridge:
                     continue
             except OSError:
                 continue  # its device is gone, and the route with it
@@ -5231,10 +5185,10 @@ def _host_routes_overlapping(nl, subnet, own_bridge=None):
 
 
 def _ifindex(name):
-    import _socket
+    import socket
 
     try:
-        return _socket.if_nametoindex(name)
+        return socket.if_nametoindex(name)
     except OSError:
         return None
 

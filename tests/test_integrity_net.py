@@ -26,7 +26,7 @@ import uuid
 import pytest
 
 import jrun
-from conftest import JRUN, needs_root, network_leftovers
+from conftest import JRUN, needs_root
 
 # ---------------------------------------------------------------------------
 # Pure logic
@@ -210,10 +210,6 @@ class StandIn:
 
 def host_ruleset():
     return subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
-
-
-def _without_jruns_table(ruleset):
-    return re.sub(r"(?ms)^table inet jrun \{.*?^\}\n", "", ruleset)
 
 
 @pytest.fixture(scope="module")
@@ -436,9 +432,6 @@ def test_verify_firewall_check_passes_and_skips_without_a_network(monkeypatch):
     assert r["status"] == "pass", r
     assert r["evidence"] == ("inet jrun current while a job ran: prerouting input forward postrouting; prerouting "
                              "at -110, before DNAT; a copy missing a chain: restored"), r
-    # The job's network came and stays idle (its bridge and jrun's table,
-    # whole); nothing else of the host's firewall changed.
-    assert network_leftovers() == set()
-    assert _without_jruns_table(host_ruleset()) == _without_jruns_table(before)
+    assert host_ruleset() == before  # the job's network came and went; nothing else changed
     (r,) = jrun.run_verification(["--net", "none"])
     assert r["status"] == "skip" and "--net none" in r["why"]
