@@ -42,7 +42,9 @@ __version__ = "0.1.0"
 import errno
 import fcntl
 import os
-import signal
+# _signal: the signal module's numbers and calls without its enum wrappers,
+# whose import costs 4-9 ms at every start (names: signal_name()).
+import _signal as signal
 import sys
 import time
 
@@ -84,6 +86,10 @@ DEFAULT_NET_POOL = "172.31.128.0/17"  # named networks take a /24 each
 NAMED_PREFIXLEN = 24
 NFT_TABLE = "inet jrun"
 ALLOW_LINK_LOCAL = False  # jobs reach 169.254/16 (cloud metadata: credentials) only if the host says so
+# A network's bridge and rules stay while it is idle (no job on it), as
+# docker0 does: making and removing them costs ~120 ms per lone job.  `jrun
+# gc` removes a network idle for longer than this (0: its last job does).
+NETWORK_IDLE = 300.0
 NFT_PATHS = ("/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft")  # no PATH lookup for root
 RESOLVED_UPSTREAM = "/run/systemd/resolve/resolv.conf"
 RESERVED_NETS = ("bridge", "none")
@@ -135,6 +141,18 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUI
 # What jrun keeps blocked from the start of a run and reads in its wait loop:
 # those, its child's state changes, and its terminal's resizes.
 WAITED_SIGNALS = FORWARDED_SIGNALS + (signal.SIGCHLD, signal.SIGWINCH)
+
+
+def _signal_names():
+    """The signal module's enum of signals (SIGTERM...): for messages and
+    `jrun kill -s` only, imported when one is needed."""
+    import signal as with_names
+
+    return with_names.Signals
+
+
+def signal_name(sig):
+    return _signal_names()(sig).name
 
 # <asm/unistd_64.h> (x86_64) and <asm-generic/unistd.h> (aarch64): the
 # syscalls jrun calls by number, and those the default seccomp filter refuses
@@ -1224,6 +1242,7 @@ CONFIG_RUN_KEYS = {
 CONFIG_HOST_KEYS = {  # key: module-level setting it replaces (the subnets: the network section's)
     "state-dir": "STATE_DIR", "rootfs-dir": "ROOTFS_DIR", "image-dir": "IMAGE_DIR", "audit-log": "AUDIT_LOG",
     "subnet": "DEFAULT_SUBNET", "net-pool": "DEFAULT_NET_POOL", "allow-link-local": "ALLOW_LINK_LOCAL",
+    "network-idle": "NETWORK_IDLE",
 }
 CONFIG_HOST_BOOLS = ("allow-link-local",)  # the other host keys are strings
 
@@ -1266,7 +1285,8 @@ def load_config(path, explicit=False):
     defaults = {}
     for key, value in data.items():
         types = CONFIG_RUN_KEYS.get(key) or (
-            (bool if key in CONFIG_HOST_BOOLS else str) if key in CONFIG_HOST_KEYS else None)
+            (bool if key in CONFIG_HOST_BOOLS else (str, int) if key == "network-idle" else str)
+            if key in CONFIG_HOST_KEYS else None)
         if types is None:
             raise UsageError("%s: %s: unknown key (known: %s)"
                              % (path, key, ", ".join(list(CONFIG_RUN_KEYS) + list(CONFIG_HOST_KEYS))))
@@ -1309,6 +1329,9 @@ def _check_host_setting(path, key, value):
                              % (path, key, value, 28 if key == "subnet" else 24))
     elif key in CONFIG_HOST_BOOLS:
         pass  # load_config checked its type
+    elif key == "network-idle":
+        text = str(value).strip()
+        value = 0.0 if text in ("0", "0s") else parse_duration("%s: %s" % (path, key), text)
     elif key == "audit-log" and value == "":
         pass  # no audit log
     elif not value.startswith("/") or "\0" in value:
@@ -2128,7 +2151,7 @@ class Uploader:
             # means the caller wants to stop (Ctrl-C): do not finish a long copy.
             pending = signal.sigpending() & set(FORWARDED_SIGNALS)
             if pending:
-                raise SetupError("interrupted by %s" % signal.Signals(min(pending)).name)
+                raise SetupError("interrupted by %s" % signal_name(min(pending)))
             self._say(" %d%%" % (100 * self.bytes // max(self.total_bytes, 1)), False)
 
     def upload(self, rootfd, up):
@@ -5025,14 +5048,16 @@ class _NetLock:
 
 class NetFile:
     """/run/jrun/.net/<bridge>: one network's subnet and leases, as lines
-    ('name N', 'subnet S', 'next IP', 'lease IP JOB-STATE-DIR'); written only
-    under _NetLock (and atomically, so gc may read it without)."""
+    ('name N', 'subnet S', 'next IP', 'lease IP JOB-STATE-DIR', and 'idle T':
+    the time its last job left); written only under _NetLock (and
+    atomically, so gc may read it without)."""
 
     def __init__(self, bridge, name=None, subnet=None):
         self.bridge, self.name, self.subnet = bridge, name, subnet
         self.path = os.path.join(NET_DIR, bridge)
         self.leases = {}
         self.next = None
+        self.idle = None
 
     @classmethod
     def load(cls, bridge):
@@ -5052,6 +5077,8 @@ class NetFile:
                 self.next = parse_ip(w[1])
             elif w[:1] == ["lease"] and len(w) == 3:
                 self.leases[parse_ip(w[1])] = w[2]
+            elif w[:1] == ["idle"] and len(w) == 2:
+                self.idle = float(w[1])
         return self if self.subnet else None
 
     @staticmethod
@@ -5067,6 +5094,8 @@ class NetFile:
         if self.next is not None:
             lines.append("next %s" % format_ip(self.next))
         lines += ["lease %s %s" % (format_ip(ip), job) for ip, job in sorted(self.leases.items())]
+        if self.idle is not None and not self.leases:
+            lines.append("idle %.3f" % self.idle)
         if _NetLock.held is None:
             raise SetupError("internal: %s written without the network lock" % self.path)
         replace_file(_NetLock.held, self.bridge, ("\n".join(lines) + "\n").encode())
@@ -5084,6 +5113,10 @@ class NetFile:
     @property
     def gateway(self):
         return self.subnet[0] + 1
+
+    def expired(self, now):
+        """No job on it for network-idle or longer."""
+        return not self.leases and self.idle is not None and now - self.idle >= NETWORK_IDLE
 
     def prune(self, keep=None):
         """Forget the leases of jobs that are no longer running."""
@@ -5103,6 +5136,7 @@ class NetFile:
             if ip not in self.leases:
                 self.leases[ip] = owner
                 self.next = first + (ip - first + 1) % size
+                self.idle = None
                 return ip
         raise SetupError("--net %s: no free address left in %s (%d jobs running on it)"
                          % (self.name, self.cidr, len(self.leases)))
@@ -5373,8 +5407,9 @@ class Network(Resource):
     attach()    parent, child waiting: the veth pair, eth0 in the child's
                 namespace addressed and up, default route
     etc_files() child: /etc/hosts and /etc/resolv.conf for its root
-    teardown()  parent or gc: veth, lease, and the bridge and nft rules
-                when no job is left on the network"""
+    teardown()  parent or gc: the lease; the veth goes with the job's
+                namespace; the bridge and nft rules stay, idle, for the
+                next job (gc removes them after network-idle)"""
 
     name = "network"
 
@@ -5439,6 +5474,10 @@ class Network(Resource):
             raise SetupError("--net %s: its bridge name %s is taken by network %s (rename one of them)"
                              % (self.net, self.bridge, f.name))
         f.prune(keep=self.owner)
+        if _ifindex(self.veth) is not None:
+            # A job of the same name just ended: the kernel has not reaped
+            # its veth yet (see teardown).  Ours needs the name.
+            _delete_link(self.nl, self.veth)
         self.address = f.allocate(self.owner)
         self.net_file = f
         # Recorded before anything is made (for ps; gc derives the bridge,
@@ -5581,12 +5620,13 @@ class Network(Resource):
     def _teardown(self):
         if self.owner is None:
             return  # setup never started
-        nl = self.nl or _host_netlink()
+        # The veth is not deleted here: the kernel deletes the pair when the
+        # job's network namespace dies with its last process (before this
+        # teardown, unless jrun failed before the fork), in its cleanup
+        # work, where DELLINK would make jrun wait ~16 ms for an RCU grace
+        # period.  Its lease goes now; gc deletes a veth that outlives its
+        # lease (a namespace pinned by a process outside the job).
         with _NetLock():
-            if _delete_link(nl, self.veth):
-                audit("network: veth %s deleted" % self.veth)
-            else:
-                audit("network: veth %s went with the job's network namespace" % self.veth)
             f = NetFile.load(self.bridge) if self.bridge else None
             if f is None:
                 return
@@ -5599,8 +5639,14 @@ class Network(Resource):
                 f.save()
                 if mine:  # (a job refused before it had a lease has said why already)
                     _restore_nft()  # the jobs still running need their rules too
+            elif NETWORK_IDLE:
+                if f.idle is None:
+                    f.idle = time.time()
+                f.save()
+                audit("network %s: idle; bridge %s and its rules kept for the next job (network-idle: %g s)"
+                      % (f.name, self.bridge, NETWORK_IDLE))
             else:
-                _remove_network(nl, f)
+                _remove_network(self.nl or _host_netlink(), f)
 
     @classmethod
     def from_state(cls, record):
@@ -5617,7 +5663,9 @@ class Network(Resource):
     @classmethod
     def orphans(cls, known_ids):
         """gc: job veths and leases whose job is gone (its state directory
-        with it), and networks no job uses.  Devices are listed before the
+        with it), and networks idle for longer than network-idle.  (A veth
+        whose namespace died is deleted by the kernel, shortly: gc may find
+        it still there.)  Devices are listed before the
         leases are read: a lease is written before its veth is made and
         released after it is deleted.  (known_ids is not needed: a lease
         names its job's state directory, wherever that is.)"""
@@ -5627,9 +5675,13 @@ class Network(Resource):
         for name in veths:
             if name not in live:
                 yield NetworkLeftover("veth %s" % name, _gc_veth, name)
+        now = time.time()
         for f in nets:
-            if not all(_lease_live(o) for o in f.leases.values()) or not f.leases:
+            if not all(_lease_live(o) for o in f.leases.values()) or not (f.leases or f.idle):
                 yield NetworkLeftover("network %s: dead leases" % f.name, _gc_network, f.bridge)
+            elif f.expired(now):
+                yield NetworkLeftover("network %s: idle for %d s" % (f.name, now - (f.idle or now)), _gc_network,
+                                      f.bridge)
         # Looked at after the networks above went (a generator: each was
         # torn down before this line runs); _gc_nft looks again under the lock.
         damage = _nft_damage(_nft_networks(), network_config()["allow_link_local"])
@@ -5673,15 +5725,19 @@ def _gc_nft(_):
 
 
 def _gc_network(bridge):
+    """Forget the dead leases of a network; remove it if that leaves it
+    expired (idle for network-idle), else keep it idle from now."""
     with _NetLock():
         f = NetFile.load(bridge)
         if f is None:
             return
         f.prune()
-        if f.leases:
-            f.save()
-        else:
+        if not f.leases and f.idle is None:
+            f.idle = time.time()  # its last job died without its teardown: idle from now
+        if f.expired(time.time()):
             _remove_network(_host_netlink(), f)
+        else:
+            f.save()
 
 
 def host_resources(spec):
@@ -7022,7 +7078,7 @@ def wait_for_job(spec, pid, out, started, relay=None):
     def stop(sig, why, forwarding):
         """Relay SIG to PID 1, or SIGKILL at once if PID 1 cannot act on it
         (under --init, tini handles them all); returns when to send SIGKILL."""
-        name = signal.Signals(sig).name
+        name = signal_name(sig)
         if spec.init or _handles(pid, sig):
             say("warning" if forwarding is None else "info", "%s; %s" % (why, forwarding or "sending " + name))
             _signal(pid, sig)
@@ -7044,7 +7100,7 @@ def wait_for_job(spec, pid, out, started, relay=None):
             if sig == signal.SIGWINCH and relay:
                 relay.resize()
             elif sig in FORWARDED_SIGNALS and not out.killed:
-                when = stop(sig, "job %s: %s received" % (spec.id, signal.Signals(sig).name),
+                when = stop(sig, "job %s: %s received" % (spec.id, signal_name(sig)),
                             "forwarding it to the job")
                 kill_at = when if kill_at is None else kill_at
         while relay and relay.typed and not out.killed:
@@ -7312,8 +7368,8 @@ def parse_signal(text):
             return num
     else:
         name = t if t.startswith("SIG") else "SIG" + t
-        sig = getattr(signal.Signals, name, None) if name.isidentifier() else None
-        if isinstance(sig, signal.Signals):
+        sig = getattr(_signal_names(), name, None) if name.isidentifier() else None
+        if isinstance(sig, _signal_names()):
             return int(sig)
     raise UsageError("kill: -s: %r is not a signal (use e.g. TERM, KILL, HUP, 15)" % text)
 
@@ -7356,7 +7412,7 @@ def cmd_kill(argv):
         raise UsageError("kill: job %r has just ended" % args.job) from None
     finally:
         os.close(pidfd)
-    log("debug", "kill: %s sent to %s %d of job %s" % (signal.Signals(sig).name, "jrun" if relayed else "PID 1",
+    log("debug", "kill: %s sent to %s %d of job %s" % (signal_name(sig), "jrun" if relayed else "PID 1",
                                                       pid, args.job))
     return 0
 
@@ -7528,8 +7584,9 @@ def release_slurm_cgroups(dirs):
 
 
 def cmd_gc(argv):
-    p = _subparser("jrun gc", "Remove what jobs that died without cleanup left behind; never touches a "
-                              "live job.  Safe to run at any time, e.g. from cron.")
+    p = _subparser("jrun gc", "Remove what jobs that died without cleanup left behind, and networks idle for "
+                              "longer than network-idle; never touches a live job.  Safe to run at any time, "
+                              "e.g. from cron.")
     p.add_argument("jobs", nargs="*", metavar="JOB", help="only these jobs' leftovers")
     p.add_argument("--slurm-job", metavar="N", help="only the leftovers of the jobs run under Slurm job N "
                    "(or array job N), and Slurm's cgroups they kept: for slurm.conf's Epilog=")
@@ -8500,7 +8557,7 @@ def completion_parser():
     ps.add_argument("--json", action="store_true")
     ps.add_argument("--all", action="store_true")
     kill = sub.add_parser("kill", help="signal a running job")
-    kill.add_argument("-s", "--signal", choices=[s.name[3:] for s in signal.Signals if s.name.startswith("SIG")
+    kill.add_argument("-s", "--signal", choices=[s.name[3:] for s in _signal_names() if s.name.startswith("SIG")
                                                  and not s.name.startswith(("SIGRT", "SIG_"))])
     kill.add_argument("job").completer = lambda **kw: [j["id"] for j in running_jobs()]
     gc = sub.add_parser("gc", help="remove what dead jobs left behind")
@@ -8557,7 +8614,7 @@ def check_image_name(what, text):
 
 
 def _import_interrupted(signum, frame):
-    raise SetupError("interrupted by %s; nothing was imported" % signal.Signals(signum).name)
+    raise SetupError("interrupted by %s; nothing was imported" % signal_name(signum))
 
 
 def cmd_rootfs_import(argv):

@@ -110,7 +110,11 @@ def _rootfs():
 # mountinfo, ~1 ms; the nft table costs one `nft` run, ~5 ms, after each test
 # only: the state before a test is the one after the previous test).  A test
 # that leaves something is named; one that deliberately leaves a job for gc
-# must run gc itself.  A test marked guest_only (it runs jrun in a VM of its
+# must run gc itself.  What may stay is exactly an idle network (jrun keeps
+# it for network-idle, as docker keeps docker0): its bridge, its file with no
+# lease, and jrun's nft table, each whole; never a lease, a veth (the kernel
+# deletes it with the job's network namespace, shortly after the job: the
+# check waits for that) or anything of a job.  A test marked guest_only (it runs jrun in a VM of its
 # own) touches nothing of the host: it is not checked, and needs no host lock.
 
 
@@ -139,7 +143,13 @@ def jrun_objects():
     directories and network files, job cgroups and jrun's subtrees, job
     veths and jrun bridges ('jr*' links), mounts of jobs."""
     found = {"state " + n for n in _listdir("/run/jrun")}
-    found |= {"network file " + n for n in _listdir("/run/jrun/.net")}
+    for n in _listdir("/run/jrun/.net"):
+        found.add("network file " + n)
+        try:
+            with open(os.path.join("/run/jrun/.net", n)) as f:
+                found |= {"%s of network %s" % (line.strip(), n) for line in f if line.startswith("lease ")}
+        except OSError:
+            pass
     for h in _HIERARCHIES:
         sub = os.path.join(h, "jrun")
         if os.path.isdir(sub):
@@ -149,6 +159,39 @@ def jrun_objects():
     with open("/proc/self/mountinfo") as f:
         found |= {"mount " + line.split()[4] for line in f if "/run/jrun" in line or " jrun-" in line}
     return found
+
+
+def idle_networks(objects):
+    """The objects that make up idle networks, if they are whole: every jrun
+    bridge with its network file and the other way round, and jrun's nft
+    table exactly when there is a network.  (Leases are objects of their own.)"""
+    files = {o.split()[-1] for o in objects if o.startswith("network file ")}
+    bridges = {o.split()[-1] for o in objects if o.startswith("link jrun")}
+    if files != bridges or ("nft table inet jrun" in objects) != bool(files):
+        return set()
+    return {o for o in objects if o.startswith(("network file ", "link jrun", "nft table "))} | (
+        {"state .net"} if files else set())  # their directory
+
+
+def job_links():
+    """The job veths on the host ('jr' + 10 hex; bridges are 'jrun...'),
+    after waiting up to 5 s for those whose namespace died: the kernel
+    deletes a veth in its cleanup of the namespace, shortly after the job."""
+    deadline = time.monotonic() + 5
+    while True:
+        veths = {n for n in _listdir("/sys/class/net") if n.startswith("jr") and not n.startswith("jrun")}
+        if not veths or time.monotonic() > deadline:
+            return veths
+        time.sleep(0.02)
+
+
+def network_leftovers():
+    """What jobs left of the networks: veths, leases, and networks that are
+    not whole and idle; empty when the networks are as jrun keeps them."""
+    veths = job_links()  # first: waits for the veths of ended jobs
+    objs = jrun_objects() | _nft_table()
+    net = {o for o in objs if o.startswith(("network file ", "lease ", "link ", "nft table "))}
+    return veths | (net - idle_networks(objs))
 
 
 _last = {}
@@ -164,11 +207,13 @@ def _leaves_nothing_of_jrun(request):
         _last["session"] = jrun_objects() | _last["nft"]
     before = jrun_objects() | _last["nft"]
     yield
-    deadline = time.monotonic() + 2  # a jrun the test ended may still be tearing down
+    # A jrun the test ended may still be tearing down; a veth goes when the
+    # kernel's cleanup of its namespace has run.
+    deadline = time.monotonic() + 5
     while True:
         _last["nft"] = _nft_table()
-        left = jrun_objects() | _last["nft"]
-        left -= before
+        now = jrun_objects() | _last["nft"]
+        left = now - before - idle_networks(now)
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.05)
@@ -182,7 +227,8 @@ def pytest_sessionfinish(session, exitstatus):
         module.stop_lanes()
     if not IS_ROOT or "session" not in _last:
         return
-    left = (jrun_objects() | _nft_table()) - _last["session"]
+    now = jrun_objects() | _nft_table()
+    left = now - _last["session"] - idle_networks(now)
     if left:
         session.config.get_terminal_writer().line(
             "jrun objects left on the host by the session (outside any test): %s" % ", ".join(sorted(left)), red=True)

@@ -52,7 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import IS_ROOT, JRUN, ROOT, state_dirs
+from conftest import IS_ROOT, JRUN, ROOT, network_leftovers, state_dirs
 
 DOCS = ("README.md", "man/jrun.1")
 SAMPLE = os.path.join(ROOT, "tests", "sample-project")
@@ -523,15 +523,11 @@ def terminate(p):
 
 def host_objects():
     """What examples could leave on the host: jobs' state, networks (their
-    files, bridges and job veths: 'jr...'), jrun's nft table."""
-    def ls(d):
-        try:
-            return sorted(os.listdir(d))
-        except FileNotFoundError:
-            return []
-    nft = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
-    return dict(state=state_dirs(), nets=ls("/run/jrun/.net"),
-                links=[n for n in ls("/sys/class/net") if n.startswith("jr")], nft="inet jrun" in nft)
+    files and leases, bridges and job veths: 'jr...'), jrun's nft table;
+    without the networks that are whole and idle (jrun keeps them for
+    network-idle, see conftest.idle_networks)."""
+    # (/run/jrun/.net is the networks' directory: judged with them.)
+    return sorted(network_leftovers() | {"state " + n for n in state_dirs() if n != ".net"})
 
 
 def exclusive(ex):

@@ -20,7 +20,7 @@ import uuid
 import pytest
 
 import jrun as J
-from conftest import JRUN, jrun, needs_root
+from conftest import JRUN, job_links, jrun, needs_root, network_leftovers
 
 HOST = J.cgroup_host()
 NAMED = "m-" + uuid.uuid4().hex[:8]  # this run's named network
@@ -122,10 +122,9 @@ def _host_view(name):
 def _nothing_left(name, net):
     assert not os.path.exists("/run/jrun/" + name)
     assert not [s for s in J.jrun_subtrees() if os.path.exists(os.path.join(s, name))]
-    links = set(os.listdir("/sys/class/net"))
-    assert J.veth_name("/run/jrun/" + name) not in links
-    if net not in ("none", "bridge"):
-        assert J.bridge_name(net) not in links
+    assert J.veth_name("/run/jrun/" + name) not in job_links()
+    if net != "none":  # its network stays, idle, for network-idle
+        assert network_leftovers() == set()
 
 
 @needs_root

@@ -1,6 +1,7 @@
 """The Network section: pure logic first (no root), then black-box tests of the
 real jrun as root.  Real traffic goes only to loopback and to addresses inside
 the bridges and network namespaces these tests create."""
+import json
 import os
 import re
 import signal
@@ -15,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import jrun
-from conftest import JRUN, ROOT, jrun as run_jrun, needs_root, state_dirs
+from conftest import JRUN, ROOT, job_links, jrun as run_jrun, needs_root, network_leftovers, state_dirs
 
 # ---------------------------------------------------------------------------
 # Pure logic
@@ -107,6 +108,47 @@ def test_allocation_reserves_network_gateway_broadcast_and_rotates(tmp_path, mon
     assert (g.name, g.subnet, g.leases, g.next) == (f.name, f.subnet, f.leases, f.next)
 
 
+def test_an_idle_network_records_when_its_last_job_left_and_expires_after_network_idle(tmp_path, monkeypatch):
+    monkeypatch.setattr(jrun, "NET_DIR", str(tmp_path))
+    f = jrun.NetFile("jrun0", "bridge", jrun.parse_subnet("s", "10.9.0.0/29"))
+    f.allocate("live1")
+    f.idle = 1000.0  # dropped by save(): a network with a lease is not idle
+    with jrun._NetLock():
+        f.save()
+    assert jrun.NetFile.load("jrun0").idle is None and not f.expired(10 ** 10)
+    f.leases.clear()
+    with jrun._NetLock():
+        f.save()
+    g = jrun.NetFile.load("jrun0")
+    assert g.idle == 1000.0 and "idle 1000.000\n" in (tmp_path / "jrun0").read_text()
+    monkeypatch.setattr(jrun, "NETWORK_IDLE", 300.0)
+    assert not g.expired(1299.0) and g.expired(1300.0)
+    g.allocate("live2")  # a job joins: idle no more
+    assert g.idle is None and not g.expired(10 ** 10)
+
+
+@pytest.mark.parametrize("value, seconds", [('"5m"', 300.0), ("90", 90.0), ('"0"', 0.0), ("0", 0.0),
+                                            ('"500ms"', 0.5)])
+def test_network_idle_config_key(tmp_path, monkeypatch, value, seconds):
+    monkeypatch.setattr(jrun, "NETWORK_IDLE", jrun.NETWORK_IDLE)
+    path = tmp_path / "jrun.toml"
+    path.write_text("network-idle = %s\n" % value)
+    os.chmod(path, 0o644)
+    jrun.load_config(str(path))
+    assert jrun.NETWORK_IDLE == seconds
+
+
+@pytest.mark.parametrize("value, why", [('"soon"', "is not a duration"), ("-5", "must be a positive duration"),
+                                        ("true", "should be a number or a string"), ('"5x"', "is not a duration")])
+def test_network_idle_config_key_refuses(tmp_path, monkeypatch, value, why):
+    monkeypatch.setattr(jrun, "NETWORK_IDLE", jrun.NETWORK_IDLE)
+    path = tmp_path / "jrun.toml"
+    path.write_text("network-idle = %s\n" % value)
+    os.chmod(path, 0o644)
+    with pytest.raises(jrun.UsageError, match="^%s: network-idle: .*%s" % (path, why)):
+        jrun.load_config(str(path))
+
+
 def test_nft_ruleset():
     text = jrun.nft_ruleset([("jrun0", "172.31.254.0/24", True), ("jrun-abc", "172.31.200.0/24", False)])
     assert text.startswith("add table inet jrun\nflush table inet jrun\ntable inet jrun {\n  chain prerouting {")
@@ -153,10 +195,9 @@ def nft_table_exists():
 
 
 def assert_no_network_left():
-    assert job_veths() == set()
-    assert not {n for n in links() if n.startswith("jrun")}, links()
-    assert not os.path.exists(jrun.NET_DIR)
-    assert not nft_table_exists()
+    """Nothing of a job's network: no veth, no lease; networks only idle and
+    whole (bridge, file and nft table), as jrun keeps them (network-idle)."""
+    assert network_leftovers() == set()
 
 
 CONNECT = "for i in $(seq 30); do nc -w 2 %s 5000 </dev/null && exit 0; sleep 0.1; done; echo unreachable; exit 1"
@@ -225,7 +266,10 @@ def test_debug_audit_trail_has_network_steps_before_release():
         < at("child released") < at("exec ")
     assert "default route via 172.31.254.1" in p.stderr
     assert at("veth jr") > at("namespaces created")  # attached to the child's own namespace
-    assert re.search(r"veth jr[0-9a-f]{10} (deleted|went with the job's network namespace)", p.stderr)
+    # The veth is left to the kernel (it goes with the job's namespace); the
+    # bridge and its rules stay for the next job.
+    assert not re.search(r"veth jr[0-9a-f]{10} deleted", p.stderr)
+    assert "network bridge: idle; bridge jrun0 and its rules kept" in p.stderr
 
 
 class Listener:
@@ -429,6 +473,103 @@ def test_kill_9_of_jrun_then_gc_leaves_nothing():
     assert name not in state_dirs()
     assert_no_network_left()
     assert "removed leftovers of job %s" % name in p.stderr
+
+
+def _idle_config(tmp_path, idle):
+    path = tmp_path / "jrun.toml"
+    path.write_text('network-idle = "%s"\n' % idle)
+    os.chmod(path, 0o644)
+    return str(path)
+
+
+@root
+def test_the_last_job_leaves_its_network_idle_for_the_next_and_gc_removes_it_after_network_idle(tmp_path):
+    net = "t-" + uuid.uuid4().hex[:8]
+    bridge = jrun.bridge_name(net)
+    path = os.path.join(jrun.NET_DIR, bridge)
+    p = run_jrun("--log-level", "debug", "--net", net, "--", "true", check=0)
+    assert "bridge %s created" % bridge in p.stderr
+    assert "network %s: idle; bridge %s and its rules kept" % (net, bridge) in p.stderr
+    text = open(path).read()
+    assert "lease " not in text and re.search(r"^idle \d+\.\d{3}$", text, re.M), text
+    assert bridge in links() and nft_table_exists() and network_leftovers() == set()
+    # The next job finds bridge and rules in place: nothing is made or deleted.
+    p = run_jrun("--log-level", "debug", "--net", net, "--", "true", check=0)
+    assert "bridge %s created" % bridge not in p.stderr and "nft: table inet jrun in place" in p.stderr
+    assert " deleted" not in p.stderr, p.stderr
+    # gc keeps a network idle for less than network-idle (default 5 min)...
+    p = run_jrun("gc", check=0)
+    assert net not in p.stderr and bridge in links() and os.path.exists(path)
+    # ...and removes one idle for longer: bridge, file and its rules.
+    p = run_jrun("--config", _idle_config(tmp_path, "1ms"), "gc", check=0)
+    assert "gc: removed orphan network %s: idle for" % net in p.stderr
+    assert bridge not in links() and not os.path.exists(path)
+    rules = subprocess.run(["nft", "list", "table", "inet", "jrun"], capture_output=True, text=True).stdout
+    assert bridge not in rules
+    assert network_leftovers() == set()
+
+
+@root
+def test_network_idle_0_removes_a_network_with_its_last_job(tmp_path):
+    net = "t-" + uuid.uuid4().hex[:8]
+    bridge = jrun.bridge_name(net)
+    p = run_jrun("--config", _idle_config(tmp_path, "0"), "--log-level", "debug", "--net", net, "--", "true",
+                 check=0)
+    assert "bridge %s deleted (no job left on it)" % bridge in p.stderr
+    assert bridge not in links() and not os.path.exists(os.path.join(jrun.NET_DIR, bridge))
+    assert network_leftovers() == set()
+
+
+@root
+def test_the_kernel_deletes_the_jobs_veth_with_its_namespace_and_the_name_runs_again_at_once():
+    name = "veth-" + uuid.uuid4().hex[:6]
+    veth = jrun.veth_name(os.path.join("/run/jrun", name))
+    for _ in range(3):  # back to back: a run may find the last one's veth not reaped yet
+        p = run_jrun("--name", name, "--log-level", "debug", "--", "true", check=0)
+        assert "veth %s on jrun0" % veth in p.stderr and "veth %s deleted" % veth not in p.stderr
+    assert veth not in job_links()
+
+
+class PinnedJob:
+    """A job whose network namespace the test holds open (an fd): it
+    outlives the job, and so does the job's veth, after its lease went."""
+
+    def __init__(self, name):
+        self.veth = jrun.veth_name(os.path.join("/run/jrun", name))
+        proc = subprocess.Popen(JRUN + ["--name", name, "--", "sh", "-c", "echo up; read x"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout.readline() == "up\n"
+        with open("/run/jrun/%s/job.json" % name) as f:
+            self.fd = os.open("/proc/%d/ns/net" % json.load(f)["pid"], os.O_RDONLY)
+        proc.communicate("\n", timeout=30)
+        assert proc.returncode == 0
+        time.sleep(0.3)
+        assert self.veth in links()  # its namespace lives on
+
+    def close(self):
+        os.close(self.fd)
+
+
+@root
+def test_gc_deletes_a_veth_whose_namespace_outlives_its_job():
+    pinned = PinnedJob("pin-" + uuid.uuid4().hex[:6])
+    try:
+        p = run_jrun("gc", check=0)
+        assert "gc: removed orphan veth %s" % pinned.veth in p.stderr
+        assert pinned.veth not in links()
+    finally:
+        pinned.close()
+
+
+@root
+def test_a_job_of_the_same_name_replaces_a_veth_not_reaped_yet():
+    name = "pin-" + uuid.uuid4().hex[:6]
+    pinned = PinnedJob(name)
+    try:
+        p = run_jrun("--name", name, "--", "sh", "-c", "ip -4 -o addr show eth0", check=0)
+        assert job_address(p.stdout).startswith("172.31.254.")
+    finally:
+        pinned.close()
 
 
 @root

@@ -345,6 +345,21 @@ def test_user_has_no_capabilities_and_no_groups(rootfs):
 
 
 @needs_root
+@pytest.mark.parametrize("user", [[], ["--user", "1000"]], ids=["root", "user"])
+def test_an_inheritable_set_jrun_was_started_with_does_not_reach_the_job(user):
+    """CVE-2022-24769: jrun started with capabilities in its inheritable set
+    (here by capsh) empties it before exec."""
+    if not shutil.which("capsh"):
+        pytest.skip("capsh (libcap2-bin) is not installed")
+    cmd = " ".join(JRUN + ["--net", "none"] + user + ["--", "cat", "/proc/self/status"])
+    p = subprocess.run(["capsh", "--inh=cap_sys_admin,cap_net_raw", "--", "-c", cmd], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    st = status(p.stdout)
+    assert int(st["CapInh"], 16) == 0 and int(st["CapAmb"], 16) == 0, st
+
+
+@needs_root
 def test_user_names_resolved_in_the_jobs_own_passwd():
     out = job("id -u; id -g; id -G; echo $HOME; touch /work/f && stat -c %u:%g /work/f", "-u", "user:users")
     assert out.split() == ["1000", "100", "100", "/home/user", "1000:100"]

@@ -22,7 +22,7 @@ import uuid
 import pytest
 
 import jrun as J
-from conftest import JRUN, jrun, needs_root
+from conftest import JRUN, job_links, jrun, needs_root
 from slurm_cluster import KILL_WAIT, LaneError, SlurmCluster, alive, missing_packages, rmdir_tree
 
 MISSING = missing_packages()
@@ -122,6 +122,7 @@ def leftovers(names):
     (in any hierarchy, under any parent), veth, address lease."""
     left = []
     leases = ""
+    veths = job_links()  # after the kernel deleted those of ended jobs (with their namespace)
     for f in glob.glob(os.path.join(J.NET_DIR, "*")):
         try:
             with open(f) as fh:
@@ -134,7 +135,7 @@ def leftovers(names):
             left.append(state)
         left += [d for d in glob.glob(os.path.join(J.CGROUP_ROOT, "**", n), recursive=True) if os.path.isdir(d)]
         veth = J.veth_name(state)
-        if os.path.exists(os.path.join("/sys/class/net", veth)):
+        if veth in veths:
             left.append("veth " + veth)
         if " %s\n" % state in leases:
             left.append("lease of " + state)
