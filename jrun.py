@@ -8701,11 +8701,19 @@ def cmd_rootfs_rm(argv):
 
 
 def _skel_dir():
+    """The rootfs skeleton: beside jrun.py in a checkout, else in share/jrun
+    of the prefix jrun is installed in (pip's data files).  That prefix is
+    found from jrun.py's own place, PREFIX/lib/pythonX.Y/site-packages: the
+    -IS launcher skips the site module, which is what makes sys.prefix a
+    virtualenv's."""
     here = os.path.dirname(os.path.abspath(__file__))
-    for d in (os.path.join(here, "rootfs", "skel"), os.path.join(sys.prefix, "share", "jrun", "rootfs", "skel")):
+    prefixes = (os.path.dirname(os.path.dirname(os.path.dirname(here))), sys.prefix)
+    for d in [os.path.join(here, "rootfs", "skel")] + [os.path.join(p, "share", "jrun", "rootfs", "skel")
+                                                       for p in prefixes]:
         if os.path.isdir(d):
             return d
-    raise SetupError("rootfs skeleton not found next to %s or in %s/share/jrun" % (__file__, sys.prefix))
+    raise SetupError("rootfs skeleton not found next to %s or in %s" % (
+        __file__, " or ".join(os.path.join(p, "share", "jrun") for p in prefixes)))
 
 
 def _is_static_elf(path):

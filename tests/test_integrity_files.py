@@ -308,8 +308,22 @@ def test_launcher_runs_python_isolated(tmp_path):
     assert "sitecustomize" in ran.read_text()
 
 
+def test_the_launcher_finds_the_installed_rootfs_skeleton(tmp_path):
+    """Without the site module (-S) sys.prefix is the base interpreter's,
+    not the virtualenv's: the installed jrun still finds the rootfs skeleton
+    pip put in the virtualenv's share/jrun, and builds a rootfs with it."""
+    if not os.path.exists(LAUNCHER):
+        pytest.skip("%s is not installed here (.ci/setup writes it)" % LAUNCHER)
+    cfg = tmp_path / "jrun.toml"
+    cfg.write_text('rootfs-dir = "%s"\n' % (tmp_path / "rootfs"))
+    p = subprocess.run([LAUNCHER, "--config", str(cfg), "rootfs", "build"], capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "rootfs" / "etc" / "passwd").is_file() and (tmp_path / "rootfs" / "bin" / "busybox").exists()
+
+
 def test_installed_entry_point_is_the_launcher():
-    """What .ci/setup installs as jrun is the -I launcher (skipped where jrun
+    """What .ci/setup installs as jrun is the -IS launcher (skipped where jrun
     was installed otherwise, e.g. by hand)."""
     path = shutil.which("jrun", path="/usr/local/bin:/usr/bin")
     if path is None or os.environ.get("CI") != "true":
