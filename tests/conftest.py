@@ -69,6 +69,19 @@ def sh(script, *opts, **kw):
     return jrun(*opts, "--", "/bin/sh", "-c", script, **kw)
 
 
+def rmdir_when_empty(path, tries=200):
+    """rmdir a cgroup (whose files cannot be unlinked) once its last
+    process is gone: the kernel refuses it (EBUSY) until then."""
+    for _ in range(tries):
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.01)
+
+
 def state_dirs():
     try:
         return sorted(os.listdir("/run/jrun"))

@@ -25,6 +25,8 @@ import subprocess
 import tempfile
 import time
 
+from conftest import rmdir_when_empty
+
 CGROUP_ROOT = "/sys/fs/cgroup"
 SBIN = "/usr/sbin:/usr/bin:/sbin:/bin"
 PACKAGES = {"slurmctld": "slurmctld", "slurmd": "slurmd", "sbatch": "slurm-client", "munged": "munge",
@@ -95,14 +97,7 @@ def rmdir_tree(top):
     """rmdir a cgroup tree bottom-up (a cgroup's files cannot be unlinked;
     rmdir refuses one that still has processes)."""
     for d, _subdirs, _files in sorted(os.walk(top), key=lambda w: -w[0].count("/")):
-        for _ in range(100):
-            try:
-                os.rmdir(d)
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                time.sleep(0.01)
+        rmdir_when_empty(d, tries=100)
 
 
 class SlurmCluster:

@@ -13,7 +13,7 @@ import uuid
 import pytest
 
 import jrun as J
-from conftest import JRUN, jrun, needs_root, sh, state_dirs
+from conftest import JRUN, jrun, needs_root, rmdir_when_empty, sh, state_dirs
 
 pytestmark = needs_root
 
@@ -366,17 +366,6 @@ def _mkcg(d):
                 dst.write(src.read().strip())
 
 
-def _rmdir_when_empty(d):
-    for _ in range(200):
-        try:
-            os.rmdir(d)
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            time.sleep(0.01)
-
-
 @pytest.mark.parametrize("where", ["cgroup-parent", "default", "one-hierarchy"])
 def test_an_existing_cgroup_is_refused_and_left_alone(where):
     """P/X made by someone else, with a process of theirs in it: jrun --name X
@@ -418,9 +407,9 @@ def test_an_existing_cgroup_is_refused_and_left_alone(where):
         sleeper.kill()
         sleeper.wait()
         for d in existing:
-            _rmdir_when_empty(d)
+            rmdir_when_empty(d)
         for t in made:
-            _rmdir_when_empty(t)
+            rmdir_when_empty(t)
 
 
 def _slurm_step_layout(tok):
@@ -486,7 +475,7 @@ def test_a_job_in_a_slurm_step_nests_inside_it_and_gc_lets_slurm_clean_up():
         proc.kill()  # jrun SIGKILLed: the job's cgroups stay, and keep the step's
         proc.wait()
         if V2:  # at the step's end slurmstepd removes its tasks' cgroups, then tries user/ and up
-            _rmdir_when_empty(steps[0])
+            rmdir_when_empty(steps[0])
         assert all(os.path.isdir(d) for d in inside)
         p = jrun("gc", n)
         assert p.returncode == 0 and "gc: removed leftovers of job %s" % n in p.stderr, p.stderr
@@ -500,7 +489,7 @@ def test_a_job_in_a_slurm_step_nests_inside_it_and_gc_lets_slurm_clean_up():
             proc.wait()
         jrun("gc", n)
         for d in reversed(made):
-            _rmdir_when_empty(d)
+            rmdir_when_empty(d)
 
 
 @pytest.mark.skipif(not V2, reason="the no-internal-process rule is cgroup v2's")

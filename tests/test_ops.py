@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import JRUN, ROOT, jrun, needs_root, state_dirs
+from conftest import JRUN, ROOT, jrun, needs_root, rmdir_when_empty, state_dirs
 
 pytestmark = needs_root
 
@@ -788,14 +788,7 @@ def test_gc_removes_orphan_cgroups_but_never_busy_or_young_ones():
         sleeper.kill()
         sleeper.wait()
         for d in made:
-            for _ in range(100):
-                try:
-                    os.rmdir(d)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.02)
+            rmdir_when_empty(d)
         J.remove_unused_subtrees(J.jrun_subtrees())  # the jrun/ parents this test made
 
 
