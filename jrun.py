@@ -3885,19 +3885,34 @@ class JobState:
 
 
 # ---------------------------------------------------------------------------
-# Host resources.  One small class per resource, all with the same verbs:
-#   setup(state)   parent, before the fork; records in state what it made
-#   attach(pid)    parent, once the child has its namespaces, before release
-#   check(spec)    parent, classmethod, before the first side effect
-#   enter()        child, after release, before the root is built
-#   etc_files()    child, while the root is built: files such as /etc/hosts
-#   enter_root()   child, after pivot_root, /proc and /sys
-#   collect(out)   parent, after the job ended (accounting)
-#   teardown()     parent or gc; idempotent, logs instead of raising
+# Host resources.  One small class per resource, all with the same verbs,
+# declared once on Resource below (each verb's docstring says which process
+# runs it, and when); run_job checks them, supervise sets them up in order
+# and tears them down in reverse, the child enters them, gc rebuilds them.
 # ---------------------------------------------------------------------------
 
 
+class RootOwner(_Frozen):
+    """Who owns the job's root as the host sees it, found once by the child
+    (Resource.root_owner): host uid and gid BASE are the job's 0; a job uid
+    must be below LIMIT (None: any); USERNS_FD, when not None, is the user
+    namespace the rootfs is idmapped through and the child joins last."""
+
+    __slots__ = ("base", "limit", "userns_fd")
+
+    @property
+    def mapped(self):
+        return self.userns_fd is not None
+
+
+HOST_ROOT = RootOwner(base=0, limit=None, userns_fd=None)
+
+
 class Resource:
+    """One kind of host object a job needs.  The verbs, in lifecycle order;
+    every one has a default here (nothing to do), so a subclass implements
+    only what its resource needs, and callers never probe for a hook."""
+
     name = "resource"
 
     def __init__(self, spec):
@@ -3905,50 +3920,71 @@ class Resource:
 
     @classmethod
     def check(cls, spec):
-        """Parent, before the first side effect: refuse (UsageError,
-        SetupError) what this host cannot give the job."""
+        """Runs in: parent, before the first side effect (run_job).  Refuse
+        (UsageError, SetupError) what this host cannot give the job."""
 
     def setup(self, state):
-        pass
+        """Runs in: parent, before the fork (supervise).  Make the host
+        object and record in STATE (job.json) what gc needs to remove it;
+        its teardown is registered as soon as this returns."""
 
     def attach(self, pid):
-        pass
+        """Runs in: parent, once the child (PID) has its namespaces and
+        waits on the sync pipe, before its release."""
 
     def enter(self):
-        pass
+        """Runs in: child, after its release, before the root is built."""
+
+    def root_owner(self):
+        """Runs in: child, before the root is built: the RootOwner of the
+        job's root if this resource decides it, else None (HOST_ROOT)."""
+        return None
 
     def etc_files(self):
-        """Child: {path in the root: content} written while the root is built."""
+        """Runs in: child, while the root is built (before pivot_root):
+        {path in the root: content}, such as /etc/hosts."""
         return {}
 
     def enter_root(self):
-        """Child, after pivot_root and /proc, /sys: what the job sees of it."""
+        """Runs in: child, after pivot_root, /proc and /sys: what the job
+        sees of this resource (e.g. its cgroup mounted)."""
 
     def collect(self, out):
-        pass
+        """Runs in: parent, after the job ended, before teardown: its
+        accounting into OUT (an Outcome)."""
 
     def teardown(self):
-        pass
+        """Runs in: parent (in reverse setup order) or gc.  Idempotent, skips
+        what was never made, logs instead of raising where it can."""
+
+    def remains(self):
+        """Runs in: gc, after teardown: what of it is still on the host (the
+        dead job's state directory stays for the next gc while anything
+        does, since job.json is jrun's only proof that it made it)."""
+        return []
 
     @classmethod
     def from_state(cls, record):
-        """Rebuild from a dead job's job.json so gc can tear it down; None
-        if the job made nothing of this kind."""
+        """Runs in: gc, for a dead job.  Rebuild from its job.json RECORD so
+        that teardown() can remove what it made; None if the job made
+        nothing of this kind."""
         return None
 
+    @classmethod
+    def orphans(cls, known_ids):
+        """Runs in: gc (collect_orphans).  Yield instances, ready for
+        teardown(), of host objects of this kind that jrun made (a cgroup
+        under jrun's subtree, a veth named jr*, ...) and whose job has no
+        state directory (jrun crashed between making them and recording
+        them, or someone deleted /run/jrun).  Enumerate the host objects
+        FIRST, then call known_ids() (the job ids that have a state
+        directory now): a job creates its state directory before any
+        resource and removes it after all of them, so an object seen before
+        the call belongs to a job in known_ids() unless that job is gone.
+        teardown() of an orphan must be as idempotent as any other."""
+        return ()
 
-# ---------------------------------------------------------------------------
-# cgroups: the second stage of resource control.  Every job gets its own
-# cgroup, with or without limits: it accounts for the job and lets teardown
-# find and kill every process of it.  CgroupV1 and CgroupV2 share one
-# interface; the version is detected once (cgroup_host()).
-#   setup()      parent, root, host namespaces: mkdir, write the limits
-#   attach(pid)  parent: the child into the cgroup, before it is released
-#   enter()      child, root, before its root is built: verify membership and
-#                limits, then its own cgroup namespace
-#   enter_root() child, after pivot_root: its cgroup visible read-only
-#   collect()    parent, after the job: the cgroup's own counters
-#   teardown()   parent or gc: kill what is left, rmdir
+
 # ---------------------------------------------------------------------------
 
 
@@ -4000,7 +4036,7 @@ class Cgroup(Resource):
         return None
 
     # A job cgroup under jrun's own subtree whose job has no state directory
-    # is an orphan for gc (see the contract of orphans() there), unless a
+    # is an orphan for gc (see Resource.orphans), unless a
     # process is in it or it is younger than this: a job of a jrun with
     # another state-dir (--config) shares the subtree, and one being set up
     # right now has an empty cgroup for a moment.  --cgroup-parent trees
@@ -4197,6 +4233,9 @@ class Cgroup(Resource):
                 log("warning", "cgroup teardown: %s is still busy; `jrun gc` will retry" % d)
         shared = set(jrun_subtrees())
         remove_unused_subtrees(sorted({os.path.dirname(d) for d in self.dirs} & shared))
+
+    def remains(self):
+        return [d for d in self.dirs if os.path.isdir(d)]
 
 
 class CgroupV1(Cgroup):
@@ -4685,11 +4724,10 @@ class JobUserNamespace(Resource):
             os.close(hold_w)
             os.waitpid(pid, 0)
 
-    def join(self):
-        """Child, last steps: enter the namespace.  The child's uids do not
-        change by this (setresuid does it next); it gains every capability
-        inside this namespace and keeps none outside."""
-        setns(self.fd, CLONE_NEWUSER)
+    def root_owner(self):
+        """The job's root is host uid self.base, through an idmapped rootfs;
+        drop_privileges joins this namespace last."""
+        return RootOwner(base=self.base, limit=USERNS_SIZE, userns_fd=self.fd)
 
     def teardown(self):
         if self.fd is not None:
@@ -5700,10 +5738,12 @@ def _net_devices():
         return []
 
 
-class NetworkLeftover:
-    """Something of the networks that gc found with no running job behind it."""
+class NetworkLeftover(Resource):
+    """Something of the networks that gc found with no running job behind it
+    (Network.orphans): its teardown is UNDO(ARG)."""
 
     def __init__(self, name, undo, arg):
+        super().__init__(None)
         self.name, self._undo, self._arg = name, undo, arg
 
     def teardown(self):
@@ -6292,11 +6332,11 @@ def child_steps(plan):
         os._exit(EXIT_JRUN)
     for res in plan.resources:
         res.enter()
-    userns = next((r for r in plan.resources if isinstance(r, JobUserNamespace)), None)
+    owner = next((o for o in (res.root_owner() for res in plan.resources) if o), HOST_ROOT)
 
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     audit("mounts made private (recursively) before anything was mounted")
-    root = build_root(spec, plan.state_dir, userns, plan.resources)
+    root = build_root(spec, plan.state_dir, owner, plan.resources)
     pivot_into(root)
     mount_proc_and_sys()
     for res in plan.resources:
@@ -6306,10 +6346,10 @@ def child_steps(plan):
     audit("hostname set to %s" % spec.hostname)
 
     uid, gid, home = resolve_user(spec)
-    if userns and max(uid, gid) >= USERNS_SIZE:
+    if owner.limit is not None and max(uid, gid) >= owner.limit:
         raise UsageError("-u/--user: %d:%d is not mapped under --userns (0 to %d are)"
-                         % (uid, gid, USERNS_SIZE - 1))
-    base = userns.base if userns else 0
+                         % (uid, gid, owner.limit - 1))
+    base = owner.base
     if uid:  # /work, the job's own tmpfs, is its user's (what was uploaded into it keeps its owner)
         os.chown(DEFAULT_WORKDIR, base + uid, base + gid)
     env = job_environment(spec, home)
@@ -6319,7 +6359,7 @@ def child_steps(plan):
         raise SetupError("-w/--workdir %s: %s" % (spec.workdir, e.strerror)) from None
     argv = resolve_command(spec, env)  # in the workdir: './run.sh' is the workdir's, as for execvp
     plan.stdio.enter(base + uid, base + gid)
-    close_inherited_fds((plan.status_w, plan.sync_r) + ((userns.fd,) if userns else ()))
+    close_inherited_fds((plan.status_w, plan.sync_r) + ((owner.userns_fd,) if owner.mapped else ()))
     os.setsid()
     if plan.stdio.take_terminal():
         audit("new session; its controlling terminal is the job's own pty (TIOCSTI, CVE-2017-5226)")
@@ -6335,7 +6375,7 @@ def child_steps(plan):
         if sig not in (signal.SIGKILL, signal.SIGSTOP):
             signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
-    drop_privileges(spec, uid, gid, plan.sync_r, userns)
+    drop_privileges(spec, uid, gid, plan.sync_r, owner)
     audit("exec %s" % " ".join(argv))
     try:
         os.execve(argv[0], argv, env)
@@ -6346,7 +6386,7 @@ def child_steps(plan):
             "%s: cannot execute: %s%s" % (spec.command[0], e.strerror, hint)) from None
 
 
-def build_root(spec, state_dir, userns=None, resources=()):
+def build_root(spec, state_dir, owner=HOST_ROOT, resources=()):
     """The job's root, in the job's own mount namespace, so that everything
     the job writes vanishes with it even if jrun is SIGKILLed, and
     concurrent jobs never see each other's writes: for --rootfs minimal or
@@ -6362,7 +6402,7 @@ def build_root(spec, state_dir, userns=None, resources=()):
     half of RAM; and tmpfs pages outlive the process that wrote them, so the
     host's OOM killer would pick host daemons instead.)
 
-    Under --userns the job's root is host uid B (userns.base): the rootfs is
+    Under --userns the job's root is host uid B (owner.base): the rootfs is
     bound through an idmapped mount (its root-owned files appear owned by B,
     so copy-ups stay B's too) and the writable directories belong to B."""
     base = os.path.join(state_dir, "root")
@@ -6373,8 +6413,8 @@ def build_root(spec, state_dir, userns=None, resources=()):
         space[name] = os.path.join(base, name)
         os.mkdir(space[name])
         os.chmod(space[name], mode)  # past the umask
-        if userns:
-            os.chown(space[name], userns.base, userns.base)
+        if owner.mapped:
+            os.chown(space[name], owner.base, owner.base)
     root = os.path.join(base, "root")
     os.mkdir(root, 0o755)
     if spec.rootfs == "host":
@@ -6386,9 +6426,10 @@ def build_root(spec, state_dir, userns=None, resources=()):
         # The tree validate() cloned (open_staging_sources), not the path.
         fd = os.open(os.path.join(base, "lower"), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            bind_into(spec.rootfs_fd, fd, MOUNT_ATTR_IDMAP if userns else 0, userns.fd if userns else 0)
+            bind_into(spec.rootfs_fd, fd, MOUNT_ATTR_IDMAP if owner.mapped else 0,
+                      owner.userns_fd if owner.mapped else 0)
         except OSError as e:
-            if not userns or e.errno != errno.EINVAL:
+            if not owner.mapped or e.errno != errno.EINVAL:
                 raise
             # ext4, xfs, btrfs and vfat allow idmapped mounts since 5.12-5.15,
             # tmpfs since 6.3; ext2, NFS and FUSE (among others) do not.
@@ -6422,9 +6463,9 @@ def build_root(spec, state_dir, userns=None, resources=()):
         etc.update(res.etc_files())  # the network's /etc/hosts and /etc/resolv.conf
     for rel, content in etc.items():
         path = _safe_file(root, rel, content=content)
-        if userns:
-            chown_to_job(path, userns.base)
-    stage_files(spec, root, userns)
+        if owner.mapped:
+            chown_to_job(path, owner.base)
+    stage_files(spec, root, owner)
     if spec.read_only:
         make_root_read_only(root)
     return root
@@ -6438,23 +6479,23 @@ OVERLAY_DIRS = (("upper", 0o755), ("ovlwork", 0o700))
 HOST_ROOT_DIRS = (("host", 0o755),)
 
 
-def stage_files(spec, root, userns=None):
+def stage_files(spec, root, owner=HOST_ROOT):
     """The workdir, the volumes' mount points, the uploads, then the volumes:
     every path is made before any host directory is bound into the root, so
     none is ever made inside one.  Under --userns the uploads belong to the
-    job's root as the host sees it (userns.base)."""
+    job's root as the host sees it (owner.base)."""
     rootfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     targets = []
     # What jrun makes for the job belongs to the job's root.  Owners are set
     # on the fds of what was made: a chown by path afterwards would follow
     # the rootfs's symlinks to the host.
-    owner = (userns.base, userns.base) if userns else None
+    ids = (owner.base, owner.base) if owner.mapped else None
     try:
-        os.close(open_dir_in_root(rootfd, spec.workdir, owner))
+        os.close(open_dir_in_root(rootfd, spec.workdir, ids))
         for v in spec.volumes:
             targets.append(prepare_volume(rootfd, v))
         if spec.uploads:
-            Uploader(spec.uploads, owner).run(rootfd, spec.uploads)
+            Uploader(spec.uploads, ids).run(rootfd, spec.uploads)
         for v, fd in zip(spec.volumes, targets):
             mount_volume(v, fd)
     finally:
@@ -6677,7 +6718,7 @@ def resolve_user(spec):
     return uid, gid, (pw[5] if pw and pw[5] else "/")
 
 
-def drop_privileges(spec, uid, gid, sync_r, userns=None):
+def drop_privileges(spec, uid, gid, sync_r, owner=HOST_ROOT):
     """The last steps before exec, in the only order that works: what needs
     a capability (bounding set, setuid) before the capabilities go, and the
     seccomp filter last, so that it need not allow what jrun itself calls.
@@ -6692,9 +6733,11 @@ def drop_privileges(spec, uid, gid, sync_r, userns=None):
     # Hard limit 1 too, and the filter refuses setting RLIMIT_CORE at all,
     # since lowering the soft limit to 0 would start the helper again.
     setrlimit(RLIMIT_CORE, 1, 1)
-    if userns:
-        userns.join()
-        audit("joined the job's user namespace: uid %d is %d on the host" % (uid, userns.base + uid))
+    if owner.mapped:
+        # The child's uids do not change by this (setresuid does it next); it
+        # gains every capability inside this namespace and keeps none outside.
+        setns(owner.userns_fd, CLONE_NEWUSER)
+        audit("joined the job's user namespace: uid %d is %d on the host" % (uid, owner.base + uid))
     caps = job_capabilities(spec) if uid == 0 else frozenset()
     keep = {CAPABILITIES.index(c) for c in caps}
     # The bounding set decides what a root COMMAND gets at exec.  Counted
@@ -7423,22 +7466,8 @@ def cmd_kill(argv):
 #   job starting up (is_live), and is left alone too.
 # - gc holds the lock of a dead job while it tears it down, so a new job
 #   taking the same name waits for the name instead of racing with gc.
-# - Resources whose state directory is gone entirely (jrun crashed between
-#   creating them and recording them, or someone deleted /run/jrun) are found
-#   by each Resource class's optional orphans() hook:
-#
-#       @classmethod
-#       def orphans(cls, known_ids):
-#           """Yield instances (ready for teardown()) of host objects of this
-#           kind that jrun made (a cgroup under jrun's parent, a veth named
-#           jr*, ...) and whose job has no state directory.  Enumerate the
-#           host objects FIRST, then call known_ids() (the job ids that have
-#           a state directory now): a job creates its state directory before
-#           any resource and removes it after all of them, so an object
-#           seen before the call belongs to a job in known_ids() unless that
-#           job is gone."""
-#
-#   teardown() of an orphan must be as idempotent as any other teardown.
+# - Resources whose state directory is gone entirely are found by each
+#   resource's orphans() (see its contract on Resource.orphans).
 
 
 def gc_job(job_id):
@@ -7464,8 +7493,7 @@ def gc_job(job_id):
             res = cls.from_state(record)
             if res is not None:
                 res.teardown()
-                if isinstance(res, Cgroup):
-                    stuck = [d for d in res.dirs if os.path.isdir(d)]
+                stuck += res.remains()
         if stuck:
             # job.json is jrun's only proof that it made these (see
             # Cgroup.setup): it stays until a later gc removes them.
@@ -7496,10 +7524,7 @@ def collect_orphans():
     """Resources of jobs that have no state directory at all."""
     removed = []
     for cls in RESOURCE_CLASSES:
-        hook = getattr(cls, "orphans", None)
-        if hook is None:
-            continue
-        for res in hook(lambda: set(job_ids())):
+        for res in cls.orphans(lambda: set(job_ids())):
             res.teardown()
             removed.append(res.name)
     return removed
