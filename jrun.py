@@ -290,11 +290,27 @@ class SetupError(JrunError):
 
 
 class NotExecutable(JrunError):
-    exit_code = EXIT_NOEXEC
+    """COMMAND was found in the job's root but cannot be executed."""
 
 
 class NotFound(JrunError):
-    exit_code = EXIT_NOTFOUND
+    """COMMAND (or its script's interpreter) is not in the job's root."""
+
+
+# Exit status <-> error, one table for both directions: an error's
+# exit_code (what main() exits with, and what the child reports through the
+# status pipe) and, in the parent, the error a status the child reported
+# stands for (error_of_status).  Any other error is EXIT_JRUN.
+STATUS_ERRORS = ((EXIT_NOEXEC, NotExecutable), (EXIT_NOTFOUND, NotFound))
+for _status, _error in STATUS_ERRORS:
+    _error.exit_code = _status
+del _status, _error
+
+
+def error_of_status(status):
+    """The error the child's exit STATUS stands for (SetupError for
+    EXIT_JRUN: the child's host-side setup failed)."""
+    return dict(STATUS_ERRORS).get(status, SetupError)
 
 
 # ---------------------------------------------------------------------------
@@ -6284,6 +6300,7 @@ class ChildPlan(_Frozen):
 
 
 def _report(fd, code, msg):
+    """An error on the status pipe (its data format: see supervise)."""
     try:
         os.write(fd, _exact_bytes("E%d %s\n" % (code, msg)))
     except OSError:
@@ -6380,10 +6397,9 @@ def child_steps(plan):
     try:
         os.execve(argv[0], argv, env)
     except OSError as e:
-        code = EXIT_NOTFOUND if e.errno == errno.ENOENT else EXIT_NOEXEC
-        hint = " (a script whose interpreter is missing from the job's root?)" if code == EXIT_NOTFOUND else ""
-        raise (NotFound if code == EXIT_NOTFOUND else NotExecutable)(
-            "%s: cannot execute: %s%s" % (spec.command[0], e.strerror, hint)) from None
+        error = NotFound if e.errno == errno.ENOENT else NotExecutable
+        hint = " (a script whose interpreter is missing from the job's root?)" if error is NotFound else ""
+        raise error("%s: cannot execute: %s%s" % (spec.command[0], e.strerror, hint)) from None
 
 
 def build_root(spec, state_dir, owner=HOST_ROOT, resources=()):
@@ -7005,7 +7021,18 @@ def die_with_caller():
 
 
 def supervise(spec, state, teardown, out, kinds):
+    # Data format of the status pipe, child to parent, closed on exec:
+    #   b"R\n"                    the child has its namespaces and waits on
+    #                             the sync pipe for the parent to attach them;
+    #   b"E<status> <message>\n"  the child's setup failed; it exits with
+    #                             <status> (STATUS_ERRORS: the error it is);
+    #   EOF (empty read)          exec succeeded (or the child died).
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    # Data format of the sync pipe, parent to child: one byte b"G" releases
+    # the child once its cgroup and network are attached; EOF instead (the
+    # parent gave up or died) makes it exit.  sync_w stays open for the
+    # job's life: the child checks it for EOF after its last credential
+    # change (drop_privileges).
     sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
     resources = host_resources(spec)
     for res in resources:
@@ -7039,8 +7066,6 @@ def supervise(spec, state, teardown, out, kinds):
         if status == "R":
             for res in resources:
                 res.attach(pid)
-            # sync_w stays open for the job's life: the child checks it
-            # for EOF (jrun died) after its last credential change.
             os.write(sync_w, b"G")
             audit("child released from the sync pipe")
             status = _read_status(status_r, relay_to=pid if spec.uploads else None)
@@ -7052,8 +7077,7 @@ def supervise(spec, state, teardown, out, kinds):
             reaped = ws
             if relay:
                 relay.finish(spec.stop_timeout)  # what the child wrote (--log-level debug)
-            raise (NotFound if out.exit_code == EXIT_NOTFOUND else
-                   NotExecutable if out.exit_code == EXIT_NOEXEC else SetupError)(msg)
+            raise error_of_status(out.exit_code)(msg)
         # COMMAND runs from here: --timeout does not count the uploads' copy.
         started = time.monotonic()
         if relay:
