@@ -351,8 +351,9 @@ def _exact_bytes(text):
         return text.encode("utf-8", "replace")
 
 
-def audit(msg):
-    """One line of the isolation audit trail, shown with --log-level debug."""
+def trace(msg):
+    """One line of the debug trail (--log-level debug): each isolation step
+    as it is taken.  (Not the audit log: see append_audit_log.)"""
     log("debug", msg)
 
 
@@ -1456,7 +1457,7 @@ def remove_unused_subtrees(subtrees):
     for sub in subtrees:
         try:
             os.rmdir(sub)
-            audit("cgroup: %s removed (no job left in it)" % sub)
+            trace("cgroup: %s removed (no job left in it)" % sub)
         except OSError:
             pass
 
@@ -2342,7 +2343,7 @@ def mount_volume(v, target_fd):
         bind_into(v.fd, target_fd, attrs)
     except OSError as e:
         raise SetupError("-v/--volume %s:%s: %s" % (v.src, v.dest, e.strerror)) from None
-    audit("volume %s bound at %s (%s, nosuid, nodev, submounts included)"
+    trace("volume %s bound at %s (%s, nosuid, nodev, submounts included)"
           % (v.src, v.dest, "read-only" if v.read_only else "read-write"))
 
 
@@ -2402,7 +2403,7 @@ def build_host_root(root):
             _safe_file(root, "etc/" + rel, content=data.decode("utf-8", "replace"))
     finally:
         os.close(rootfd)
-    audit("root: a tmpfs with the host's %s and part of /etc, read-only, nosuid, nodev"
+    trace("root: a tmpfs with the host's %s and part of /etc, read-only, nosuid, nodev"
           % ", ".join(n for n in HOST_SYSTEM_DIRS if os.path.lexists("/" + n)))
 
 
@@ -2447,7 +2448,7 @@ def make_root_read_only(root):
         mount_setattr(fd, MOUNT_ATTR_RDONLY, recursive=False)
     finally:
         os.close(fd)
-    audit("root remounted read-only (workdir, /tmp, /dev and read-write volumes stay writable)")
+    trace("root remounted read-only (workdir, /tmp, /dev and read-write volumes stay writable)")
 
 
 # ---------------------------------------------------------------------------
@@ -3793,7 +3794,7 @@ class Teardown:
             what, fn, args = self.steps.pop()
             try:
                 fn(*args)
-                audit("teardown: %s" % what)
+                trace("teardown: %s" % what)
             except Exception as e:  # noqa: BLE001 - teardown must go on
                 log("warning", "teardown: %s: %s" % (what, e))
 
@@ -3845,7 +3846,7 @@ class JobState:
                                dir_fd=self.fd)
         fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.rename("lock.new", "lock", src_dir_fd=self.fd, dst_dir_fd=self.fd)
-        audit("state: %s created and locked" % self.dir)
+        trace("state: %s created and locked" % self.dir)
 
     def is_live(self):
         try:
@@ -4131,7 +4132,7 @@ class Cgroup(Resource):
         except SetupError:
             self.teardown()
             raise
-        audit("cgroup v%d: %s created with %s" % (self.version, ", ".join(self.dirs),
+        trace("cgroup v%d: %s created with %s" % (self.version, ", ".join(self.dirs),
                                                   "; ".join("%s=%s" % (os.path.basename(f), " ".join(v.split()))
                                                             for f, v in self.checks) or "no limits"))
 
@@ -4148,7 +4149,7 @@ class Cgroup(Resource):
         if "MKNOD" in job_capabilities(self.spec):
             raise SetupError("--cap-add MKNOD: the job's cgroup can have no device allow-list here (%s), "
                              "and it is what stops a device node the job makes from being opened" % why)
-        audit("cgroup: no device allow-list (%s); the job's own nodes and nodev hold" % why)
+        trace("cgroup: no device allow-list (%s); the job's own nodes and nodev hold" % why)
 
     def verify_devices(self):
         """Child, in enter(): the device allow-list the parent set is in
@@ -4162,7 +4163,7 @@ class Cgroup(Resource):
     def attach(self, pid):
         for d in self.dirs:
             _write(os.path.join(d, "cgroup.procs"), str(pid))
-        audit("cgroup: job PID %d placed in %s" % (pid, ", ".join(self.dirs)))
+        trace("cgroup: job PID %d placed in %s" % (pid, ", ".join(self.dirs)))
 
     def join(self):
         """Child: nothing to do when the parent has placed it (attach)."""
@@ -4188,12 +4189,12 @@ class Cgroup(Resource):
             if got is None or sorted(map(str.split, got.splitlines())) != sorted(map(str.split, want.splitlines())):
                 raise SetupError("cgroup verification failed: %s is %r, not %r" % (path, got, want))
         self.verify_devices()
-        audit("cgroup verified: this process is in %s only, limits read back: %s" % (
+        trace("cgroup verified: this process is in %s only, limits read back: %s" % (
             ", ".join("%s:%s" % (c or "0:", mine[c]) for c in self.where),
             "; ".join("%s=%s" % (os.path.basename(f), v.strip().replace("\n", " ")) for f, v in self.checks)
             or "none"))
         unshare(CLONE_NEWCGROUP)
-        audit("cgroup namespace: the job's cgroup is its root '/'")
+        trace("cgroup namespace: the job's cgroup is its root '/'")
 
     def kill_all(self):
         """SIGKILL every process still in the job's cgroups.  A pidfd is
@@ -4271,7 +4272,7 @@ class CgroupV1(Cgroup):
         alone = len(os.listdir("/proc/self/task")) == 1
         for d in self.dirs:
             _write(os.path.join(d, "tasks" if alone else "cgroup.procs"), "0" if alone else str(os.getpid()))
-        audit("cgroup: the job's PID 1 moved itself into %s" % ", ".join(self.dirs))
+        trace("cgroup: the job's PID 1 moved itself into %s" % ", ".join(self.dirs))
 
     def plan(self):
         host = cgroup_host()
@@ -4374,7 +4375,7 @@ class CgroupV1(Cgroup):
             os.mkdir(target, 0o555)
             mount("cgroup", target, "cgroup", flags | MS_RDONLY, ctrls)
         mount(None, CGROUP_ROOT, None, MS_REMOUNT | MS_RDONLY | flags, "mode=0755,size=16k")
-        audit("%s: read-only tmpfs with the job's hierarchies %s, read-only"
+        trace("%s: read-only tmpfs with the job's hierarchies %s, read-only"
               % (CGROUP_ROOT, ", ".join(self.where)))
 
     def collect(self, out):
@@ -4583,7 +4584,7 @@ class CgroupV2(Cgroup):
             # around jrun (EPERM), a delegating parent whose program allows
             # no other (EPERM).
             return self._no_device_list("cgroup BPF: %s" % os.strerror(e.errno))
-        audit("cgroup: device allow-list attached (eBPF program %d): %s" % (self.device_filter, " ".join(
+        trace("cgroup: device allow-list attached (eBPF program %d): %s" % (self.device_filter, " ".join(
             "%s %d:%s %s" % (k, ma, "*" if mi is None else mi, a) for k, ma, mi, a in DEVICE_RULES)))
 
     def verify_devices(self):
@@ -4593,11 +4594,11 @@ class CgroupV2(Cgroup):
         if found != [self.device_filter]:
             raise SetupError("cgroup verification failed: device programs %s attached to %s, not [%d]"
                              % (found, self.dirs[0], self.device_filter))
-        audit("device allow-list verified: eBPF program %d is attached to the job's cgroup" % self.device_filter)
+        trace("device allow-list verified: eBPF program %d is attached to the job's cgroup" % self.device_filter)
 
     def enter_root(self):
         mount("cgroup2", CGROUP_ROOT, "cgroup2", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        audit("%s: the job's own cgroup2, read-only" % CGROUP_ROOT)
+        trace("%s: the job's own cgroup2, read-only" % CGROUP_ROOT)
 
     def collect(self, out):
         d = self.dirs[0]
@@ -4675,7 +4676,7 @@ class JobUserNamespace(Resource):
     def setup(self, state):
         self.base = self._allocate(state)
         self.fd = self._create()
-        audit("user namespace: uid and gid 0-%d inside are %d-%d on the host"
+        trace("user namespace: uid and gid 0-%d inside are %d-%d on the host"
               % (USERNS_SIZE - 1, self.base, self.base + USERNS_SIZE - 1))
 
     def _allocate(self, state):
@@ -5320,7 +5321,7 @@ def _sync_nft(without=None):
     """Make the `inet jrun` table match the networks that exist (lock held)."""
     nets = _nft_networks(without)
     _run_nft(nft_ruleset(nets, network_config()["allow_link_local"]))
-    audit("nft: table %s %s" % (NFT_TABLE, "holds %d network(s)" % len(nets) if nets else "deleted"))
+    trace("nft: table %s %s" % (NFT_TABLE, "holds %d network(s)" % len(nets) if nets else "deleted"))
 
 
 def _restore_nft(quiet=False):
@@ -5335,12 +5336,12 @@ def _restore_nft(quiet=False):
     damage = _nft_damage(nets, allow)
     if damage is None:
         if nets:
-            audit("nft: table %s in place" % NFT_TABLE)
+            trace("nft: table %s in place" % NFT_TABLE)
         return None
     if _nft_damage(nets, not allow) is None:
         # Written by a jrun with the other allow-link-local: the host's
         # setting changed (or another --config), not a repair.
-        audit("nft: table %s rewritten for allow-link-local = %s" % (NFT_TABLE, str(allow).lower()))
+        trace("nft: table %s rewritten for allow-link-local = %s" % (NFT_TABLE, str(allow).lower()))
         _sync_nft()
         return None
     try:
@@ -5423,7 +5424,7 @@ def _remove_network(nl, f):
     """No job is left on f's network: its bridge, rules and file go (lock
     held).  The file goes last, so a crash in between leaves it for gc."""
     if _delete_link(nl, f.bridge):
-        audit("network %s: bridge %s deleted (no job left on it)" % (f.name, f.bridge))
+        trace("network %s: bridge %s deleted (no job left on it)" % (f.name, f.bridge))
     _sync_nft(without=f.bridge)
     f.remove()
 
@@ -5554,7 +5555,7 @@ class Network(Resource):
             _enable_forwarding()
         if missing:
             self._create_bridge(f)
-        audit("network %s: address %s/%d leased on %s" % (self.net, format_ip(self.address), f.subnet[1],
+        trace("network %s: address %s/%d leased on %s" % (self.net, format_ip(self.address), f.subnet[1],
                                                           self.bridge))
 
     def _new_network(self):
@@ -5589,7 +5590,7 @@ class Network(Resource):
                           prefixlen=f.subnet[1], index=index, attrs=[
                               ("IFA_LOCAL", format_ip(f.gateway)), ("IFA_ADDRESS", format_ip(f.gateway)),
                               ("IFA_BROADCAST", format_ip(bcast))])))
-        audit("network %s: bridge %s created, gateway %s/%d" % (self.net, self.bridge, format_ip(f.gateway),
+        trace("network %s: bridge %s created, gateway %s/%d" % (self.net, self.bridge, format_ip(f.gateway),
                                                                  f.subnet[1]))
 
     # -- parent, child waiting in its namespaces ------------------------------
@@ -5631,7 +5632,7 @@ class Network(Resource):
                                      ("IFLA_INFO_SLAVE_KIND", "bridge"),
                                      ("IFLA_INFO_SLAVE_DATA", {"attrs": [("IFLA_BRPORT_ISOLATED", 1)]})]})])))
             nl.do(*reqs)
-            audit("network %s: veth %s on %s%s, its other end eth0 in the job's network namespace"
+            trace("network %s: veth %s on %s%s, its other end eth0 in the job's network namespace"
                   % (self.net, self.veth, self.bridge, " (isolated port)" if len(reqs) > 1 else ""))
             job = Netlink(netns_fd=ns)
         finally:
@@ -5651,8 +5652,8 @@ class Network(Resource):
                                     ("RTA_GATEWAY", format_ip(f.gateway)), ("RTA_OIF", eth0)])))
         finally:
             job.close()
-        audit("network: eth0 %s/%d up, default route via %s" % (format_ip(ip), f.subnet[1], format_ip(f.gateway)))
-        audit("network: ready")
+        trace("network: eth0 %s/%d up, default route via %s" % (format_ip(ip), f.subnet[1], format_ip(f.gateway)))
+        trace("network: ready")
 
     # -- child ----------------------------------------------------------------
 
@@ -5687,7 +5688,7 @@ class Network(Resource):
             mine = [ip for ip, owner in f.leases.items() if owner == self.owner]
             for ip in mine:
                 del f.leases[ip]
-                audit("network: address %s released" % format_ip(ip))
+                trace("network: address %s released" % format_ip(ip))
             f.prune()
             if f.leases:
                 f.save()
@@ -5697,7 +5698,7 @@ class Network(Resource):
                 if f.idle is None:
                     f.idle = time.time()
                 f.save()
-                audit("network %s: idle; bridge %s and its rules kept for the next job (network-idle: %g s)"
+                trace("network %s: idle; bridge %s and its rules kept for the next job (network-idle: %g s)"
                       % (f.name, self.bridge, NETWORK_IDLE))
             else:
                 _remove_network(self.nl or _host_netlink(), f)
@@ -5964,7 +5965,7 @@ class JobStdio:
             ends.update((fd, slave) for fd in (0, 1, 2) if self.kinds[fd] == STDIO_TTY)
         for fd, end in ends.items():
             os.dup2(end, fd)  # inheritable: dup2 clears close-on-exec on FD
-        audit("stdio: %s" % ", ".join("%d %s" % (fd, STDIO_SAY[k]) for fd, k in enumerate(self.kinds)))
+        trace("stdio: %s" % ", ".join("%d %s" % (fd, STDIO_SAY[k]) for fd, k in enumerate(self.kinds)))
 
     def _open_pty(self, uid, gid):
         """A pty of the job's own devpts instance (build_dev): the slave for
@@ -6339,9 +6340,9 @@ def child_steps(plan):
     # or fds while it still holds privileges and host file descriptors.
     prctl.set_dumpable(0)
     unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET)
-    audit("namespaces created: pid (PID %d inside), mount, uts, ipc, net" % os.getpid())
+    trace("namespaces created: pid (PID %d inside), mount, uts, ipc, net" % os.getpid())
     loopback_up()
-    audit("network: lo up")
+    trace("network: lo up")
     os.write(plan.status_w, b"R\n")
     # Wait until the parent has put us in our cgroup and network.  EOF
     # without "G" means the parent gave up: exit quietly.
@@ -6352,7 +6353,7 @@ def child_steps(plan):
     owner = next((o for o in (res.root_owner() for res in plan.resources) if o), HOST_ROOT)
 
     mount(None, "/", None, MS_REC | MS_PRIVATE)
-    audit("mounts made private (recursively) before anything was mounted")
+    trace("mounts made private (recursively) before anything was mounted")
     root = build_root(spec, plan.state_dir, owner, plan.resources)
     pivot_into(root)
     mount_proc_and_sys()
@@ -6360,7 +6361,7 @@ def child_steps(plan):
         res.enter_root()
     harden_proc_and_sys(spec)
     sethostname(spec.hostname)
-    audit("hostname set to %s" % spec.hostname)
+    trace("hostname set to %s" % spec.hostname)
 
     uid, gid, home = resolve_user(spec)
     if owner.limit is not None and max(uid, gid) >= owner.limit:
@@ -6379,9 +6380,9 @@ def child_steps(plan):
     close_inherited_fds((plan.status_w, plan.sync_r) + ((owner.userns_fd,) if owner.mapped else ()))
     os.setsid()
     if plan.stdio.take_terminal():
-        audit("new session; its controlling terminal is the job's own pty (TIOCSTI, CVE-2017-5226)")
+        trace("new session; its controlling terminal is the job's own pty (TIOCSTI, CVE-2017-5226)")
     else:
-        audit("new session: the job has no controlling terminal (TIOCSTI, CVE-2017-5226)")
+        trace("new session: the job has no controlling terminal (TIOCSTI, CVE-2017-5226)")
     # COMMAND starts with every signal at its default and none blocked, as
     # in a fresh container: exec keeps an ignored signal ignored (Python
     # ignores SIGPIPE and SIGXFSZ; a shell ignores SIGINT and SIGQUIT in
@@ -6393,7 +6394,7 @@ def child_steps(plan):
             signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
     drop_privileges(spec, uid, gid, plan.sync_r, owner)
-    audit("exec %s" % " ".join(argv))
+    trace("exec %s" % " ".join(argv))
     try:
         os.execve(argv[0], argv, env)
     except OSError as e:
@@ -6460,13 +6461,13 @@ def build_root(spec, state_dir, owner=HOST_ROOT, resources=()):
         # nodev: a device node in a custom rootfs (an image from anywhere)
         # must not open the host's disks; /dev is a mount of its own.
         mount("overlay", root, "overlay", MS_NOSUID | MS_NODEV, "lowerdir=lower,upperdir=upper,workdir=ovlwork")
-        audit("root: overlay of %s with a private writable layer" % lower)
+        trace("root: overlay of %s with a private writable layer" % lower)
 
     # Binds keep the tmpfs mount's nosuid and nodev (clone_mnt copies them).
     mount(space["tmp"], _safe_mkdirs(root, "tmp", 0o1777), None, MS_BIND)
     # /work is always there, whatever -w says: uploads land in it by default.
     mount(space["work"], _safe_mkdirs(root, DEFAULT_WORKDIR), None, MS_BIND)
-    audit("writable space: one tmpfs (size=%s, nr_inodes=%d) for %s, /tmp, %s and /dev/shm"
+    trace("writable space: one tmpfs (size=%s, nr_inodes=%d) for %s, /tmp, %s and /dev/shm"
           % (fmt_size(workdir_bytes(spec)), workdir_inodes(spec),
              "/" if spec.rootfs == "host" else "the root's writable layer", DEFAULT_WORKDIR))
 
@@ -6561,7 +6562,7 @@ def build_dev(root, spec, base, shm):
         os.close(os.open(init, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o755))
         mount(TINI, init, None, MS_BIND)
         mount(None, init, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
-    audit("minimal /dev (nodev): the job's own read-only %s; pts shm%s"
+    trace("minimal /dev (nodev): the job's own read-only %s; pts shm%s"
           % (" ".join(n for n, _, _ in DEV_NODES), " init" if spec.init else ""))
 
 
@@ -6574,14 +6575,14 @@ def pivot_into(root):
     pivot_root(".", ".")
     umount2(".", MNT_DETACH)
     os.chdir("/")
-    audit("root pivoted; old root detached (umount2 MNT_DETACH)")
+    trace("root pivoted; old root detached (umount2 MNT_DETACH)")
 
 
 def mount_proc_and_sys():
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    audit("/proc remounted for the job's PID namespace")
+    trace("/proc remounted for the job's PID namespace")
     mount("sysfs", "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    audit("/sys mounted read-only")
+    trace("/sys mounted read-only")
 
 
 # /proc and /sys entries that tell about the host or act on it, handled as
@@ -6622,7 +6623,7 @@ def harden_proc_and_sys(spec):
         if os.path.exists(path):
             mount(path, path, None, MS_BIND | MS_REC)
             mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    audit("/proc and /sys hardened: %s masked; %s read-only"
+    trace("/proc and /sys hardened: %s masked; %s read-only"
           % (" ".join(p.split("/", 2)[2] for p in MASKED_FILES + MASKED_DIRS),
              " ".join(p.split("/", 2)[2] for p in READ_ONLY_PROC)))
 
@@ -6687,7 +6688,7 @@ def close_inherited_fds(keep):
             os.closerange(low, fd)
         low = fd + 1
     os.closerange(low, 0x7FFFFFFF)  # close_range(low, INT_MAX - 1): one syscall
-    audit("file descriptors above 2 closed")
+    trace("file descriptors above 2 closed")
 
 
 # ---------------------------------------------------------------------------
@@ -6753,7 +6754,7 @@ def drop_privileges(spec, uid, gid, sync_r, owner=HOST_ROOT):
         # The child's uids do not change by this (setresuid does it next); it
         # gains every capability inside this namespace and keeps none outside.
         setns(owner.userns_fd, CLONE_NEWUSER)
-        audit("joined the job's user namespace: uid %d is %d on the host" % (uid, owner.base + uid))
+        trace("joined the job's user namespace: uid %d is %d on the host" % (uid, owner.base + uid))
     caps = job_capabilities(spec) if uid == 0 else frozenset()
     keep = {CAPABILITIES.index(c) for c in caps}
     # The bounding set decides what a root COMMAND gets at exec.  Counted
@@ -6790,17 +6791,17 @@ def drop_privileges(spec, uid, gid, sync_r, owner=HOST_ROOT):
     prctl.set_caps(([n for n in known if n not in keep], (prctl.CAP_EFFECTIVE, prctl.CAP_PERMITTED), False),
                    (known, prctl.CAP_INHERITABLE, False))
     sys_prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
-    audit("user %d:%d, no supplementary groups; capabilities: %s"
+    trace("user %d:%d, no supplementary groups; capabilities: %s"
           % (uid, gid, ", ".join(sorted(caps)) or "none (all sets empty, bounding and ambient too)"))
     # setuid, setgid and file-capability binaries gain nothing from now on.
     prctl.set_no_new_privs(1)
-    audit("no_new_privs set; core dumps off")
+    trace("no_new_privs set; core dumps off")
     if spec.seccomp == "default":
         prog = seccomp_program(os.uname().machine, caps)
         seccomp_set_filter(prog)
-        audit("seccomp filter installed (%d instructions)" % len(prog))
+        trace("seccomp filter installed (%d instructions)" % len(prog))
     else:
-        audit("no seccomp filter (--seccomp unconfined)")
+        trace("no seccomp filter (--seccomp unconfined)")
 
 
 # ---------------------------------------------------------------------------
@@ -7067,7 +7068,7 @@ def supervise(spec, state, teardown, out, kinds):
             for res in resources:
                 res.attach(pid)
             os.write(sync_w, b"G")
-            audit("child released from the sync pipe")
+            trace("child released from the sync pipe")
             status = _read_status(status_r, relay_to=pid if spec.uploads else None)
         if status and status.startswith("E"):
             code, _, msg = status[1:].partition(" ")
@@ -7248,7 +7249,7 @@ def _release_tracee(tid, sig):
     sender = ptrace_sender(tid)
     if sender is None or (sig == signal.SIGSTOP and sender != 0):
         sig = 0
-    audit("thread %d of the job stopped with jrun as its tracer (PTRACE_TRACEME): detached, signal %d"
+    trace("thread %d of the job stopped with jrun as its tracer (PTRACE_TRACEME): detached, signal %d"
           % (tid, sig))
     ptrace_detach(tid, sig)
 
@@ -7626,7 +7627,7 @@ def release_slurm_cgroups(dirs):
                     continue
                 except OSError:
                     break
-                audit("gc: Slurm's empty cgroup %s removed" % "/".join(parts[:i]))
+                trace("gc: Slurm's empty cgroup %s removed" % "/".join(parts[:i]))
         finally:
             if lock is not None:
                 os.close(lock)
