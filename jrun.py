@@ -6,27 +6,36 @@
 
 One privileged invocation, no daemon, no setuid helper.  The order of a run:
 
-  1. parse argv once into a frozen JobSpec, then validate all of it against
-     this host before the first side effect (bad input: exit 125, nothing made);
-  2. parent: create the job's state directory /run/jrun/<id> (held by a lock),
-     its cgroup and its network plumbing, each registered for teardown;
-  3. fork a child into a new PID namespace (it is PID 1 there); the child
-     unshares mount, UTS, IPC and network namespaces and reports "ready";
-  4. parent: create the job's eth0 in the child's network namespace and
-     address it (the network is ready before COMMAND), put the child in its
-     cgroup (on cgroup v1 the child joins itself: see CgroupV1.join), and
-     release it through the sync pipe;
-  5. child: verify its cgroup and limits, cgroup namespace, private mounts,
-     a per-job root on a tmpfs (an overlay, or the host's system dirs
-     read-only), /work, a minimal /dev, uploads copied and volumes bound
-     (all still before pivot_root, never following a symlink of the job's
-     root out of it), pivot_root, old root detached, /proc (hardened),
-     read-only /sys and cgroup fs, hostname, its own stdio on fds 0-2,
-     new session, capabilities, user, no_new_privs, seccomp last, exec
-     COMMAND (a failure before exec is reported through a close-on-exec
-     error pipe);
-  6. parent: relay the job's stdio (where it is a host file or terminal)
-     and signals, enforce --timeout, reap, tear down in reverse.
+  1. parse argv once into a frozen JobSpec (parse_run), then validate all
+     of it against this host before the first side effect (validate, each
+     Resource.check; bad input: exit 125, nothing made);
+  2. parent (run_job, supervise): create the job's state directory
+     /run/jrun/<id> (JobState.create, held by a lock), then its cgroup, user
+     namespace and network plumbing (Resource.setup of Cgroup,
+     JobUserNamespace, Network), each registered for teardown (Teardown);
+  3. fork a child (child_main) into a new PID namespace (it is PID 1 there),
+     which runs CHILD_STEPS in order: die_with_jrun; unshare_namespaces
+     (mount, UTS, IPC, network); wait_for_release reports "ready";
+  4. parent: Resource.attach: create the job's eth0 in the child's network
+     namespace and address it (Network.attach: the network is ready before
+     COMMAND), put the child in its cgroup (Cgroup.attach; on cgroup v1 the
+     child joins itself: see CgroupV1.join), and release it through the
+     sync pipe;
+  5. child: enter_resources (verify its cgroup and limits, cgroup
+     namespace); build_job_root (private mounts, then build_root: a per-job
+     root on a tmpfs, an overlay or the host's system dirs read-only, /work,
+     a minimal /dev (build_dev), uploads copied and volumes bound
+     (stage_files), all still before pivot_root, never following a symlink
+     of the job's root out of it); pivot_into_root (old root detached);
+     enter_proc_and_sys (/proc hardened, read-only /sys and cgroup fs);
+     set_hostname; enter_workdir (user, environment, workdir, command);
+     take_stdio_and_session (its own stdio on fds 0-2, new session);
+     reset_signals; drop_job_privileges (capabilities, user, no_new_privs,
+     seccomp last); exec_command (a failure before exec is reported through
+     a close-on-exec status pipe);
+  6. parent: wait_for_job relays the job's stdio (Relay, where it is a host
+     file or terminal) and signals, enforces --timeout and reaps;
+     Resource.collect, then Teardown.run tears everything down in reverse.
 
 Exit status: COMMAND's own; 128+N if killed by signal N; 137 OOM-killed;
 124 --timeout expired; 125 jrun failed (nothing started, nothing left);
@@ -6308,26 +6317,44 @@ def _report(fd, code, msg):
         pass
 
 
+class ChildRun:
+    """What the child's steps share: its plan, then what the steps before
+    found (the owner of the job's root, the root, the user, the environment
+    and argv of COMMAND)."""
+
+    __slots__ = ("plan", "spec", "owner", "root", "uid", "gid", "home", "env", "argv")
+
+    def __init__(self, plan):
+        self.plan, self.spec = plan, plan.spec
+        self.owner, self.root = HOST_ROOT, None
+
+
 def child_main(plan):
-    """Entry of the forked child.  Never returns."""
+    """Entry of the forked child: CHILD_STEPS in order, the last one execs
+    COMMAND.  Never returns; a step's failure goes to the status pipe, named
+    after the step when the error does not say more than errno."""
+    job = ChildRun(plan)
+    step = "start"
     try:
         try:
-            child_steps(plan)
+            for step, run in CHILD_STEPS:
+                trace("child step: %s" % step)
+                run(job)
         except JrunError as e:
             _report(plan.status_w, e.exit_code, str(e))
             os._exit(e.exit_code)
         except OSError as e:
-            _report(plan.status_w, EXIT_JRUN, "job setup: %s" % (e.strerror if not e.args[1:] else e.args[1]))
+            _report(plan.status_w, EXIT_JRUN, "job setup: %s: %s"
+                    % (step, e.strerror if not e.args[1:] else e.args[1]))
             os._exit(EXIT_JRUN)
         except BaseException as e:  # noqa: BLE001 - the child must never return
-            _report(plan.status_w, EXIT_JRUN, "job setup: %s: %s" % (type(e).__name__, e))
+            _report(plan.status_w, EXIT_JRUN, "job setup: %s: %s: %s" % (step, type(e).__name__, e))
             os._exit(EXIT_JRUN)
     finally:
         os._exit(EXIT_JRUN)
 
 
-def child_steps(plan):
-    spec = plan.spec
+def die_with_jrun(job):
     import prctl
 
     # If jrun dies, even by SIGKILL, the job dies with it; and the PID
@@ -6339,50 +6366,83 @@ def child_steps(plan):
     # the job can ptrace this interpreter or open its /proc/1/mem, environ
     # or fds while it still holds privileges and host file descriptors.
     prctl.set_dumpable(0)
+
+
+def unshare_namespaces(job):
     unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET)
     trace("namespaces created: pid (PID %d inside), mount, uts, ipc, net" % os.getpid())
     loopback_up()
     trace("network: lo up")
-    os.write(plan.status_w, b"R\n")
-    # Wait until the parent has put us in our cgroup and network.  EOF
-    # without "G" means the parent gave up: exit quietly.
-    if os.read(plan.sync_r, 1) != b"G":
-        os._exit(EXIT_JRUN)
-    for res in plan.resources:
-        res.enter()
-    owner = next((o for o in (res.root_owner() for res in plan.resources) if o), HOST_ROOT)
 
+
+def wait_for_release(job):
+    """Tell the parent we are ready (R on the status pipe), then wait until
+    it has put us in our cgroup and network (G on the sync pipe; the pipes'
+    data format: see supervise).  EOF instead means the parent gave up:
+    exit quietly."""
+    os.write(job.plan.status_w, b"R\n")
+    if os.read(job.plan.sync_r, 1) != b"G":
+        os._exit(EXIT_JRUN)
+
+
+def enter_resources(job):
+    for res in job.plan.resources:
+        res.enter()
+    job.owner = next((o for o in (res.root_owner() for res in job.plan.resources) if o), HOST_ROOT)
+
+
+def build_job_root(job):
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     trace("mounts made private (recursively) before anything was mounted")
-    root = build_root(spec, plan.state_dir, owner, plan.resources)
-    pivot_into(root)
-    mount_proc_and_sys()
-    for res in plan.resources:
-        res.enter_root()
-    harden_proc_and_sys(spec)
-    sethostname(spec.hostname)
-    trace("hostname set to %s" % spec.hostname)
+    job.root = build_root(job.spec, job.plan.state_dir, job.owner, job.plan.resources)
 
+
+def pivot_into_root(job):
+    pivot_into(job.root)
+
+
+def enter_proc_and_sys(job):
+    mount_proc_and_sys()
+    for res in job.plan.resources:
+        res.enter_root()
+    harden_proc_and_sys(job.spec)
+
+
+def set_hostname(job):
+    sethostname(job.spec.hostname)
+    trace("hostname set to %s" % job.spec.hostname)
+
+
+def enter_workdir(job):
+    """The job's user, its /work, environment, workdir and command path."""
+    spec, owner = job.spec, job.owner
     uid, gid, home = resolve_user(spec)
+    job.uid, job.gid, job.home = uid, gid, home
     if owner.limit is not None and max(uid, gid) >= owner.limit:
         raise UsageError("-u/--user: %d:%d is not mapped under --userns (0 to %d are)"
                          % (uid, gid, owner.limit - 1))
-    base = owner.base
     if uid:  # /work, the job's own tmpfs, is its user's (what was uploaded into it keeps its owner)
-        os.chown(DEFAULT_WORKDIR, base + uid, base + gid)
-    env = job_environment(spec, home)
+        os.chown(DEFAULT_WORKDIR, owner.base + uid, owner.base + gid)
+    job.env = job_environment(spec, home)
     try:
         os.chdir(spec.workdir)
     except OSError as e:
         raise SetupError("-w/--workdir %s: %s" % (spec.workdir, e.strerror)) from None
-    argv = resolve_command(spec, env)  # in the workdir: './run.sh' is the workdir's, as for execvp
-    plan.stdio.enter(base + uid, base + gid)
+    job.argv = resolve_command(spec, job.env)  # in the workdir: './run.sh' is the workdir's, as for execvp
+
+
+def take_stdio_and_session(job):
+    plan, owner = job.plan, job.owner
+    plan.stdio.enter(owner.base + job.uid, owner.base + job.gid)
     close_inherited_fds((plan.status_w, plan.sync_r) + ((owner.userns_fd,) if owner.mapped else ()))
     os.setsid()
     if plan.stdio.take_terminal():
         trace("new session; its controlling terminal is the job's own pty (TIOCSTI, CVE-2017-5226)")
     else:
         trace("new session: the job has no controlling terminal (TIOCSTI, CVE-2017-5226)")
+
+
+def reset_signals(job):
     # COMMAND starts with every signal at its default and none blocked, as
     # in a fresh container: exec keeps an ignored signal ignored (Python
     # ignores SIGPIPE and SIGXFSZ; a shell ignores SIGINT and SIGQUIT in
@@ -6393,14 +6453,40 @@ def child_steps(plan):
         if sig not in (signal.SIGKILL, signal.SIGSTOP):
             signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
-    drop_privileges(spec, uid, gid, plan.sync_r, owner)
-    trace("exec %s" % " ".join(argv))
+
+
+def drop_job_privileges(job):
+    drop_privileges(job.spec, job.uid, job.gid, job.plan.sync_r, job.owner)
+
+
+def exec_command(job):
+    trace("exec %s" % " ".join(job.argv))
     try:
-        os.execve(argv[0], argv, env)
+        os.execve(job.argv[0], job.argv, job.env)
     except OSError as e:
         error = NotFound if e.errno == errno.ENOENT else NotExecutable
         hint = " (a script whose interpreter is missing from the job's root?)" if error is NotFound else ""
-        raise error("%s: cannot execute: %s%s" % (spec.command[0], e.strerror, hint)) from None
+        raise error("%s: cannot execute: %s%s" % (job.spec.command[0], e.strerror, hint)) from None
+
+
+# The child's whole life, in order, as nsjail's containProc: (name, step).
+# The name is the step's line in the debug trail and the start of its error
+# when it fails with no more than an errno ("job setup: pivot_root: ...").
+CHILD_STEPS = (
+    ("die with jrun", die_with_jrun),
+    ("namespaces", unshare_namespaces),
+    ("wait for release", wait_for_release),
+    ("enter resources", enter_resources),
+    ("build root", build_job_root),
+    ("pivot_root", pivot_into_root),
+    ("/proc and /sys", enter_proc_and_sys),
+    ("hostname", set_hostname),
+    ("user and workdir", enter_workdir),
+    ("stdio and session", take_stdio_and_session),
+    ("signals reset", reset_signals),
+    ("drop privileges", drop_job_privileges),
+    ("execve", exec_command),
+)
 
 
 def build_root(spec, state_dir, owner=HOST_ROOT, resources=()):
