@@ -4012,6 +4012,15 @@ class Resource:
 
 
 # ---------------------------------------------------------------------------
+# cgroups: the second stage of resource control.  Every job gets its own
+# cgroup, with or without limits: it accounts for the job and lets teardown
+# find and kill every process of it.  CgroupV1 and CgroupV2 share one
+# interface; the version is detected once (cgroup_host()).  What the verbs
+# (see Resource) do here: setup mkdirs and writes the limits; attach puts
+# the child in; enter verifies membership and limits, then makes the job's
+# own cgroup namespace; enter_root shows its cgroup read-only; collect reads
+# the cgroup's own counters; teardown kills what is left, rmdir.
+# ---------------------------------------------------------------------------
 
 
 def _write(path, value):
