@@ -1374,103 +1374,6 @@ def rootfs_path(spec):
     return ROOTFS_DIR if spec.rootfs == "minimal" else spec.rootfs
 
 
-# What this host's cgroups look like, learnt once per run from
-# /proc/self/mounts: cgroup v2 if /sys/fs/cgroup itself is a cgroup2 mount,
-# else the v1 hierarchies (a hybrid host's /sys/fs/cgroup/unified holds no
-# controller jrun uses).  validate() checks limits against it; the cgroup
-# section below builds on it.
-
-CGROUP_ROOT = "/sys/fs/cgroup"
-CGROUP_SUBTREE = "jrun"
-CPU_PERIOD_US = 100000
-# Below this a job cannot even start (the child's own pages, busybox's page
-# cache); a limit under it would fail in confusing ways, so it is refused.
-MEMORY_FLOOR = 4 << 20
-V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices")
-# The controllers each limit needs, by cgroup version.
-_LIMIT_CONTROLLERS = {
-    "cpu": ("--cpu", "cpu", "cpu"), "cores": ("--cores", "cpuset", "cpuset"),
-    "memory": ("--memory", "memory", "memory"), "pids": ("--pids", "pids", "pids"),
-    "io_bps": ("--io-bps", "blkio", "io"),
-}
-
-
-class CgroupHost:
-    """version 1 or 2; v1: mounts = {controller: (mountpoint, options)};
-    slurm_steps = {hierarchy: path}: the Slurm step jrun runs in, in each
-    hierarchy where Slurm made one (v1: named as in /proc/self/cgroup;
-    v2: ""), as a path relative to the hierarchy's root (see slurm_step_of)."""
-
-    def __init__(self):
-        self.version = 1
-        self.mounts = {}
-        self.slurm_steps = {}
-        with open("/proc/self/mounts", encoding="utf-8") as f:
-            for line in f:
-                _src, point, fstype, opts = line.split()[:4]
-                if point == CGROUP_ROOT and fstype == "cgroup2":
-                    self.version, self.mounts = 2, {}
-                    break
-                if fstype == "cgroup":
-                    ctrls = [o for o in opts.split(",") if o in V1_CONTROLLERS]
-                    for c in ctrls:
-                        self.mounts.setdefault(c, (point, ",".join(ctrls)))
-        # v1: a hierarchy is named by all its controllers, as /proc/self/cgroup
-        # spells them ("cpu,cpuacct", "net_cls,net_prio"), whatever jrun uses.
-        with open("/proc/self/cgroup", encoding="utf-8") as f:
-            for line in f:
-                _, ctrls, path = line.rstrip("\n").split(":", 2)
-                for c in ctrls.split(","):
-                    if c in self.mounts:
-                        self.mounts[c] = (self.mounts[c][0], ctrls)
-                step = slurm_step_of(path, self.version)
-                if step and (ctrls or self.version == 2):
-                    self.slurm_steps[ctrls] = step
-
-    def controllers(self, parent):
-        """The controllers a job under PARENT (relative to the root) can use."""
-        if self.version == 1:
-            return set(self.mounts)
-        try:
-            with open(os.path.join(CGROUP_ROOT, parent, "cgroup.controllers"), encoding="utf-8") as f:
-                return set(f.read().split())
-        except FileNotFoundError:
-            return set()
-
-
-_cgroup_host = []
-
-
-def cgroup_host():
-    if not _cgroup_host:
-        _cgroup_host.append(CgroupHost())
-    return _cgroup_host[0]
-
-
-def cgroup_parent(spec):
-    """--cgroup-parent as a path relative to each hierarchy's root."""
-    return (spec.cgroup_parent or CGROUP_SUBTREE).strip("/")
-
-
-def jrun_subtrees():
-    """jrun's own shared parent, <hierarchy>/jrun, in each hierarchy."""
-    host = cgroup_host()
-    points = [CGROUP_ROOT] if host.version == 2 else sorted({p for p, _ in host.mounts.values()})
-    return [os.path.join(p, CGROUP_SUBTREE) for p in points]
-
-
-def remove_unused_subtrees(subtrees):
-    """The last job to leave jrun's shared parent removes it, so that nothing
-    of jrun stays on the host.  rmdir refuses (EBUSY) while any job's cgroup
-    is below it; a job starting meanwhile makes it again (Cgroup.setup)."""
-    for sub in subtrees:
-        try:
-            os.rmdir(sub)
-            trace("cgroup: %s removed (no job left in it)" % sub)
-        except OSError:
-            pass
-
-
 # Slurm.  Under Slurm jrun is one task of a step: slurmstepd starts it with
 # SLURM_* in its environment and in the step's cgroups (proctrack/cgroup,
 # task/cgroup).  jrun names the job after that task (slurm_task) and makes
@@ -1521,234 +1424,6 @@ def default_hostname(job_id):
     if job_id.startswith("slurm-"):
         return job_id.replace("_", "-").replace(".", "-")
     return job_id if all(c.isalnum() or c == "-" for c in job_id) else "jrun"
-
-
-def slurm_step_of(path, version):
-    """The Slurm step cgroup that PATH (a line of /proc/self/cgroup) is in,
-    relative to its hierarchy's root, or None.  cgroup/v1 makes the step
-    /slurm[_NODE]/uid_U/job_J/step_S in each hierarchy it uses (then
-    task_T below it); cgroup/v2 puts the tasks in .../job_J/step_S/user/
-    task_T (slurmstepd itself in step_S/slurm), and a job's cgroup goes
-    beside them, in step_S/user (no process may be in a v2 cgroup that has
-    children with controllers: user has none of its own)."""
-    parts = path.split("/")
-    for i in range(1, len(parts) - 1):
-        if not (parts[i].startswith("job_") and parts[i][4:].isdigit() and parts[i + 1].startswith("step_")):
-            continue
-        if version == 1 and i == 3 and parts[1].startswith("slurm") and parts[2].startswith("uid_") \
-                and parts[2][4:].isdigit():
-            return "/".join(parts[1:5])
-        if version == 2 and i + 2 < len(parts) and parts[i + 2] == "user":
-            return "/".join(parts[1:i + 3])
-    return None
-
-
-def job_cgroup_parents(spec):
-    """(parents, step): where the job's cgroup goes, {hierarchy: parent
-    relative to its root} (v1: every hierarchy jrun may use; v2: ""), and
-    whether that is inside a Slurm step.  In a step (found in
-    /proc/self/cgroup, or insisted on with --cgroup-parent slurm, or its own
-    path given as --cgroup-parent): the step's cgroup wherever Slurm made
-    one, jrun's own subtree elsewhere (Slurm's v1 step has no pids, cpu or
-    blkio cgroup).  Otherwise --cgroup-parent, or jrun's own subtree, in
-    every hierarchy."""
-    host = cgroup_host()
-    names = [""] if host.version == 2 else sorted({ctrls for _, ctrls in host.mounts.values()})
-    want = spec.cgroup_parent
-    steps = host.slurm_steps
-    if want == "slurm":
-        if not any(n in steps for n in names):
-            raise UsageError("--cgroup-parent: slurm: jrun is not in a Slurm step's cgroup (/proc/self/cgroup "
-                             "shows none: run it as a task of sbatch or srun, with proctrack/cgroup or task/cgroup)")
-    elif want:
-        rel = want.strip("/")
-        if slurm_step_of("/" + rel, host.version) != rel:
-            return {n: rel for n in names}, False
-        steps = {n: rel for n in names if os.path.isdir(os.path.join(_hierarchy_root(n), rel))}
-    parents = {n: steps.get(n, CGROUP_SUBTREE) for n in names}
-    return parents, any(p != CGROUP_SUBTREE for p in parents.values())
-
-
-def memory_bound(spec):
-    """The memory limit that bounds the job, for the OOM message."""
-    if spec.limits.memory:
-        return fmt_size(spec.limits.memory)
-    parents, in_step = job_cgroup_parents(spec)
-    mem = next((p for n, p in parents.items() if n == "" or "memory" in n.split(",")), CGROUP_SUBTREE)
-    return "none of its own: the Slurm step's" if in_step and mem != CGROUP_SUBTREE else "none: the host's"
-
-
-def _hierarchy_root(ctrls):
-    """The mount point of a hierarchy named as in /proc/self/cgroup."""
-    mounts = cgroup_host().mounts
-    return next((mounts[c][0] for c in ctrls.split(",") if c in mounts), CGROUP_ROOT)
-
-
-def parse_cpuset(opt, text):
-    """'0-1,3' -> (0, 1, 3)."""
-    cpus = set()
-    for part in text.split(","):
-        lo, dash, hi = part.strip().partition("-")
-        if not (lo.isdigit() and (not dash or hi.isdigit())) or (dash and int(hi) < int(lo)):
-            raise UsageError("%s: %r is not a CPU list (use e.g. 0, 0-1, 0-1,3)" % (opt, text))
-        cpus.update(range(int(lo), int(hi if dash else lo) + 1))
-    return tuple(sorted(cpus))
-
-
-def format_cpuset(cpus):
-    """(0, 1, 3) -> '0-1,3', the kernel's own spelling."""
-    out, cpus = [], sorted(cpus)
-    i = 0
-    while i < len(cpus):
-        j = i
-        while j + 1 < len(cpus) and cpus[j + 1] == cpus[j] + 1:
-            j += 1
-        out.append(str(cpus[i]) if i == j else "%d-%d" % (cpus[i], cpus[j]))
-        i = j + 1
-    return ",".join(out)
-
-
-def _read_cpuset_file(path):
-    with open(path, encoding="utf-8") as f:
-        text = f.read().strip()
-    return parse_cpuset(path, text) if text else ()
-
-
-def _mount_of(path):
-    """(fstype, source, super options) of the mount holding PATH."""
-    path = os.path.realpath(path)
-    best = ("", "", "", "")
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            pre, _, post = line.partition(" - ")
-            point = pre.split()[4].replace("\\040", " ")
-            if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best[0]):
-                fstype, source, opts = (post.split() + ["", "", ""])[:3]
-                best = (point, fstype, source, opts)
-    return best[1:]
-
-
-def block_devices(paths, _depth=0):
-    """The whole disks ("major:minor") that back PATHS, found at run time:
-    st_dev for a filesystem on a block device (a partition is walked up to
-    its disk, because the throttle works per disk); an overlay is followed to
-    its layers; tmpfs and other memory filesystems have no disk and add none."""
-    devs = []
-    for p in paths:
-        try:
-            st = os.stat(p)
-        except OSError:
-            continue
-        dev = "%d:%d" % (os.major(st.st_dev), os.minor(st.st_dev))
-        if os.major(st.st_dev) == 0:  # btrfs, overlay, tmpfs: an anonymous device
-            fstype, source, opts = _mount_of(p)
-            dev = None
-            if fstype == "overlay" and _depth < 4:
-                layers = [o.split("=", 1)[1] for o in opts.split(",") if o.startswith(("lowerdir=", "upperdir="))]
-                devs += [d for d in block_devices([x for lay in layers for x in lay.split(":")], _depth + 1)
-                         if d not in devs]
-            elif source.startswith("/dev/"):
-                try:
-                    rdev = os.stat(source).st_rdev
-                    dev = "%d:%d" % (os.major(rdev), os.minor(rdev))
-                except OSError:
-                    pass
-        sysdir = "/sys/dev/block/%s" % dev
-        if dev is None or not os.path.isdir(sysdir):
-            continue
-        if os.path.exists(os.path.join(sysdir, "partition")):
-            with open(os.path.join(sysdir, "..", "dev"), encoding="utf-8") as f:
-                dev = f.read().strip()
-        if dev not in devs:
-            devs.append(dev)
-    return devs
-
-
-def io_paths(spec):
-    """Where the job's files live on the host: its root's lower layer, or
-    under --rootfs host the host's system directories and /etc that the job
-    reads through read-only binds; and its volumes.  (The writable layer,
-    /tmp and the default workdir are tmpfs: no disk IO.)"""
-    if spec.rootfs == "host":
-        paths = ["/" + n for n in HOST_SYSTEM_DIRS if os.path.isdir("/" + n)] + ["/etc"]
-    else:
-        paths = [rootfs_path(spec)]
-    return paths + [v.src for v in spec.volumes]
-
-
-ACCOUNTING_CONTROLLERS = {1: ("memory", "pids", "cpuacct", "blkio"), 2: ("memory", "pids", "io")}
-# v1's device allow-list is a controller (v2's is an eBPF program, which
-# needs none): see Cgroup.restrict_devices.
-GUARD_CONTROLLERS = {1: ("devices",), 2: ()}
-
-
-def cgroup_controllers(spec):
-    """The controllers the job's cgroup uses: those its limits need (each
-    must exist here, or the run is refused), those that account for it
-    (--stats, --json-status, and killing every process at the end) and v1's
-    device allow-list, where the host has them."""
-    host = cgroup_host()
-    parents, in_step = job_cgroup_parents(spec)
-    if host.version == 2:
-        parent = parents[""]
-        where = os.path.join(CGROUP_ROOT, parent) if parent != CGROUP_SUBTREE else CGROUP_ROOT
-        if not os.path.isdir(where):
-            raise UsageError("--cgroup-parent: %s does not exist (create or delegate it first)" % where)
-        have = host.controllers(parent if parent != CGROUP_SUBTREE else "")
-    else:
-        have = {c for c, (point, ctrls) in host.mounts.items()
-                if parents[ctrls] == CGROUP_SUBTREE or os.path.isdir(os.path.join(point, parents[ctrls]))}
-    need = []
-    for field, (opt, v1, v2) in _LIMIT_CONTROLLERS.items():
-        ctrl = v1 if host.version == 1 else v2
-        if getattr(spec.limits, field) is None:
-            continue
-        if ctrl not in have:
-            if in_step and host.version == 2:
-                raise UsageError("%s: Slurm did not enable the cgroup v2 '%s' controller for this step (/%s has "
-                                 "%s): the job's cgroup is inside the step's; ask Slurm for it in cgroup.conf"
-                                 % (opt, ctrl, parents[""], " ".join(sorted(have)) or "none"))
-            if spec.cgroup_parent and (host.version == 2 or ctrl in host.mounts):
-                raise UsageError("%s: the cgroup v%d '%s' controller is not available under --cgroup-parent %s"
-                                 " (delegate it, or create the parent in that hierarchy)"
-                                 % (opt, host.version, ctrl, spec.cgroup_parent))
-            raise UsageError("%s: this host has no cgroup v%d '%s' controller" % (opt, host.version, ctrl))
-        need.append(ctrl)
-    if not have and spec.cgroup_parent:
-        raise UsageError("--cgroup-parent: %s does not exist (create or delegate it first)" % os.path.join(
-            host.mounts.get("memory", (CGROUP_ROOT + "/memory",))[0], cgroup_parent(spec)))
-    if not have:
-        raise SetupError("no cgroup v1 hierarchy of %s is mounted under %s" % (", ".join(V1_CONTROLLERS), CGROUP_ROOT))
-    used = ACCOUNTING_CONTROLLERS[host.version] + GUARD_CONTROLLERS[host.version]
-    return sorted(set(need) | (set(used) & have))
-
-
-def validate_limits(spec):
-    """Stage 1 of resource control: every limit against this host."""
-    lim = spec.limits
-    parent = cgroup_parent(spec)
-    if ".." in parent.split("/") or "\0" in parent:
-        raise UsageError("--cgroup-parent: %r must not contain '..'" % spec.cgroup_parent)
-    ncpu = os.cpu_count() or 1
-    if lim.cpu is not None and lim.cpu > 100 * ncpu:
-        raise UsageError("--cpu: '%d' is out of range (1 to %d: percent of one CPU, this host has %d CPUs)"
-                         % (lim.cpu, 100 * ncpu, ncpu))
-    if lim.memory is not None and lim.memory < MEMORY_FLOOR:
-        raise UsageError("--memory: %r is below the %d MiB a job needs to start" % (
-            "%dK" % (lim.memory >> 10), MEMORY_FLOOR >> 20))
-    if lim.cores is not None:
-        cpus = parse_cpuset("--cores", lim.cores)
-        online = _read_cpuset_file("/sys/devices/system/cpu/online")
-        allowed = sorted(set(online) & os.sched_getaffinity(0))
-        bad = [c for c in cpus if c not in allowed]
-        if bad:
-            raise UsageError("--cores: %r names CPU %s, which %s (CPUs usable here: %s)" % (
-                lim.cores, format_cpuset(bad), "does not exist" if bad[0] not in online else "jrun may not use",
-                format_cpuset(allowed)))
-    cgroup_controllers(spec)
-    if lim.io_bps is not None and not block_devices(io_paths(spec)):
-        raise UsageError("--io-bps: the job's files (%s) are on no block device: nothing to throttle"
-                         % ", ".join(io_paths(spec)))
 
 
 def open_status_dir(path):
@@ -4021,6 +3696,331 @@ class Resource:
 # own cgroup namespace; enter_root shows its cgroup read-only; collect reads
 # the cgroup's own counters; teardown kills what is left, rmdir.
 # ---------------------------------------------------------------------------
+
+
+# What this host's cgroups look like, learnt once per run from
+# /proc/self/mounts: cgroup v2 if /sys/fs/cgroup itself is a cgroup2 mount,
+# else the v1 hierarchies (a hybrid host's /sys/fs/cgroup/unified holds no
+# controller jrun uses).  validate_limits checks limits against it; Cgroup
+# builds on it.
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+CGROUP_SUBTREE = "jrun"
+CPU_PERIOD_US = 100000
+# Below this a job cannot even start (the child's own pages, busybox's page
+# cache); a limit under it would fail in confusing ways, so it is refused.
+MEMORY_FLOOR = 4 << 20
+V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices")
+# The controllers each limit needs, by cgroup version.
+_LIMIT_CONTROLLERS = {
+    "cpu": ("--cpu", "cpu", "cpu"), "cores": ("--cores", "cpuset", "cpuset"),
+    "memory": ("--memory", "memory", "memory"), "pids": ("--pids", "pids", "pids"),
+    "io_bps": ("--io-bps", "blkio", "io"),
+}
+
+
+class CgroupHost:
+    """version 1 or 2; v1: mounts = {controller: (mountpoint, options)};
+    slurm_steps = {hierarchy: path}: the Slurm step jrun runs in, in each
+    hierarchy where Slurm made one (v1: named as in /proc/self/cgroup;
+    v2: ""), as a path relative to the hierarchy's root (see slurm_step_of)."""
+
+    def __init__(self):
+        self.version = 1
+        self.mounts = {}
+        self.slurm_steps = {}
+        with open("/proc/self/mounts", encoding="utf-8") as f:
+            for line in f:
+                _src, point, fstype, opts = line.split()[:4]
+                if point == CGROUP_ROOT and fstype == "cgroup2":
+                    self.version, self.mounts = 2, {}
+                    break
+                if fstype == "cgroup":
+                    ctrls = [o for o in opts.split(",") if o in V1_CONTROLLERS]
+                    for c in ctrls:
+                        self.mounts.setdefault(c, (point, ",".join(ctrls)))
+        # v1: a hierarchy is named by all its controllers, as /proc/self/cgroup
+        # spells them ("cpu,cpuacct", "net_cls,net_prio"), whatever jrun uses.
+        with open("/proc/self/cgroup", encoding="utf-8") as f:
+            for line in f:
+                _, ctrls, path = line.rstrip("\n").split(":", 2)
+                for c in ctrls.split(","):
+                    if c in self.mounts:
+                        self.mounts[c] = (self.mounts[c][0], ctrls)
+                step = slurm_step_of(path, self.version)
+                if step and (ctrls or self.version == 2):
+                    self.slurm_steps[ctrls] = step
+
+    def controllers(self, parent):
+        """The controllers a job under PARENT (relative to the root) can use."""
+        if self.version == 1:
+            return set(self.mounts)
+        try:
+            with open(os.path.join(CGROUP_ROOT, parent, "cgroup.controllers"), encoding="utf-8") as f:
+                return set(f.read().split())
+        except FileNotFoundError:
+            return set()
+
+
+_cgroup_host = []
+
+
+def cgroup_host():
+    if not _cgroup_host:
+        _cgroup_host.append(CgroupHost())
+    return _cgroup_host[0]
+
+
+def cgroup_parent(spec):
+    """--cgroup-parent as a path relative to each hierarchy's root."""
+    return (spec.cgroup_parent or CGROUP_SUBTREE).strip("/")
+
+
+def jrun_subtrees():
+    """jrun's own shared parent, <hierarchy>/jrun, in each hierarchy."""
+    host = cgroup_host()
+    points = [CGROUP_ROOT] if host.version == 2 else sorted({p for p, _ in host.mounts.values()})
+    return [os.path.join(p, CGROUP_SUBTREE) for p in points]
+
+
+def remove_unused_subtrees(subtrees):
+    """The last job to leave jrun's shared parent removes it, so that nothing
+    of jrun stays on the host.  rmdir refuses (EBUSY) while any job's cgroup
+    is below it; a job starting meanwhile makes it again (Cgroup.setup)."""
+    for sub in subtrees:
+        try:
+            os.rmdir(sub)
+            trace("cgroup: %s removed (no job left in it)" % sub)
+        except OSError:
+            pass
+
+
+def slurm_step_of(path, version):
+    """The Slurm step cgroup that PATH (a line of /proc/self/cgroup) is in,
+    relative to its hierarchy's root, or None.  cgroup/v1 makes the step
+    /slurm[_NODE]/uid_U/job_J/step_S in each hierarchy it uses (then
+    task_T below it); cgroup/v2 puts the tasks in .../job_J/step_S/user/
+    task_T (slurmstepd itself in step_S/slurm), and a job's cgroup goes
+    beside them, in step_S/user (no process may be in a v2 cgroup that has
+    children with controllers: user has none of its own)."""
+    parts = path.split("/")
+    for i in range(1, len(parts) - 1):
+        if not (parts[i].startswith("job_") and parts[i][4:].isdigit() and parts[i + 1].startswith("step_")):
+            continue
+        if version == 1 and i == 3 and parts[1].startswith("slurm") and parts[2].startswith("uid_") \
+                and parts[2][4:].isdigit():
+            return "/".join(parts[1:5])
+        if version == 2 and i + 2 < len(parts) and parts[i + 2] == "user":
+            return "/".join(parts[1:i + 3])
+    return None
+
+
+def job_cgroup_parents(spec):
+    """(parents, step): where the job's cgroup goes, {hierarchy: parent
+    relative to its root} (v1: every hierarchy jrun may use; v2: ""), and
+    whether that is inside a Slurm step.  In a step (found in
+    /proc/self/cgroup, or insisted on with --cgroup-parent slurm, or its own
+    path given as --cgroup-parent): the step's cgroup wherever Slurm made
+    one, jrun's own subtree elsewhere (Slurm's v1 step has no pids, cpu or
+    blkio cgroup).  Otherwise --cgroup-parent, or jrun's own subtree, in
+    every hierarchy."""
+    host = cgroup_host()
+    names = [""] if host.version == 2 else sorted({ctrls for _, ctrls in host.mounts.values()})
+    want = spec.cgroup_parent
+    steps = host.slurm_steps
+    if want == "slurm":
+        if not any(n in steps for n in names):
+            raise UsageError("--cgroup-parent: slurm: jrun is not in a Slurm step's cgroup (/proc/self/cgroup "
+                             "shows none: run it as a task of sbatch or srun, with proctrack/cgroup or task/cgroup)")
+    elif want:
+        rel = want.strip("/")
+        if slurm_step_of("/" + rel, host.version) != rel:
+            return {n: rel for n in names}, False
+        steps = {n: rel for n in names if os.path.isdir(os.path.join(_hierarchy_root(n), rel))}
+    parents = {n: steps.get(n, CGROUP_SUBTREE) for n in names}
+    return parents, any(p != CGROUP_SUBTREE for p in parents.values())
+
+
+def memory_bound(spec):
+    """The memory limit that bounds the job, for the OOM message."""
+    if spec.limits.memory:
+        return fmt_size(spec.limits.memory)
+    parents, in_step = job_cgroup_parents(spec)
+    mem = next((p for n, p in parents.items() if n == "" or "memory" in n.split(",")), CGROUP_SUBTREE)
+    return "none of its own: the Slurm step's" if in_step and mem != CGROUP_SUBTREE else "none: the host's"
+
+
+def _hierarchy_root(ctrls):
+    """The mount point of a hierarchy named as in /proc/self/cgroup."""
+    mounts = cgroup_host().mounts
+    return next((mounts[c][0] for c in ctrls.split(",") if c in mounts), CGROUP_ROOT)
+
+
+def parse_cpuset(opt, text):
+    """'0-1,3' -> (0, 1, 3)."""
+    cpus = set()
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        if not (lo.isdigit() and (not dash or hi.isdigit())) or (dash and int(hi) < int(lo)):
+            raise UsageError("%s: %r is not a CPU list (use e.g. 0, 0-1, 0-1,3)" % (opt, text))
+        cpus.update(range(int(lo), int(hi if dash else lo) + 1))
+    return tuple(sorted(cpus))
+
+
+def format_cpuset(cpus):
+    """(0, 1, 3) -> '0-1,3', the kernel's own spelling."""
+    out, cpus = [], sorted(cpus)
+    i = 0
+    while i < len(cpus):
+        j = i
+        while j + 1 < len(cpus) and cpus[j + 1] == cpus[j] + 1:
+            j += 1
+        out.append(str(cpus[i]) if i == j else "%d-%d" % (cpus[i], cpus[j]))
+        i = j + 1
+    return ",".join(out)
+
+
+def _read_cpuset_file(path):
+    with open(path, encoding="utf-8") as f:
+        text = f.read().strip()
+    return parse_cpuset(path, text) if text else ()
+
+
+def _mount_of(path):
+    """(fstype, source, super options) of the mount holding PATH."""
+    path = os.path.realpath(path)
+    best = ("", "", "", "")
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            pre, _, post = line.partition(" - ")
+            point = pre.split()[4].replace("\\040", " ")
+            if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best[0]):
+                fstype, source, opts = (post.split() + ["", "", ""])[:3]
+                best = (point, fstype, source, opts)
+    return best[1:]
+
+
+def block_devices(paths, _depth=0):
+    """The whole disks ("major:minor") that back PATHS, found at run time:
+    st_dev for a filesystem on a block device (a partition is walked up to
+    its disk, because the throttle works per disk); an overlay is followed to
+    its layers; tmpfs and other memory filesystems have no disk and add none."""
+    devs = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        dev = "%d:%d" % (os.major(st.st_dev), os.minor(st.st_dev))
+        if os.major(st.st_dev) == 0:  # btrfs, overlay, tmpfs: an anonymous device
+            fstype, source, opts = _mount_of(p)
+            dev = None
+            if fstype == "overlay" and _depth < 4:
+                layers = [o.split("=", 1)[1] for o in opts.split(",") if o.startswith(("lowerdir=", "upperdir="))]
+                devs += [d for d in block_devices([x for lay in layers for x in lay.split(":")], _depth + 1)
+                         if d not in devs]
+            elif source.startswith("/dev/"):
+                try:
+                    rdev = os.stat(source).st_rdev
+                    dev = "%d:%d" % (os.major(rdev), os.minor(rdev))
+                except OSError:
+                    pass
+        sysdir = "/sys/dev/block/%s" % dev
+        if dev is None or not os.path.isdir(sysdir):
+            continue
+        if os.path.exists(os.path.join(sysdir, "partition")):
+            with open(os.path.join(sysdir, "..", "dev"), encoding="utf-8") as f:
+                dev = f.read().strip()
+        if dev not in devs:
+            devs.append(dev)
+    return devs
+
+
+def io_paths(spec):
+    """Where the job's files live on the host: its root's lower layer, or
+    under --rootfs host the host's system directories and /etc that the job
+    reads through read-only binds; and its volumes.  (The writable layer,
+    /tmp and the default workdir are tmpfs: no disk IO.)"""
+    if spec.rootfs == "host":
+        paths = ["/" + n for n in HOST_SYSTEM_DIRS if os.path.isdir("/" + n)] + ["/etc"]
+    else:
+        paths = [rootfs_path(spec)]
+    return paths + [v.src for v in spec.volumes]
+
+
+ACCOUNTING_CONTROLLERS = {1: ("memory", "pids", "cpuacct", "blkio"), 2: ("memory", "pids", "io")}
+# v1's device allow-list is a controller (v2's is an eBPF program, which
+# needs none): see Cgroup.restrict_devices.
+GUARD_CONTROLLERS = {1: ("devices",), 2: ()}
+
+
+def cgroup_controllers(spec):
+    """The controllers the job's cgroup uses: those its limits need (each
+    must exist here, or the run is refused), those that account for it
+    (--stats, --json-status, and killing every process at the end) and v1's
+    device allow-list, where the host has them."""
+    host = cgroup_host()
+    parents, in_step = job_cgroup_parents(spec)
+    if host.version == 2:
+        parent = parents[""]
+        where = os.path.join(CGROUP_ROOT, parent) if parent != CGROUP_SUBTREE else CGROUP_ROOT
+        if not os.path.isdir(where):
+            raise UsageError("--cgroup-parent: %s does not exist (create or delegate it first)" % where)
+        have = host.controllers(parent if parent != CGROUP_SUBTREE else "")
+    else:
+        have = {c for c, (point, ctrls) in host.mounts.items()
+                if parents[ctrls] == CGROUP_SUBTREE or os.path.isdir(os.path.join(point, parents[ctrls]))}
+    need = []
+    for field, (opt, v1, v2) in _LIMIT_CONTROLLERS.items():
+        ctrl = v1 if host.version == 1 else v2
+        if getattr(spec.limits, field) is None:
+            continue
+        if ctrl not in have:
+            if in_step and host.version == 2:
+                raise UsageError("%s: Slurm did not enable the cgroup v2 '%s' controller for this step (/%s has "
+                                 "%s): the job's cgroup is inside the step's; ask Slurm for it in cgroup.conf"
+                                 % (opt, ctrl, parents[""], " ".join(sorted(have)) or "none"))
+            if spec.cgroup_parent and (host.version == 2 or ctrl in host.mounts):
+                raise UsageError("%s: the cgroup v%d '%s' controller is not available under --cgroup-parent %s"
+                                 " (delegate it, or create the parent in that hierarchy)"
+                                 % (opt, host.version, ctrl, spec.cgroup_parent))
+            raise UsageError("%s: this host has no cgroup v%d '%s' controller" % (opt, host.version, ctrl))
+        need.append(ctrl)
+    if not have and spec.cgroup_parent:
+        raise UsageError("--cgroup-parent: %s does not exist (create or delegate it first)" % os.path.join(
+            host.mounts.get("memory", (CGROUP_ROOT + "/memory",))[0], cgroup_parent(spec)))
+    if not have:
+        raise SetupError("no cgroup v1 hierarchy of %s is mounted under %s" % (", ".join(V1_CONTROLLERS), CGROUP_ROOT))
+    used = ACCOUNTING_CONTROLLERS[host.version] + GUARD_CONTROLLERS[host.version]
+    return sorted(set(need) | (set(used) & have))
+
+
+def validate_limits(spec):
+    """Stage 1 of resource control: every limit against this host."""
+    lim = spec.limits
+    parent = cgroup_parent(spec)
+    if ".." in parent.split("/") or "\0" in parent:
+        raise UsageError("--cgroup-parent: %r must not contain '..'" % spec.cgroup_parent)
+    ncpu = os.cpu_count() or 1
+    if lim.cpu is not None and lim.cpu > 100 * ncpu:
+        raise UsageError("--cpu: '%d' is out of range (1 to %d: percent of one CPU, this host has %d CPUs)"
+                         % (lim.cpu, 100 * ncpu, ncpu))
+    if lim.memory is not None and lim.memory < MEMORY_FLOOR:
+        raise UsageError("--memory: %r is below the %d MiB a job needs to start" % (
+            "%dK" % (lim.memory >> 10), MEMORY_FLOOR >> 20))
+    if lim.cores is not None:
+        cpus = parse_cpuset("--cores", lim.cores)
+        online = _read_cpuset_file("/sys/devices/system/cpu/online")
+        allowed = sorted(set(online) & os.sched_getaffinity(0))
+        bad = [c for c in cpus if c not in allowed]
+        if bad:
+            raise UsageError("--cores: %r names CPU %s, which %s (CPUs usable here: %s)" % (
+                lim.cores, format_cpuset(bad), "does not exist" if bad[0] not in online else "jrun may not use",
+                format_cpuset(allowed)))
+    cgroup_controllers(spec)
+    if lim.io_bps is not None and not block_devices(io_paths(spec)):
+        raise UsageError("--io-bps: the job's files (%s) are on no block device: nothing to throttle"
+                         % ", ".join(io_paths(spec)))
 
 
 def _write(path, value):
