@@ -6,27 +6,36 @@
 
 One privileged invocation, no daemon, no setuid helper.  The order of a run:
 
-  1. parse argv once into a frozen JobSpec, then validate all of it against
-     this host before the first side effect (bad input: exit 125, nothing made);
-  2. parent: create the job's state directory /run/jrun/<id> (held by a lock),
-     its cgroup and its network plumbing, each registered for teardown;
-  3. fork a child into a new PID namespace (it is PID 1 there); the child
-     unshares mount, UTS, IPC and network namespaces and reports "ready";
-  4. parent: create the job's eth0 in the child's network namespace and
-     address it (the network is ready before COMMAND), put the child in its
-     cgroup (on cgroup v1 the child joins itself: see CgroupV1.join), and
-     release it through the sync pipe;
-  5. child: verify its cgroup and limits, cgroup namespace, private mounts,
-     a per-job root on a tmpfs (an overlay, or the host's system dirs
-     read-only), /work, a minimal /dev, uploads copied and volumes bound
-     (all still before pivot_root, never following a symlink of the job's
-     root out of it), pivot_root, old root detached, /proc (hardened),
-     read-only /sys and cgroup fs, hostname, its own stdio on fds 0-2,
-     new session, capabilities, user, no_new_privs, seccomp last, exec
-     COMMAND (a failure before exec is reported through a close-on-exec
-     error pipe);
-  6. parent: relay the job's stdio (where it is a host file or terminal)
-     and signals, enforce --timeout, reap, tear down in reverse.
+  1. parse argv once into a frozen JobSpec (parse_run), then validate all
+     of it against this host before the first side effect (validate, each
+     Resource.check; bad input: exit 125, nothing made);
+  2. parent (run_job, supervise): create the job's state directory
+     /run/jrun/<id> (JobState.create, held by a lock), then its cgroup, user
+     namespace and network plumbing (Resource.setup of Cgroup,
+     JobUserNamespace, Network), each registered for teardown (Teardown);
+  3. fork a child (child_main) into a new PID namespace (it is PID 1 there),
+     which runs CHILD_STEPS in order: die_with_jrun; unshare_namespaces
+     (mount, UTS, IPC, network); wait_for_release reports "ready";
+  4. parent: Resource.attach: create the job's eth0 in the child's network
+     namespace and address it (Network.attach: the network is ready before
+     COMMAND), put the child in its cgroup (Cgroup.attach; on cgroup v1 the
+     child joins itself: see CgroupV1.join), and release it through the
+     sync pipe;
+  5. child: enter_resources (verify its cgroup and limits, cgroup
+     namespace); build_job_root (private mounts, then build_root: a per-job
+     root on a tmpfs, an overlay or the host's system dirs read-only, /work,
+     a minimal /dev (build_dev), uploads copied and volumes bound
+     (stage_files), all still before pivot_root, never following a symlink
+     of the job's root out of it); pivot_into_root (old root detached);
+     enter_proc_and_sys (/proc hardened, read-only /sys and cgroup fs);
+     set_hostname; enter_workdir (user, environment, workdir, command);
+     take_stdio_and_session (its own stdio on fds 0-2, new session);
+     reset_signals; drop_job_privileges (capabilities, user, no_new_privs,
+     seccomp last); exec_command (a failure before exec is reported through
+     a close-on-exec status pipe);
+  6. parent: wait_for_job relays the job's stdio (Relay, where it is a host
+     file or terminal) and signals, enforces --timeout and reaps;
+     Resource.collect, then Teardown.run tears everything down in reverse.
 
 Exit status: COMMAND's own; 128+N if killed by signal N; 137 OOM-killed;
 124 --timeout expired; 125 jrun failed (nothing started, nothing left);
@@ -290,11 +299,27 @@ class SetupError(JrunError):
 
 
 class NotExecutable(JrunError):
-    exit_code = EXIT_NOEXEC
+    """COMMAND was found in the job's root but cannot be executed."""
 
 
 class NotFound(JrunError):
-    exit_code = EXIT_NOTFOUND
+    """COMMAND (or its script's interpreter) is not in the job's root."""
+
+
+# Exit status <-> error, one table for both directions: an error's
+# exit_code (what main() exits with, and what the child reports through the
+# status pipe) and, in the parent, the error a status the child reported
+# stands for (error_of_status).  Any other error is EXIT_JRUN.
+STATUS_ERRORS = ((EXIT_NOEXEC, NotExecutable), (EXIT_NOTFOUND, NotFound))
+for _status, _error in STATUS_ERRORS:
+    _error.exit_code = _status
+del _status, _error
+
+
+def error_of_status(status):
+    """The error the child's exit STATUS stands for (SetupError for
+    EXIT_JRUN: the child's host-side setup failed)."""
+    return dict(STATUS_ERRORS).get(status, SetupError)
 
 
 # ---------------------------------------------------------------------------
@@ -335,8 +360,9 @@ def _exact_bytes(text):
         return text.encode("utf-8", "replace")
 
 
-def audit(msg):
-    """One line of the isolation audit trail, shown with --log-level debug."""
+def trace(msg):
+    """One line of the debug trail (--log-level debug): each isolation step
+    as it is taken.  (Not the audit log: see append_audit_log.)"""
     log("debug", msg)
 
 
@@ -1348,103 +1374,6 @@ def rootfs_path(spec):
     return ROOTFS_DIR if spec.rootfs == "minimal" else spec.rootfs
 
 
-# What this host's cgroups look like, learnt once per run from
-# /proc/self/mounts: cgroup v2 if /sys/fs/cgroup itself is a cgroup2 mount,
-# else the v1 hierarchies (a hybrid host's /sys/fs/cgroup/unified holds no
-# controller jrun uses).  validate() checks limits against it; the cgroup
-# section below builds on it.
-
-CGROUP_ROOT = "/sys/fs/cgroup"
-CGROUP_SUBTREE = "jrun"
-CPU_PERIOD_US = 100000
-# Below this a job cannot even start (the child's own pages, busybox's page
-# cache); a limit under it would fail in confusing ways, so it is refused.
-MEMORY_FLOOR = 4 << 20
-V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices")
-# The controllers each limit needs, by cgroup version.
-_LIMIT_CONTROLLERS = {
-    "cpu": ("--cpu", "cpu", "cpu"), "cores": ("--cores", "cpuset", "cpuset"),
-    "memory": ("--memory", "memory", "memory"), "pids": ("--pids", "pids", "pids"),
-    "io_bps": ("--io-bps", "blkio", "io"),
-}
-
-
-class CgroupHost:
-    """version 1 or 2; v1: mounts = {controller: (mountpoint, options)};
-    slurm_steps = {hierarchy: path}: the Slurm step jrun runs in, in each
-    hierarchy where Slurm made one (v1: named as in /proc/self/cgroup;
-    v2: ""), as a path relative to the hierarchy's root (see slurm_step_of)."""
-
-    def __init__(self):
-        self.version = 1
-        self.mounts = {}
-        self.slurm_steps = {}
-        with open("/proc/self/mounts", encoding="utf-8") as f:
-            for line in f:
-                _src, point, fstype, opts = line.split()[:4]
-                if point == CGROUP_ROOT and fstype == "cgroup2":
-                    self.version, self.mounts = 2, {}
-                    break
-                if fstype == "cgroup":
-                    ctrls = [o for o in opts.split(",") if o in V1_CONTROLLERS]
-                    for c in ctrls:
-                        self.mounts.setdefault(c, (point, ",".join(ctrls)))
-        # v1: a hierarchy is named by all its controllers, as /proc/self/cgroup
-        # spells them ("cpu,cpuacct", "net_cls,net_prio"), whatever jrun uses.
-        with open("/proc/self/cgroup", encoding="utf-8") as f:
-            for line in f:
-                _, ctrls, path = line.rstrip("\n").split(":", 2)
-                for c in ctrls.split(","):
-                    if c in self.mounts:
-                        self.mounts[c] = (self.mounts[c][0], ctrls)
-                step = slurm_step_of(path, self.version)
-                if step and (ctrls or self.version == 2):
-                    self.slurm_steps[ctrls] = step
-
-    def controllers(self, parent):
-        """The controllers a job under PARENT (relative to the root) can use."""
-        if self.version == 1:
-            return set(self.mounts)
-        try:
-            with open(os.path.join(CGROUP_ROOT, parent, "cgroup.controllers"), encoding="utf-8") as f:
-                return set(f.read().split())
-        except FileNotFoundError:
-            return set()
-
-
-_cgroup_host = []
-
-
-def cgroup_host():
-    if not _cgroup_host:
-        _cgroup_host.append(CgroupHost())
-    return _cgroup_host[0]
-
-
-def cgroup_parent(spec):
-    """--cgroup-parent as a path relative to each hierarchy's root."""
-    return (spec.cgroup_parent or CGROUP_SUBTREE).strip("/")
-
-
-def jrun_subtrees():
-    """jrun's own shared parent, <hierarchy>/jrun, in each hierarchy."""
-    host = cgroup_host()
-    points = [CGROUP_ROOT] if host.version == 2 else sorted({p for p, _ in host.mounts.values()})
-    return [os.path.join(p, CGROUP_SUBTREE) for p in points]
-
-
-def remove_unused_subtrees(subtrees):
-    """The last job to leave jrun's shared parent removes it, so that nothing
-    of jrun stays on the host.  rmdir refuses (EBUSY) while any job's cgroup
-    is below it; a job starting meanwhile makes it again (Cgroup.setup)."""
-    for sub in subtrees:
-        try:
-            os.rmdir(sub)
-            audit("cgroup: %s removed (no job left in it)" % sub)
-        except OSError:
-            pass
-
-
 # Slurm.  Under Slurm jrun is one task of a step: slurmstepd starts it with
 # SLURM_* in its environment and in the step's cgroups (proctrack/cgroup,
 # task/cgroup).  jrun names the job after that task (slurm_task) and makes
@@ -1495,234 +1424,6 @@ def default_hostname(job_id):
     if job_id.startswith("slurm-"):
         return job_id.replace("_", "-").replace(".", "-")
     return job_id if all(c.isalnum() or c == "-" for c in job_id) else "jrun"
-
-
-def slurm_step_of(path, version):
-    """The Slurm step cgroup that PATH (a line of /proc/self/cgroup) is in,
-    relative to its hierarchy's root, or None.  cgroup/v1 makes the step
-    /slurm[_NODE]/uid_U/job_J/step_S in each hierarchy it uses (then
-    task_T below it); cgroup/v2 puts the tasks in .../job_J/step_S/user/
-    task_T (slurmstepd itself in step_S/slurm), and a job's cgroup goes
-    beside them, in step_S/user (no process may be in a v2 cgroup that has
-    children with controllers: user has none of its own)."""
-    parts = path.split("/")
-    for i in range(1, len(parts) - 1):
-        if not (parts[i].startswith("job_") and parts[i][4:].isdigit() and parts[i + 1].startswith("step_")):
-            continue
-        if version == 1 and i == 3 and parts[1].startswith("slurm") and parts[2].startswith("uid_") \
-                and parts[2][4:].isdigit():
-            return "/".join(parts[1:5])
-        if version == 2 and i + 2 < len(parts) and parts[i + 2] == "user":
-            return "/".join(parts[1:i + 3])
-    return None
-
-
-def job_cgroup_parents(spec):
-    """(parents, step): where the job's cgroup goes, {hierarchy: parent
-    relative to its root} (v1: every hierarchy jrun may use; v2: ""), and
-    whether that is inside a Slurm step.  In a step (found in
-    /proc/self/cgroup, or insisted on with --cgroup-parent slurm, or its own
-    path given as --cgroup-parent): the step's cgroup wherever Slurm made
-    one, jrun's own subtree elsewhere (Slurm's v1 step has no pids, cpu or
-    blkio cgroup).  Otherwise --cgroup-parent, or jrun's own subtree, in
-    every hierarchy."""
-    host = cgroup_host()
-    names = [""] if host.version == 2 else sorted({ctrls for _, ctrls in host.mounts.values()})
-    want = spec.cgroup_parent
-    steps = host.slurm_steps
-    if want == "slurm":
-        if not any(n in steps for n in names):
-            raise UsageError("--cgroup-parent: slurm: jrun is not in a Slurm step's cgroup (/proc/self/cgroup "
-                             "shows none: run it as a task of sbatch or srun, with proctrack/cgroup or task/cgroup)")
-    elif want:
-        rel = want.strip("/")
-        if slurm_step_of("/" + rel, host.version) != rel:
-            return {n: rel for n in names}, False
-        steps = {n: rel for n in names if os.path.isdir(os.path.join(_hierarchy_root(n), rel))}
-    parents = {n: steps.get(n, CGROUP_SUBTREE) for n in names}
-    return parents, any(p != CGROUP_SUBTREE for p in parents.values())
-
-
-def memory_bound(spec):
-    """The memory limit that bounds the job, for the OOM message."""
-    if spec.limits.memory:
-        return fmt_size(spec.limits.memory)
-    parents, in_step = job_cgroup_parents(spec)
-    mem = next((p for n, p in parents.items() if n == "" or "memory" in n.split(",")), CGROUP_SUBTREE)
-    return "none of its own: the Slurm step's" if in_step and mem != CGROUP_SUBTREE else "none: the host's"
-
-
-def _hierarchy_root(ctrls):
-    """The mount point of a hierarchy named as in /proc/self/cgroup."""
-    mounts = cgroup_host().mounts
-    return next((mounts[c][0] for c in ctrls.split(",") if c in mounts), CGROUP_ROOT)
-
-
-def parse_cpuset(opt, text):
-    """'0-1,3' -> (0, 1, 3)."""
-    cpus = set()
-    for part in text.split(","):
-        lo, dash, hi = part.strip().partition("-")
-        if not (lo.isdigit() and (not dash or hi.isdigit())) or (dash and int(hi) < int(lo)):
-            raise UsageError("%s: %r is not a CPU list (use e.g. 0, 0-1, 0-1,3)" % (opt, text))
-        cpus.update(range(int(lo), int(hi if dash else lo) + 1))
-    return tuple(sorted(cpus))
-
-
-def format_cpuset(cpus):
-    """(0, 1, 3) -> '0-1,3', the kernel's own spelling."""
-    out, cpus = [], sorted(cpus)
-    i = 0
-    while i < len(cpus):
-        j = i
-        while j + 1 < len(cpus) and cpus[j + 1] == cpus[j] + 1:
-            j += 1
-        out.append(str(cpus[i]) if i == j else "%d-%d" % (cpus[i], cpus[j]))
-        i = j + 1
-    return ",".join(out)
-
-
-def _read_cpuset_file(path):
-    with open(path, encoding="utf-8") as f:
-        text = f.read().strip()
-    return parse_cpuset(path, text) if text else ()
-
-
-def _mount_of(path):
-    """(fstype, source, super options) of the mount holding PATH."""
-    path = os.path.realpath(path)
-    best = ("", "", "", "")
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            pre, _, post = line.partition(" - ")
-            point = pre.split()[4].replace("\\040", " ")
-            if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best[0]):
-                fstype, source, opts = (post.split() + ["", "", ""])[:3]
-                best = (point, fstype, source, opts)
-    return best[1:]
-
-
-def block_devices(paths, _depth=0):
-    """The whole disks ("major:minor") that back PATHS, found at run time:
-    st_dev for a filesystem on a block device (a partition is walked up to
-    its disk, because the throttle works per disk); an overlay is followed to
-    its layers; tmpfs and other memory filesystems have no disk and add none."""
-    devs = []
-    for p in paths:
-        try:
-            st = os.stat(p)
-        except OSError:
-            continue
-        dev = "%d:%d" % (os.major(st.st_dev), os.minor(st.st_dev))
-        if os.major(st.st_dev) == 0:  # btrfs, overlay, tmpfs: an anonymous device
-            fstype, source, opts = _mount_of(p)
-            dev = None
-            if fstype == "overlay" and _depth < 4:
-                layers = [o.split("=", 1)[1] for o in opts.split(",") if o.startswith(("lowerdir=", "upperdir="))]
-                devs += [d for d in block_devices([x for lay in layers for x in lay.split(":")], _depth + 1)
-                         if d not in devs]
-            elif source.startswith("/dev/"):
-                try:
-                    rdev = os.stat(source).st_rdev
-                    dev = "%d:%d" % (os.major(rdev), os.minor(rdev))
-                except OSError:
-                    pass
-        sysdir = "/sys/dev/block/%s" % dev
-        if dev is None or not os.path.isdir(sysdir):
-            continue
-        if os.path.exists(os.path.join(sysdir, "partition")):
-            with open(os.path.join(sysdir, "..", "dev"), encoding="utf-8") as f:
-                dev = f.read().strip()
-        if dev not in devs:
-            devs.append(dev)
-    return devs
-
-
-def io_paths(spec):
-    """Where the job's files live on the host: its root's lower layer, or
-    under --rootfs host the host's system directories and /etc that the job
-    reads through read-only binds; and its volumes.  (The writable layer,
-    /tmp and the default workdir are tmpfs: no disk IO.)"""
-    if spec.rootfs == "host":
-        paths = ["/" + n for n in HOST_SYSTEM_DIRS if os.path.isdir("/" + n)] + ["/etc"]
-    else:
-        paths = [rootfs_path(spec)]
-    return paths + [v.src for v in spec.volumes]
-
-
-ACCOUNTING_CONTROLLERS = {1: ("memory", "pids", "cpuacct", "blkio"), 2: ("memory", "pids", "io")}
-# v1's device allow-list is a controller (v2's is an eBPF program, which
-# needs none): see Cgroup.restrict_devices.
-GUARD_CONTROLLERS = {1: ("devices",), 2: ()}
-
-
-def cgroup_controllers(spec):
-    """The controllers the job's cgroup uses: those its limits need (each
-    must exist here, or the run is refused), those that account for it
-    (--stats, --json-status, and killing every process at the end) and v1's
-    device allow-list, where the host has them."""
-    host = cgroup_host()
-    parents, in_step = job_cgroup_parents(spec)
-    if host.version == 2:
-        parent = parents[""]
-        where = os.path.join(CGROUP_ROOT, parent) if parent != CGROUP_SUBTREE else CGROUP_ROOT
-        if not os.path.isdir(where):
-            raise UsageError("--cgroup-parent: %s does not exist (create or delegate it first)" % where)
-        have = host.controllers(parent if parent != CGROUP_SUBTREE else "")
-    else:
-        have = {c for c, (point, ctrls) in host.mounts.items()
-                if parents[ctrls] == CGROUP_SUBTREE or os.path.isdir(os.path.join(point, parents[ctrls]))}
-    need = []
-    for field, (opt, v1, v2) in _LIMIT_CONTROLLERS.items():
-        ctrl = v1 if host.version == 1 else v2
-        if getattr(spec.limits, field) is None:
-            continue
-        if ctrl not in have:
-            if in_step and host.version == 2:
-                raise UsageError("%s: Slurm did not enable the cgroup v2 '%s' controller for this step (/%s has "
-                                 "%s): the job's cgroup is inside the step's; ask Slurm for it in cgroup.conf"
-                                 % (opt, ctrl, parents[""], " ".join(sorted(have)) or "none"))
-            if spec.cgroup_parent and (host.version == 2 or ctrl in host.mounts):
-                raise UsageError("%s: the cgroup v%d '%s' controller is not available under --cgroup-parent %s"
-                                 " (delegate it, or create the parent in that hierarchy)"
-                                 % (opt, host.version, ctrl, spec.cgroup_parent))
-            raise UsageError("%s: this host has no cgroup v%d '%s' controller" % (opt, host.version, ctrl))
-        need.append(ctrl)
-    if not have and spec.cgroup_parent:
-        raise UsageError("--cgroup-parent: %s does not exist (create or delegate it first)" % os.path.join(
-            host.mounts.get("memory", (CGROUP_ROOT + "/memory",))[0], cgroup_parent(spec)))
-    if not have:
-        raise SetupError("no cgroup v1 hierarchy of %s is mounted under %s" % (", ".join(V1_CONTROLLERS), CGROUP_ROOT))
-    used = ACCOUNTING_CONTROLLERS[host.version] + GUARD_CONTROLLERS[host.version]
-    return sorted(set(need) | (set(used) & have))
-
-
-def validate_limits(spec):
-    """Stage 1 of resource control: every limit against this host."""
-    lim = spec.limits
-    parent = cgroup_parent(spec)
-    if ".." in parent.split("/") or "\0" in parent:
-        raise UsageError("--cgroup-parent: %r must not contain '..'" % spec.cgroup_parent)
-    ncpu = os.cpu_count() or 1
-    if lim.cpu is not None and lim.cpu > 100 * ncpu:
-        raise UsageError("--cpu: '%d' is out of range (1 to %d: percent of one CPU, this host has %d CPUs)"
-                         % (lim.cpu, 100 * ncpu, ncpu))
-    if lim.memory is not None and lim.memory < MEMORY_FLOOR:
-        raise UsageError("--memory: %r is below the %d MiB a job needs to start" % (
-            "%dK" % (lim.memory >> 10), MEMORY_FLOOR >> 20))
-    if lim.cores is not None:
-        cpus = parse_cpuset("--cores", lim.cores)
-        online = _read_cpuset_file("/sys/devices/system/cpu/online")
-        allowed = sorted(set(online) & os.sched_getaffinity(0))
-        bad = [c for c in cpus if c not in allowed]
-        if bad:
-            raise UsageError("--cores: %r names CPU %s, which %s (CPUs usable here: %s)" % (
-                lim.cores, format_cpuset(bad), "does not exist" if bad[0] not in online else "jrun may not use",
-                format_cpuset(allowed)))
-    cgroup_controllers(spec)
-    if lim.io_bps is not None and not block_devices(io_paths(spec)):
-        raise UsageError("--io-bps: the job's files (%s) are on no block device: nothing to throttle"
-                         % ", ".join(io_paths(spec)))
 
 
 def open_status_dir(path):
@@ -2326,7 +2027,7 @@ def mount_volume(v, target_fd):
         bind_into(v.fd, target_fd, attrs)
     except OSError as e:
         raise SetupError("-v/--volume %s:%s: %s" % (v.src, v.dest, e.strerror)) from None
-    audit("volume %s bound at %s (%s, nosuid, nodev, submounts included)"
+    trace("volume %s bound at %s (%s, nosuid, nodev, submounts included)"
           % (v.src, v.dest, "read-only" if v.read_only else "read-write"))
 
 
@@ -2386,7 +2087,7 @@ def build_host_root(root):
             _safe_file(root, "etc/" + rel, content=data.decode("utf-8", "replace"))
     finally:
         os.close(rootfd)
-    audit("root: a tmpfs with the host's %s and part of /etc, read-only, nosuid, nodev"
+    trace("root: a tmpfs with the host's %s and part of /etc, read-only, nosuid, nodev"
           % ", ".join(n for n in HOST_SYSTEM_DIRS if os.path.lexists("/" + n)))
 
 
@@ -2431,7 +2132,7 @@ def make_root_read_only(root):
         mount_setattr(fd, MOUNT_ATTR_RDONLY, recursive=False)
     finally:
         os.close(fd)
-    audit("root remounted read-only (workdir, /tmp, /dev and read-write volumes stay writable)")
+    trace("root remounted read-only (workdir, /tmp, /dev and read-write volumes stay writable)")
 
 
 # ---------------------------------------------------------------------------
@@ -3777,7 +3478,7 @@ class Teardown:
             what, fn, args = self.steps.pop()
             try:
                 fn(*args)
-                audit("teardown: %s" % what)
+                trace("teardown: %s" % what)
             except Exception as e:  # noqa: BLE001 - teardown must go on
                 log("warning", "teardown: %s: %s" % (what, e))
 
@@ -3829,7 +3530,7 @@ class JobState:
                                dir_fd=self.fd)
         fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.rename("lock.new", "lock", src_dir_fd=self.fd, dst_dir_fd=self.fd)
-        audit("state: %s created and locked" % self.dir)
+        trace("state: %s created and locked" % self.dir)
 
     def is_live(self):
         try:
@@ -3885,19 +3586,34 @@ class JobState:
 
 
 # ---------------------------------------------------------------------------
-# Host resources.  One small class per resource, all with the same verbs:
-#   setup(state)   parent, before the fork; records in state what it made
-#   attach(pid)    parent, once the child has its namespaces, before release
-#   check(spec)    parent, classmethod, before the first side effect
-#   enter()        child, after release, before the root is built
-#   etc_files()    child, while the root is built: files such as /etc/hosts
-#   enter_root()   child, after pivot_root, /proc and /sys
-#   collect(out)   parent, after the job ended (accounting)
-#   teardown()     parent or gc; idempotent, logs instead of raising
+# Host resources.  One small class per resource, all with the same verbs,
+# declared once on Resource below (each verb's docstring says which process
+# runs it, and when); run_job checks them, supervise sets them up in order
+# and tears them down in reverse, the child enters them, gc rebuilds them.
 # ---------------------------------------------------------------------------
 
 
+class RootOwner(_Frozen):
+    """Who owns the job's root as the host sees it, found once by the child
+    (Resource.root_owner): host uid and gid BASE are the job's 0; a job uid
+    must be below LIMIT (None: any); USERNS_FD, when not None, is the user
+    namespace the rootfs is idmapped through and the child joins last."""
+
+    __slots__ = ("base", "limit", "userns_fd")
+
+    @property
+    def mapped(self):
+        return self.userns_fd is not None
+
+
+HOST_ROOT = RootOwner(base=0, limit=None, userns_fd=None)
+
+
 class Resource:
+    """One kind of host object a job needs.  The verbs, in lifecycle order;
+    every one has a default here (nothing to do), so a subclass implements
+    only what its resource needs, and callers never probe for a hook."""
+
     name = "resource"
 
     def __init__(self, spec):
@@ -3905,51 +3621,406 @@ class Resource:
 
     @classmethod
     def check(cls, spec):
-        """Parent, before the first side effect: refuse (UsageError,
-        SetupError) what this host cannot give the job."""
+        """Runs in: parent, before the first side effect (run_job).  Refuse
+        (UsageError, SetupError) what this host cannot give the job."""
 
     def setup(self, state):
-        pass
+        """Runs in: parent, before the fork (supervise).  Make the host
+        object and record in STATE (job.json) what gc needs to remove it;
+        its teardown is registered as soon as this returns."""
 
     def attach(self, pid):
-        pass
+        """Runs in: parent, once the child (PID) has its namespaces and
+        waits on the sync pipe, before its release."""
 
     def enter(self):
-        pass
+        """Runs in: child, after its release, before the root is built."""
+
+    def root_owner(self):
+        """Runs in: child, before the root is built: the RootOwner of the
+        job's root if this resource decides it, else None (HOST_ROOT)."""
+        return None
 
     def etc_files(self):
-        """Child: {path in the root: content} written while the root is built."""
+        """Runs in: child, while the root is built (before pivot_root):
+        {path in the root: content}, such as /etc/hosts."""
         return {}
 
     def enter_root(self):
-        """Child, after pivot_root and /proc, /sys: what the job sees of it."""
+        """Runs in: child, after pivot_root, /proc and /sys: what the job
+        sees of this resource (e.g. its cgroup mounted)."""
 
     def collect(self, out):
-        pass
+        """Runs in: parent, after the job ended, before teardown: its
+        accounting into OUT (an Outcome)."""
 
     def teardown(self):
-        pass
+        """Runs in: parent (in reverse setup order) or gc.  Idempotent, skips
+        what was never made, logs instead of raising where it can."""
+
+    def remains(self):
+        """Runs in: gc, after teardown: what of it is still on the host (the
+        dead job's state directory stays for the next gc while anything
+        does, since job.json is jrun's only proof that it made it)."""
+        return []
 
     @classmethod
     def from_state(cls, record):
-        """Rebuild from a dead job's job.json so gc can tear it down; None
-        if the job made nothing of this kind."""
+        """Runs in: gc, for a dead job.  Rebuild from its job.json RECORD so
+        that teardown() can remove what it made; None if the job made
+        nothing of this kind."""
         return None
+
+    @classmethod
+    def orphans(cls, known_ids):
+        """Runs in: gc (collect_orphans).  Yield instances, ready for
+        teardown(), of host objects of this kind that jrun made (a cgroup
+        under jrun's subtree, a veth named jr*, ...) and whose job has no
+        state directory (jrun crashed between making them and recording
+        them, or someone deleted /run/jrun).  Enumerate the host objects
+        FIRST, then call known_ids() (the job ids that have a state
+        directory now): a job creates its state directory before any
+        resource and removes it after all of them, so an object seen before
+        the call belongs to a job in known_ids() unless that job is gone.
+        teardown() of an orphan must be as idempotent as any other."""
+        return ()
 
 
 # ---------------------------------------------------------------------------
 # cgroups: the second stage of resource control.  Every job gets its own
 # cgroup, with or without limits: it accounts for the job and lets teardown
 # find and kill every process of it.  CgroupV1 and CgroupV2 share one
-# interface; the version is detected once (cgroup_host()).
-#   setup()      parent, root, host namespaces: mkdir, write the limits
-#   attach(pid)  parent: the child into the cgroup, before it is released
-#   enter()      child, root, before its root is built: verify membership and
-#                limits, then its own cgroup namespace
-#   enter_root() child, after pivot_root: its cgroup visible read-only
-#   collect()    parent, after the job: the cgroup's own counters
-#   teardown()   parent or gc: kill what is left, rmdir
+# interface; the version is detected once (cgroup_host()).  What the verbs
+# (see Resource) do here: setup mkdirs and writes the limits; attach puts
+# the child in; enter verifies membership and limits, then makes the job's
+# own cgroup namespace; enter_root shows its cgroup read-only; collect reads
+# the cgroup's own counters; teardown kills what is left, rmdir.
 # ---------------------------------------------------------------------------
+
+
+# What this host's cgroups look like, learnt once per run from
+# /proc/self/mounts: cgroup v2 if /sys/fs/cgroup itself is a cgroup2 mount,
+# else the v1 hierarchies (a hybrid host's /sys/fs/cgroup/unified holds no
+# controller jrun uses).  validate_limits checks limits against it; Cgroup
+# builds on it.
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+CGROUP_SUBTREE = "jrun"
+CPU_PERIOD_US = 100000
+# Below this a job cannot even start (the child's own pages, busybox's page
+# cache); a limit under it would fail in confusing ways, so it is refused.
+MEMORY_FLOOR = 4 << 20
+V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "pids", "blkio", "devices")
+# The controllers each limit needs, by cgroup version.
+_LIMIT_CONTROLLERS = {
+    "cpu": ("--cpu", "cpu", "cpu"), "cores": ("--cores", "cpuset", "cpuset"),
+    "memory": ("--memory", "memory", "memory"), "pids": ("--pids", "pids", "pids"),
+    "io_bps": ("--io-bps", "blkio", "io"),
+}
+
+
+class CgroupHost:
+    """version 1 or 2; v1: mounts = {controller: (mountpoint, options)};
+    slurm_steps = {hierarchy: path}: the Slurm step jrun runs in, in each
+    hierarchy where Slurm made one (v1: named as in /proc/self/cgroup;
+    v2: ""), as a path relative to the hierarchy's root (see slurm_step_of)."""
+
+    def __init__(self):
+        self.version = 1
+        self.mounts = {}
+        self.slurm_steps = {}
+        with open("/proc/self/mounts", encoding="utf-8") as f:
+            for line in f:
+                _src, point, fstype, opts = line.split()[:4]
+                if point == CGROUP_ROOT and fstype == "cgroup2":
+                    self.version, self.mounts = 2, {}
+                    break
+                if fstype == "cgroup":
+                    ctrls = [o for o in opts.split(",") if o in V1_CONTROLLERS]
+                    for c in ctrls:
+                        self.mounts.setdefault(c, (point, ",".join(ctrls)))
+        # v1: a hierarchy is named by all its controllers, as /proc/self/cgroup
+        # spells them ("cpu,cpuacct", "net_cls,net_prio"), whatever jrun uses.
+        with open("/proc/self/cgroup", encoding="utf-8") as f:
+            for line in f:
+                _, ctrls, path = line.rstrip("\n").split(":", 2)
+                for c in ctrls.split(","):
+                    if c in self.mounts:
+                        self.mounts[c] = (self.mounts[c][0], ctrls)
+                step = slurm_step_of(path, self.version)
+                if step and (ctrls or self.version == 2):
+                    self.slurm_steps[ctrls] = step
+
+    def controllers(self, parent):
+        """The controllers a job under PARENT (relative to the root) can use."""
+        if self.version == 1:
+            return set(self.mounts)
+        try:
+            with open(os.path.join(CGROUP_ROOT, parent, "cgroup.controllers"), encoding="utf-8") as f:
+                return set(f.read().split())
+        except FileNotFoundError:
+            return set()
+
+
+_cgroup_host = []
+
+
+def cgroup_host():
+    if not _cgroup_host:
+        _cgroup_host.append(CgroupHost())
+    return _cgroup_host[0]
+
+
+def cgroup_parent(spec):
+    """--cgroup-parent as a path relative to each hierarchy's root."""
+    return (spec.cgroup_parent or CGROUP_SUBTREE).strip("/")
+
+
+def jrun_subtrees():
+    """jrun's own shared parent, <hierarchy>/jrun, in each hierarchy."""
+    host = cgroup_host()
+    points = [CGROUP_ROOT] if host.version == 2 else sorted({p for p, _ in host.mounts.values()})
+    return [os.path.join(p, CGROUP_SUBTREE) for p in points]
+
+
+def remove_unused_subtrees(subtrees):
+    """The last job to leave jrun's shared parent removes it, so that nothing
+    of jrun stays on the host.  rmdir refuses (EBUSY) while any job's cgroup
+    is below it; a job starting meanwhile makes it again (Cgroup.setup)."""
+    for sub in subtrees:
+        try:
+            os.rmdir(sub)
+            trace("cgroup: %s removed (no job left in it)" % sub)
+        except OSError:
+            pass
+
+
+def slurm_step_of(path, version):
+    """The Slurm step cgroup that PATH (a line of /proc/self/cgroup) is in,
+    relative to its hierarchy's root, or None.  cgroup/v1 makes the step
+    /slurm[_NODE]/uid_U/job_J/step_S in each hierarchy it uses (then
+    task_T below it); cgroup/v2 puts the tasks in .../job_J/step_S/user/
+    task_T (slurmstepd itself in step_S/slurm), and a job's cgroup goes
+    beside them, in step_S/user (no process may be in a v2 cgroup that has
+    children with controllers: user has none of its own)."""
+    parts = path.split("/")
+    for i in range(1, len(parts) - 1):
+        if not (parts[i].startswith("job_") and parts[i][4:].isdigit() and parts[i + 1].startswith("step_")):
+            continue
+        if version == 1 and i == 3 and parts[1].startswith("slurm") and parts[2].startswith("uid_") \
+                and parts[2][4:].isdigit():
+            return "/".join(parts[1:5])
+        if version == 2 and i + 2 < len(parts) and parts[i + 2] == "user":
+            return "/".join(parts[1:i + 3])
+    return None
+
+
+def job_cgroup_parents(spec):
+    """(parents, step): where the job's cgroup goes, {hierarchy: parent
+    relative to its root} (v1: every hierarchy jrun may use; v2: ""), and
+    whether that is inside a Slurm step.  In a step (found in
+    /proc/self/cgroup, or insisted on with --cgroup-parent slurm, or its own
+    path given as --cgroup-parent): the step's cgroup wherever Slurm made
+    one, jrun's own subtree elsewhere (Slurm's v1 step has no pids, cpu or
+    blkio cgroup).  Otherwise --cgroup-parent, or jrun's own subtree, in
+    every hierarchy."""
+    host = cgroup_host()
+    names = [""] if host.version == 2 else sorted({ctrls for _, ctrls in host.mounts.values()})
+    want = spec.cgroup_parent
+    steps = host.slurm_steps
+    if want == "slurm":
+        if not any(n in steps for n in names):
+            raise UsageError("--cgroup-parent: slurm: jrun is not in a Slurm step's cgroup (/proc/self/cgroup "
+                             "shows none: run it as a task of sbatch or srun, with proctrack/cgroup or task/cgroup)")
+    elif want:
+        rel = want.strip("/")
+        if slurm_step_of("/" + rel, host.version) != rel:
+            return {n: rel for n in names}, False
+        steps = {n: rel for n in names if os.path.isdir(os.path.join(_hierarchy_root(n), rel))}
+    parents = {n: steps.get(n, CGROUP_SUBTREE) for n in names}
+    return parents, any(p != CGROUP_SUBTREE for p in parents.values())
+
+
+def memory_bound(spec):
+    """The memory limit that bounds the job, for the OOM message."""
+    if spec.limits.memory:
+        return fmt_size(spec.limits.memory)
+    parents, in_step = job_cgroup_parents(spec)
+    mem = next((p for n, p in parents.items() if n == "" or "memory" in n.split(",")), CGROUP_SUBTREE)
+    return "none of its own: the Slurm step's" if in_step and mem != CGROUP_SUBTREE else "none: the host's"
+
+
+def _hierarchy_root(ctrls):
+    """The mount point of a hierarchy named as in /proc/self/cgroup."""
+    mounts = cgroup_host().mounts
+    return next((mounts[c][0] for c in ctrls.split(",") if c in mounts), CGROUP_ROOT)
+
+
+def parse_cpuset(opt, text):
+    """'0-1,3' -> (0, 1, 3)."""
+    cpus = set()
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        if not (lo.isdigit() and (not dash or hi.isdigit())) or (dash and int(hi) < int(lo)):
+            raise UsageError("%s: %r is not a CPU list (use e.g. 0, 0-1, 0-1,3)" % (opt, text))
+        cpus.update(range(int(lo), int(hi if dash else lo) + 1))
+    return tuple(sorted(cpus))
+
+
+def format_cpuset(cpus):
+    """(0, 1, 3) -> '0-1,3', the kernel's own spelling."""
+    out, cpus = [], sorted(cpus)
+    i = 0
+    while i < len(cpus):
+        j = i
+        while j + 1 < len(cpus) and cpus[j + 1] == cpus[j] + 1:
+            j += 1
+        out.append(str(cpus[i]) if i == j else "%d-%d" % (cpus[i], cpus[j]))
+        i = j + 1
+    return ",".join(out)
+
+
+def _read_cpuset_file(path):
+    with open(path, encoding="utf-8") as f:
+        text = f.read().strip()
+    return parse_cpuset(path, text) if text else ()
+
+
+def _mount_of(path):
+    """(fstype, source, super options) of the mount holding PATH."""
+    path = os.path.realpath(path)
+    best = ("", "", "", "")
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            pre, _, post = line.partition(" - ")
+            point = pre.split()[4].replace("\\040", " ")
+            if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best[0]):
+                fstype, source, opts = (post.split() + ["", "", ""])[:3]
+                best = (point, fstype, source, opts)
+    return best[1:]
+
+
+def block_devices(paths, _depth=0):
+    """The whole disks ("major:minor") that back PATHS, found at run time:
+    st_dev for a filesystem on a block device (a partition is walked up to
+    its disk, because the throttle works per disk); an overlay is followed to
+    its layers; tmpfs and other memory filesystems have no disk and add none."""
+    devs = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        dev = "%d:%d" % (os.major(st.st_dev), os.minor(st.st_dev))
+        if os.major(st.st_dev) == 0:  # btrfs, overlay, tmpfs: an anonymous device
+            fstype, source, opts = _mount_of(p)
+            dev = None
+            if fstype == "overlay" and _depth < 4:
+                layers = [o.split("=", 1)[1] for o in opts.split(",") if o.startswith(("lowerdir=", "upperdir="))]
+                devs += [d for d in block_devices([x for lay in layers for x in lay.split(":")], _depth + 1)
+                         if d not in devs]
+            elif source.startswith("/dev/"):
+                try:
+                    rdev = os.stat(source).st_rdev
+                    dev = "%d:%d" % (os.major(rdev), os.minor(rdev))
+                except OSError:
+                    pass
+        sysdir = "/sys/dev/block/%s" % dev
+        if dev is None or not os.path.isdir(sysdir):
+            continue
+        if os.path.exists(os.path.join(sysdir, "partition")):
+            with open(os.path.join(sysdir, "..", "dev"), encoding="utf-8") as f:
+                dev = f.read().strip()
+        if dev not in devs:
+            devs.append(dev)
+    return devs
+
+
+def io_paths(spec):
+    """Where the job's files live on the host: its root's lower layer, or
+    under --rootfs host the host's system directories and /etc that the job
+    reads through read-only binds; and its volumes.  (The writable layer,
+    /tmp and the default workdir are tmpfs: no disk IO.)"""
+    if spec.rootfs == "host":
+        paths = ["/" + n for n in HOST_SYSTEM_DIRS if os.path.isdir("/" + n)] + ["/etc"]
+    else:
+        paths = [rootfs_path(spec)]
+    return paths + [v.src for v in spec.volumes]
+
+
+ACCOUNTING_CONTROLLERS = {1: ("memory", "pids", "cpuacct", "blkio"), 2: ("memory", "pids", "io")}
+# v1's device allow-list is a controller (v2's is an eBPF program, which
+# needs none): see Cgroup.restrict_devices.
+GUARD_CONTROLLERS = {1: ("devices",), 2: ()}
+
+
+def cgroup_controllers(spec):
+    """The controllers the job's cgroup uses: those its limits need (each
+    must exist here, or the run is refused), those that account for it
+    (--stats, --json-status, and killing every process at the end) and v1's
+    device allow-list, where the host has them."""
+    host = cgroup_host()
+    parents, in_step = job_cgroup_parents(spec)
+    if host.version == 2:
+        parent = parents[""]
+        where = os.path.join(CGROUP_ROOT, parent) if parent != CGROUP_SUBTREE else CGROUP_ROOT
+        if not os.path.isdir(where):
+            raise UsageError("--cgroup-parent: %s does not exist (create or delegate it first)" % where)
+        have = host.controllers(parent if parent != CGROUP_SUBTREE else "")
+    else:
+        have = {c for c, (point, ctrls) in host.mounts.items()
+                if parents[ctrls] == CGROUP_SUBTREE or os.path.isdir(os.path.join(point, parents[ctrls]))}
+    need = []
+    for field, (opt, v1, v2) in _LIMIT_CONTROLLERS.items():
+        ctrl = v1 if host.version == 1 else v2
+        if getattr(spec.limits, field) is None:
+            continue
+        if ctrl not in have:
+            if in_step and host.version == 2:
+                raise UsageError("%s: Slurm did not enable the cgroup v2 '%s' controller for this step (/%s has "
+                                 "%s): the job's cgroup is inside the step's; ask Slurm for it in cgroup.conf"
+                                 % (opt, ctrl, parents[""], " ".join(sorted(have)) or "none"))
+            if spec.cgroup_parent and (host.version == 2 or ctrl in host.mounts):
+                raise UsageError("%s: the cgroup v%d '%s' controller is not available under --cgroup-parent %s"
+                                 " (delegate it, or create the parent in that hierarchy)"
+                                 % (opt, host.version, ctrl, spec.cgroup_parent))
+            raise UsageError("%s: this host has no cgroup v%d '%s' controller" % (opt, host.version, ctrl))
+        need.append(ctrl)
+    if not have and spec.cgroup_parent:
+        raise UsageError("--cgroup-parent: %s does not exist (create or delegate it first)" % os.path.join(
+            host.mounts.get("memory", (CGROUP_ROOT + "/memory",))[0], cgroup_parent(spec)))
+    if not have:
+        raise SetupError("no cgroup v1 hierarchy of %s is mounted under %s" % (", ".join(V1_CONTROLLERS), CGROUP_ROOT))
+    used = ACCOUNTING_CONTROLLERS[host.version] + GUARD_CONTROLLERS[host.version]
+    return sorted(set(need) | (set(used) & have))
+
+
+def validate_limits(spec):
+    """Stage 1 of resource control: every limit against this host."""
+    lim = spec.limits
+    parent = cgroup_parent(spec)
+    if ".." in parent.split("/") or "\0" in parent:
+        raise UsageError("--cgroup-parent: %r must not contain '..'" % spec.cgroup_parent)
+    ncpu = os.cpu_count() or 1
+    if lim.cpu is not None and lim.cpu > 100 * ncpu:
+        raise UsageError("--cpu: '%d' is out of range (1 to %d: percent of one CPU, this host has %d CPUs)"
+                         % (lim.cpu, 100 * ncpu, ncpu))
+    if lim.memory is not None and lim.memory < MEMORY_FLOOR:
+        raise UsageError("--memory: %r is below the %d MiB a job needs to start" % (
+            "%dK" % (lim.memory >> 10), MEMORY_FLOOR >> 20))
+    if lim.cores is not None:
+        cpus = parse_cpuset("--cores", lim.cores)
+        online = _read_cpuset_file("/sys/devices/system/cpu/online")
+        allowed = sorted(set(online) & os.sched_getaffinity(0))
+        bad = [c for c in cpus if c not in allowed]
+        if bad:
+            raise UsageError("--cores: %r names CPU %s, which %s (CPUs usable here: %s)" % (
+                lim.cores, format_cpuset(bad), "does not exist" if bad[0] not in online else "jrun may not use",
+                format_cpuset(allowed)))
+    cgroup_controllers(spec)
+    if lim.io_bps is not None and not block_devices(io_paths(spec)):
+        raise UsageError("--io-bps: the job's files (%s) are on no block device: nothing to throttle"
+                         % ", ".join(io_paths(spec)))
 
 
 def _write(path, value):
@@ -4000,7 +4071,7 @@ class Cgroup(Resource):
         return None
 
     # A job cgroup under jrun's own subtree whose job has no state directory
-    # is an orphan for gc (see the contract of orphans() there), unless a
+    # is an orphan for gc (see Resource.orphans), unless a
     # process is in it or it is younger than this: a job of a jrun with
     # another state-dir (--config) shares the subtree, and one being set up
     # right now has an empty cgroup for a moment.  --cgroup-parent trees
@@ -4079,7 +4150,7 @@ class Cgroup(Resource):
         except SetupError:
             self.teardown()
             raise
-        audit("cgroup v%d: %s created with %s" % (self.version, ", ".join(self.dirs),
+        trace("cgroup v%d: %s created with %s" % (self.version, ", ".join(self.dirs),
                                                   "; ".join("%s=%s" % (os.path.basename(f), " ".join(v.split()))
                                                             for f, v in self.checks) or "no limits"))
 
@@ -4096,7 +4167,7 @@ class Cgroup(Resource):
         if "MKNOD" in job_capabilities(self.spec):
             raise SetupError("--cap-add MKNOD: the job's cgroup can have no device allow-list here (%s), "
                              "and it is what stops a device node the job makes from being opened" % why)
-        audit("cgroup: no device allow-list (%s); the job's own nodes and nodev hold" % why)
+        trace("cgroup: no device allow-list (%s); the job's own nodes and nodev hold" % why)
 
     def verify_devices(self):
         """Child, in enter(): the device allow-list the parent set is in
@@ -4110,7 +4181,7 @@ class Cgroup(Resource):
     def attach(self, pid):
         for d in self.dirs:
             _write(os.path.join(d, "cgroup.procs"), str(pid))
-        audit("cgroup: job PID %d placed in %s" % (pid, ", ".join(self.dirs)))
+        trace("cgroup: job PID %d placed in %s" % (pid, ", ".join(self.dirs)))
 
     def join(self):
         """Child: nothing to do when the parent has placed it (attach)."""
@@ -4136,12 +4207,12 @@ class Cgroup(Resource):
             if got is None or sorted(map(str.split, got.splitlines())) != sorted(map(str.split, want.splitlines())):
                 raise SetupError("cgroup verification failed: %s is %r, not %r" % (path, got, want))
         self.verify_devices()
-        audit("cgroup verified: this process is in %s only, limits read back: %s" % (
+        trace("cgroup verified: this process is in %s only, limits read back: %s" % (
             ", ".join("%s:%s" % (c or "0:", mine[c]) for c in self.where),
             "; ".join("%s=%s" % (os.path.basename(f), v.strip().replace("\n", " ")) for f, v in self.checks)
             or "none"))
         unshare(CLONE_NEWCGROUP)
-        audit("cgroup namespace: the job's cgroup is its root '/'")
+        trace("cgroup namespace: the job's cgroup is its root '/'")
 
     def kill_all(self):
         """SIGKILL every process still in the job's cgroups.  A pidfd is
@@ -4198,6 +4269,9 @@ class Cgroup(Resource):
         shared = set(jrun_subtrees())
         remove_unused_subtrees(sorted({os.path.dirname(d) for d in self.dirs} & shared))
 
+    def remains(self):
+        return [d for d in self.dirs if os.path.isdir(d)]
+
 
 class CgroupV1(Cgroup):
     """One directory per mounted v1 hierarchy: <mount>/<parent>/<id>."""
@@ -4216,7 +4290,7 @@ class CgroupV1(Cgroup):
         alone = len(os.listdir("/proc/self/task")) == 1
         for d in self.dirs:
             _write(os.path.join(d, "tasks" if alone else "cgroup.procs"), "0" if alone else str(os.getpid()))
-        audit("cgroup: the job's PID 1 moved itself into %s" % ", ".join(self.dirs))
+        trace("cgroup: the job's PID 1 moved itself into %s" % ", ".join(self.dirs))
 
     def plan(self):
         host = cgroup_host()
@@ -4319,7 +4393,7 @@ class CgroupV1(Cgroup):
             os.mkdir(target, 0o555)
             mount("cgroup", target, "cgroup", flags | MS_RDONLY, ctrls)
         mount(None, CGROUP_ROOT, None, MS_REMOUNT | MS_RDONLY | flags, "mode=0755,size=16k")
-        audit("%s: read-only tmpfs with the job's hierarchies %s, read-only"
+        trace("%s: read-only tmpfs with the job's hierarchies %s, read-only"
               % (CGROUP_ROOT, ", ".join(self.where)))
 
     def collect(self, out):
@@ -4528,7 +4602,7 @@ class CgroupV2(Cgroup):
             # around jrun (EPERM), a delegating parent whose program allows
             # no other (EPERM).
             return self._no_device_list("cgroup BPF: %s" % os.strerror(e.errno))
-        audit("cgroup: device allow-list attached (eBPF program %d): %s" % (self.device_filter, " ".join(
+        trace("cgroup: device allow-list attached (eBPF program %d): %s" % (self.device_filter, " ".join(
             "%s %d:%s %s" % (k, ma, "*" if mi is None else mi, a) for k, ma, mi, a in DEVICE_RULES)))
 
     def verify_devices(self):
@@ -4538,11 +4612,11 @@ class CgroupV2(Cgroup):
         if found != [self.device_filter]:
             raise SetupError("cgroup verification failed: device programs %s attached to %s, not [%d]"
                              % (found, self.dirs[0], self.device_filter))
-        audit("device allow-list verified: eBPF program %d is attached to the job's cgroup" % self.device_filter)
+        trace("device allow-list verified: eBPF program %d is attached to the job's cgroup" % self.device_filter)
 
     def enter_root(self):
         mount("cgroup2", CGROUP_ROOT, "cgroup2", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        audit("%s: the job's own cgroup2, read-only" % CGROUP_ROOT)
+        trace("%s: the job's own cgroup2, read-only" % CGROUP_ROOT)
 
     def collect(self, out):
         d = self.dirs[0]
@@ -4620,7 +4694,7 @@ class JobUserNamespace(Resource):
     def setup(self, state):
         self.base = self._allocate(state)
         self.fd = self._create()
-        audit("user namespace: uid and gid 0-%d inside are %d-%d on the host"
+        trace("user namespace: uid and gid 0-%d inside are %d-%d on the host"
               % (USERNS_SIZE - 1, self.base, self.base + USERNS_SIZE - 1))
 
     def _allocate(self, state):
@@ -4685,11 +4759,10 @@ class JobUserNamespace(Resource):
             os.close(hold_w)
             os.waitpid(pid, 0)
 
-    def join(self):
-        """Child, last steps: enter the namespace.  The child's uids do not
-        change by this (setresuid does it next); it gains every capability
-        inside this namespace and keeps none outside."""
-        setns(self.fd, CLONE_NEWUSER)
+    def root_owner(self):
+        """The job's root is host uid self.base, through an idmapped rootfs;
+        drop_privileges joins this namespace last."""
+        return RootOwner(base=self.base, limit=USERNS_SIZE, userns_fd=self.fd)
 
     def teardown(self):
         if self.fd is not None:
@@ -5266,7 +5339,7 @@ def _sync_nft(without=None):
     """Make the `inet jrun` table match the networks that exist (lock held)."""
     nets = _nft_networks(without)
     _run_nft(nft_ruleset(nets, network_config()["allow_link_local"]))
-    audit("nft: table %s %s" % (NFT_TABLE, "holds %d network(s)" % len(nets) if nets else "deleted"))
+    trace("nft: table %s %s" % (NFT_TABLE, "holds %d network(s)" % len(nets) if nets else "deleted"))
 
 
 def _restore_nft(quiet=False):
@@ -5281,12 +5354,12 @@ def _restore_nft(quiet=False):
     damage = _nft_damage(nets, allow)
     if damage is None:
         if nets:
-            audit("nft: table %s in place" % NFT_TABLE)
+            trace("nft: table %s in place" % NFT_TABLE)
         return None
     if _nft_damage(nets, not allow) is None:
         # Written by a jrun with the other allow-link-local: the host's
         # setting changed (or another --config), not a repair.
-        audit("nft: table %s rewritten for allow-link-local = %s" % (NFT_TABLE, str(allow).lower()))
+        trace("nft: table %s rewritten for allow-link-local = %s" % (NFT_TABLE, str(allow).lower()))
         _sync_nft()
         return None
     try:
@@ -5369,7 +5442,7 @@ def _remove_network(nl, f):
     """No job is left on f's network: its bridge, rules and file go (lock
     held).  The file goes last, so a crash in between leaves it for gc."""
     if _delete_link(nl, f.bridge):
-        audit("network %s: bridge %s deleted (no job left on it)" % (f.name, f.bridge))
+        trace("network %s: bridge %s deleted (no job left on it)" % (f.name, f.bridge))
     _sync_nft(without=f.bridge)
     f.remove()
 
@@ -5500,7 +5573,7 @@ class Network(Resource):
             _enable_forwarding()
         if missing:
             self._create_bridge(f)
-        audit("network %s: address %s/%d leased on %s" % (self.net, format_ip(self.address), f.subnet[1],
+        trace("network %s: address %s/%d leased on %s" % (self.net, format_ip(self.address), f.subnet[1],
                                                           self.bridge))
 
     def _new_network(self):
@@ -5535,7 +5608,7 @@ class Network(Resource):
                           prefixlen=f.subnet[1], index=index, attrs=[
                               ("IFA_LOCAL", format_ip(f.gateway)), ("IFA_ADDRESS", format_ip(f.gateway)),
                               ("IFA_BROADCAST", format_ip(bcast))])))
-        audit("network %s: bridge %s created, gateway %s/%d" % (self.net, self.bridge, format_ip(f.gateway),
+        trace("network %s: bridge %s created, gateway %s/%d" % (self.net, self.bridge, format_ip(f.gateway),
                                                                  f.subnet[1]))
 
     # -- parent, child waiting in its namespaces ------------------------------
@@ -5577,7 +5650,7 @@ class Network(Resource):
                                      ("IFLA_INFO_SLAVE_KIND", "bridge"),
                                      ("IFLA_INFO_SLAVE_DATA", {"attrs": [("IFLA_BRPORT_ISOLATED", 1)]})]})])))
             nl.do(*reqs)
-            audit("network %s: veth %s on %s%s, its other end eth0 in the job's network namespace"
+            trace("network %s: veth %s on %s%s, its other end eth0 in the job's network namespace"
                   % (self.net, self.veth, self.bridge, " (isolated port)" if len(reqs) > 1 else ""))
             job = Netlink(netns_fd=ns)
         finally:
@@ -5597,8 +5670,8 @@ class Network(Resource):
                                     ("RTA_GATEWAY", format_ip(f.gateway)), ("RTA_OIF", eth0)])))
         finally:
             job.close()
-        audit("network: eth0 %s/%d up, default route via %s" % (format_ip(ip), f.subnet[1], format_ip(f.gateway)))
-        audit("network: ready")
+        trace("network: eth0 %s/%d up, default route via %s" % (format_ip(ip), f.subnet[1], format_ip(f.gateway)))
+        trace("network: ready")
 
     # -- child ----------------------------------------------------------------
 
@@ -5633,7 +5706,7 @@ class Network(Resource):
             mine = [ip for ip, owner in f.leases.items() if owner == self.owner]
             for ip in mine:
                 del f.leases[ip]
-                audit("network: address %s released" % format_ip(ip))
+                trace("network: address %s released" % format_ip(ip))
             f.prune()
             if f.leases:
                 f.save()
@@ -5643,7 +5716,7 @@ class Network(Resource):
                 if f.idle is None:
                     f.idle = time.time()
                 f.save()
-                audit("network %s: idle; bridge %s and its rules kept for the next job (network-idle: %g s)"
+                trace("network %s: idle; bridge %s and its rules kept for the next job (network-idle: %g s)"
                       % (f.name, self.bridge, NETWORK_IDLE))
             else:
                 _remove_network(self.nl or _host_netlink(), f)
@@ -5700,10 +5773,12 @@ def _net_devices():
         return []
 
 
-class NetworkLeftover:
-    """Something of the networks that gc found with no running job behind it."""
+class NetworkLeftover(Resource):
+    """Something of the networks that gc found with no running job behind it
+    (Network.orphans): its teardown is UNDO(ARG)."""
 
     def __init__(self, name, undo, arg):
+        super().__init__(None)
         self.name, self._undo, self._arg = name, undo, arg
 
     def teardown(self):
@@ -5908,7 +5983,7 @@ class JobStdio:
             ends.update((fd, slave) for fd in (0, 1, 2) if self.kinds[fd] == STDIO_TTY)
         for fd, end in ends.items():
             os.dup2(end, fd)  # inheritable: dup2 clears close-on-exec on FD
-        audit("stdio: %s" % ", ".join("%d %s" % (fd, STDIO_SAY[k]) for fd, k in enumerate(self.kinds)))
+        trace("stdio: %s" % ", ".join("%d %s" % (fd, STDIO_SAY[k]) for fd, k in enumerate(self.kinds)))
 
     def _open_pty(self, uid, gid):
         """A pty of the job's own devpts instance (build_dev): the slave for
@@ -6244,32 +6319,51 @@ class ChildPlan(_Frozen):
 
 
 def _report(fd, code, msg):
+    """An error on the status pipe (its data format: see supervise)."""
     try:
         os.write(fd, _exact_bytes("E%d %s\n" % (code, msg)))
     except OSError:
         pass
 
 
+class ChildRun:
+    """What the child's steps share: its plan, then what the steps before
+    found (the owner of the job's root, the root, the user, the environment
+    and argv of COMMAND)."""
+
+    __slots__ = ("plan", "spec", "owner", "root", "uid", "gid", "home", "env", "argv")
+
+    def __init__(self, plan):
+        self.plan, self.spec = plan, plan.spec
+        self.owner, self.root = HOST_ROOT, None
+
+
 def child_main(plan):
-    """Entry of the forked child.  Never returns."""
+    """Entry of the forked child: CHILD_STEPS in order, the last one execs
+    COMMAND.  Never returns; a step's failure goes to the status pipe, named
+    after the step when the error does not say more than errno."""
+    job = ChildRun(plan)
+    step = "start"
     try:
         try:
-            child_steps(plan)
+            for step, run in CHILD_STEPS:
+                trace("child step: %s" % step)
+                run(job)
         except JrunError as e:
             _report(plan.status_w, e.exit_code, str(e))
             os._exit(e.exit_code)
         except OSError as e:
-            _report(plan.status_w, EXIT_JRUN, "job setup: %s" % (e.strerror if not e.args[1:] else e.args[1]))
+            _report(plan.status_w, EXIT_JRUN, "job setup: %s: %s"
+                    % (step, e.strerror if not e.args[1:] else e.args[1]))
             os._exit(EXIT_JRUN)
         except BaseException as e:  # noqa: BLE001 - the child must never return
-            _report(plan.status_w, EXIT_JRUN, "job setup: %s: %s" % (type(e).__name__, e))
+            _report(plan.status_w, EXIT_JRUN, "job setup: %s: %s: %s" % (step, type(e).__name__, e))
             os._exit(EXIT_JRUN)
     finally:
         os._exit(EXIT_JRUN)
 
 
-def child_steps(plan):
-    spec = plan.spec
+def die_with_jrun(job):
     import prctl
 
     # If jrun dies, even by SIGKILL, the job dies with it; and the PID
@@ -6281,50 +6375,83 @@ def child_steps(plan):
     # the job can ptrace this interpreter or open its /proc/1/mem, environ
     # or fds while it still holds privileges and host file descriptors.
     prctl.set_dumpable(0)
+
+
+def unshare_namespaces(job):
     unshare(CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET)
-    audit("namespaces created: pid (PID %d inside), mount, uts, ipc, net" % os.getpid())
+    trace("namespaces created: pid (PID %d inside), mount, uts, ipc, net" % os.getpid())
     loopback_up()
-    audit("network: lo up")
-    os.write(plan.status_w, b"R\n")
-    # Wait until the parent has put us in our cgroup and network.  EOF
-    # without "G" means the parent gave up: exit quietly.
-    if os.read(plan.sync_r, 1) != b"G":
+    trace("network: lo up")
+
+
+def wait_for_release(job):
+    """Tell the parent we are ready (R on the status pipe), then wait until
+    it has put us in our cgroup and network (G on the sync pipe; the pipes'
+    data format: see supervise).  EOF instead means the parent gave up:
+    exit quietly."""
+    os.write(job.plan.status_w, b"R\n")
+    if os.read(job.plan.sync_r, 1) != b"G":
         os._exit(EXIT_JRUN)
-    for res in plan.resources:
+
+
+def enter_resources(job):
+    for res in job.plan.resources:
         res.enter()
-    userns = next((r for r in plan.resources if isinstance(r, JobUserNamespace)), None)
+    job.owner = next((o for o in (res.root_owner() for res in job.plan.resources) if o), HOST_ROOT)
 
+
+def build_job_root(job):
     mount(None, "/", None, MS_REC | MS_PRIVATE)
-    audit("mounts made private (recursively) before anything was mounted")
-    root = build_root(spec, plan.state_dir, userns, plan.resources)
-    pivot_into(root)
-    mount_proc_and_sys()
-    for res in plan.resources:
-        res.enter_root()
-    harden_proc_and_sys(spec)
-    sethostname(spec.hostname)
-    audit("hostname set to %s" % spec.hostname)
+    trace("mounts made private (recursively) before anything was mounted")
+    job.root = build_root(job.spec, job.plan.state_dir, job.owner, job.plan.resources)
 
+
+def pivot_into_root(job):
+    pivot_into(job.root)
+
+
+def enter_proc_and_sys(job):
+    mount_proc_and_sys()
+    for res in job.plan.resources:
+        res.enter_root()
+    harden_proc_and_sys(job.spec)
+
+
+def set_hostname(job):
+    sethostname(job.spec.hostname)
+    trace("hostname set to %s" % job.spec.hostname)
+
+
+def enter_workdir(job):
+    """The job's user, its /work, environment, workdir and command path."""
+    spec, owner = job.spec, job.owner
     uid, gid, home = resolve_user(spec)
-    if userns and max(uid, gid) >= USERNS_SIZE:
+    job.uid, job.gid, job.home = uid, gid, home
+    if owner.limit is not None and max(uid, gid) >= owner.limit:
         raise UsageError("-u/--user: %d:%d is not mapped under --userns (0 to %d are)"
-                         % (uid, gid, USERNS_SIZE - 1))
-    base = userns.base if userns else 0
+                         % (uid, gid, owner.limit - 1))
     if uid:  # /work, the job's own tmpfs, is its user's (what was uploaded into it keeps its owner)
-        os.chown(DEFAULT_WORKDIR, base + uid, base + gid)
-    env = job_environment(spec, home)
+        os.chown(DEFAULT_WORKDIR, owner.base + uid, owner.base + gid)
+    job.env = job_environment(spec, home)
     try:
         os.chdir(spec.workdir)
     except OSError as e:
         raise SetupError("-w/--workdir %s: %s" % (spec.workdir, e.strerror)) from None
-    argv = resolve_command(spec, env)  # in the workdir: './run.sh' is the workdir's, as for execvp
-    plan.stdio.enter(base + uid, base + gid)
-    close_inherited_fds((plan.status_w, plan.sync_r) + ((userns.fd,) if userns else ()))
+    job.argv = resolve_command(spec, job.env)  # in the workdir: './run.sh' is the workdir's, as for execvp
+
+
+def take_stdio_and_session(job):
+    plan, owner = job.plan, job.owner
+    plan.stdio.enter(owner.base + job.uid, owner.base + job.gid)
+    close_inherited_fds((plan.status_w, plan.sync_r) + ((owner.userns_fd,) if owner.mapped else ()))
     os.setsid()
     if plan.stdio.take_terminal():
-        audit("new session; its controlling terminal is the job's own pty (TIOCSTI, CVE-2017-5226)")
+        trace("new session; its controlling terminal is the job's own pty (TIOCSTI, CVE-2017-5226)")
     else:
-        audit("new session: the job has no controlling terminal (TIOCSTI, CVE-2017-5226)")
+        trace("new session: the job has no controlling terminal (TIOCSTI, CVE-2017-5226)")
+
+
+def reset_signals(job):
     # COMMAND starts with every signal at its default and none blocked, as
     # in a fresh container: exec keeps an ignored signal ignored (Python
     # ignores SIGPIPE and SIGXFSZ; a shell ignores SIGINT and SIGQUIT in
@@ -6335,18 +6462,43 @@ def child_steps(plan):
         if sig not in (signal.SIGKILL, signal.SIGSTOP):
             signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
-    drop_privileges(spec, uid, gid, plan.sync_r, userns)
-    audit("exec %s" % " ".join(argv))
+
+
+def drop_job_privileges(job):
+    drop_privileges(job.spec, job.uid, job.gid, job.plan.sync_r, job.owner)
+
+
+def exec_command(job):
+    trace("exec %s" % " ".join(job.argv))
     try:
-        os.execve(argv[0], argv, env)
+        os.execve(job.argv[0], job.argv, job.env)
     except OSError as e:
-        code = EXIT_NOTFOUND if e.errno == errno.ENOENT else EXIT_NOEXEC
-        hint = " (a script whose interpreter is missing from the job's root?)" if code == EXIT_NOTFOUND else ""
-        raise (NotFound if code == EXIT_NOTFOUND else NotExecutable)(
-            "%s: cannot execute: %s%s" % (spec.command[0], e.strerror, hint)) from None
+        error = NotFound if e.errno == errno.ENOENT else NotExecutable
+        hint = " (a script whose interpreter is missing from the job's root?)" if error is NotFound else ""
+        raise error("%s: cannot execute: %s%s" % (job.spec.command[0], e.strerror, hint)) from None
 
 
-def build_root(spec, state_dir, userns=None, resources=()):
+# The child's whole life, in order, as nsjail's containProc: (name, step).
+# The name is the step's line in the debug trail and the start of its error
+# when it fails with no more than an errno ("job setup: pivot_root: ...").
+CHILD_STEPS = (
+    ("die with jrun", die_with_jrun),
+    ("namespaces", unshare_namespaces),
+    ("wait for release", wait_for_release),
+    ("enter resources", enter_resources),
+    ("build root", build_job_root),
+    ("pivot_root", pivot_into_root),
+    ("/proc and /sys", enter_proc_and_sys),
+    ("hostname", set_hostname),
+    ("user and workdir", enter_workdir),
+    ("stdio and session", take_stdio_and_session),
+    ("signals reset", reset_signals),
+    ("drop privileges", drop_job_privileges),
+    ("execve", exec_command),
+)
+
+
+def build_root(spec, state_dir, owner=HOST_ROOT, resources=()):
     """The job's root, in the job's own mount namespace, so that everything
     the job writes vanishes with it even if jrun is SIGKILLed, and
     concurrent jobs never see each other's writes: for --rootfs minimal or
@@ -6362,7 +6514,7 @@ def build_root(spec, state_dir, userns=None, resources=()):
     half of RAM; and tmpfs pages outlive the process that wrote them, so the
     host's OOM killer would pick host daemons instead.)
 
-    Under --userns the job's root is host uid B (userns.base): the rootfs is
+    Under --userns the job's root is host uid B (owner.base): the rootfs is
     bound through an idmapped mount (its root-owned files appear owned by B,
     so copy-ups stay B's too) and the writable directories belong to B."""
     base = os.path.join(state_dir, "root")
@@ -6373,8 +6525,8 @@ def build_root(spec, state_dir, userns=None, resources=()):
         space[name] = os.path.join(base, name)
         os.mkdir(space[name])
         os.chmod(space[name], mode)  # past the umask
-        if userns:
-            os.chown(space[name], userns.base, userns.base)
+        if owner.mapped:
+            os.chown(space[name], owner.base, owner.base)
     root = os.path.join(base, "root")
     os.mkdir(root, 0o755)
     if spec.rootfs == "host":
@@ -6386,9 +6538,10 @@ def build_root(spec, state_dir, userns=None, resources=()):
         # The tree validate() cloned (open_staging_sources), not the path.
         fd = os.open(os.path.join(base, "lower"), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            bind_into(spec.rootfs_fd, fd, MOUNT_ATTR_IDMAP if userns else 0, userns.fd if userns else 0)
+            bind_into(spec.rootfs_fd, fd, MOUNT_ATTR_IDMAP if owner.mapped else 0,
+                      owner.userns_fd if owner.mapped else 0)
         except OSError as e:
-            if not userns or e.errno != errno.EINVAL:
+            if not owner.mapped or e.errno != errno.EINVAL:
                 raise
             # ext4, xfs, btrfs and vfat allow idmapped mounts since 5.12-5.15,
             # tmpfs since 6.3; ext2, NFS and FUSE (among others) do not.
@@ -6403,13 +6556,13 @@ def build_root(spec, state_dir, userns=None, resources=()):
         # nodev: a device node in a custom rootfs (an image from anywhere)
         # must not open the host's disks; /dev is a mount of its own.
         mount("overlay", root, "overlay", MS_NOSUID | MS_NODEV, "lowerdir=lower,upperdir=upper,workdir=ovlwork")
-        audit("root: overlay of %s with a private writable layer" % lower)
+        trace("root: overlay of %s with a private writable layer" % lower)
 
     # Binds keep the tmpfs mount's nosuid and nodev (clone_mnt copies them).
     mount(space["tmp"], _safe_mkdirs(root, "tmp", 0o1777), None, MS_BIND)
     # /work is always there, whatever -w says: uploads land in it by default.
     mount(space["work"], _safe_mkdirs(root, DEFAULT_WORKDIR), None, MS_BIND)
-    audit("writable space: one tmpfs (size=%s, nr_inodes=%d) for %s, /tmp, %s and /dev/shm"
+    trace("writable space: one tmpfs (size=%s, nr_inodes=%d) for %s, /tmp, %s and /dev/shm"
           % (fmt_size(workdir_bytes(spec)), workdir_inodes(spec),
              "/" if spec.rootfs == "host" else "the root's writable layer", DEFAULT_WORKDIR))
 
@@ -6422,9 +6575,9 @@ def build_root(spec, state_dir, userns=None, resources=()):
         etc.update(res.etc_files())  # the network's /etc/hosts and /etc/resolv.conf
     for rel, content in etc.items():
         path = _safe_file(root, rel, content=content)
-        if userns:
-            chown_to_job(path, userns.base)
-    stage_files(spec, root, userns)
+        if owner.mapped:
+            chown_to_job(path, owner.base)
+    stage_files(spec, root, owner)
     if spec.read_only:
         make_root_read_only(root)
     return root
@@ -6438,23 +6591,23 @@ OVERLAY_DIRS = (("upper", 0o755), ("ovlwork", 0o700))
 HOST_ROOT_DIRS = (("host", 0o755),)
 
 
-def stage_files(spec, root, userns=None):
+def stage_files(spec, root, owner=HOST_ROOT):
     """The workdir, the volumes' mount points, the uploads, then the volumes:
     every path is made before any host directory is bound into the root, so
     none is ever made inside one.  Under --userns the uploads belong to the
-    job's root as the host sees it (userns.base)."""
+    job's root as the host sees it (owner.base)."""
     rootfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     targets = []
     # What jrun makes for the job belongs to the job's root.  Owners are set
     # on the fds of what was made: a chown by path afterwards would follow
     # the rootfs's symlinks to the host.
-    owner = (userns.base, userns.base) if userns else None
+    ids = (owner.base, owner.base) if owner.mapped else None
     try:
-        os.close(open_dir_in_root(rootfd, spec.workdir, owner))
+        os.close(open_dir_in_root(rootfd, spec.workdir, ids))
         for v in spec.volumes:
             targets.append(prepare_volume(rootfd, v))
         if spec.uploads:
-            Uploader(spec.uploads, owner).run(rootfd, spec.uploads)
+            Uploader(spec.uploads, ids).run(rootfd, spec.uploads)
         for v, fd in zip(spec.volumes, targets):
             mount_volume(v, fd)
     finally:
@@ -6504,7 +6657,7 @@ def build_dev(root, spec, base, shm):
         os.close(os.open(init, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o755))
         mount(TINI, init, None, MS_BIND)
         mount(None, init, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
-    audit("minimal /dev (nodev): the job's own read-only %s; pts shm%s"
+    trace("minimal /dev (nodev): the job's own read-only %s; pts shm%s"
           % (" ".join(n for n, _, _ in DEV_NODES), " init" if spec.init else ""))
 
 
@@ -6517,14 +6670,14 @@ def pivot_into(root):
     pivot_root(".", ".")
     umount2(".", MNT_DETACH)
     os.chdir("/")
-    audit("root pivoted; old root detached (umount2 MNT_DETACH)")
+    trace("root pivoted; old root detached (umount2 MNT_DETACH)")
 
 
 def mount_proc_and_sys():
     mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    audit("/proc remounted for the job's PID namespace")
+    trace("/proc remounted for the job's PID namespace")
     mount("sysfs", "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    audit("/sys mounted read-only")
+    trace("/sys mounted read-only")
 
 
 # /proc and /sys entries that tell about the host or act on it, handled as
@@ -6565,7 +6718,7 @@ def harden_proc_and_sys(spec):
         if os.path.exists(path):
             mount(path, path, None, MS_BIND | MS_REC)
             mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    audit("/proc and /sys hardened: %s masked; %s read-only"
+    trace("/proc and /sys hardened: %s masked; %s read-only"
           % (" ".join(p.split("/", 2)[2] for p in MASKED_FILES + MASKED_DIRS),
              " ".join(p.split("/", 2)[2] for p in READ_ONLY_PROC)))
 
@@ -6630,7 +6783,7 @@ def close_inherited_fds(keep):
             os.closerange(low, fd)
         low = fd + 1
     os.closerange(low, 0x7FFFFFFF)  # close_range(low, INT_MAX - 1): one syscall
-    audit("file descriptors above 2 closed")
+    trace("file descriptors above 2 closed")
 
 
 # ---------------------------------------------------------------------------
@@ -6677,7 +6830,7 @@ def resolve_user(spec):
     return uid, gid, (pw[5] if pw and pw[5] else "/")
 
 
-def drop_privileges(spec, uid, gid, sync_r, userns=None):
+def drop_privileges(spec, uid, gid, sync_r, owner=HOST_ROOT):
     """The last steps before exec, in the only order that works: what needs
     a capability (bounding set, setuid) before the capabilities go, and the
     seccomp filter last, so that it need not allow what jrun itself calls.
@@ -6692,9 +6845,11 @@ def drop_privileges(spec, uid, gid, sync_r, userns=None):
     # Hard limit 1 too, and the filter refuses setting RLIMIT_CORE at all,
     # since lowering the soft limit to 0 would start the helper again.
     setrlimit(RLIMIT_CORE, 1, 1)
-    if userns:
-        userns.join()
-        audit("joined the job's user namespace: uid %d is %d on the host" % (uid, userns.base + uid))
+    if owner.mapped:
+        # The child's uids do not change by this (setresuid does it next); it
+        # gains every capability inside this namespace and keeps none outside.
+        setns(owner.userns_fd, CLONE_NEWUSER)
+        trace("joined the job's user namespace: uid %d is %d on the host" % (uid, owner.base + uid))
     caps = job_capabilities(spec) if uid == 0 else frozenset()
     keep = {CAPABILITIES.index(c) for c in caps}
     # The bounding set decides what a root COMMAND gets at exec.  Counted
@@ -6731,17 +6886,17 @@ def drop_privileges(spec, uid, gid, sync_r, userns=None):
     prctl.set_caps(([n for n in known if n not in keep], (prctl.CAP_EFFECTIVE, prctl.CAP_PERMITTED), False),
                    (known, prctl.CAP_INHERITABLE, False))
     sys_prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
-    audit("user %d:%d, no supplementary groups; capabilities: %s"
+    trace("user %d:%d, no supplementary groups; capabilities: %s"
           % (uid, gid, ", ".join(sorted(caps)) or "none (all sets empty, bounding and ambient too)"))
     # setuid, setgid and file-capability binaries gain nothing from now on.
     prctl.set_no_new_privs(1)
-    audit("no_new_privs set; core dumps off")
+    trace("no_new_privs set; core dumps off")
     if spec.seccomp == "default":
         prog = seccomp_program(os.uname().machine, caps)
         seccomp_set_filter(prog)
-        audit("seccomp filter installed (%d instructions)" % len(prog))
+        trace("seccomp filter installed (%d instructions)" % len(prog))
     else:
-        audit("no seccomp filter (--seccomp unconfined)")
+        trace("no seccomp filter (--seccomp unconfined)")
 
 
 # ---------------------------------------------------------------------------
@@ -6962,7 +7117,18 @@ def die_with_caller():
 
 
 def supervise(spec, state, teardown, out, kinds):
+    # Data format of the status pipe, child to parent, closed on exec:
+    #   b"R\n"                    the child has its namespaces and waits on
+    #                             the sync pipe for the parent to attach them;
+    #   b"E<status> <message>\n"  the child's setup failed; it exits with
+    #                             <status> (STATUS_ERRORS: the error it is);
+    #   EOF (empty read)          exec succeeded (or the child died).
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    # Data format of the sync pipe, parent to child: one byte b"G" releases
+    # the child once its cgroup and network are attached; EOF instead (the
+    # parent gave up or died) makes it exit.  sync_w stays open for the
+    # job's life: the child checks it for EOF after its last credential
+    # change (drop_privileges).
     sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
     resources = host_resources(spec)
     for res in resources:
@@ -6996,10 +7162,8 @@ def supervise(spec, state, teardown, out, kinds):
         if status == "R":
             for res in resources:
                 res.attach(pid)
-            # sync_w stays open for the job's life: the child checks it
-            # for EOF (jrun died) after its last credential change.
             os.write(sync_w, b"G")
-            audit("child released from the sync pipe")
+            trace("child released from the sync pipe")
             status = _read_status(status_r, relay_to=pid if spec.uploads else None)
         if status and status.startswith("E"):
             code, _, msg = status[1:].partition(" ")
@@ -7009,8 +7173,7 @@ def supervise(spec, state, teardown, out, kinds):
             reaped = ws
             if relay:
                 relay.finish(spec.stop_timeout)  # what the child wrote (--log-level debug)
-            raise (NotFound if out.exit_code == EXIT_NOTFOUND else
-                   NotExecutable if out.exit_code == EXIT_NOEXEC else SetupError)(msg)
+            raise error_of_status(out.exit_code)(msg)
         # COMMAND runs from here: --timeout does not count the uploads' copy.
         started = time.monotonic()
         if relay:
@@ -7181,7 +7344,7 @@ def _release_tracee(tid, sig):
     sender = ptrace_sender(tid)
     if sender is None or (sig == signal.SIGSTOP and sender != 0):
         sig = 0
-    audit("thread %d of the job stopped with jrun as its tracer (PTRACE_TRACEME): detached, signal %d"
+    trace("thread %d of the job stopped with jrun as its tracer (PTRACE_TRACEME): detached, signal %d"
           % (tid, sig))
     ptrace_detach(tid, sig)
 
@@ -7423,22 +7586,8 @@ def cmd_kill(argv):
 #   job starting up (is_live), and is left alone too.
 # - gc holds the lock of a dead job while it tears it down, so a new job
 #   taking the same name waits for the name instead of racing with gc.
-# - Resources whose state directory is gone entirely (jrun crashed between
-#   creating them and recording them, or someone deleted /run/jrun) are found
-#   by each Resource class's optional orphans() hook:
-#
-#       @classmethod
-#       def orphans(cls, known_ids):
-#           """Yield instances (ready for teardown()) of host objects of this
-#           kind that jrun made (a cgroup under jrun's parent, a veth named
-#           jr*, ...) and whose job has no state directory.  Enumerate the
-#           host objects FIRST, then call known_ids() (the job ids that have
-#           a state directory now): a job creates its state directory before
-#           any resource and removes it after all of them, so an object
-#           seen before the call belongs to a job in known_ids() unless that
-#           job is gone."""
-#
-#   teardown() of an orphan must be as idempotent as any other teardown.
+# - Resources whose state directory is gone entirely are found by each
+#   resource's orphans() (see its contract on Resource.orphans).
 
 
 def gc_job(job_id):
@@ -7464,8 +7613,7 @@ def gc_job(job_id):
             res = cls.from_state(record)
             if res is not None:
                 res.teardown()
-                if isinstance(res, Cgroup):
-                    stuck = [d for d in res.dirs if os.path.isdir(d)]
+                stuck += res.remains()
         if stuck:
             # job.json is jrun's only proof that it made these (see
             # Cgroup.setup): it stays until a later gc removes them.
@@ -7496,10 +7644,7 @@ def collect_orphans():
     """Resources of jobs that have no state directory at all."""
     removed = []
     for cls in RESOURCE_CLASSES:
-        hook = getattr(cls, "orphans", None)
-        if hook is None:
-            continue
-        for res in hook(lambda: set(job_ids())):
+        for res in cls.orphans(lambda: set(job_ids())):
             res.teardown()
             removed.append(res.name)
     return removed
@@ -7577,7 +7722,7 @@ def release_slurm_cgroups(dirs):
                     continue
                 except OSError:
                     break
-                audit("gc: Slurm's empty cgroup %s removed" % "/".join(parts[:i]))
+                trace("gc: Slurm's empty cgroup %s removed" % "/".join(parts[:i]))
         finally:
             if lock is not None:
                 os.close(lock)

@@ -309,6 +309,40 @@ def test_gc_calls_the_orphans_hook(monkeypatch, tmp_path):
     assert J.collect_orphans() == ["fake gone"] and torn == ["gone"]
 
 
+def test_the_resource_protocol_is_declared_on_resource_with_where_each_verb_runs():
+    import jrun as J
+
+    for verb in ("check", "setup", "attach", "enter", "root_owner", "etc_files", "enter_root", "collect",
+                 "teardown", "remains", "from_state", "orphans"):
+        assert "Runs in:" in getattr(J.Resource, verb).__doc__, verb
+    for cls in J.RESOURCE_CLASSES + (J.NetworkLeftover,):
+        assert issubclass(cls, J.Resource), cls
+    # What a resource does not implement is a no-op, never a missing hook.
+    r = J.Resource(None)
+    assert r.root_owner() is None and r.etc_files() == {} and r.remains() == []
+    assert list(J.Resource.orphans(set)) == [] and J.Resource.from_state({}) is None
+
+
+def test_an_exit_status_and_its_error_map_both_ways_from_one_table():
+    import jrun as J
+
+    assert dict(J.STATUS_ERRORS) == {126: J.NotExecutable, 127: J.NotFound}
+    for status, error in J.STATUS_ERRORS:
+        assert error.exit_code == status and J.error_of_status(status) is error
+    assert J.error_of_status(J.EXIT_JRUN) is J.SetupError
+    assert J.SetupError.exit_code == J.UsageError.exit_code == J.JrunError.exit_code == J.EXIT_JRUN
+
+
+def test_the_child_is_a_flat_list_of_named_steps_ending_in_exec():
+    import jrun as J
+
+    names = [name for name, _ in J.CHILD_STEPS]
+    assert len(set(names)) == len(names) and names[-1] == "execve"
+    order = ("namespaces", "wait for release", "enter resources", "build root", "pivot_root", "/proc and /sys",
+             "stdio and session", "drop privileges", "execve")
+    assert [names.index(n) for n in order] == sorted(names.index(n) for n in order)
+
+
 # --- scoped gc, ps --all, Slurm names (Slurm's variables set by hand; the
 # real thing, with the step's cgroups, is tests/test_slurm.py) -------------
 
