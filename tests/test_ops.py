@@ -587,6 +587,7 @@ def test_config_unit_parsing(tmp_path, monkeypatch):
 
     for k in J.CONFIG_HOST_KEYS.values():
         monkeypatch.setattr(J, k, getattr(J, k, None), raising=False)
+    monkeypatch.setattr(J, "_config_used", dict(J._config_used))  # verify's jobs read it later
     cfg = _config(tmp_path, 'timeout = 30\nmemory = 512\ninit = true\nread-only = false\n'
                             'state-dir = "/tmp/x"\naudit-log = ""\nsubnet = "10.99.0.0/24"\n'
                             'net-pool = "10.98.0.0/16"\n')
