@@ -130,7 +130,9 @@ while True:
 
 # busybox sh in a job: probe every HOST:PORT at once (a dropped SYN costs
 # the whole -w 1), one line "HOST:PORT pong ..." per one that answered.
-PROBE = "for t in %s; do (nc -w 1 ${t%%:*} ${t##*:} </dev/null | sed \"s|^|$t |\") & done; wait; echo probed"
+# nc's 2 s: a connection that succeeds takes milliseconds, but the host may be
+# loaded (the UML lanes boot while these tests run).
+PROBE = "for t in %s; do (nc -w 2 ${t%%:*} ${t##*:} </dev/null | sed \"s|^|$t |\") & done; wait; echo probed"
 # A job that keeps running and probes whatever each line of its stdin names.
 PROBER = ("ip -4 -o addr show eth0; while read targets; do "
           + PROBE.replace("%s", "$targets") + "; done")

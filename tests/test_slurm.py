@@ -578,7 +578,9 @@ def test_timeout_is_124_and_prompt(lane):
     assert r["ExitCode"] == "124:0" and "rc=124" in out, out
     assert "timed out after 1s" in out
     elapsed = float(re.search(r"elapsed=([\d.]+)", out).group(1))
-    assert elapsed < 1 + 1.5, "--timeout 1 took %.1f s:\n%s" % (elapsed, out)
+    # Not the default --stop-timeout (10 s) after it: start-up on a loaded
+    # 2-CPU host (the UML lanes boot meanwhile) takes the rest.
+    assert elapsed < 1 + 4, "--timeout 1 took %.1f s:\n%s" % (elapsed, out)
 
 
 
