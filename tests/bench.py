@@ -49,15 +49,19 @@ def time_runs(argv, runs, warmup=3):
     return out
 
 
-def rss_kib_while_running(argv, settle=0.5):
-    """Resident memory (VmRSS) of the launcher process while its job sleeps."""
-    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def rss_kib_while_running(argv, settle=0.5, env=None):
+    """Resident memory (VmRSS) of the launcher process while its job sleeps
+    (None if it ended before)."""
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env=env)
     try:
         time.sleep(settle)
         with open("/proc/%d/status" % p.pid) as f:
             for line in f:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1])
+    except OSError:
+        return None
     finally:
         p.wait()
     return None

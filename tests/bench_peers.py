@@ -39,6 +39,8 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from bench import rss_kib_while_running
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 ROOTFS = "/var/lib/jrun/rootfs"
@@ -147,25 +149,11 @@ def run_once(argv, env):
     return dt
 
 
-def rss_kib(argv, env, settle=0.6):
+def rss_kib(argv, env):
     """VmRSS of the launcher while its job sleeps (argv ends in /bin/true:
-    replaced by sleep 1.5)."""
+    replaced by sleep 1.5; crun's bundle fixes its command: see crun_rss)."""
     argv = argv[:-1] + ["/bin/sleep", "1.5"] if argv[-1] == "/bin/true" else argv
-    if argv and argv[0] == "crun":
-        return None  # crun's bundle fixes the command; measured below with its own bundle
-    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         env=env)
-    try:
-        time.sleep(settle)
-        with open("/proc/%d/status" % p.pid) as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    finally:
-        p.wait()
-    return None
+    return rss_kib_while_running(argv, settle=0.6, env=env)
 
 
 def crun_rss(tmp, env):
@@ -179,7 +167,8 @@ def crun_rss(tmp, env):
     spec["process"]["args"] = ["/bin/sleep", "1.5"]
     with open(path, "w") as f:
         json.dump(spec, f)
-    return rss_kib(["crun", "--cgroup-manager=cgroupfs", "run", "-b", bundle, "bench-rss-%d" % os.getpid()], env)
+    return rss_kib_while_running(["crun", "--cgroup-manager=cgroupfs", "run", "-b", bundle,
+                                  "bench-rss-%d" % os.getpid()], settle=0.6, env=env)
 
 
 def throughput(factory, env, jobs=50, parallel=8):
