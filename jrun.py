@@ -693,18 +693,36 @@ def open_private_dir(path, what, mode=0o700, create=True):
     return fd
 
 
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def open_new_file(dfd, name, mode):
+    """A new file NAME in directory DFD, never through a link planted there."""
+    return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dfd)
+
+
+def write_new(dfd, name, data, mode=0o600):
+    fd = open_new_file(dfd, name, mode)
+    try:
+        write_all(fd, data)
+    finally:
+        os.close(fd)
+
+
 def replace_file(dfd, name, data, mode=0o644):
     """Write DATA as NAME in directory DFD: a new file, made O_EXCL|O_NOFOLLOW
     under a temporary name, then renamed onto NAME, so a reader sees the old
     file or the whole new one, and a symlink or hard link planted at NAME is
     replaced, never written through."""
     tmp = ".%s.%s.tmp" % (name, os.urandom(4).hex())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dfd)
+    fd = open_new_file(dfd, tmp, mode)
     try:
         try:
             os.fchmod(fd, mode)  # past the umask
-            while data:
-                data = data[os.write(fd, data):]
+            write_all(fd, data)
         finally:
             os.close(fd)
         os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
@@ -714,6 +732,8 @@ def replace_file(dfd, name, data, mode=0o644):
         except OSError:
             pass
         raise
+
+
 # <linux/signalfd.h>
 SFD_NONBLOCK = 0o4000
 SFD_CLOEXEC = 0o2000000
@@ -1931,8 +1951,7 @@ class Uploader:
                     return
                 except OSError:
                     pass  # across mounts: copy instead
-        out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                      dir_fd=dfd)
+        out = open_new_file(dfd, name, 0o600)
         try:
             self._copy_data(sfd, out)
             self._meta(out, st)
@@ -2014,8 +2033,7 @@ def _volume_target(rootfd, v):
             _clear_entry(pfd, name, False)
         except SetupError:
             raise SetupError("DEST is a directory in the job's root, SRC is not") from None
-        os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
-                         dir_fd=pfd))
+        os.close(open_new_file(pfd, name, 0o644))
         return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
     finally:
         os.close(pfd)
@@ -2111,8 +2129,7 @@ def _host_etc_entry(rootfd, rel):
             os.mkdir(name, 0o755, dir_fd=pfd)
             fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
         elif stat.S_ISREG(st.st_mode):
-            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             0o644, dir_fd=pfd))
+            os.close(open_new_file(pfd, name, 0o644))
             fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
         else:
             return
@@ -2744,20 +2761,6 @@ class ImportProgress:
         log("info", "%s in %.1fs" % (summary, time.monotonic() - self.started))
 
 
-def _write_all(fd, data):
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _write_new(dfd, name, data, mode=0o600):
-    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dfd)
-    try:
-        _write_all(fd, data)
-    finally:
-        os.close(fd)
-
-
 class ImageTree:
     """Applies layers, in order, to the tree under ROOTFD (the parent, as
     root, in a directory only root can reach): every entry made relative to
@@ -2845,8 +2848,7 @@ class ImageTree:
                 os.close(fd)
             self.dir_times[rel] = times  # set last: every entry made in it changes it
         elif ti.isreg():
-            fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                         dir_fd=pfd)
+            fd = open_new_file(pfd, base, 0o600)
             try:
                 if ti.size:
                     self.copy(tar.extractfile(ti), fd)
@@ -2875,7 +2877,7 @@ class ImageTree:
             chunk = src.read(1 << 20)
             if not chunk:
                 return
-            _write_all(fd, chunk)
+            write_all(fd, chunk)
             if self.on_data:
                 self.on_data(len(chunk))
 
@@ -3275,8 +3277,8 @@ def import_image(name, source, want, force, bounds):
             bfd = os.open(build, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=store.fd)
             rootfd = os.open("rootfs", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=bfd)
             record = build_image(name, source, bfd, rootfd, want, bounds)
-            _write_new(bfd, "defaults", encode_defaults(record["config"]))
-            _write_new(bfd, "image.json", (dumps_json(record) + "\n").encode())
+            write_new(bfd, "defaults", encode_defaults(record["config"]))
+            write_new(bfd, "image.json", (dumps_json(record) + "\n").encode())
             store.commit(build, name)
         except BaseException:
             store.discard(build)
@@ -4693,7 +4695,7 @@ class JobUserNamespace(Resource):
 
     def setup(self, state):
         self.base = self._allocate(state)
-        self.fd = self._create()
+        self.fd = self.create_new()
         trace("user namespace: uid and gid 0-%d inside are %d-%d on the host"
               % (USERNS_SIZE - 1, self.base, self.base + USERNS_SIZE - 1))
 
@@ -4729,7 +4731,7 @@ class JobUserNamespace(Resource):
         finally:
             os.close(lock)
 
-    def _create(self):
+    def create_new(self):
         """A helper process unshares a user namespace; jrun writes its maps
         and keeps a reference (an fd of /proc/PID/ns/user); the helper
         exits when jrun closes the pipe."""
