@@ -248,6 +248,15 @@ def test_cgroup_battery_in_a_uml_guest(guests, layout):
         raise booted
     console, took = booted
     ready = re.search(r"UML-READY .*", console)
+    if not ready and "ptrace set fp regs failed" in console:
+        # UML 6.1 keeps its processes' FPU state in a buffer of a fixed size
+        # (PTRACE_SETREGSET, NT_X86_XSTATE); a host kernel takes that state
+        # only whole, and a CPU with AMX has a larger one (11 KB): every
+        # SETREGSET fails with EFAULT and the guest's init dies.  Nothing
+        # short of another UML kernel (6.9 sizes it at boot) runs there.
+        amx = "amx_tile" in open("/proc/cpuinfo").read()
+        pytest.skip("user-mode-linux 6.1 cannot run processes on this CPU%s (ptrace set fp regs failed, "
+                    "errno 14): the cgroup lane needs a host without that" % (" (AMX)" if amx else ""))
     assert ready, "the guest did not come up:\n" + console[-4000:]
     if layout == "v2":
         assert "cgroup2 /sys/fs/cgroup " in ready.group(0)
