@@ -6,6 +6,8 @@
 
 One privileged invocation, no daemon, no setuid helper.  The order of a run:
 
+  0. read /etc/jrun/jrun.toml once, if it exists (load_config): defaults of
+     run options, and the host settings as a frozen record (HOST);
   1. parse argv once into a frozen JobSpec (parse_run), then validate all
      of it against this host before the first side effect (validate, each
      Resource.check; bad input: exit 125, nothing made);
@@ -61,15 +63,16 @@ import time
 # Constants
 # ---------------------------------------------------------------------------
 
-# Host settings; /etc/jrun/jrun.toml may change them (see load_config).
+# Host settings: their defaults.  /etc/jrun/jrun.toml may change them: the
+# values in use are HOST's (HostSettings, read once by load_config).
 CONFIG_FILE = "/etc/jrun/jrun.toml"
-STATE_DIR = "/run/jrun"
-ROOTFS_DIR = "/var/lib/jrun/rootfs"
-IMAGE_DIR = "/var/lib/jrun/images"  # imported images (see the Images section)
+DEFAULT_STATE_DIR = "/run/jrun"
+DEFAULT_ROOTFS_DIR = "/var/lib/jrun/rootfs"
+DEFAULT_IMAGE_DIR = "/var/lib/jrun/images"  # imported images (see the Images section)
 # --rootfs host: the host's system directories the job sees, read-only.  On
 # merged-/usr systems bin, sbin and lib* are symlinks into usr.
 HOST_SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
-AUDIT_LOG = "/var/log/jrun/audit.log"
+DEFAULT_AUDIT_LOG = "/var/log/jrun/audit.log"
 TINI = "/usr/bin/tini-static"
 BUSYBOX = "/bin/busybox"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -93,12 +96,13 @@ DEFAULT_BRIDGE = "jrun0"
 DEFAULT_SUBNET = "172.31.254.0/24"
 DEFAULT_NET_POOL = "172.31.128.0/17"  # named networks take a /24 each
 NAMED_PREFIXLEN = 24
+LONGEST_PREFIX = 28  # the smallest subnet jrun takes: a gateway and 13 jobs
 NFT_TABLE = "inet jrun"
-ALLOW_LINK_LOCAL = False  # jobs reach 169.254/16 (cloud metadata: credentials) only if the host says so
+DEFAULT_ALLOW_LINK_LOCAL = False  # jobs reach 169.254/16 (cloud metadata: credentials) only if the host says so
 # A network's bridge and rules stay while it is idle (no job on it), as
 # docker0 does: making and removing them costs ~120 ms per lone job.  `jrun
 # gc` removes a network idle for longer than this (0: its last job does).
-NETWORK_IDLE = 300.0
+DEFAULT_NETWORK_IDLE = 300.0
 NFT_PATHS = ("/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft")  # no PATH lookup for root
 RESOLVED_UPSTREAM = "/run/systemd/resolve/resolv.conf"
 RESERVED_NETS = ("bridge", "none")
@@ -954,6 +958,43 @@ def parse_duration(opt, text):
     return value
 
 
+def parse_ip(text):
+    """'172.31.254.1' -> int; ValueError unless four decimal octets."""
+    parts = text.split(".")
+    if len(parts) != 4 or not all(p.isdigit() and len(p) <= 3 and int(p) < 256 for p in parts):
+        raise ValueError(text)
+    return int(parts[0]) << 24 | int(parts[1]) << 16 | int(parts[2]) << 8 | int(parts[3])
+
+
+def format_ip(n):
+    return "%d.%d.%d.%d" % (n >> 24, n >> 16 & 255, n >> 8 & 255, n & 255)
+
+
+def parse_subnet(what, text, longest=LONGEST_PREFIX):
+    """'172.31.254.0/24' -> (network int, prefix length), /8 to /LONGEST.
+    The one parser of every subnet: jrun.toml's subnet and net-pool, and
+    the networks' state files."""
+    addr, slash, plen = text.partition("/")
+    try:
+        net, plen = parse_ip(addr), int(plen)
+    except ValueError:
+        raise UsageError("%s: %r is not an IPv4 subnet (use e.g. 172.31.254.0/24)" % (what, text)) from None
+    if not slash or not 8 <= plen <= longest:
+        raise UsageError("%s: %r: the prefix length must be from /8 to /%d" % (what, text, longest))
+    if net & ~_mask(plen) & 0xFFFFFFFF:
+        raise UsageError("%s: %r has host bits set (did you mean %s/%d?)"
+                         % (what, text, format_ip(net & _mask(plen)), plen))
+    return net, plen
+
+
+def _mask(plen):
+    return (0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF
+
+
+def format_subnet(subnet):
+    return "%s/%d" % (format_ip(subnet[0]), subnet[1])
+
+
 def parse_int(opt, text, lo=None, hi=None):
     try:
         value = int(text, 10)
@@ -968,10 +1009,12 @@ def parse_int(opt, text, lo=None, hi=None):
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
-def check_name(opt, text, maxlen=63):
+def check_name(opt, text, maxlen=63, is_not="a valid name"):
+    """The one check of every name jrun makes a host object after: a job
+    (--name), a network (--net), an image."""
     if not text or len(text) > maxlen or not set(text) <= _NAME_CHARS or text[0] in ".-_":
-        raise UsageError("%s: %r is not a valid name (letters, digits, '_', '.', '-'; at most %d, "
-                         "starting with a letter or digit)" % (opt, text, maxlen))
+        raise UsageError("%s: %r is not %s (letters, digits, '_', '.', '-'; at most %d, "
+                         "starting with a letter or digit)" % (opt, text, is_not, maxlen))
     return text
 
 
@@ -979,11 +1022,13 @@ def check_net(opt, text):
     if text == "host":
         raise UsageError("%s: 'host' (the host's own network) is not offered: every job has its own network "
                          "namespace (use bridge, none or a network NAME)" % opt)
-    if text in RESERVED_NETS:
-        return text
-    if not text or len(text) > 63 or not set(text) <= _NAME_CHARS or text[0] in ".-_":
-        raise UsageError("%s: %r is not bridge, none or a network name (letters, digits, '_', '.', '-'; "
-                         "at most 63, starting with a letter or digit)" % (opt, text))
+    return text if text in RESERVED_NETS else check_name(opt, text, is_not="bridge, none or a network name")
+
+
+def check_image_name(what, text):
+    check_name(what, text)
+    if text in ("minimal", "host"):
+        raise UsageError("%s: %r is a --rootfs of its own, never an image's name" % (what, text))
     return text
 
 
@@ -1285,26 +1330,45 @@ CONFIG_RUN_KEYS = {
     "workdir": str, "workdir-size": (str, int), "rootfs": str, "read-only": bool, "net": str, "seccomp": str,
     "userns": bool, "stats": bool, "cgroup-parent": str, "log-level": str, "log-format": str,
 }
-CONFIG_HOST_KEYS = {  # key: module-level setting it replaces (the subnets: the network section's)
-    "state-dir": "STATE_DIR", "rootfs-dir": "ROOTFS_DIR", "image-dir": "IMAGE_DIR", "audit-log": "AUDIT_LOG",
-    "subnet": "DEFAULT_SUBNET", "net-pool": "DEFAULT_NET_POOL", "allow-link-local": "ALLOW_LINK_LOCAL",
-    "network-idle": "NETWORK_IDLE",
+CONFIG_HOST_KEYS = {  # key: its HostSettings field
+    "state-dir": "state_dir", "rootfs-dir": "rootfs_dir", "image-dir": "image_dir", "audit-log": "audit_log",
+    "subnet": "subnet", "net-pool": "net_pool", "allow-link-local": "allow_link_local",
+    "network-idle": "network_idle",
 }
-CONFIG_HOST_BOOLS = ("allow-link-local",)  # the other host keys are strings
+CONFIG_HOST_BOOLS = ("allow-link-local",)  # the other host keys are strings (network-idle: or a number)
 
 
-_config_used = {"path": CONFIG_FILE, "explicit": False}  # passed on to verify's jobs
+class HostSettings(_Frozen):
+    """The host-wide settings, parsed once: CONFIG (the file they come
+    from; NAMED: given with --config, which verify passes on to its jobs),
+    the directories and audit log jrun uses, the default bridge's SUBNET and
+    the NET_POOL named networks take a /24 each from (parsed: (int, prefix
+    length)), whether jobs may reach IPv4 link-local addresses (cloud
+    metadata) and how long an idle network stays (seconds).  main()
+    installs the record load_config returns as HOST, before anything else
+    runs; nothing changes it afterwards."""
+
+    __slots__ = ("config", "named", "state_dir", "rootfs_dir", "image_dir", "audit_log", "subnet", "net_pool",
+                 "allow_link_local", "network_idle")
+
+
+DEFAULT_HOST = HostSettings(
+    config=CONFIG_FILE, named=False, state_dir=DEFAULT_STATE_DIR, rootfs_dir=DEFAULT_ROOTFS_DIR,
+    image_dir=DEFAULT_IMAGE_DIR, audit_log=DEFAULT_AUDIT_LOG, subnet=parse_subnet("subnet", DEFAULT_SUBNET),
+    net_pool=parse_subnet("net-pool", DEFAULT_NET_POOL, NAMED_PREFIXLEN), allow_link_local=DEFAULT_ALLOW_LINK_LOCAL,
+    network_idle=DEFAULT_NETWORK_IDLE)
+HOST = DEFAULT_HOST  # the settings in use: main() sets it once, from load_config
 
 
 def load_config(path, explicit=False):
-    """Read jrun.toml at PATH: set the host settings and return the run
-    option defaults ({dest: value} as split_argv makes them).  A missing
-    file is fine unless it was named with --config."""
-    _config_used.update(path=path, explicit=explicit)
+    """Read jrun.toml at PATH: returns (the run option defaults ({dest:
+    value} as split_argv makes them), the HostSettings).  A missing file is
+    fine unless it was named with --config."""
+    host = {"config": path, "named": explicit}
     if not os.path.exists(path):
         if explicit:
             raise UsageError("--config: %s: no such file" % path)
-        return {}
+        return {}, DEFAULT_HOST.replace(**host)
     import tomllib
 
     try:
@@ -1340,7 +1404,7 @@ def load_config(path, explicit=False):
             want = "true or false" if types is bool else "a string" if types is str else "a number or a string"
             raise UsageError("%s: %s: %r should be %s" % (path, key, value, want))
         if key in CONFIG_HOST_KEYS:
-            _check_host_setting(path, key, value)
+            host[CONFIG_HOST_KEYS[key]] = _host_setting("%s: %s" % (path, key), key, value)
             continue
         opt = _BY_NAME["--" + key]
         if types is bool:
@@ -1359,30 +1423,21 @@ def load_config(path, explicit=False):
                     msg = msg[len(flag) + 2:]
             raise UsageError("%s: %s: %s" % (path, key, msg)) from None
         defaults[opt.dest] = value
-    return defaults
+    return defaults, DEFAULT_HOST.replace(**host)
 
 
-def _check_host_setting(path, key, value):
+def _host_setting(what, key, value):
+    """The value of host KEY (type checked by load_config), parsed."""
     if key in ("subnet", "net-pool"):
-        import ipaddress
-
-        try:
-            net = ipaddress.ip_network(value)
-        except ValueError as e:
-            raise UsageError("%s: %s: %s" % (path, key, e)) from None
-        if net.version != 4 or net.prefixlen > (28 if key == "subnet" else 24):
-            raise UsageError("%s: %s: %r must be an IPv4 network of at most /%d"
-                             % (path, key, value, 28 if key == "subnet" else 24))
-    elif key in CONFIG_HOST_BOOLS:
-        pass  # load_config checked its type
-    elif key == "network-idle":
+        return parse_subnet(what, value, LONGEST_PREFIX if key == "subnet" else NAMED_PREFIXLEN)
+    if key == "network-idle":
         text = str(value).strip()
-        value = 0.0 if text in ("0", "0s") else parse_duration("%s: %s" % (path, key), text)
-    elif key == "audit-log" and value == "":
-        pass  # no audit log
-    elif not value.startswith("/") or "\0" in value:
-        raise UsageError("%s: %s: %r must be an absolute path" % (path, key, value))
-    globals()[CONFIG_HOST_KEYS[key]] = value
+        return 0.0 if text in ("0", "0s") else parse_duration(what, text)
+    if key in CONFIG_HOST_BOOLS or (key == "audit-log" and value == ""):  # "": no audit log
+        return value
+    if not value.startswith("/") or "\0" in value:
+        raise UsageError("%s: %r must be an absolute path" % (what, value))
+    return value
 
 
 # ---------------------------------------------------------------------------
@@ -1391,7 +1446,7 @@ def _check_host_setting(path, key, value):
 
 
 def rootfs_path(spec):
-    return ROOTFS_DIR if spec.rootfs == "minimal" else spec.rootfs
+    return HOST.rootfs_dir if spec.rootfs == "minimal" else spec.rootfs
 
 
 # Slurm.  Under Slurm jrun is one task of a step: slurmstepd starts it with
@@ -1485,7 +1540,7 @@ def open_status_dir(path):
 def check_state_dir():
     """The state directory must be root's and closed to others (see
     check_private_dir): checked before the first side effect, if it exists."""
-    fd = open_private_dir(STATE_DIR, "state-dir", create=False)
+    fd = open_private_dir(HOST.state_dir, "state-dir", create=False)
     if fd is not None:
         os.close(fd)
 
@@ -1495,10 +1550,8 @@ def validate(spec):
     it names opened (see open_staging_sources, open_status_dir)."""
     if os.geteuid() != 0:
         raise UsageError("must run as root (try: sudo jrun ...)")
-    validate_limits(spec)
-    if spec.userns and spec.user and any(p and p.isdigit() and int(p) >= USERNS_SIZE for p in spec.user):
-        raise UsageError("-u/--user: %s is not mapped under --userns (0 to %d are)"
-                         % (":".join(p for p in spec.user if p), USERNS_SIZE - 1))
+    for cls in RESOURCE_CLASSES:  # each host resource's own refusals
+        cls.check(spec)
     if spec.init and not os.path.isfile(TINI):
         raise SetupError("--init needs %s (apt-get install tini)" % TINI)
     if os.uname().machine not in _SYSCALLS:
@@ -1676,489 +1729,13 @@ def survey_uploads(spec):
     return spec.replace(uploads=tuple(counted))
 
 
-def human_bytes(n):
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return ("%d %s" if unit == "B" else "%.1f %s") % (n, unit)
-        n /= 1000.0
-
-
-# ---------------------------------------------------------------------------
-# Staging: the job's root and its files.  Everything below runs in the child,
-# as root, in the job's own mount namespace but BEFORE pivot_root, while the
-# host's paths are still visible.  So nothing here follows a symlink of the
-# job's root (or of an uploaded tree) with a plain path: jrun's own mount
-# points are made real directories (_safe_mkdirs), and a user's DEST is
-# resolved by the kernel with openat2(RESOLVE_IN_ROOT), where an absolute or
-# '..' symlink stays inside the job's root.  Files are created with
-# O_EXCL|O_NOFOLLOW relative to directory fds.
-# ---------------------------------------------------------------------------
-
-def _safe_mkdirs(root, rel, mode=0o755):
-    """Make root/rel a real directory, component by component, never
-    following a symlink: a hostile rootfs whose 'proc' or 'tmp' is a symlink
-    pointing outside gets it replaced (in the job's own writable layer)."""
-    path = root
-    for comp in rel.strip("/").split("/"):
-        if comp in ("", "."):
-            continue
-        if comp == "..":
-            raise SetupError("%r: '..' is not allowed in a path inside the job" % rel)
-        path = os.path.join(path, comp)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            os.mkdir(path, mode)
-            continue
-        import stat
-
-        if not stat.S_ISDIR(st.st_mode):
-            os.unlink(path)
-            os.mkdir(path, mode)
-    return path
-
-
-def _safe_file(root, rel, mode=0o644, content=None):
-    """Make root/rel a regular file (for a bind mount target or a generated
-    /etc file), with the same no-symlink rule as _safe_mkdirs."""
-    parent = _safe_mkdirs(root, os.path.dirname(rel.strip("/")))
-    path = os.path.join(parent, os.path.basename(rel))
-    try:
-        st = os.lstat(path)
-        import stat
-
-        if not stat.S_ISREG(st.st_mode):
-            if stat.S_ISDIR(st.st_mode):
-                os.rmdir(path)
-            else:
-                os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise SetupError("cannot prepare %s in the job's root: %s" % (rel, e.strerror)) from None
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        if content:
-            os.write(fd, content.encode())
-    finally:
-        os.close(fd)
-    return path
-
-
-def bind_into(src, target_fd, attrs, userns_fd=0):
-    """Bind host path SRC, with its submounts, onto the mount point open as
-    TARGET_FD.  The copy of the tree is made read-only/nosuid/nodev while it
-    is still detached (open_tree, mount_setattr AT_RECURSIVE, move_mount), so
-    there is no moment at which the job's path is a writable view, and a
-    submount of SRC is as read-only as SRC itself (a MS_REMOUNT of the top
-    mount would leave submounts writable).  With MOUNT_ATTR_IDMAP, the
-    owners of the files are shifted through the user namespace USERNS_FD.
-    SRC is a host path, or a tree that clone_tree made earlier (see
-    open_staging_sources); either way the copy is private: no mount event
-    propagates between it and the host's tree it was cloned from."""
-    tree = clone_tree(src) if isinstance(src, str) else src
-    try:
-        mount_setattr(tree, attrs, recursive=True, userns_fd=userns_fd, propagation=MS_PRIVATE)
-        move_mount(tree, target_fd)
-    finally:
-        if tree is not src:
-            os.close(tree)
-
-
-def open_dir_in_root(rootfd, path, owner=None):
-    """An O_PATH fd of directory PATH of the job's root, made (mode 0755,
-    owned by OWNER if given) if missing.  Symlinks on the way are resolved
-    by the kernel inside the root: a rootfs whose 'opt' points to /etc of
-    the host reaches the job's own /etc, never the host's."""
-    fd = os.dup(rootfd)
-    done = ""
-    try:
-        for comp in path.strip("/").split("/"):
-            if comp in ("", "."):
-                continue
-            done += "/" + comp
-            try:
-                nfd = openat2(rootfd, done, os.O_PATH | os.O_DIRECTORY, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
-            except FileNotFoundError:
-                try:
-                    os.mkdir(comp, 0o755, dir_fd=fd)
-                except FileExistsError:
-                    raise SetupError("%s: a dangling symlink in the job's root" % done) from None
-                if owner:
-                    os.chown(comp, *owner, dir_fd=fd, follow_symlinks=False)
-                nfd = openat2(rootfd, done, os.O_PATH | os.O_DIRECTORY, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
-            except NotADirectoryError:
-                raise SetupError("%s: not a directory in the job's root" % done) from None
-            os.close(fd)
-            fd = nfd
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _clear_entry(dfd, name, keep_dir):
-    """Make room for NAME in directory DFD, never following it: an existing
-    symlink or file goes (in the job's own layer); an existing directory is
-    kept (merged into) when KEEP_DIR.  Returns True if a directory is there."""
-    import stat
-
-    try:
-        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    if stat.S_ISDIR(st.st_mode):
-        if keep_dir:
-            return True
-        raise SetupError("%s is a directory in the job's root" % name)
-    os.unlink(name, dir_fd=dfd)
-    return False
-
-
-class Uploader:
-    """Copies host files into the job's root like `cp -a` run by root:
-    contents, modes, owners, times, hard links and directory structure; a
-    symlink is copied as a symlink and never followed; setuid and setgid bits
-    are dropped; device nodes and sockets are skipped (the mounts are nodev).
-    Sources are opened with O_NOFOLLOW relative to their directory's fd, and
-    destinations created with O_EXCL|O_NOFOLLOW relative to theirs, so a
-    symlink planted in the source tree, the rootfs or an earlier upload
-    cannot redirect a read or a write."""
-
-    STEP = 1 << 26  # bytes per copy call: progress and Ctrl-C are checked between calls
-
-    def __init__(self, uploads, owner=None):
-        self.owner = owner  # (uid, gid) for every copy instead of the source's
-        self.total_files = sum(u.files or 0 for u in uploads)
-        self.total_bytes = sum(u.bytes or 0 for u in uploads)
-        self.bytes = self.skipped = 0
-        self.fast = True  # copy_file_range until the kernel says EXDEV
-        self.tty = _log["format"] == "text" and LEVELS["info"] >= _log["level"] and os.isatty(2)
-        self.started = self.shown = time.monotonic()
-        self.links = {}
-
-    def run(self, rootfd, uploads):
-        self._say("", False)
-        for up in uploads:
-            try:
-                self.upload(rootfd, up)
-            except OSError as e:
-                raise SetupError("--upload %s: copying to %s: %s" % (up.src, up.dest, e.strerror)) from None
-            except SetupError as e:
-                raise SetupError("--upload %s: %s" % (up.src, e)) from None
-            except RecursionError:
-                raise SetupError("--upload %s: the tree is nested too deeply to copy" % up.src) from None
-        took = time.monotonic() - self.started
-        if self.tty:
-            self._say(" done in %.1fs" % took, True)
-        else:
-            log("info", "uploaded %s (%s) in %.1fs" % (self._files(), human_bytes(self.total_bytes), took))
-        if self.skipped:
-            log("warning", "--upload: skipped %d device nodes and sockets" % self.skipped)
-
-    def _say(self, tail, end):
-        if self.tty:
-            line = "\rjrun: Uploading %s (%s)...%s" % (self._files(), human_bytes(self.total_bytes), tail)
-            os.write(2, (line + ("\n" if end else "\033[K")).encode())
-
-    def _files(self):
-        return "%s file%s" % (format(self.total_files, ","), "" if self.total_files == 1 else "s")
-
-    def _progress(self):
-        now = time.monotonic()
-        if now - self.shown > 0.25:
-            self.shown = now
-            # The signals jrun forwards are blocked until exec; one pending
-            # means the caller wants to stop (Ctrl-C): do not finish a long copy.
-            pending = signal.sigpending() & set(FORWARDED_SIGNALS)
-            if pending:
-                raise SetupError("interrupted by %s" % signal_name(min(pending)))
-            self._say(" %d%%" % (100 * self.bytes // max(self.total_bytes, 1)), False)
-
-    def upload(self, rootfd, up):
-        parent, name = os.path.split(up.dest)
-        pfd = open_dir_in_root(rootfd, parent, self.owner)
-        self.links = {}  # hard links are kept within one upload
-        try:
-            # SRC as validate() found it (a symlink the caller named was
-            # followed then): its O_PATH fd reopened for reading.
-            sfd = os.open("/proc/self/fd/%d" % up.fd, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            try:
-                self._copy_open(sfd, os.fstat(sfd), pfd, name, (pfd, name))
-            finally:
-                os.close(sfd)
-        finally:
-            os.close(pfd)
-
-    def _copy_entry(self, sdir, entry, dfd, rel):
-        import stat
-
-        self._progress()
-        name = entry.name
-        # d_type says what to open; fstat of the opened fd is what counts
-        # (O_NOFOLLOW: a file swapped for a symlink meanwhile fails).
-        if entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False):
-            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-            sfd = os.open(name, flags, dir_fd=sdir)
-            try:
-                self._copy_open(sfd, os.fstat(sfd), dfd, name, rel)
-            finally:
-                os.close(sfd)
-            return
-        st = os.stat(name, dir_fd=sdir, follow_symlinks=False)
-        if stat.S_ISLNK(st.st_mode):
-            target = os.readlink(name, dir_fd=sdir)
-            _clear_entry(dfd, name, False)
-            os.symlink(target, name, dir_fd=dfd)
-            self._meta(None, st, dfd, name)
-        elif stat.S_ISFIFO(st.st_mode):
-            _clear_entry(dfd, name, False)
-            os.mkfifo(name, 0o600, dir_fd=dfd)
-            self._meta(None, st, dfd, name)
-        else:
-            self.skipped += 1
-
-    def _copy_open(self, sfd, st, dfd, name, rel):
-        import stat
-
-        if stat.S_ISDIR(st.st_mode):
-            # An existing directory (the rootfs's /etc, /tmp) keeps its own
-            # owner and mode: an upload merges into it, it does not chmod it.
-            existed = _clear_entry(dfd, name, True)
-            if not existed:
-                os.mkdir(name, 0o700, dir_fd=dfd)
-            out = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-            try:
-                for entry in os.scandir(sfd):
-                    self._copy_entry(sfd, entry, out, (rel, entry.name))
-                if not existed:
-                    self._meta(out, st)
-            finally:
-                os.close(out)
-        elif stat.S_ISREG(st.st_mode):
-            self._copy_file(sfd, st, dfd, name, rel)
-        else:
-            self.skipped += 1
-
-    def _copy_file(self, sfd, st, dfd, name, rel):
-        _clear_entry(dfd, name, False)
-        key = (st.st_dev, st.st_ino)
-        if st.st_nlink > 1:
-            if key in self.links:
-                try:
-                    first_dir, first_name = self.links[key]
-                    os.link(first_name, name, src_dir_fd=first_dir, dst_dir_fd=dfd, follow_symlinks=False)
-                    return
-                except OSError:
-                    pass  # across mounts: copy instead
-        out = open_new_file(dfd, name, 0o600)
-        try:
-            self._copy_data(sfd, out)
-            self._meta(out, st)
-        finally:
-            os.close(out)
-        if st.st_nlink > 1:
-            self.links[key] = self._link_ref(rel)
-
-    def _link_ref(self, rel):
-        """REL is (parent rel, name) nested down from (upload's parent fd,
-        name); turn it into (fd, 'a/b/name') for linkat.  Every directory on
-        that path was made or checked by the copy, with no symlink in it."""
-        names = []
-        while isinstance(rel[0], tuple):
-            rel, name = rel
-            names.append(name)
-        fd, top = rel
-        return fd, "/".join([top] + names[::-1])
-
-    def _copy_data(self, sfd, out):
-        while True:
-            if self.fast:
-                try:
-                    n = os.copy_file_range(sfd, out, self.STEP)
-                except OSError as e:
-                    # Across filesystems of different types (ext4 -> tmpfs)
-                    # the kernel refuses; sendfile still copies in-kernel.
-                    if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                        raise
-                    self.fast = False
-                    continue
-            else:
-                n = os.sendfile(out, sfd, None, self.STEP)
-            if not n:
-                return
-            self.bytes += n
-            self._progress()
-
-    def _meta(self, fd, st, dfd=None, name=None):
-        """Owner, then mode (chown clears setuid), then times."""
-        times = (st.st_atime_ns, st.st_mtime_ns)
-        uid, gid = self.owner or (st.st_uid, st.st_gid)
-        if fd is None:
-            os.chown(name, uid, gid, dir_fd=dfd, follow_symlinks=False)
-            import stat
-
-            if not stat.S_ISLNK(st.st_mode):  # a fifo we just made: no symlink to follow
-                os.chmod(name, st.st_mode & 0o1777, dir_fd=dfd)
-            os.utime(name, ns=times, dir_fd=dfd, follow_symlinks=False)
-            return
-        os.fchown(fd, uid, gid)
-        os.fchmod(fd, st.st_mode & 0o1777)  # setuid (0o4000) and setgid (0o2000) dropped
-        os.utime(fd, ns=times)
-
-
-def prepare_volume(rootfd, v):
-    """The mount point of volume V in the job's root (a directory for a
-    directory, an empty file otherwise), as an O_PATH fd.  Made before any
-    volume is mounted, so that no path is ever created inside a host volume."""
-    try:
-        return _volume_target(rootfd, v)
-    except OSError as e:
-        raise SetupError("-v/--volume %s:%s: %s" % (v.src, v.dest, e.strerror)) from None
-    except SetupError as e:
-        raise SetupError("-v/--volume %s:%s: %s" % (v.src, v.dest, e)) from None
-
-
-def _volume_target(rootfd, v):
-    pfd = open_dir_in_root(rootfd, os.path.dirname(v.dest))
-    name = os.path.basename(v.dest)
-    try:
-        import stat
-
-        if stat.S_ISDIR(os.fstat(v.fd).st_mode):
-            if not _clear_entry(pfd, name, True):
-                os.mkdir(name, 0o755, dir_fd=pfd)
-            return os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
-        try:
-            _clear_entry(pfd, name, False)
-        except SetupError:
-            raise SetupError("DEST is a directory in the job's root, SRC is not") from None
-        os.close(open_new_file(pfd, name, 0o644))
-        return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
-    finally:
-        os.close(pfd)
-
-
-def mount_volume(v, target_fd):
-    attrs = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | (MOUNT_ATTR_RDONLY if v.read_only else 0)
-    try:
-        bind_into(v.fd, target_fd, attrs)
-    except OSError as e:
-        raise SetupError("-v/--volume %s:%s: %s" % (v.src, v.dest, e.strerror)) from None
-    trace("volume %s bound at %s (%s, nosuid, nodev, submounts included)"
-          % (v.src, v.dest, "read-only" if v.read_only else "read-write"))
-
-
-# --rootfs host: the host's system directories (HOST_SYSTEM_DIRS), read-only,
-# on the job's own tmpfs.
-# What of the host's /etc a program needs to run (users, libraries, TLS roots,
-# time zone, interpreters' configuration); never shadow, gshadow, sudoers,
-# ssh host keys, ssl/private, nor files that often hold credentials (pip.conf,
-# gitconfig, environment with proxy passwords).  '*' ends a prefix.
-HOST_ETC = ("passwd", "group", "nsswitch.conf", "host.conf", "gai.conf", "protocols", "services",
-            "networks", "ethertypes", "rpc", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives",
-            "ssl/certs", "ssl/openssl.cnf", "ca-certificates", "ca-certificates.conf", "localtime",
-            "timezone", "os-release", "debian_version", "lsb-release", "mime.types", "magic", "magic.mime",
-            "locale.alias", "locale.conf", "default/locale", "profile", "bash.bashrc", "inputrc",
-            "mtab", "python3*", "perl", "fonts")
-# Copied rather than bound: the job (or jrun's network setup) may rewrite it.
-HOST_ETC_COPIED = ("resolv.conf",)
-# The rest of a --rootfs host root: the job's own empty directories.
-HOST_ROOT_OWN_DIRS = (("etc", 0o755), ("root", 0o700), ("home", 0o755), ("run", 0o755), ("var", 0o755),
-                      ("var/tmp", 0o1777), ("mnt", 0o755))
-RO = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
-
-
-def build_host_root(root):
-    """The root of --rootfs host: a tmpfs (the job's writable layer) with the
-    host's system directories and a safe part of /etc bound read-only."""
-    rootfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for name in HOST_SYSTEM_DIRS:
-            host = "/" + name
-            if os.path.islink(host):
-                os.symlink(os.readlink(host), name, dir_fd=rootfd)
-            elif os.path.isdir(host):
-                os.mkdir(name, 0o755, dir_fd=rootfd)
-                fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=rootfd)
-                try:
-                    bind_into(host, fd, RO)
-                finally:
-                    os.close(fd)
-        for d, mode in HOST_ROOT_OWN_DIRS:
-            os.mkdir(d, mode, dir_fd=rootfd)
-            os.chmod(d, mode, dir_fd=rootfd)  # past the umask
-        names = []
-        for pattern in HOST_ETC:
-            if pattern.endswith("*"):
-                names += sorted(n for n in os.listdir("/etc") if n.startswith(pattern[:-1]))
-            else:
-                names.append(pattern)
-        for rel in names:
-            _host_etc_entry(rootfd, rel)
-        for rel in HOST_ETC_COPIED:
-            try:
-                with open("/etc/" + rel, "rb") as f:
-                    data = f.read(1 << 20)
-            except OSError:
-                continue
-            _safe_file(root, "etc/" + rel, content=data.decode("utf-8", "replace"))
-    finally:
-        os.close(rootfd)
-    trace("root: a tmpfs with the host's %s and part of /etc, read-only, nosuid, nodev"
-          % ", ".join(n for n in HOST_SYSTEM_DIRS if os.path.lexists("/" + n)))
-
-
-def _host_etc_entry(rootfd, rel):
-    import stat
-
-    host = "/etc/" + rel
-    try:
-        st = os.lstat(host)
-    except OSError:
-        return
-    pfd = open_dir_in_root(rootfd, os.path.dirname("etc/" + rel))
-    name = os.path.basename(rel)
-    try:
-        if stat.S_ISLNK(st.st_mode):
-            # localtime, os-release, mtab: the target is a system path that
-            # the job has too, so the link is kept as a link.
-            os.symlink(os.readlink(host), name, dir_fd=pfd)
-            return
-        if stat.S_ISDIR(st.st_mode):
-            os.mkdir(name, 0o755, dir_fd=pfd)
-            fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
-        elif stat.S_ISREG(st.st_mode):
-            os.close(open_new_file(pfd, name, 0o644))
-            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
-        else:
-            return
-        try:
-            bind_into(host, fd, RO)
-        finally:
-            os.close(fd)
-    finally:
-        os.close(pfd)
-
-
-def make_root_read_only(root):
-    """--read-only: the root mount alone (not recursively), so /work, /tmp,
-    /dev and read-write volumes, mounted on top, stay writable."""
-    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        mount_setattr(fd, MOUNT_ATTR_RDONLY, recursive=False)
-    finally:
-        os.close(fd)
-    trace("root remounted read-only (workdir, /tmp, /dev and read-write volumes stay writable)")
-
-
 # ---------------------------------------------------------------------------
 # Images: named root filesystems, imported once (jrun rootfs import) from a
 # docker-archive, an OCI image layout or oci-archive, or a plain rootfs
 # tarball, and run on with --rootfs NAME exactly as on --rootfs PATH: the
 # stored tree is the lower layer of the job's overlay and is never modified.
 #
-# The store, IMAGE_DIR (root's; the config key image-dir):
+# The store, HOST.image_dir (root's; the config key image-dir):
 #   NAME/rootfs/     the tree; mode 0700, so that no host user reaches its
 #                    files (setuid binaries, secrets baked into the image)
 #   NAME/image.json  its record: origin, digest, platform, size, config
@@ -2177,7 +1754,7 @@ def make_root_read_only(root):
 def image_names():
     """The images in the store (listable by anyone: shell completion)."""
     try:
-        names = os.listdir(IMAGE_DIR)
+        names = os.listdir(HOST.image_dir)
     except OSError:
         return []
     return sorted(n for n in names if not n.startswith("."))
@@ -2188,7 +1765,7 @@ def open_image(name):
     exits (the fd is never closed): its tree cannot be removed under the job.
     The lock is taken on what the path named; if the name was moved to a new
     tree meanwhile (an import --force), the new one is taken instead."""
-    path = os.path.join(IMAGE_DIR, name)
+    path = os.path.join(HOST.image_dir, name)
     for _ in range(5):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -2248,7 +1825,7 @@ def with_image(spec):
         defaults = read_defaults(fd)
     except OSError as e:
         raise SetupError("--rootfs: image %r is damaged (%s); import it again" % (spec.image, e.strerror)) from None
-    return image_job_spec(spec, os.path.join(IMAGE_DIR, spec.image, "rootfs"), defaults)
+    return image_job_spec(spec, os.path.join(HOST.image_dir, spec.image, "rootfs"), defaults)
 
 
 def image_job_spec(spec, rootfs, defaults):
@@ -3125,12 +2702,12 @@ def build_image(name, source, bfd, rootfd, want, bounds):
               "files": bounds.files, "size": bounds.size, "config": image.config, "jrun": __version__}
     progress.end("imported %s from %s (%s%s, %d layer%s): %s files, %s" % (
         name, source, image.format, ", " + record["platform"] if record["platform"] else "", nlayers,
-        "" if nlayers == 1 else "s", format(bounds.files, ","), human_bytes(bounds.size)))
+        "" if nlayers == 1 else "s", format(bounds.files, ","), fmt_size(bounds.size)))
     return record
 
 
 class ImageStore:
-    """IMAGE_DIR, opened once; every name below it is relative to its fd."""
+    """HOST.image_dir, opened once; every name below it is relative to its fd."""
 
     def __init__(self, fd):
         self.fd = fd
@@ -3139,13 +2716,13 @@ class ImageStore:
     def open(cls, create=False):
         """The store, or None if there is none (and CREATE is false)."""
         if create:
-            os.makedirs(os.path.dirname(IMAGE_DIR), mode=0o755, exist_ok=True)
+            os.makedirs(os.path.dirname(HOST.image_dir), mode=0o755, exist_ok=True)
             try:
-                os.mkdir(IMAGE_DIR, 0o755)
+                os.mkdir(HOST.image_dir, 0o755)
             except FileExistsError:
                 pass
         try:
-            fd = os.open(IMAGE_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = os.open(HOST.image_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         st = os.fstat(fd)
@@ -3154,7 +2731,7 @@ class ImageStore:
         if st.st_uid != 0 or st.st_mode & 0o022:
             os.close(fd)
             raise SetupError("%s must be owned by root and writable by root only (chown root; chmod 755)"
-                             % IMAGE_DIR)
+                             % HOST.image_dir)
         return cls(fd)
 
     def has(self, name):
@@ -3201,7 +2778,7 @@ class ImageStore:
         """BUILD becomes NAME at once (an existing NAME is swapped out and
         retired), after the tree is on disk: a crash leaves either the old
         image or the new one, complete."""
-        _check(_c().syncfs(self.fd), "syncfs %s" % IMAGE_DIR)
+        _check(_c().syncfs(self.fd), "syncfs %s" % HOST.image_dir)
         if not self.has(name):
             os.rename(build, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
             return
@@ -3305,161 +2882,6 @@ def remove_image(name):
 
 
 # ---------------------------------------------------------------------------
-# Least privilege, the policy: the job's capability set and its seccomp
-# filter, computed from the JobSpec.  Pure logic; the child applies them as
-# its last steps before exec (drop_privileges).
-# ---------------------------------------------------------------------------
-
-
-def job_capabilities(spec):
-    """The capability names COMMAND runs with.  Docker's rules: --cap-add ALL
-    starts from every capability, --cap-drop ALL from none, otherwise from
-    DEFAULT_CAPS; then the named adds, then the named drops.  A -u/--user
-    job that is not root inside gets none (and --cap-add is refused)."""
-    if spec.user and spec.user[0] not in ("0", "root"):
-        return frozenset()
-    caps = set(DEFAULT_CAPS)
-    if "ALL" in spec.cap_drop:
-        caps = set()
-    if "ALL" in spec.cap_add:
-        caps = set(CAPABILITIES)
-    caps |= set(spec.cap_add) - {"ALL"}
-    caps -= set(spec.cap_drop)
-    return frozenset(caps)
-
-
-# What the default filter refuses with EPERM, and the capability whose
-# --cap-add lifts each group (as docker's profile does: a user who adds
-# SYS_TIME wants to set the clock).  The capabilities already refuse most of
-# these; the filter is the second wall, and the only one for the syscalls
-# that need no capability yet widen the kernel's attack surface: the kernel
-# keyring (not namespaced), io_uring (a long CVE list; it also bypasses
-# seccomp for the operations it performs), user namespaces (unprivileged
-# CLONE_NEWUSER hands out a full capability set in a new namespace),
-# userfaultfd, bpf, perf_event_open.
-SECCOMP_DENY = (
-    (None, ("keyctl", "add_key", "request_key", "io_uring_setup", "io_uring_enter", "io_uring_register")),
-    ("SYS_ADMIN", ("mount", "umount2", "pivot_root", "move_mount", "fsopen", "fsconfig", "fsmount",
-                   "fspick", "open_tree", "open_tree_attr", "mount_setattr", "unshare", "setns",
-                   "quotactl", "quotactl_fd", "swapon", "swapoff", "lookup_dcookie", "nfsservctl",
-                   "fanotify_init")),
-    ("SYS_MODULE", ("init_module", "finit_module", "delete_module")),
-    ("SYS_BOOT", ("reboot", "kexec_load", "kexec_file_load")),
-    ("SYS_TIME", ("settimeofday", "clock_settime", "clock_adjtime")),
-    ("SYS_PACCT", ("acct",)),
-    ("SYS_RAWIO", ("iopl", "ioperm")),
-    ("DAC_READ_SEARCH", ("open_by_handle_at", "name_to_handle_at")),  # "shocker", 2014
-    ("BPF", ("bpf",)),
-    ("PERFMON", ("perf_event_open",)),
-    ("SYS_PTRACE", ("userfaultfd",)),
-    ("SYSLOG", ("syslog",)),
-    ("SYS_TTY_CONFIG", ("vhangup",)),
-)
-# clone(2) flags that create namespaces (refused without SYS_ADMIN, like
-# unshare and setns).  CLONE_NEWTIME is left out: in clone()'s flags 0x80
-# is part of the exit signal; it can only be asked for through clone3 or
-# unshare, both refused.
-CLONE_NS_FLAGS = (CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER
-                  | CLONE_NEWPID | CLONE_NEWNET)
-
-
-def seccomp_program(machine, caps):
-    """The default filter as a classic BPF program: a list of (code, jt, jf,
-    k) sock_filter tuples.
-
-    Why hand-made BPF rather than libseccomp: the filter is a deny list of
-    ~50 numbers and a few argument tests, ~140 straight-line instructions
-    that a reviewer can read (and tests/test_security.py decodes and runs).
-    libseccomp's own Python binding is not published on PyPI (Debian's
-    python3-seccomp is built for the system python, not /opt/jrun's), the
-    PyPI stand-ins are unmaintained (pyseccomp: 2021) or third-party
-    rebuilds, and either would be a bigger thing to trust than this
-    function.  Each refused syscall is a pair `jeq NR / ret ERRNO` so that
-    no jump needs an offset over 255.  The kernel's seccomp action cache
-    (5.11+) turns every syscall whose verdict does not depend on its
-    arguments into a bitmap lookup, so the length of the list costs nothing
-    at run time; the few that are checked by argument (ioctl, socket,
-    socketpair, clone, setrlimit, prlimit64) run the program on every call,
-    so they come first, ioctl (the most frequent) at the top, each block
-    ending in a verdict: a few instructions per call (tests/bench_security.py).
-
-    A syscall of another architecture (i386 through int 0x80, or x32 on
-    x86_64; arm32 on aarch64) kills the process (SIGSYS) rather than
-    returning EPERM: the numbers differ there, so a deny list written for
-    the native table would be bypassed, and a 32-bit program that gets EPERM
-    even from exit() would spin instead of failing clearly."""
-    nrs = _SYSCALLS[machine]
-    eperm, allow = SECCOMP_RET_ERRNO | errno.EPERM, SECCOMP_RET_ALLOW
-    # seccomp_data: nr at 0, arch at 4, args[i] at 16 + 8 i (the low 32 bits
-    # first on these little-endian machines).  int and unsigned int arguments
-    # are the low 32 bits only: the kernel never reads the high ones.
-    prog = [
-        (BPF_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
-        (BPF_JEQ_K, 1, 0, AUDIT_ARCH[machine]),
-        (BPF_RET_K, 0, 0, SECCOMP_RET_KILL_PROCESS),
-        (BPF_LD_W_ABS, 0, 0, 0),  # seccomp_data.nr
-    ]
-    if machine == "x86_64":
-        prog += [(BPF_JGE_K, 0, 1, X32_SYSCALL_BIT), (BPF_RET_K, 0, 0, SECCOMP_RET_KILL_PROCESS)]
-    prog += [
-        # Pushing input into a terminal: TIOCSTI types into the terminal a
-        # program reads from (CVE-2017-5226 and the sandbox escapes like
-        # it), TIOCLINUX's selection paste does the same on a virtual
-        # console.  No job needs either.
-        (BPF_JEQ_K, 0, 5, nrs["ioctl"]),
-        (BPF_LD_W_ABS, 0, 0, 24),  # the request, args[1]
-        (BPF_JEQ_K, 2, 0, TIOCSTI),
-        (BPF_JEQ_K, 1, 0, TIOCLINUX),
-        (BPF_RET_K, 0, 0, allow),
-        (BPF_RET_K, 0, 0, eperm),
-        # AF_VSOCK reaches the hypervisor (and the host of a VM) whatever
-        # the job's network namespace: as if the kernel had no such family.
-        (BPF_JEQ_K, 1, 0, nrs["socket"]),
-        (BPF_JEQ_K, 0, 4, nrs["socketpair"]),
-        (BPF_LD_W_ABS, 0, 0, 16),  # the family, args[0]
-        (BPF_JEQ_K, 0, 1, AF_VSOCK),
-        (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.EAFNOSUPPORT),
-        (BPF_RET_K, 0, 0, allow),
-        # RLIMIT_CORE stays at 1 (see drop_privileges): setrlimit of it,
-        # and prlimit64 of it with a new limit (a NULL one only reads), are
-        # refused.
-        (BPF_JEQ_K, 0, 4, nrs["setrlimit"]),
-        (BPF_LD_W_ABS, 0, 0, 16),  # the resource, args[0]
-        (BPF_JEQ_K, 0, 1, RLIMIT_CORE),
-        (BPF_RET_K, 0, 0, eperm),
-        (BPF_RET_K, 0, 0, allow),
-        (BPF_JEQ_K, 0, 8, nrs["prlimit64"]),
-        (BPF_LD_W_ABS, 0, 0, 24),  # the resource, args[1]
-        (BPF_JEQ_K, 0, 5, RLIMIT_CORE),
-        (BPF_LD_W_ABS, 0, 0, 32),  # the new limit's pointer, args[2]: low half
-        (BPF_JEQ_K, 0, 2, 0),
-        (BPF_LD_W_ABS, 0, 0, 36),  # high half
-        (BPF_JEQ_K, 1, 0, 0),
-        (BPF_RET_K, 0, 0, eperm),
-        (BPF_RET_K, 0, 0, allow),
-    ]
-    if "SYS_ADMIN" not in caps:
-        prog += [
-            # clone3 passes its flags in memory, which seccomp cannot read:
-            # ENOSYS makes glibc and musl fall back to clone(), checked next.
-            (BPF_JEQ_K, 0, 1, nrs["clone3"]), (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.ENOSYS),
-            (BPF_JEQ_K, 0, 4, nrs["clone"]),
-            (BPF_LD_W_ABS, 0, 0, 16),  # low 32 bits of args[0], clone's flags
-            (BPF_JSET_K, 0, 1, CLONE_NS_FLAGS),
-            (BPF_RET_K, 0, 0, eperm),
-            (BPF_RET_K, 0, 0, allow),
-        ]
-    for cap, names in SECCOMP_DENY:
-        if cap in caps:
-            continue
-        for name in names:
-            if nrs[name] is not None:
-                prog += [(BPF_JEQ_K, 0, 1, nrs[name]), (BPF_RET_K, 0, 0, eperm)]
-    prog.append((BPF_RET_K, 0, 0, allow))
-    return prog
-
-
-# ---------------------------------------------------------------------------
 # Job state: /run/jrun/<id>, held by an flock for the job's whole life, so a
 # dead job (its lock free) is told from a live one without guessing by pid.
 # ---------------------------------------------------------------------------
@@ -3490,7 +2912,7 @@ class JobState:
 
     def __init__(self, job_id):
         self.id = job_id
-        self.dir = os.path.join(STATE_DIR, job_id)
+        self.dir = os.path.join(HOST.state_dir, job_id)
         self.fd = None  # the directory, once created: every write is relative to it
         self.lock_fd = None
         self.record = {}
@@ -3499,7 +2921,7 @@ class JobState:
         """NUMBERED: the id is a default name (Slurm's, one per task), which
         another live job of the same task may hold (two jruns in one batch
         script): then the first of ID-2, ID-3, ... that is free."""
-        top = open_private_dir(STATE_DIR, "state-dir")
+        top = open_private_dir(HOST.state_dir, "state-dir")
         base, n, tries = self.id, 1, 0
         try:
             while True:
@@ -3513,7 +2935,7 @@ class JobState:
                             raise UsageError("--name %s: a job with this name is already running" % self.id) from None
                         n += 1
                         self.id = "%s-%d" % (base, n)
-                        self.dir = os.path.join(STATE_DIR, self.id)
+                        self.dir = os.path.join(HOST.state_dir, self.id)
                         continue
                     # A dead job's leftovers: clean, then take the name (if a
                     # concurrent `jrun gc` is at it, give it a moment).
@@ -3623,7 +3045,8 @@ class Resource:
 
     @classmethod
     def check(cls, spec):
-        """Runs in: parent, before the first side effect (run_job).  Refuse
+        """Runs in: parent, before the first side effect (validate, for
+        every class in RESOURCE_CLASSES, used by the job or not).  Refuse
         (UsageError, SetupError) what this host cannot give the job."""
 
     def setup(self, state):
@@ -3703,7 +3126,7 @@ class Resource:
 # What this host's cgroups look like, learnt once per run from
 # /proc/self/mounts: cgroup v2 if /sys/fs/cgroup itself is a cgroup2 mount,
 # else the v1 hierarchies (a hybrid host's /sys/fs/cgroup/unified holds no
-# controller jrun uses).  validate_limits checks limits against it; Cgroup
+# controller jrun uses).  Cgroup.check checks limits against it; Cgroup
 # builds on it.
 
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -3997,34 +3420,6 @@ def cgroup_controllers(spec):
     return sorted(set(need) | (set(used) & have))
 
 
-def validate_limits(spec):
-    """Stage 1 of resource control: every limit against this host."""
-    lim = spec.limits
-    parent = cgroup_parent(spec)
-    if ".." in parent.split("/") or "\0" in parent:
-        raise UsageError("--cgroup-parent: %r must not contain '..'" % spec.cgroup_parent)
-    ncpu = os.cpu_count() or 1
-    if lim.cpu is not None and lim.cpu > 100 * ncpu:
-        raise UsageError("--cpu: '%d' is out of range (1 to %d: percent of one CPU, this host has %d CPUs)"
-                         % (lim.cpu, 100 * ncpu, ncpu))
-    if lim.memory is not None and lim.memory < MEMORY_FLOOR:
-        raise UsageError("--memory: %r is below the %d MiB a job needs to start" % (
-            "%dK" % (lim.memory >> 10), MEMORY_FLOOR >> 20))
-    if lim.cores is not None:
-        cpus = parse_cpuset("--cores", lim.cores)
-        online = _read_cpuset_file("/sys/devices/system/cpu/online")
-        allowed = sorted(set(online) & os.sched_getaffinity(0))
-        bad = [c for c in cpus if c not in allowed]
-        if bad:
-            raise UsageError("--cores: %r names CPU %s, which %s (CPUs usable here: %s)" % (
-                lim.cores, format_cpuset(bad), "does not exist" if bad[0] not in online else "jrun may not use",
-                format_cpuset(allowed)))
-    cgroup_controllers(spec)
-    if lim.io_bps is not None and not block_devices(io_paths(spec)):
-        raise UsageError("--io-bps: the job's files (%s) are on no block device: nothing to throttle"
-                         % ", ".join(io_paths(spec)))
-
-
 def _write(path, value):
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
@@ -4059,6 +3454,36 @@ class Cgroup(Resource):
         self.dirs = list(dirs)  # the job's cgroup directories, one per hierarchy
         self.checks = []  # (file, expected content): what the child verifies
         self.where = {}  # v1: {controllers "cpu,cpuacct": directory}
+
+    @classmethod
+    def check(cls, spec):
+        """Runs in: parent, before the first side effect.  Stage 1 of resource
+        control: every limit against this host (its controllers, CPUs,
+        block devices)."""
+        lim = spec.limits
+        parent = cgroup_parent(spec)
+        if ".." in parent.split("/") or "\0" in parent:
+            raise UsageError("--cgroup-parent: %r must not contain '..'" % spec.cgroup_parent)
+        ncpu = os.cpu_count() or 1
+        if lim.cpu is not None and lim.cpu > 100 * ncpu:
+            raise UsageError("--cpu: '%d' is out of range (1 to %d: percent of one CPU, this host has %d CPUs)"
+                             % (lim.cpu, 100 * ncpu, ncpu))
+        if lim.memory is not None and lim.memory < MEMORY_FLOOR:
+            raise UsageError("--memory: %r is below the %d MiB a job needs to start" % (
+                "%dK" % (lim.memory >> 10), MEMORY_FLOOR >> 20))
+        if lim.cores is not None:
+            cpus = parse_cpuset("--cores", lim.cores)
+            online = _read_cpuset_file("/sys/devices/system/cpu/online")
+            allowed = sorted(set(online) & os.sched_getaffinity(0))
+            bad = [c for c in cpus if c not in allowed]
+            if bad:
+                raise UsageError("--cores: %r names CPU %s, which %s (CPUs usable here: %s)" % (
+                    lim.cores, format_cpuset(bad), "does not exist" if bad[0] not in online else "jrun may not use",
+                    format_cpuset(allowed)))
+        cgroup_controllers(spec)
+        if lim.io_bps is not None and not block_devices(io_paths(spec)):
+            raise UsageError("--io-bps: the job's files (%s) are on no block device: nothing to throttle"
+                             % ", ".join(io_paths(spec)))
 
     @staticmethod
     def for_job(spec):
@@ -4693,6 +4118,12 @@ class JobUserNamespace(Resource):
         self.base = None
         self.fd = None
 
+    @classmethod
+    def check(cls, spec):
+        if spec.userns and spec.user and any(p and p.isdigit() and int(p) >= USERNS_SIZE for p in spec.user):
+            raise UsageError("-u/--user: %s is not mapped under --userns (0 to %d are)"
+                             % (":".join(p for p in spec.user if p), USERNS_SIZE - 1))
+
     def setup(self, state):
         self.base = self._allocate(state)
         self.fd = self.create_new()
@@ -4706,15 +4137,15 @@ class JobUserNamespace(Resource):
         its record atomic.  (job.json is dumps_json's flat record: one
         integer field is read without the json module, which costs 15 ms
         here, more than all the rest of --userns.)"""
-        lock = os.open(STATE_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        lock = os.open(HOST.state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             taken = set()
-            for other in os.listdir(STATE_DIR):
+            for other in os.listdir(HOST.state_dir):
                 if other == self.spec.id:
                     continue
                 try:
-                    with open(os.path.join(STATE_DIR, other, "job.json"), encoding="utf-8") as f:
+                    with open(os.path.join(HOST.state_dir, other, "job.json"), encoding="utf-8") as f:
                         _, found, rest = f.read().partition('"userns_base": ')
                 except OSError:
                     continue
@@ -4780,46 +4211,6 @@ class JobUserNamespace(Resource):
 # in /run/jrun/.net, changed only under the flock of that directory, so that
 # concurrent jruns never collide and no daemon is needed.
 # ---------------------------------------------------------------------------
-
-
-def network_config():
-    """The host's network settings: the default bridge's subnet, the pool the
-    named networks take a /24 each from, and whether jobs may reach IPv4
-    link-local addresses (cloud metadata).  One function, so that the config
-    file (/etc/jrun/jrun.toml: subnet, net-pool, allow-link-local) sets
-    them; Network.check validates."""
-    return {"subnet": DEFAULT_SUBNET, "pool": DEFAULT_NET_POOL, "allow_link_local": ALLOW_LINK_LOCAL}
-
-
-def parse_ip(text):
-    """'172.31.254.1' -> int; ValueError unless four decimal octets."""
-    parts = text.split(".")
-    if len(parts) != 4 or not all(p.isdigit() and len(p) <= 3 and int(p) < 256 for p in parts):
-        raise ValueError(text)
-    return int(parts[0]) << 24 | int(parts[1]) << 16 | int(parts[2]) << 8 | int(parts[3])
-
-
-def format_ip(n):
-    return "%d.%d.%d.%d" % (n >> 24, n >> 16 & 255, n >> 8 & 255, n & 255)
-
-
-def parse_subnet(what, text):
-    """'172.31.254.0/24' -> (network int, prefix length), for /8 to /29."""
-    addr, slash, plen = text.partition("/")
-    try:
-        net, plen = parse_ip(addr), int(plen)
-    except ValueError:
-        raise UsageError("%s: %r is not an IPv4 subnet (use e.g. 172.31.254.0/24)" % (what, text)) from None
-    if not slash or not 8 <= plen <= 29:
-        raise UsageError("%s: %r: the prefix length must be from /8 to /29" % (what, text))
-    if net & ~_mask(plen) & 0xFFFFFFFF:
-        raise UsageError("%s: %r has host bits set (did you mean %s/%d?)"
-                         % (what, text, format_ip(net & _mask(plen)), plen))
-    return net, plen
-
-
-def _mask(plen):
-    return (0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF
 
 
 def subnets_overlap(a, b):
@@ -5191,7 +4582,7 @@ class NetFile:
 
     def expired(self, now):
         """No job on it for network-idle or longer."""
-        return not self.leases and self.idle is not None and now - self.idle >= NETWORK_IDLE
+        return not self.leases and self.idle is not None and now - self.idle >= HOST.network_idle
 
     def prune(self, keep=None):
         """Forget the leases of jobs that are no longer running."""
@@ -5340,7 +4731,7 @@ def _nft_networks(without=None):
 def _sync_nft(without=None):
     """Make the `inet jrun` table match the networks that exist (lock held)."""
     nets = _nft_networks(without)
-    _run_nft(nft_ruleset(nets, network_config()["allow_link_local"]))
+    _run_nft(nft_ruleset(nets, HOST.allow_link_local))
     trace("nft: table %s %s" % (NFT_TABLE, "holds %d network(s)" % len(nets) if nets else "deleted"))
 
 
@@ -5352,7 +4743,7 @@ def _restore_nft(quiet=False):
     and a job on a bridge without its rules reaches the host.  The table is
     put back, as an operator would expect, and said so; if that fails the
     job does not start.  Returns what was wrong, or None."""
-    nets, allow = _nft_networks(), network_config()["allow_link_local"]
+    nets, allow = _nft_networks(), HOST.allow_link_local
     damage = _nft_damage(nets, allow)
     if damage is None:
         if nets:
@@ -5376,7 +4767,7 @@ def _restore_nft(quiet=False):
 
 def _host_routes_overlapping(nl, subnet, own_bridge=None):
     """The host's IPv4 routes (all tables, default routes aside) that overlap
-    subnet, as 'dst/len' strings; routes through own_bridge are jrun's own.
+    subnet, as (network, prefix length); routes through own_bridge are jrun's own.
     (Told by the device's name after the dump: a concurrent jrun may create
     the bridge while this one looks.)"""
     import socket
@@ -5396,7 +4787,7 @@ def _host_routes_overlapping(nl, subnet, own_bridge=None):
                     continue
             except OSError:
                 continue  # its device is gone, and the route with it
-        out.append("%s/%d" % (dst, plen))
+        out.append((parse_ip(dst) & _mask(plen), plen))
     return out
 
 
@@ -5504,22 +4895,17 @@ class Network(Resource):
     def check(cls, spec):
         if spec.net == "none":
             return
-        cfg = network_config()
-        subnet = parse_subnet("network subnet", cfg["subnet"])
-        pool = parse_subnet("network pool", cfg["pool"])
-        if pool[1] > NAMED_PREFIXLEN:
-            raise UsageError("network pool: %r is smaller than one /%d" % (cfg["pool"], NAMED_PREFIXLEN))
         if not _nft_path():
             raise SetupError("--net %s: nft not found (apt-get install nftables, or use --net none)" % spec.net)
         if spec.net != "bridge":
             return  # a named network's subnet is chosen free when it is made
         try:
-            clash = _host_routes_overlapping(_host_netlink(), subnet, DEFAULT_BRIDGE)
+            clash = _host_routes_overlapping(_host_netlink(), HOST.subnet, DEFAULT_BRIDGE)
         except OSError as e:
             raise _net_error(spec.net, e) from None
         if clash:
             raise UsageError("--net bridge: the jrun subnet %s overlaps the host's route to %s "
-                             "(use --net NAME, which picks a free subnet, or --net none)" % (cfg["subnet"], clash[0]))
+                             "(use --net NAME, which picks a free subnet, or --net none)" % (format_subnet(HOST.subnet), format_subnet(clash[0])))
 
     # -- parent, before the fork --------------------------------------------
 
@@ -5579,17 +4965,15 @@ class Network(Resource):
                                                           self.bridge))
 
     def _new_network(self):
-        cfg = network_config()
         if self.net == "bridge":
-            subnet = parse_subnet("network subnet", cfg["subnet"])
+            subnet = HOST.subnet
         else:
-            used = [f.subnet for f in NetFile.all()] + [parse_subnet("network subnet", cfg["subnet"])]
-            used += [(parse_ip(r.split("/")[0]), int(r.split("/")[1]))
-                     for r in _host_routes_overlapping(self.nl, parse_subnet("network pool", cfg["pool"]))]
-            subnet = named_subnet(self.net, parse_subnet("network pool", cfg["pool"]), used)
+            used = [f.subnet for f in NetFile.all()] + [HOST.subnet]
+            used += _host_routes_overlapping(self.nl, HOST.net_pool)
+            subnet = named_subnet(self.net, HOST.net_pool, used)
             if subnet is None:
                 raise SetupError("--net %s: no free /%d left in the network pool %s"
-                                 % (self.net, NAMED_PREFIXLEN, cfg["pool"]))
+                                 % (self.net, NAMED_PREFIXLEN, format_subnet(HOST.net_pool)))
         return NetFile(self.bridge, self.net, subnet)
 
     def _create_bridge(self, f):
@@ -5714,12 +5098,12 @@ class Network(Resource):
                 f.save()
                 if mine:  # (a job refused before it had a lease has said why already)
                     _restore_nft()  # the jobs still running need their rules too
-            elif NETWORK_IDLE:
+            elif HOST.network_idle:
                 if f.idle is None:
                     f.idle = time.time()
                 f.save()
                 trace("network %s: idle; bridge %s and its rules kept for the next job (network-idle: %g s)"
-                      % (f.name, self.bridge, NETWORK_IDLE))
+                      % (f.name, self.bridge, HOST.network_idle))
             else:
                 _remove_network(self.nl or _host_netlink(), f)
 
@@ -5731,7 +5115,7 @@ class Network(Resource):
             return None
         self = cls(None)
         self.net, self.bridge = record["net"], bridge_name(record["net"])
-        self.owner = os.path.join(STATE_DIR, record["id"])
+        self.owner = os.path.join(HOST.state_dir, record["id"])
         self.veth = veth_name(self.owner)
         return self
 
@@ -5759,7 +5143,7 @@ class Network(Resource):
                                       f.bridge)
         # Looked at after the networks above went (a generator: each was
         # torn down before this line runs); _gc_nft looks again under the lock.
-        damage = _nft_damage(_nft_networks(), network_config()["allow_link_local"])
+        damage = _nft_damage(_nft_networks(), HOST.allow_link_local)
         if damage:  # a firewall reload removed all or part of it
             yield NetworkLeftover("nft table %s, %s: restored" % (NFT_TABLE, damage), _gc_nft, None)
 
@@ -6500,6 +5884,21 @@ CHILD_STEPS = (
 )
 
 
+# ---------------------------------------------------------------------------
+# The job's root, built by the child (build_job_root) in the order it
+# happens: a tmpfs, the rootfs (an overlay, or the host's system dirs
+# read-only), the writable dirs, /etc, uploads and volumes (stage_files),
+# /dev (build_dev); then pivot_root and /proc and /sys.  Everything here runs
+# in the child, as root, in the job's own mount namespace and, up to
+# pivot_into, while the host's paths are still visible.  So nothing here
+# follows a symlink of the job's root (or of an uploaded tree) with a plain
+# path: jrun's own mount points are made real directories (_safe_mkdirs), and
+# a user's DEST is resolved by the kernel with openat2(RESOLVE_IN_ROOT), where
+# an absolute or '..' symlink stays inside the job's root.  Files are created
+# with O_EXCL|O_NOFOLLOW relative to directory fds.
+# ---------------------------------------------------------------------------
+
+
 def build_root(spec, state_dir, owner=HOST_ROOT, resources=()):
     """The job's root, in the job's own mount namespace, so that everything
     the job writes vanishes with it even if jrun is SIGKILLed, and
@@ -6618,6 +6017,464 @@ def stage_files(spec, root, owner=HOST_ROOT):
         os.close(rootfd)
 
 
+def _safe_mkdirs(root, rel, mode=0o755):
+    """Make root/rel a real directory, component by component, never
+    following a symlink: a hostile rootfs whose 'proc' or 'tmp' is a symlink
+    pointing outside gets it replaced (in the job's own writable layer)."""
+    path = root
+    for comp in rel.strip("/").split("/"):
+        if comp in ("", "."):
+            continue
+        if comp == "..":
+            raise SetupError("%r: '..' is not allowed in a path inside the job" % rel)
+        path = os.path.join(path, comp)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            os.mkdir(path, mode)
+            continue
+        import stat
+
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(path)
+            os.mkdir(path, mode)
+    return path
+
+
+def _safe_file(root, rel, mode=0o644, content=None):
+    """Make root/rel a regular file (for a bind mount target or a generated
+    /etc file), with the same no-symlink rule as _safe_mkdirs."""
+    parent = _safe_mkdirs(root, os.path.dirname(rel.strip("/")))
+    path = os.path.join(parent, os.path.basename(rel))
+    try:
+        st = os.lstat(path)
+        import stat
+
+        if not stat.S_ISREG(st.st_mode):
+            if stat.S_ISDIR(st.st_mode):
+                os.rmdir(path)
+            else:
+                os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise SetupError("cannot prepare %s in the job's root: %s" % (rel, e.strerror)) from None
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        if content:
+            os.write(fd, content.encode())
+    finally:
+        os.close(fd)
+    return path
+
+
+def bind_into(src, target_fd, attrs, userns_fd=0):
+    """Bind host path SRC, with its submounts, onto the mount point open as
+    TARGET_FD.  The copy of the tree is made read-only/nosuid/nodev while it
+    is still detached (open_tree, mount_setattr AT_RECURSIVE, move_mount), so
+    there is no moment at which the job's path is a writable view, and a
+    submount of SRC is as read-only as SRC itself (a MS_REMOUNT of the top
+    mount would leave submounts writable).  With MOUNT_ATTR_IDMAP, the
+    owners of the files are shifted through the user namespace USERNS_FD.
+    SRC is a host path, or a tree that clone_tree made earlier (see
+    open_staging_sources); either way the copy is private: no mount event
+    propagates between it and the host's tree it was cloned from."""
+    tree = clone_tree(src) if isinstance(src, str) else src
+    try:
+        mount_setattr(tree, attrs, recursive=True, userns_fd=userns_fd, propagation=MS_PRIVATE)
+        move_mount(tree, target_fd)
+    finally:
+        if tree is not src:
+            os.close(tree)
+
+
+def open_dir_in_root(rootfd, path, owner=None):
+    """An O_PATH fd of directory PATH of the job's root, made (mode 0755,
+    owned by OWNER if given) if missing.  Symlinks on the way are resolved
+    by the kernel inside the root: a rootfs whose 'opt' points to /etc of
+    the host reaches the job's own /etc, never the host's."""
+    fd = os.dup(rootfd)
+    done = ""
+    try:
+        for comp in path.strip("/").split("/"):
+            if comp in ("", "."):
+                continue
+            done += "/" + comp
+            try:
+                nfd = openat2(rootfd, done, os.O_PATH | os.O_DIRECTORY, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+            except FileNotFoundError:
+                try:
+                    os.mkdir(comp, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    raise SetupError("%s: a dangling symlink in the job's root" % done) from None
+                if owner:
+                    os.chown(comp, *owner, dir_fd=fd, follow_symlinks=False)
+                nfd = openat2(rootfd, done, os.O_PATH | os.O_DIRECTORY, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+            except NotADirectoryError:
+                raise SetupError("%s: not a directory in the job's root" % done) from None
+            os.close(fd)
+            fd = nfd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _clear_entry(dfd, name, keep_dir):
+    """Make room for NAME in directory DFD, never following it: an existing
+    symlink or file goes (in the job's own layer); an existing directory is
+    kept (merged into) when KEEP_DIR.  Returns True if a directory is there."""
+    import stat
+
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISDIR(st.st_mode):
+        if keep_dir:
+            return True
+        raise SetupError("%s is a directory in the job's root" % name)
+    os.unlink(name, dir_fd=dfd)
+    return False
+
+
+class Uploader:
+    """Copies host files into the job's root like `cp -a` run by root:
+    contents, modes, owners, times, hard links and directory structure; a
+    symlink is copied as a symlink and never followed; setuid and setgid bits
+    are dropped; device nodes and sockets are skipped (the mounts are nodev).
+    Sources are opened with O_NOFOLLOW relative to their directory's fd, and
+    destinations created with O_EXCL|O_NOFOLLOW relative to theirs, so a
+    symlink planted in the source tree, the rootfs or an earlier upload
+    cannot redirect a read or a write."""
+
+    STEP = 1 << 26  # bytes per copy call: progress and Ctrl-C are checked between calls
+
+    def __init__(self, uploads, owner=None):
+        self.owner = owner  # (uid, gid) for every copy instead of the source's
+        self.total_files = sum(u.files or 0 for u in uploads)
+        self.total_bytes = sum(u.bytes or 0 for u in uploads)
+        self.bytes = self.skipped = 0
+        self.fast = True  # copy_file_range until the kernel says EXDEV
+        self.tty = _log["format"] == "text" and LEVELS["info"] >= _log["level"] and os.isatty(2)
+        self.started = self.shown = time.monotonic()
+        self.links = {}
+
+    def run(self, rootfd, uploads):
+        self._say("", False)
+        for up in uploads:
+            try:
+                self.upload(rootfd, up)
+            except OSError as e:
+                raise SetupError("--upload %s: copying to %s: %s" % (up.src, up.dest, e.strerror)) from None
+            except SetupError as e:
+                raise SetupError("--upload %s: %s" % (up.src, e)) from None
+            except RecursionError:
+                raise SetupError("--upload %s: the tree is nested too deeply to copy" % up.src) from None
+        took = time.monotonic() - self.started
+        if self.tty:
+            self._say(" done in %.1fs" % took, True)
+        else:
+            log("info", "uploaded %s (%s) in %.1fs" % (self._files(), fmt_size(self.total_bytes), took))
+        if self.skipped:
+            log("warning", "--upload: skipped %d device nodes and sockets" % self.skipped)
+
+    def _say(self, tail, end):
+        if self.tty:
+            line = "\rjrun: Uploading %s (%s)...%s" % (self._files(), fmt_size(self.total_bytes), tail)
+            os.write(2, (line + ("\n" if end else "\033[K")).encode())
+
+    def _files(self):
+        return "%s file%s" % (format(self.total_files, ","), "" if self.total_files == 1 else "s")
+
+    def _progress(self):
+        now = time.monotonic()
+        if now - self.shown > 0.25:
+            self.shown = now
+            # The signals jrun forwards are blocked until exec; one pending
+            # means the caller wants to stop (Ctrl-C): do not finish a long copy.
+            pending = signal.sigpending() & set(FORWARDED_SIGNALS)
+            if pending:
+                raise SetupError("interrupted by %s" % signal_name(min(pending)))
+            self._say(" %d%%" % (100 * self.bytes // max(self.total_bytes, 1)), False)
+
+    def upload(self, rootfd, up):
+        parent, name = os.path.split(up.dest)
+        pfd = open_dir_in_root(rootfd, parent, self.owner)
+        self.links = {}  # hard links are kept within one upload
+        try:
+            # SRC as validate() found it (a symlink the caller named was
+            # followed then): its O_PATH fd reopened for reading.
+            sfd = os.open("/proc/self/fd/%d" % up.fd, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                self._copy_open(sfd, os.fstat(sfd), pfd, name, (pfd, name))
+            finally:
+                os.close(sfd)
+        finally:
+            os.close(pfd)
+
+    def _copy_entry(self, sdir, entry, dfd, rel):
+        import stat
+
+        self._progress()
+        name = entry.name
+        # d_type says what to open; fstat of the opened fd is what counts
+        # (O_NOFOLLOW: a file swapped for a symlink meanwhile fails).
+        if entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False):
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            sfd = os.open(name, flags, dir_fd=sdir)
+            try:
+                self._copy_open(sfd, os.fstat(sfd), dfd, name, rel)
+            finally:
+                os.close(sfd)
+            return
+        st = os.stat(name, dir_fd=sdir, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            target = os.readlink(name, dir_fd=sdir)
+            _clear_entry(dfd, name, False)
+            os.symlink(target, name, dir_fd=dfd)
+            self._meta(None, st, dfd, name)
+        elif stat.S_ISFIFO(st.st_mode):
+            _clear_entry(dfd, name, False)
+            os.mkfifo(name, 0o600, dir_fd=dfd)
+            self._meta(None, st, dfd, name)
+        else:
+            self.skipped += 1
+
+    def _copy_open(self, sfd, st, dfd, name, rel):
+        import stat
+
+        if stat.S_ISDIR(st.st_mode):
+            # An existing directory (the rootfs's /etc, /tmp) keeps its own
+            # owner and mode: an upload merges into it, it does not chmod it.
+            existed = _clear_entry(dfd, name, True)
+            if not existed:
+                os.mkdir(name, 0o700, dir_fd=dfd)
+            out = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            try:
+                for entry in os.scandir(sfd):
+                    self._copy_entry(sfd, entry, out, (rel, entry.name))
+                if not existed:
+                    self._meta(out, st)
+            finally:
+                os.close(out)
+        elif stat.S_ISREG(st.st_mode):
+            self._copy_file(sfd, st, dfd, name, rel)
+        else:
+            self.skipped += 1
+
+    def _copy_file(self, sfd, st, dfd, name, rel):
+        _clear_entry(dfd, name, False)
+        key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1:
+            if key in self.links:
+                try:
+                    first_dir, first_name = self.links[key]
+                    os.link(first_name, name, src_dir_fd=first_dir, dst_dir_fd=dfd, follow_symlinks=False)
+                    return
+                except OSError:
+                    pass  # across mounts: copy instead
+        out = open_new_file(dfd, name, 0o600)
+        try:
+            self._copy_data(sfd, out)
+            self._meta(out, st)
+        finally:
+            os.close(out)
+        if st.st_nlink > 1:
+            self.links[key] = self._link_ref(rel)
+
+    def _link_ref(self, rel):
+        """REL is (parent rel, name) nested down from (upload's parent fd,
+        name); turn it into (fd, 'a/b/name') for linkat.  Every directory on
+        that path was made or checked by the copy, with no symlink in it."""
+        names = []
+        while isinstance(rel[0], tuple):
+            rel, name = rel
+            names.append(name)
+        fd, top = rel
+        return fd, "/".join([top] + names[::-1])
+
+    def _copy_data(self, sfd, out):
+        while True:
+            if self.fast:
+                try:
+                    n = os.copy_file_range(sfd, out, self.STEP)
+                except OSError as e:
+                    # Across filesystems of different types (ext4 -> tmpfs)
+                    # the kernel refuses; sendfile still copies in-kernel.
+                    if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+                    self.fast = False
+                    continue
+            else:
+                n = os.sendfile(out, sfd, None, self.STEP)
+            if not n:
+                return
+            self.bytes += n
+            self._progress()
+
+    def _meta(self, fd, st, dfd=None, name=None):
+        """Owner, then mode (chown clears setuid), then times."""
+        times = (st.st_atime_ns, st.st_mtime_ns)
+        uid, gid = self.owner or (st.st_uid, st.st_gid)
+        if fd is None:
+            os.chown(name, uid, gid, dir_fd=dfd, follow_symlinks=False)
+            import stat
+
+            if not stat.S_ISLNK(st.st_mode):  # a fifo we just made: no symlink to follow
+                os.chmod(name, st.st_mode & 0o1777, dir_fd=dfd)
+            os.utime(name, ns=times, dir_fd=dfd, follow_symlinks=False)
+            return
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, st.st_mode & 0o1777)  # setuid (0o4000) and setgid (0o2000) dropped
+        os.utime(fd, ns=times)
+
+
+def prepare_volume(rootfd, v):
+    """The mount point of volume V in the job's root (a directory for a
+    directory, an empty file otherwise), as an O_PATH fd.  Made before any
+    volume is mounted, so that no path is ever created inside a host volume."""
+    try:
+        return _volume_target(rootfd, v)
+    except OSError as e:
+        raise SetupError("-v/--volume %s:%s: %s" % (v.src, v.dest, e.strerror)) from None
+    except SetupError as e:
+        raise SetupError("-v/--volume %s:%s: %s" % (v.src, v.dest, e)) from None
+
+
+def _volume_target(rootfd, v):
+    pfd = open_dir_in_root(rootfd, os.path.dirname(v.dest))
+    name = os.path.basename(v.dest)
+    try:
+        import stat
+
+        if stat.S_ISDIR(os.fstat(v.fd).st_mode):
+            if not _clear_entry(pfd, name, True):
+                os.mkdir(name, 0o755, dir_fd=pfd)
+            return os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        try:
+            _clear_entry(pfd, name, False)
+        except SetupError:
+            raise SetupError("DEST is a directory in the job's root, SRC is not") from None
+        os.close(open_new_file(pfd, name, 0o644))
+        return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+    finally:
+        os.close(pfd)
+
+
+def mount_volume(v, target_fd):
+    attrs = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | (MOUNT_ATTR_RDONLY if v.read_only else 0)
+    try:
+        bind_into(v.fd, target_fd, attrs)
+    except OSError as e:
+        raise SetupError("-v/--volume %s:%s: %s" % (v.src, v.dest, e.strerror)) from None
+    trace("volume %s bound at %s (%s, nosuid, nodev, submounts included)"
+          % (v.src, v.dest, "read-only" if v.read_only else "read-write"))
+
+
+# --rootfs host: the host's system directories (HOST_SYSTEM_DIRS), read-only,
+# on the job's own tmpfs.
+# What of the host's /etc a program needs to run (users, libraries, TLS roots,
+# time zone, interpreters' configuration); never shadow, gshadow, sudoers,
+# ssh host keys, ssl/private, nor files that often hold credentials (pip.conf,
+# gitconfig, environment with proxy passwords).  '*' ends a prefix.
+HOST_ETC = ("passwd", "group", "nsswitch.conf", "host.conf", "gai.conf", "protocols", "services",
+            "networks", "ethertypes", "rpc", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives",
+            "ssl/certs", "ssl/openssl.cnf", "ca-certificates", "ca-certificates.conf", "localtime",
+            "timezone", "os-release", "debian_version", "lsb-release", "mime.types", "magic", "magic.mime",
+            "locale.alias", "locale.conf", "default/locale", "profile", "bash.bashrc", "inputrc",
+            "mtab", "python3*", "perl", "fonts")
+# Copied rather than bound: the job (or jrun's network setup) may rewrite it.
+HOST_ETC_COPIED = ("resolv.conf",)
+# The rest of a --rootfs host root: the job's own empty directories.
+HOST_ROOT_OWN_DIRS = (("etc", 0o755), ("root", 0o700), ("home", 0o755), ("run", 0o755), ("var", 0o755),
+                      ("var/tmp", 0o1777), ("mnt", 0o755))
+RO = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
+
+
+def build_host_root(root):
+    """The root of --rootfs host: a tmpfs (the job's writable layer) with the
+    host's system directories and a safe part of /etc bound read-only."""
+    rootfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in HOST_SYSTEM_DIRS:
+            host = "/" + name
+            if os.path.islink(host):
+                os.symlink(os.readlink(host), name, dir_fd=rootfd)
+            elif os.path.isdir(host):
+                os.mkdir(name, 0o755, dir_fd=rootfd)
+                fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=rootfd)
+                try:
+                    bind_into(host, fd, RO)
+                finally:
+                    os.close(fd)
+        for d, mode in HOST_ROOT_OWN_DIRS:
+            os.mkdir(d, mode, dir_fd=rootfd)
+            os.chmod(d, mode, dir_fd=rootfd)  # past the umask
+        names = []
+        for pattern in HOST_ETC:
+            if pattern.endswith("*"):
+                names += sorted(n for n in os.listdir("/etc") if n.startswith(pattern[:-1]))
+            else:
+                names.append(pattern)
+        for rel in names:
+            _host_etc_entry(rootfd, rel)
+        for rel in HOST_ETC_COPIED:
+            try:
+                with open("/etc/" + rel, "rb") as f:
+                    data = f.read(1 << 20)
+            except OSError:
+                continue
+            _safe_file(root, "etc/" + rel, content=data.decode("utf-8", "replace"))
+    finally:
+        os.close(rootfd)
+    trace("root: a tmpfs with the host's %s and part of /etc, read-only, nosuid, nodev"
+          % ", ".join(n for n in HOST_SYSTEM_DIRS if os.path.lexists("/" + n)))
+
+
+def _host_etc_entry(rootfd, rel):
+    import stat
+
+    host = "/etc/" + rel
+    try:
+        st = os.lstat(host)
+    except OSError:
+        return
+    pfd = open_dir_in_root(rootfd, os.path.dirname("etc/" + rel))
+    name = os.path.basename(rel)
+    try:
+        if stat.S_ISLNK(st.st_mode):
+            # localtime, os-release, mtab: the target is a system path that
+            # the job has too, so the link is kept as a link.
+            os.symlink(os.readlink(host), name, dir_fd=pfd)
+            return
+        if stat.S_ISDIR(st.st_mode):
+            os.mkdir(name, 0o755, dir_fd=pfd)
+            fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        elif stat.S_ISREG(st.st_mode):
+            os.close(open_new_file(pfd, name, 0o644))
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        else:
+            return
+        try:
+            bind_into(host, fd, RO)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(pfd)
+
+
+def make_root_read_only(root):
+    """--read-only: the root mount alone (not recursively), so /work, /tmp,
+    /dev and read-write volumes, mounted on top, stay writable."""
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        mount_setattr(fd, MOUNT_ATTR_RDONLY, recursive=False)
+    finally:
+        os.close(fd)
+    trace("root remounted read-only (workdir, /tmp, /dev and read-write volumes stay writable)")
+
+
 def build_dev(root, spec, base, shm):
     """A minimal /dev whose device nodes are the job's own: made (mknod) on a
     small tmpfs of the job's, which is then made read-only and bound node by
@@ -6725,6 +6582,11 @@ def harden_proc_and_sys(spec):
              " ".join(p.split("/", 2)[2] for p in READ_ONLY_PROC)))
 
 
+# ---------------------------------------------------------------------------
+# The child, in the job's root: the command's environment and path.
+# ---------------------------------------------------------------------------
+
+
 def job_environment(spec, home):
     env = {"PATH": DEFAULT_PATH, "HOME": home, "HOSTNAME": spec.hostname,
            "JRUN_JOB_ID": spec.id, "container": "jrun"}
@@ -6786,6 +6648,161 @@ def close_inherited_fds(keep):
         low = fd + 1
     os.closerange(low, 0x7FFFFFFF)  # close_range(low, INT_MAX - 1): one syscall
     trace("file descriptors above 2 closed")
+
+
+# ---------------------------------------------------------------------------
+# Least privilege, the policy: the job's capability set and its seccomp
+# filter, computed from the JobSpec.  Pure logic; the child applies them as
+# its last steps before exec (drop_privileges).
+# ---------------------------------------------------------------------------
+
+
+def job_capabilities(spec):
+    """The capability names COMMAND runs with.  Docker's rules: --cap-add ALL
+    starts from every capability, --cap-drop ALL from none, otherwise from
+    DEFAULT_CAPS; then the named adds, then the named drops.  A -u/--user
+    job that is not root inside gets none (and --cap-add is refused)."""
+    if spec.user and spec.user[0] not in ("0", "root"):
+        return frozenset()
+    caps = set(DEFAULT_CAPS)
+    if "ALL" in spec.cap_drop:
+        caps = set()
+    if "ALL" in spec.cap_add:
+        caps = set(CAPABILITIES)
+    caps |= set(spec.cap_add) - {"ALL"}
+    caps -= set(spec.cap_drop)
+    return frozenset(caps)
+
+
+# What the default filter refuses with EPERM, and the capability whose
+# --cap-add lifts each group (as docker's profile does: a user who adds
+# SYS_TIME wants to set the clock).  The capabilities already refuse most of
+# these; the filter is the second wall, and the only one for the syscalls
+# that need no capability yet widen the kernel's attack surface: the kernel
+# keyring (not namespaced), io_uring (a long CVE list; it also bypasses
+# seccomp for the operations it performs), user namespaces (unprivileged
+# CLONE_NEWUSER hands out a full capability set in a new namespace),
+# userfaultfd, bpf, perf_event_open.
+SECCOMP_DENY = (
+    (None, ("keyctl", "add_key", "request_key", "io_uring_setup", "io_uring_enter", "io_uring_register")),
+    ("SYS_ADMIN", ("mount", "umount2", "pivot_root", "move_mount", "fsopen", "fsconfig", "fsmount",
+                   "fspick", "open_tree", "open_tree_attr", "mount_setattr", "unshare", "setns",
+                   "quotactl", "quotactl_fd", "swapon", "swapoff", "lookup_dcookie", "nfsservctl",
+                   "fanotify_init")),
+    ("SYS_MODULE", ("init_module", "finit_module", "delete_module")),
+    ("SYS_BOOT", ("reboot", "kexec_load", "kexec_file_load")),
+    ("SYS_TIME", ("settimeofday", "clock_settime", "clock_adjtime")),
+    ("SYS_PACCT", ("acct",)),
+    ("SYS_RAWIO", ("iopl", "ioperm")),
+    ("DAC_READ_SEARCH", ("open_by_handle_at", "name_to_handle_at")),  # "shocker", 2014
+    ("BPF", ("bpf",)),
+    ("PERFMON", ("perf_event_open",)),
+    ("SYS_PTRACE", ("userfaultfd",)),
+    ("SYSLOG", ("syslog",)),
+    ("SYS_TTY_CONFIG", ("vhangup",)),
+)
+# clone(2) flags that create namespaces (refused without SYS_ADMIN, like
+# unshare and setns).  CLONE_NEWTIME is left out: in clone()'s flags 0x80
+# is part of the exit signal; it can only be asked for through clone3 or
+# unshare, both refused.
+CLONE_NS_FLAGS = (CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER
+                  | CLONE_NEWPID | CLONE_NEWNET)
+
+
+def seccomp_program(machine, caps):
+    """The default filter as a classic BPF program: a list of (code, jt, jf,
+    k) sock_filter tuples.
+
+    Why hand-made BPF rather than libseccomp: the filter is a deny list of
+    ~50 numbers and a few argument tests, ~140 straight-line instructions
+    that a reviewer can read (and tests/test_security.py decodes and runs).
+    libseccomp's own Python binding is not published on PyPI (Debian's
+    python3-seccomp is built for the system python, not /opt/jrun's), the
+    PyPI stand-ins are unmaintained (pyseccomp: 2021) or third-party
+    rebuilds, and either would be a bigger thing to trust than this
+    function.  Each refused syscall is a pair `jeq NR / ret ERRNO` so that
+    no jump needs an offset over 255.  The kernel's seccomp action cache
+    (5.11+) turns every syscall whose verdict does not depend on its
+    arguments into a bitmap lookup, so the length of the list costs nothing
+    at run time; the few that are checked by argument (ioctl, socket,
+    socketpair, clone, setrlimit, prlimit64) run the program on every call,
+    so they come first, ioctl (the most frequent) at the top, each block
+    ending in a verdict: a few instructions per call (tests/bench_security.py).
+
+    A syscall of another architecture (i386 through int 0x80, or x32 on
+    x86_64; arm32 on aarch64) kills the process (SIGSYS) rather than
+    returning EPERM: the numbers differ there, so a deny list written for
+    the native table would be bypassed, and a 32-bit program that gets EPERM
+    even from exit() would spin instead of failing clearly."""
+    nrs = _SYSCALLS[machine]
+    eperm, allow = SECCOMP_RET_ERRNO | errno.EPERM, SECCOMP_RET_ALLOW
+    # seccomp_data: nr at 0, arch at 4, args[i] at 16 + 8 i (the low 32 bits
+    # first on these little-endian machines).  int and unsigned int arguments
+    # are the low 32 bits only: the kernel never reads the high ones.
+    prog = [
+        (BPF_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
+        (BPF_JEQ_K, 1, 0, AUDIT_ARCH[machine]),
+        (BPF_RET_K, 0, 0, SECCOMP_RET_KILL_PROCESS),
+        (BPF_LD_W_ABS, 0, 0, 0),  # seccomp_data.nr
+    ]
+    if machine == "x86_64":
+        prog += [(BPF_JGE_K, 0, 1, X32_SYSCALL_BIT), (BPF_RET_K, 0, 0, SECCOMP_RET_KILL_PROCESS)]
+    prog += [
+        # Pushing input into a terminal: TIOCSTI types into the terminal a
+        # program reads from (CVE-2017-5226 and the sandbox escapes like
+        # it), TIOCLINUX's selection paste does the same on a virtual
+        # console.  No job needs either.
+        (BPF_JEQ_K, 0, 5, nrs["ioctl"]),
+        (BPF_LD_W_ABS, 0, 0, 24),  # the request, args[1]
+        (BPF_JEQ_K, 2, 0, TIOCSTI),
+        (BPF_JEQ_K, 1, 0, TIOCLINUX),
+        (BPF_RET_K, 0, 0, allow),
+        (BPF_RET_K, 0, 0, eperm),
+        # AF_VSOCK reaches the hypervisor (and the host of a VM) whatever
+        # the job's network namespace: as if the kernel had no such family.
+        (BPF_JEQ_K, 1, 0, nrs["socket"]),
+        (BPF_JEQ_K, 0, 4, nrs["socketpair"]),
+        (BPF_LD_W_ABS, 0, 0, 16),  # the family, args[0]
+        (BPF_JEQ_K, 0, 1, AF_VSOCK),
+        (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.EAFNOSUPPORT),
+        (BPF_RET_K, 0, 0, allow),
+        # RLIMIT_CORE stays at 1 (see drop_privileges): setrlimit of it,
+        # and prlimit64 of it with a new limit (a NULL one only reads), are
+        # refused.
+        (BPF_JEQ_K, 0, 4, nrs["setrlimit"]),
+        (BPF_LD_W_ABS, 0, 0, 16),  # the resource, args[0]
+        (BPF_JEQ_K, 0, 1, RLIMIT_CORE),
+        (BPF_RET_K, 0, 0, eperm),
+        (BPF_RET_K, 0, 0, allow),
+        (BPF_JEQ_K, 0, 8, nrs["prlimit64"]),
+        (BPF_LD_W_ABS, 0, 0, 24),  # the resource, args[1]
+        (BPF_JEQ_K, 0, 5, RLIMIT_CORE),
+        (BPF_LD_W_ABS, 0, 0, 32),  # the new limit's pointer, args[2]: low half
+        (BPF_JEQ_K, 0, 2, 0),
+        (BPF_LD_W_ABS, 0, 0, 36),  # high half
+        (BPF_JEQ_K, 1, 0, 0),
+        (BPF_RET_K, 0, 0, eperm),
+        (BPF_RET_K, 0, 0, allow),
+    ]
+    if "SYS_ADMIN" not in caps:
+        prog += [
+            # clone3 passes its flags in memory, which seccomp cannot read:
+            # ENOSYS makes glibc and musl fall back to clone(), checked next.
+            (BPF_JEQ_K, 0, 1, nrs["clone3"]), (BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | errno.ENOSYS),
+            (BPF_JEQ_K, 0, 4, nrs["clone"]),
+            (BPF_LD_W_ABS, 0, 0, 16),  # low 32 bits of args[0], clone's flags
+            (BPF_JSET_K, 0, 1, CLONE_NS_FLAGS),
+            (BPF_RET_K, 0, 0, eperm),
+            (BPF_RET_K, 0, 0, allow),
+        ]
+    for cap, names in SECCOMP_DENY:
+        if cap in caps:
+            continue
+        for name in names:
+            if nrs[name] is not None:
+                prog += [(BPF_JEQ_K, 0, 1, nrs[name]), (BPF_RET_K, 0, 0, eperm)]
+    prog.append((BPF_RET_K, 0, 0, allow))
+    return prog
 
 
 # ---------------------------------------------------------------------------
@@ -6970,7 +6987,7 @@ def end_record(spec, out, duration):
 def append_audit_log(record, path=None):
     """Append one line; a log that cannot be written is a warning, not a
     reason to fail the job (the job's own status must stay its own)."""
-    path = AUDIT_LOG if path is None else path
+    path = HOST.audit_log if path is None else path
     if not path:
         return
     line = (dumps_json(record) + "\n").encode("utf-8", "replace")
@@ -7051,8 +7068,6 @@ def run_job(spec, kinds):
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     die_with_caller()
     spec = validate(with_image(spec))
-    for cls in RESOURCE_CLASSES:
-        cls.check(spec)
     spec = survey_uploads(spec)
     teardown = Teardown()
     state = JobState(spec.id)
@@ -7381,16 +7396,16 @@ def _subparser(prog, description):
 def job_ids():
     """Names of the state directories: running, starting or dead jobs."""
     try:
-        names = os.listdir(STATE_DIR)
+        names = os.listdir(HOST.state_dir)
     except FileNotFoundError:
         return []
     except PermissionError:
-        raise UsageError("cannot read %s: permission denied (run as root: sudo jrun ...)" % STATE_DIR) from None
+        raise UsageError("cannot read %s: permission denied (run as root: sudo jrun ...)" % HOST.state_dir) from None
     # ps, kill and gc act, as root, on what they find there (kill signals
     # the PID a job.json names): only from a directory only root can write.
     check_state_dir()
     # No job name starts with a dot: /run/jrun/.net belongs to the networks.
-    return sorted(n for n in names if not n.startswith(".") and os.path.isdir(os.path.join(STATE_DIR, n)))
+    return sorted(n for n in names if not n.startswith(".") and os.path.isdir(os.path.join(HOST.state_dir, n)))
 
 
 def _pid_alive(pid):
@@ -7753,7 +7768,7 @@ def cmd_gc(argv):
         log("info", "gc: removed orphan %s" % name)
     store = ImageStore.open()  # images stay; what dead imports and retired images left goes
     for entry in store.sweep() if store else ():
-        log("info", "gc: removed %s/%s (%s)" % (IMAGE_DIR, entry, "a replaced or removed image no job runs on "
+        log("info", "gc: removed %s/%s (%s)" % (HOST.image_dir, entry, "a replaced or removed image no job runs on "
                                                  "any more" if entry.startswith(".old-") else "an unfinished import"))
     return 0
 
@@ -7793,8 +7808,8 @@ class _Verifier:
 
     def __init__(self, extra, config=None):
         self.base = [sys.executable, os.path.abspath(__file__)]
-        if _config_used["explicit"]:
-            self.base += ["--config", _config_used["path"]]
+        if HOST.named:
+            self.base += ["--config", HOST.config]
         self.extra = list(extra)  # the caller's run options win: they come last
         self.tag = os.urandom(3).hex()
         # What the caller's options (and the config file's defaults, which
@@ -7960,7 +7975,7 @@ def verify_filesystem(v):
     marker = "jrun-verify-marker-" + os.urandom(6).hex()
     made = []
     try:
-        for d in ("/tmp", "/root", "/home", "/var/tmp", STATE_DIR):
+        for d in ("/tmp", "/root", "/home", "/var/tmp", HOST.state_dir):
             path = os.path.join(d, marker)
             try:
                 with open(path, "x") as f:
@@ -8085,8 +8100,8 @@ def judge_mounts(spec, out, host_mountinfo):
     for point, dev, opts, optional, fstype, line in mounts:
         if any(o.startswith(("shared:", "master:")) for o in optional):
             problems.append("%s propagates to/from the host" % point)
-        if (STATE_DIR in line or ROOTFS_DIR in line) and not any(_under(point, x.dest) for x in spec.volumes):
-            problems.append("the mount at %s names jrun's %s or %s" % (point, STATE_DIR, ROOTFS_DIR))
+        if (HOST.state_dir in line or HOST.rootfs_dir in line) and not any(_under(point, x.dest) for x in spec.volumes):
+            problems.append("the mount at %s names jrun's %s or %s" % (point, HOST.state_dir, HOST.rootfs_dir))
         if dev not in host_devs or point in nodes:
             continue
         want = next(((w, label) for top, w, label in promised if _under(point, top)), None)
@@ -8281,7 +8296,7 @@ def judge_net_isolation(spec, out, port, addrs):
 @_verify_check("Firewall")
 def verify_firewall(v):
     _need_network(v)
-    allow = network_config()["allow_link_local"]
+    allow = HOST.allow_link_local
     # While a networked job runs: jrun's own per-job check of the table,
     # where its chains hook in (read from the kernel), and the check and
     # restore seen at work on a copy of the table in a scratch namespace.
@@ -8746,18 +8761,11 @@ def cmd_rootfs(argv):
     if action in ("import", "ls", "rm"):
         return {"import": cmd_rootfs_import, "ls": cmd_rootfs_ls, "rm": cmd_rootfs_rm}[action](argv[1:])
     if argv == ["path"]:
-        sys.stdout.write(ROOTFS_DIR + "\n")
+        sys.stdout.write(HOST.rootfs_dir + "\n")
         return 0
     if action == "build" and set(argv[1:]) <= {"--force"}:
         return build_rootfs(force="--force" in argv)
     raise UsageError(ROOTFS_USAGE)
-
-
-def check_image_name(what, text):
-    check_name(what, text)
-    if text in ("minimal", "host"):
-        raise UsageError("%s: %r is a --rootfs of its own, never an image's name" % (what, text))
-    return text
 
 
 def _import_interrupted(signum, frame):
@@ -8806,10 +8814,10 @@ def image_records():
     out = []
     for name in image_names():
         try:
-            with open(os.path.join(IMAGE_DIR, name, "image.json"), encoding="utf-8") as f:
+            with open(os.path.join(HOST.image_dir, name, "image.json"), encoding="utf-8") as f:
                 out.append(json.load(f))
         except PermissionError:
-            raise UsageError("rootfs ls: cannot read %s: permission denied (run as root)" % IMAGE_DIR) from None
+            raise UsageError("rootfs ls: cannot read %s: permission denied (run as root)" % HOST.image_dir) from None
         except (OSError, ValueError):
             log("warning", "rootfs ls: image %s has no readable image.json (import it again)" % name)
     return out
@@ -8881,7 +8889,7 @@ def _is_static_elf(path):
 
 def rootfs_stamp():
     """Where build_rootfs notes what it built: beside the rootfs."""
-    return ROOTFS_DIR.rstrip("/") + ".stamp"
+    return HOST.rootfs_dir.rstrip("/") + ".stamp"
 
 
 def build_rootfs(force=False):
@@ -8891,15 +8899,15 @@ def build_rootfs(force=False):
 
     if os.geteuid() != 0:
         raise UsageError("rootfs build must run as root")
-    if os.path.isfile(os.path.join(ROOTFS_DIR, "bin/busybox")) and not force:
-        log("info", "rootfs already built at %s (use --force to rebuild)" % ROOTFS_DIR)
+    if os.path.isfile(os.path.join(HOST.rootfs_dir, "bin/busybox")) and not force:
+        log("info", "rootfs already built at %s (use --force to rebuild)" % HOST.rootfs_dir)
         return 0
     if not os.path.isfile(BUSYBOX) or not _is_static_elf(BUSYBOX):
         raise SetupError("%s is missing or not statically linked (apt-get install busybox-static)" % BUSYBOX)
     skel = _skel_dir()
-    parent = os.path.dirname(ROOTFS_DIR)
+    parent = os.path.dirname(HOST.rootfs_dir)
     os.makedirs(parent, mode=0o755, exist_ok=True)
-    tmp = "%s.new-%d" % (ROOTFS_DIR, os.getpid())
+    tmp = "%s.new-%d" % (HOST.rootfs_dir, os.getpid())
     stamp = rootfs_stamp()
     os.mkdir(tmp, 0o755)
     try:
@@ -8927,20 +8935,20 @@ def build_rootfs(force=False):
         with open(stamp + ".new", "w") as f:
             f.write("built by jrun %s from %s (%d applets) at %s\n"
                     % (__version__, BUSYBOX, len(applets), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
-        if os.path.exists(ROOTFS_DIR):
-            old = "%s.old-%d" % (ROOTFS_DIR, os.getpid())
-            os.rename(ROOTFS_DIR, old)
-            os.rename(tmp, ROOTFS_DIR)
+        if os.path.exists(HOST.rootfs_dir):
+            old = "%s.old-%d" % (HOST.rootfs_dir, os.getpid())
+            os.rename(HOST.rootfs_dir, old)
+            os.rename(tmp, HOST.rootfs_dir)
             shutil.rmtree(old)
         else:
-            os.rename(tmp, ROOTFS_DIR)
+            os.rename(tmp, HOST.rootfs_dir)
         os.rename(stamp + ".new", stamp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if os.path.exists(stamp + ".new"):
             os.unlink(stamp + ".new")
         raise
-    log("info", "rootfs built at %s (busybox, %d applets)" % (ROOTFS_DIR, len(applets)))
+    log("info", "rootfs built at %s (busybox, %d applets)" % (HOST.rootfs_dir, len(applets)))
     return 0
 
 
@@ -8978,7 +8986,8 @@ def _main(argv):
             else:
                 config_path, argv = argv[0].split("=", 1)[1], argv[1:]
             explicit = True
-        config = load_config(config_path, explicit)
+        global HOST
+        config, HOST = load_config(config_path, explicit)  # the one place HOST is set
         _early_log_settings(argv, config)
         if argv[:1] and argv[0] in SUBCOMMANDS:
             sub, rest = argv[0], argv[1:]

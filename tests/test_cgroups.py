@@ -208,7 +208,7 @@ def test_io_paths_follow_the_rootfs_mode_and_the_volumes():
     spec = J.parse_run(["--rootfs", "host", "-v", "/srv:/data", "true"])
     paths = J.io_paths(spec)
     assert "/usr" in paths and "/etc" in paths and "host" not in paths and paths[-1] == "/srv"
-    assert J.io_paths(J.parse_run(["true"])) == [J.ROOTFS_DIR]
+    assert J.io_paths(J.parse_run(["true"])) == [J.HOST.rootfs_dir]
     assert J.io_paths(J.parse_run(["--rootfs", "/opt/img", "true"])) == ["/opt/img"]
 
 

@@ -67,20 +67,20 @@ def test_cgroup_parent_default_and_given():
     assert J.cgroup_parent(_spec("--cgroup-parent", "/system.slice/slurm/")) == "system.slice/slurm"
 
 
-def test_validate_limits_refuses_an_escaping_parent():
+def test_cgroup_check_refuses_an_escaping_parent():
     with pytest.raises(J.UsageError, match="^--cgroup-parent: .* must not contain '..'"):
-        J.validate_limits(_spec("--cgroup-parent", "a/../../etc"))
+        J.Cgroup.check(_spec("--cgroup-parent", "a/../../etc"))
 
 
-def test_validate_limits_cpu_range():
+def test_cgroup_check_cpu_range():
     n = os.cpu_count()
     with pytest.raises(J.UsageError, match="^--cpu: '%d' is out of range \\(1 to %d" % (100 * n + 1, 100 * n)):
-        J.validate_limits(_spec("--cpu", str(100 * n + 1)))
+        J.Cgroup.check(_spec("--cpu", str(100 * n + 1)))
 
 
-def test_validate_limits_memory_floor():
+def test_cgroup_check_memory_floor():
     with pytest.raises(J.UsageError, match="^--memory: .* below the 4 MiB"):
-        J.validate_limits(_spec("--memory", "512K"))
+        J.Cgroup.check(_spec("--memory", "512K"))
 
 
 # The child's verification: it must refuse to run the job unless it is in

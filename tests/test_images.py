@@ -30,7 +30,7 @@ import pytest
 import jrun as J
 from conftest import JRUN, ROOT, jrun_in_pty, needs_root, state_dirs
 
-STORE = J.IMAGE_DIR
+STORE = J.HOST.image_dir
 MINIMAL = "/var/lib/jrun/rootfs"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"

@@ -74,12 +74,6 @@ def test_every_rule_carries_a_tag_of_the_whole_table():
     assert jrun.nft_tag(jrun.nft_chains(NETS)) == tag  # and nothing else does
 
 
-@pytest.fixture
-def host_settings(monkeypatch):
-    for name in jrun.CONFIG_HOST_KEYS.values():
-        monkeypatch.setattr(jrun, name, getattr(jrun, name))
-
-
 def _config(tmp_path, text):
     path = tmp_path / "jrun.toml"
     path.write_text(text)
@@ -87,16 +81,14 @@ def _config(tmp_path, text):
     return str(path)
 
 
-def test_allow_link_local_config_key(tmp_path, host_settings):
-    assert jrun.network_config()["allow_link_local"] is False
-    jrun.load_config(_config(tmp_path, "allow-link-local = true\n"))
-    assert jrun.network_config()["allow_link_local"] is True
-    jrun.load_config(_config(tmp_path, "allow-link-local = false\n"))
-    assert jrun.network_config()["allow_link_local"] is False
+def test_allow_link_local_config_key(tmp_path):
+    assert jrun.HOST.allow_link_local is False
+    assert jrun.load_config(_config(tmp_path, "allow-link-local = true\n"))[1].allow_link_local is True
+    assert jrun.load_config(_config(tmp_path, "allow-link-local = false\n"))[1].allow_link_local is False
 
 
 @pytest.mark.parametrize("value", ['"yes"', "1", '"true"'])
-def test_allow_link_local_must_be_true_or_false(tmp_path, host_settings, value):
+def test_allow_link_local_must_be_true_or_false(tmp_path, value):
     cfg = _config(tmp_path, "allow-link-local = %s\n" % value)
     with pytest.raises(jrun.UsageError, match=r"^%s: allow-link-local: .* should be true or false$" % cfg):
         jrun.load_config(cfg)

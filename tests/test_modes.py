@@ -106,7 +106,7 @@ def _expected_top(rootfs, custom):
     if rootfs == "host":
         return {n for n in J.HOST_SYSTEM_DIRS if os.path.lexists("/" + n)} | {
             d for d, _ in J.HOST_ROOT_OWN_DIRS if "/" not in d} | made
-    return set(os.listdir(J.ROOTFS_DIR if rootfs == "minimal" else custom)) | made
+    return set(os.listdir(J.HOST.rootfs_dir if rootfs == "minimal" else custom)) | made
 
 
 def _host_view(name):

@@ -44,13 +44,13 @@ def test_default_net_is_bridge():
 
 
 @pytest.mark.parametrize("text,value", [("172.31.254.0/24", (0xAC1FFE00, 24)), ("10.0.0.0/8", (0x0A000000, 8)),
-                                        ("192.168.4.8/29", (0xC0A80408, 29))])
+                                        ("192.168.4.16/28", (0xC0A80410, 28))])
 def test_parse_subnet(text, value):
     assert jrun.parse_subnet("subnet", text) == value
 
 
 @pytest.mark.parametrize("text,why", [("172.31.254.1/24", "host bits set .*172.31.254.0/24"),
-                                      ("172.31.254.0", "not an IPv4 subnet"), ("172.31.254.0/30", "prefix length"),
+                                      ("172.31.254.0", "not an IPv4 subnet"), ("172.31.254.0/29", "prefix length"),
                                       ("172.31.254.0/7", "prefix length"), ("300.1.1.0/24", "not an IPv4 subnet"),
                                       ("fd00::/64", "not an IPv4 subnet"), ("a.b.c.d/24", "not an IPv4 subnet")])
 def test_parse_subnet_refuses(text, why):
@@ -90,16 +90,16 @@ def test_named_subnet_is_deterministic_and_skips_used_ones():
 
 def test_allocation_reserves_network_gateway_broadcast_and_rotates(tmp_path, monkeypatch):
     monkeypatch.setattr(jrun.JobState, "is_live", lambda self: self.id.startswith("live"))
-    f = jrun.NetFile("jrun0", "bridge", jrun.parse_subnet("s", "10.9.0.0/29"))
-    got = [f.allocate("live%d" % i) for i in range(5)]
-    assert [jrun.format_ip(ip) for ip in got] == ["10.9.0.%d" % i for i in range(2, 7)]
+    f = jrun.NetFile("jrun0", "bridge", jrun.parse_subnet("s", "10.9.0.0/28"))
+    got = [f.allocate("live%d" % i) for i in range(13)]
+    assert [jrun.format_ip(ip) for ip in got] == ["10.9.0.%d" % i for i in range(2, 15)]
     with pytest.raises(jrun.SetupError, match="no free address"):
         f.allocate("live9")
     del f.leases[jrun.parse_ip("10.9.0.3")]
     assert jrun.format_ip(f.allocate("live10")) == "10.9.0.3"
     f.leases[jrun.parse_ip("10.9.0.4")] = "dead1"
     f.prune()
-    assert jrun.parse_ip("10.9.0.4") not in f.leases and len(f.leases) == 4
+    assert jrun.parse_ip("10.9.0.4") not in f.leases and len(f.leases) == 12
     monkeypatch.setattr(jrun, "NET_DIR", str(tmp_path))
     f.path = str(tmp_path / "jrun0")
     with jrun._NetLock():  # a lease file is written only under the lock, into its directory fd
@@ -110,7 +110,7 @@ def test_allocation_reserves_network_gateway_broadcast_and_rotates(tmp_path, mon
 
 def test_an_idle_network_records_when_its_last_job_left_and_expires_after_network_idle(tmp_path, monkeypatch):
     monkeypatch.setattr(jrun, "NET_DIR", str(tmp_path))
-    f = jrun.NetFile("jrun0", "bridge", jrun.parse_subnet("s", "10.9.0.0/29"))
+    f = jrun.NetFile("jrun0", "bridge", jrun.parse_subnet("s", "10.9.0.0/28"))
     f.allocate("live1")
     f.idle = 1000.0  # dropped by save(): a network with a lease is not idle
     with jrun._NetLock():
@@ -121,7 +121,7 @@ def test_an_idle_network_records_when_its_last_job_left_and_expires_after_networ
         f.save()
     g = jrun.NetFile.load("jrun0")
     assert g.idle == 1000.0 and "idle 1000.000\n" in (tmp_path / "jrun0").read_text()
-    monkeypatch.setattr(jrun, "NETWORK_IDLE", 300.0)
+    monkeypatch.setattr(jrun, "HOST", jrun.HOST.replace(network_idle=300.0))
     assert not g.expired(1299.0) and g.expired(1300.0)
     g.allocate("live2")  # a job joins: idle no more
     assert g.idle is None and not g.expired(10 ** 10)
@@ -130,18 +130,15 @@ def test_an_idle_network_records_when_its_last_job_left_and_expires_after_networ
 @pytest.mark.parametrize("value, seconds", [('"5m"', 300.0), ("90", 90.0), ('"0"', 0.0), ("0", 0.0),
                                             ('"500ms"', 0.5)])
 def test_network_idle_config_key(tmp_path, monkeypatch, value, seconds):
-    monkeypatch.setattr(jrun, "NETWORK_IDLE", jrun.NETWORK_IDLE)
     path = tmp_path / "jrun.toml"
     path.write_text("network-idle = %s\n" % value)
     os.chmod(path, 0o644)
-    jrun.load_config(str(path))
-    assert jrun.NETWORK_IDLE == seconds
+    assert jrun.load_config(str(path))[1].network_idle == seconds
 
 
 @pytest.mark.parametrize("value, why", [('"soon"', "is not a duration"), ("-5", "must be a positive duration"),
                                         ("true", "should be a number or a string"), ('"5x"', "is not a duration")])
 def test_network_idle_config_key_refuses(tmp_path, monkeypatch, value, why):
-    monkeypatch.setattr(jrun, "NETWORK_IDLE", jrun.NETWORK_IDLE)
     path = tmp_path / "jrun.toml"
     path.write_text("network-idle = %s\n" % value)
     os.chmod(path, 0o644)

@@ -288,7 +288,7 @@ def test_gc_prints_nothing_when_there_is_nothing_to_do(tmp_path):
 def test_gc_calls_the_orphans_hook(monkeypatch, tmp_path):
     import jrun as J
 
-    monkeypatch.setattr(J, "STATE_DIR", str(tmp_path))
+    monkeypatch.setattr(J, "HOST", J.HOST.replace(state_dir=str(tmp_path)))
     os.mkdir(tmp_path / "alive")
     torn = []
 
@@ -556,7 +556,9 @@ def test_config_defaults_and_command_line_wins(tmp_path):
     ('log-level = "loud"\n', "log-level: 'loud' is not one of"),
     ('state-dir = "relative"\n', "state-dir: 'relative' must be an absolute path"),
     ('subnet = "10.1.2.0/33"\n', "subnet:"),
-    ('net-pool = "10.1.2.0/28"\n', "net-pool: '10.1.2.0/28' must be an IPv4 network of at most /24"),
+    ('net-pool = "10.1.2.0/28"\n', "net-pool: '10.1.2.0/28': the prefix length must be from /8 to /24"),
+    ('subnet = "10.1.2.0/29"\n', "subnet: '10.1.2.0/29': the prefix length must be from /8 to /28"),
+    ('subnet = "10.1.2.1/24"\n', "subnet: '10.1.2.1/24' has host bits set (did you mean 10.1.2.0/24?)"),
 ])
 def test_invalid_config_values(tmp_path, text, msg):
     cfg = _config(tmp_path, text)
@@ -582,22 +584,23 @@ def test_config_must_be_roots_and_not_writable_by_others(tmp_path):
     assert p.returncode == 125 and "no such file" in p.stderr
 
 
-def test_config_unit_parsing(tmp_path, monkeypatch):
+def test_config_unit_parsing(tmp_path):
     import jrun as J
 
-    for k in J.CONFIG_HOST_KEYS.values():
-        monkeypatch.setattr(J, k, getattr(J, k, None), raising=False)
-    monkeypatch.setattr(J, "_config_used", dict(J._config_used))  # verify's jobs read it later
+    before = J.HOST
     cfg = _config(tmp_path, 'timeout = 30\nmemory = 512\ninit = true\nread-only = false\n'
                             'state-dir = "/tmp/x"\naudit-log = ""\nsubnet = "10.99.0.0/24"\n'
                             'net-pool = "10.98.0.0/16"\n')
-    d = J.load_config(str(cfg))
+    d, host = J.load_config(str(cfg))
     assert d == {"timeout": "30", "memory": "512", "init": True}
-    assert (J.STATE_DIR, J.AUDIT_LOG) == ("/tmp/x", "")
-    assert (J.DEFAULT_SUBNET, J.DEFAULT_NET_POOL) == ("10.99.0.0/24", "10.98.0.0/16")
+    assert (host.state_dir, host.audit_log, host.config, host.named) == ("/tmp/x", "", str(cfg), False)
+    assert (host.subnet, host.net_pool) == ((0x0A630000, 24), (0x0A620000, 16))
+    assert (host.rootfs_dir, host.network_idle) == (J.DEFAULT_ROOTFS_DIR, J.DEFAULT_NETWORK_IDLE)
+    assert J.HOST is before  # a record: nothing changed behind the caller's back
     s = J.parse_run(["--timeout", "5", "true"], {"timeout": "30", "init": True, "net": "none"})
     assert s.timeout == 5 and s.init is True and s.net == "none"
-    assert J.load_config(str(tmp_path / "absent.toml")) == {}
+    d, host = J.load_config(str(tmp_path / "absent.toml"))
+    assert d == {} and repr(host) == repr(J.DEFAULT_HOST.replace(config=str(tmp_path / "absent.toml")))
     with pytest.raises(J.UsageError):
         J.load_config(str(tmp_path / "absent.toml"), explicit=True)
 

@@ -130,7 +130,7 @@ def leftovers(names):
         except OSError:
             pass
     for n in sorted(names):
-        state = os.path.join(J.STATE_DIR, n)
+        state = os.path.join(J.HOST.state_dir, n)
         if os.path.exists(state):
             left.append(state)
         left += [d for d in glob.glob(os.path.join(J.CGROUP_ROOT, "**", n), recursive=True) if os.path.isdir(d)]
@@ -156,7 +156,7 @@ def slurm_job_cgroups(lane, job_id):
 
 def wait_running(lane, job_id, state_name, timeout=30):
     """Wait until the job's jrun has exec'd COMMAND; return its job.json."""
-    path = os.path.join(J.STATE_DIR, state_name, "job.json")
+    path = os.path.join(J.HOST.state_dir, state_name, "job.json")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -272,7 +272,7 @@ def test_srun_two_nodes_four_networked_ranks_share_this_hosts_bridge(lane, tmp_p
             time.sleep(0.05)
         bridges = {}
         for n in names:
-            veth = J.veth_name(os.path.join(J.STATE_DIR, n))
+            veth = J.veth_name(os.path.join(J.HOST.state_dir, n))
             bridges[n] = os.path.basename(os.readlink("/sys/class/net/%s/master" % veth))
     finally:
         (ranks / "go").touch()
@@ -554,7 +554,7 @@ def test_jobs_under_slurm_get_slurm_derived_names(lane, tmp_path):
         table = jrun("ps", check=0).stdout
         assert all(w in table for w in want)
         for j in mine:
-            rec = json.loads(read(os.path.join(J.STATE_DIR, j["id"], "job.json")))
+            rec = json.loads(read(os.path.join(J.HOST.state_dir, j["id"], "job.json")))
             assert str(rec["slurm"]["job_id"]) in {arr, ranks} or rec["slurm"].get("array_job_id") == arr
     finally:
         (x / "go").touch()

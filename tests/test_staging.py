@@ -232,11 +232,11 @@ def test_upload_progress_on_a_terminal_and_summary_otherwise(tmp_path):
         (src / ("f%04d" % i)).write_bytes(b"x" * 100)
     p = sh("ls /work/tree | wc -l", "--upload", src, check=0)
     assert p.stdout.strip() == "1204"
-    assert "uploaded 1,204 files (120.4 kB)" in p.stderr
+    assert "uploaded 1,204 files (117.6 KiB)" in p.stderr
     assert sh("true", "--upload", src, "-q", check=0).stderr == ""
     out, status = jrun_in_pty("--net", "none", "--upload", src, "--", "/bin/true", timeout=30)
     assert status == 0
-    assert b"Uploading 1,204 files (120.4 kB)..." in out and b"done" in out, out
+    assert b"Uploading 1,204 files (117.6 KiB)..." in out and b"done" in out, out
 
 
 def test_sigterm_stops_a_long_upload(tmp_path):

@@ -158,12 +158,6 @@ def test_env_file_with_nul_is_refused(tmp_path):
         spec("--env-file", str(f))
 
 
-@pytest.mark.parametrize("n,text", [(0, "0 B"), (999, "999 B"), (1000, "1.0 kB"), (312_500_000, "312.5 MB"),
-                                    (5 * 10**12, "5000.0 GB")])
-def test_human_bytes(n, text):
-    assert jrun.human_bytes(n) == text
-
-
 def test_workdir_bytes():
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     assert jrun.workdir_bytes(spec()) == ram // 4
