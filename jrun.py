@@ -5128,7 +5128,9 @@ class Network(Resource):
         leases are read: a lease is written before its veth is made and
         released after it is deleted.  (known_ids is not needed: a lease
         names its job's state directory, wherever that is.)"""
-        veths = [n for n in _net_devices() if _is_job_veth(n)]
+        devices = _net_devices()
+        veths = [n for n in devices if _is_job_veth(n)]
+        bridges = [n for n in devices if _is_jrun_bridge(n)]
         nets = NetFile.all()
         live = {veth_name(o) for f in nets for o in f.leases.values() if _lease_live(o)}
         for name in veths:
@@ -5141,15 +5143,29 @@ class Network(Resource):
             elif f.expired(now):
                 yield NetworkLeftover("network %s: idle for %d s" % (f.name, now - (f.idle or now)), _gc_network,
                                       f.bridge)
+        # A bridge is made after its network's file and removed before it
+        # (under the lock): one without a file lost it to a crash or a hand.
+        known = {f.bridge for f in nets}
+        for name in bridges:
+            if name not in known:
+                yield NetworkLeftover("bridge %s: no network file" % name, _gc_bridge, name)
         # Looked at after the networks above went (a generator: each was
         # torn down before this line runs); _gc_nft looks again under the lock.
-        damage = _nft_damage(_nft_networks(), HOST.allow_link_local)
+        nets = _nft_networks()
+        damage = _nft_damage(nets, HOST.allow_link_local)
         if damage:  # a firewall reload removed all or part of it
             yield NetworkLeftover("nft table %s, %s: restored" % (NFT_TABLE, damage), _gc_nft, None)
+        elif not nets and _nft_hooks():
+            yield NetworkLeftover("nft table %s: no network left" % NFT_TABLE, _gc_nft, None)
 
 
 def _is_job_veth(name):
     return len(name) == 12 and name[:2] == "jr" and all(c in "0123456789abcdef" for c in name[2:])
+
+
+def _is_jrun_bridge(name):
+    return name == DEFAULT_BRIDGE or (len(name) == 15 and name.startswith("jrun-")
+                                      and all(c in "0123456789abcdef" for c in name[5:]))
 
 
 def _net_devices():
@@ -5180,9 +5196,18 @@ def _gc_veth(name):
             _delete_link(_host_netlink(), name)
 
 
+def _gc_bridge(name):
+    with _NetLock():  # checked again under the lock: its network may have been made since
+        if NetFile.load(name) is None:
+            _delete_link(_host_netlink(), name)
+
+
 def _gc_nft(_):
     with _NetLock():
-        _restore_nft(quiet=True)
+        if _nft_networks():
+            _restore_nft(quiet=True)
+        else:
+            _sync_nft()  # no network: no table
 
 
 def _gc_network(bridge):

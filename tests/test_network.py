@@ -507,6 +507,35 @@ def test_the_last_job_leaves_its_network_idle_for_the_next_and_gc_removes_it_aft
 
 
 @root
+def test_gc_removes_a_jrun_bridge_that_lost_its_network_file_and_never_another_bridge():
+    orphan = "jrun-" + uuid.uuid4().hex[:10]  # a named network's bridge whose file is gone
+    foreign = "jrunx" + uuid.uuid4().hex[:6]  # not a name jrun gives
+    for name in (orphan, foreign):
+        subprocess.run(["ip", "link", "add", name, "type", "bridge"], check=True)
+    try:
+        p = run_jrun("gc", check=0)
+        assert "gc: removed orphan bridge %s: no network file" % orphan in p.stderr, p.stderr
+        assert orphan not in links() and foreign in links() and foreign not in p.stderr
+    finally:
+        for name in (orphan, foreign):
+            subprocess.run(["ip", "link", "del", name], capture_output=True)
+
+
+@root
+def test_gc_removes_the_table_when_no_network_is_left(tmp_path):
+    run_jrun("--config", _idle_config(tmp_path, "1ms"), "gc", check=0)  # idle networks of earlier tests go
+    assert not [n for n in os.listdir(jrun.NET_DIR) if not n.startswith(".")] and not nft_table_exists()
+    subprocess.run(["nft", "-f", "-"], input="table inet jrun {\n chain input {\n"
+                   "  type filter hook input priority 0; policy accept;\n }\n}\n", text=True, check=True)
+    try:
+        p = run_jrun("gc", check=0)
+        assert "gc: removed orphan nft table inet jrun: no network left" in p.stderr, p.stderr
+        assert not nft_table_exists()
+    finally:
+        subprocess.run(["nft", "delete", "table", "inet", "jrun"], capture_output=True)
+
+
+@root
 def test_network_idle_0_removes_a_network_with_its_last_job(tmp_path):
     net = "t-" + uuid.uuid4().hex[:8]
     bridge = jrun.bridge_name(net)
