@@ -5169,8 +5169,13 @@ def _is_jrun_bridge(name):
 
 
 def _net_devices():
+    """The network devices of jrun's network namespace.  (Not /sys/class/net:
+    a sysfs shows the namespace of whoever mounted it, and jrun may run in
+    another, as in the tests' stand-in hosts.)"""
+    import socket
+
     try:
-        return os.listdir("/sys/class/net")
+        return [name for _, name in socket.if_nameindex()]
     except OSError:
         return []
 

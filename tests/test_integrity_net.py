@@ -333,7 +333,8 @@ def test_a_job_is_refused_when_the_table_cannot_be_restored(standin, prober, tmp
     fake.write_text(FAILING_NFT)
     os.chmod(fake, 0o755)
     name = "fwfail-" + uuid.uuid4().hex[:6]
-    veths = standin.sh("ls /sys/class/net").stdout.split()
+    links = "ip -o link | cut -d' ' -f2"  # the stand-in's own (its /sys is the host's sysfs)
+    veths = standin.sh(links).stdout.split()
     standin.sh("nft delete table inet jrun")
     standin.sh("mount --bind %s /usr/sbin/nft" % fake)  # in the stand-in's mount namespace only
     try:
@@ -345,7 +346,7 @@ def test_a_job_is_refused_when_the_table_cannot_be_restored(standin, prober, tmp
                         "(nft: nft: simulated failure); no networked job starts without it\n")
     # Nothing of the refused job is left: no state, no veth, no lease.
     assert name not in standin.sh("ls -a /run/jrun").stdout
-    assert standin.sh("ls /sys/class/net").stdout.split() == veths
+    assert standin.sh(links).stdout.split() == veths
     assert "/run/jrun/%s" % name not in standin.sh("cat /run/jrun/.net/jrun0").stdout
     # The next job puts it back.
     got, err = probe_job(standin, HOST_SVC_GW)
