@@ -1730,1155 +1730,462 @@ def survey_uploads(spec):
 
 
 # ---------------------------------------------------------------------------
-# Images: named root filesystems, imported once (jrun rootfs import) from a
-# docker-archive, an OCI image layout or oci-archive, or a plain rootfs
-# tarball, and run on with --rootfs NAME exactly as on --rootfs PATH: the
-# stored tree is the lower layer of the job's overlay and is never modified.
-#
-# The store, HOST.image_dir (root's; the config key image-dir):
-#   NAME/rootfs/     the tree; mode 0700, so that no host user reaches its
-#                    files (setuid binaries, secrets baked into the image)
-#   NAME/image.json  its record: origin, digest, platform, size, config
-#   NAME/defaults    what a job on NAME gets by default (see read_defaults)
-#   .lock-NAME       flock: serialises the imports and removals of NAME
-#                    (removed by its holder when done, see ImageStore.lock)
-#   .new-NAME.XXXX   an import under way; renamed to NAME once complete
-#   .old-NAME.XXXX   a replaced or removed image, kept while a job runs on it
-# A job holds a shared flock on NAME/ for its whole life.  Replacing or
-# removing NAME renames the old tree to .old-*, which goes as soon as no job
-# holds it: then, or at a later import, rm or gc.  Names starting with '.'
-# are no image's (check_name refuses them).
+# The parent: set up, release the child, supervise, tear down.
 # ---------------------------------------------------------------------------
 
 
-def image_names():
-    """The images in the store (listable by anyone: shell completion)."""
+# The audit log: one JSON line per job start and end, appended by the jrun
+# of that job (root, host namespaces).  Many jruns append to one file at
+# once: each line is one write() to an O_APPEND file under an exclusive
+# flock, so lines never interleave, even where O_APPEND alone would not
+# promise it (long lines, NFS).
+
+
+def invoking_user():
+    """(uid, name) of the user behind sudo, else of the caller."""
+    uid = os.environ.get("SUDO_UID")
+    name = os.environ.get("SUDO_USER")
+    if uid is None or not uid.isdigit():
+        uid, name = os.getuid(), None
+    if name is None:
+        import pwd
+
+        try:
+            name = pwd.getpwuid(int(uid)).pw_name
+        except KeyError:
+            name = str(uid)
+    return int(uid), name
+
+
+def limits_record(spec):
+    rec = {k: getattr(spec.limits, k) for k in spec.limits.__slots__ if getattr(spec.limits, k) is not None}
+    if spec.timeout:
+        rec["timeout_s"] = spec.timeout
+    return rec
+
+
+def _iso(t):
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % (t % 1 * 1000)
+
+
+def slurm_field(spec):
+    """{"slurm": the Slurm task} for the job's records, under Slurm only."""
+    return {"slurm": spec.slurm} if spec.slurm else {}
+
+
+def start_record(spec):
+    uid, user = invoking_user()
+    return {"time": _iso(time.time()), "event": "start", "job": spec.id, "uid": uid, "user": user,
+            "command": list(spec.command), "limits": limits_record(spec), "net": spec.net,
+            "rootfs": spec.rootfs, "jrun_pid": os.getpid(), **slurm_field(spec)}
+
+
+def end_record(spec, out, duration):
+    uid, user = invoking_user()
+    rec = {"time": _iso(time.time()), "event": "end", "job": spec.id, "uid": uid, "user": user,
+           "command": list(spec.command), "limits": limits_record(spec), "net": spec.net,
+           "exit_code": out.exit_code, "signal": out.signal, "timed_out": out.timed_out,
+           "oom_killed": bool(getattr(out, "oom_killed", False)), "duration_s": round(duration, 3),
+           **slurm_field(spec)}
+    for extra in ("cpu_s", "memory_peak_bytes", "io_read_bytes", "io_write_bytes"):
+        if getattr(out, extra, None) is not None:
+            rec[extra] = getattr(out, extra)
+    if out.error:
+        rec["error"] = out.error
+    return rec
+
+
+def append_audit_log(record, path=None):
+    """Append one line; a log that cannot be written is a warning, not a
+    reason to fail the job (the job's own status must stay its own)."""
+    path = HOST.audit_log if path is None else path
+    if not path:
+        return
+    line = (dumps_json(record) + "\n").encode("utf-8", "replace")
+    # Only in a directory of root's that no one else may write, by name in
+    # its fd, never through a symlink (or into a FIFO or device: O_NONBLOCK,
+    # and a regular file is required).
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        names = os.listdir(HOST.image_dir)
-    except OSError:
-        return []
-    return sorted(n for n in names if not n.startswith("."))
-
-
-def open_image(name):
-    """An fd of image NAME's directory, with a shared flock held until jrun
-    exits (the fd is never closed): its tree cannot be removed under the job.
-    The lock is taken on what the path named; if the name was moved to a new
-    tree meanwhile (an import --force), the new one is taken instead."""
-    path = os.path.join(HOST.image_dir, name)
-    for _ in range(5):
+        dfd = open_private_dir(os.path.dirname(path), "audit log directory", 0o750)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except (FileNotFoundError, NotADirectoryError):
-            hint = " (a directory needs a '/': ./%s)" % name if os.path.isdir(name) else ""
-            raise UsageError("--rootfs: no image %r (see jrun rootfs ls)%s" % (name, hint)) from None
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        st = os.fstat(fd)
-        try:
-            now = os.stat(path)
-            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
-                return fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    raise SetupError("--rootfs: image %r is being replaced over and over; try again" % name)
-
-
-# The defaults file: the image config's Env, WorkingDir, User, Entrypoint
-# and Cmd.  The run path reads this rather than image.json: the json module
-# costs 18 ms to import here.
-# Data format: NUL-terminated KEY=VALUE fields, KEY one of DEFAULTS_KEYS;
-# env, entrypoint and cmd repeat, one variable or argument each, in order.
-DEFAULTS_KEYS = ("env", "workdir", "user", "entrypoint", "cmd")
-
-
-def encode_defaults(config):
-    """An image config (as image_config() keeps it) -> the defaults file."""
-    fields = ["env=" + e for e in config.get("Env") or ()]
-    fields += ["workdir=" + config["WorkingDir"]] if config.get("WorkingDir") else []
-    fields += ["user=" + config["User"]] if config.get("User") else []
-    fields += ["entrypoint=" + a for a in config.get("Entrypoint") or ()]
-    fields += ["cmd=" + a for a in config.get("Cmd") or ()]
-    return "".join(f + "\0" for f in fields).encode("utf-8", "replace")
-
-
-def read_defaults(dfd):
-    """The defaults file of the image open as DFD -> {key: [values]}."""
-    fd = os.open("defaults", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-    with open(fd, "rb") as f:
-        data = f.read(1 << 20)
-    out = {k: [] for k in DEFAULTS_KEYS}
-    for field in data.split(b"\0")[:-1]:
-        key, _, value = field.decode("utf-8", "replace").partition("=")
-        if key in out:
-            out[key].append(value)
-    return out
-
-
-def with_image(spec):
-    """--rootfs NAME -> the same JobSpec as --rootfs PATH of the stored tree,
-    with the image's config as defaults (the parent, before validate())."""
-    if spec.image is None:
-        return spec
-    fd = open_image(spec.image)
-    try:
-        defaults = read_defaults(fd)
-    except OSError as e:
-        raise SetupError("--rootfs: image %r is damaged (%s); import it again" % (spec.image, e.strerror)) from None
-    return image_job_spec(spec, os.path.join(HOST.image_dir, spec.image, "rootfs"), defaults)
-
-
-def image_job_spec(spec, rootfs, defaults):
-    """What the image gives, under what the command line says, as docker
-    does: its Env below -e and --env-file, its WorkingDir unless -w (or the
-    config file's workdir), its User unless -u; COMMAND replaces Cmd and the
-    Entrypoint stays; no COMMAND runs Entrypoint + Cmd."""
-    env = dict(e.partition("=")[::2] for e in defaults["env"] if "=" in e)
-    env.update(spec.env)
-    user = spec.user
-    if user is None and defaults["user"]:
-        try:
-            user = parse_user(defaults["user"][-1])
-        except UsageError:
-            raise UsageError("--rootfs %s: the image's User %r is not UID[:GID]; give -u/--user"
-                             % (spec.image, defaults["user"][-1])) from None
-        if spec.cap_add and user[0] not in ("0", "root"):
-            raise UsageError("--cap-add: image %s runs as its User %r, with no capabilities at all; add -u 0 "
-                             "to run it as root inside" % (spec.image, defaults["user"][-1]))
-    workdir = spec.workdir
-    if workdir is None:
-        wd = defaults["workdir"][-1] if defaults["workdir"] else DEFAULT_WORKDIR
-        workdir = os.path.normpath("/" + wd.lstrip("/")) if wd and "\0" not in wd else DEFAULT_WORKDIR
-    command = tuple(defaults["entrypoint"]) + (spec.command or tuple(defaults["cmd"]))
-    if not command:
-        raise UsageError("no COMMAND given, and image %s has no Entrypoint or Cmd (usage: jrun --rootfs %s "
-                         "[OPTIONS] [--] COMMAND [ARG...])" % (spec.image, spec.image))
-    return spec.replace(rootfs=rootfs, env=tuple(env.items()), user=user, workdir=workdir, command=command)
-
-
-# Importing.  Every archive is hostile input, read as root:
-# - no entry is ever created through a host path: each is made relative to
-#   the fd of its parent directory, which the kernel resolves inside the
-#   image's tree (openat2 RESOLVE_IN_ROOT): an absolute name, or a parent that
-#   an earlier entry made a symlink (a -> /etc, then a/passwd), lands inside
-#   the tree, as docker has it; a '..' component is refused outright;
-# - the entry itself is created with O_EXCL|O_NOFOLLOW after what was there
-#   is removed (never followed); a hard link is made only to an entry of the
-#   tree, resolved the same way, never through its final symlink;
-# - device nodes are skipped (the job's /dev is its own and its root is
-#   nodev); fifos are kept; setuid and setgid bits are kept as docker keeps
-#   them: the tree is root's alone (0700) on the host, and a job gains
-#   nothing from them (nosuid mount, no_new_privs); extended attributes are
-#   dropped, file capabilities among them (no_new_privs ignores them too),
-#   and with them any trusted.overlay.* attribute that could steer the
-#   job's overlay; owners are the header's numbers, never looked up by name;
-# - sizes and entry counts are bounded (--max-size, --max-files), and so are
-#   tar headers that tarfile would read whole into memory;
-# - every blob is checked against its descriptor's digest and size, every
-#   layer against its diff_id; a failure anywhere removes the whole import.
-
-IMAGE_MAX_SIZE = "32G"  # bytes of files, over all layers (a CUDA image is ~20 GB)
-IMAGE_MAX_FILES = 1000000  # entries, over all layers (big images have ~300,000)
-_JSON_MAX = 4 << 20  # an index, manifest or config: a few KiB in practice
-_TAR_HEADER_MAX = 1 << 20  # a long name or pax header
-_INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
-                "application/vnd.docker.distribution.manifest.list.v2+json")
-_CONFIG_TYPES = ("application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json")
-_REF_ANNOTATIONS = ("io.containerd.image.name", "org.opencontainers.image.ref.name")
-_ARCH_ALIASES = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64"}
-RENAME_EXCHANGE = 2  # <linux/fs.h>
-
-
-class ImageSpec(_Frozen):
-    """What an archive holds for one platform: where its layers are and
-    what they must hash to, and the config a job gets."""
-
-    __slots__ = ("format", "ref", "digest", "platform", "created", "config", "layers")
-
-
-class Layer(_Frozen):
-    # name: the blob's path in the source; digest and size: its descriptor's
-    # (None in a docker-archive); diff_id: the digest of the uncompressed tar.
-    __slots__ = ("name", "digest", "size", "diff_id")
-
-
-def parse_platform(text):
-    """'linux/amd64', 'linux/arm64/v8' -> (os, arch, variant or None); None
-    -> this host's, as docker picks it."""
-    if text is None:
-        m = os.uname().machine
-        return ("linux", _ARCH_ALIASES.get(m, m), None)
-    parts = text.split("/")
-    if len(parts) not in (2, 3) or not all(parts):
-        raise UsageError("--platform: %r is not OS/ARCH[/VARIANT] (e.g. linux/amd64, linux/arm64/v8)" % text)
-    return (parts[0], _ARCH_ALIASES.get(parts[1], parts[1]), parts[2] if len(parts) == 3 else None)
-
-
-def platform_text(p):
-    return "/".join(x for x in p if x)
-
-
-def config_platform(obj):
-    """An OCI platform object or image config -> (os, arch, variant)."""
-    arch = obj.get("architecture")
-    arch = _ARCH_ALIASES.get(arch, arch) if isinstance(arch, str) else "?"
-    variant = obj.get("variant") if isinstance(obj.get("variant"), str) else None
-    if arch == "arm64" and variant == "v8":
-        variant = None  # the only arm64 there is
-    return (obj.get("os") if isinstance(obj.get("os"), str) else "?", arch, variant)
-
-
-def platform_matches(have, want):
-    return have[:2] == want[:2] and (want[2] is None or want[2] == (have[2] or ("v8" if have[1] == "arm64" else None)))
-
-
-def entry_path(name):
-    """A tar member's name -> its path relative to the image's root ('' for
-    the root itself), as docker reads it: leading '/' and '.' components go;
-    '..' is refused (its meaning would hang on symlinks of the tree)."""
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise UsageError("%r leaves the image (a '..' component)" % name)
-    return "/".join(parts)
-
-
-def whiteout_target(base):
-    """The name a whiteout entry hides: '.wh.NAME' -> NAME; the opaque marker
-    '.wh..wh..opq' -> ''; None for an ordinary entry or other '.wh..wh.'
-    metadata of aufs (hard link directories), which is no part of the tree."""
-    if not base.startswith(".wh."):
-        return None
-    if base == ".wh..wh..opq":
-        return ""
-    if base.startswith(".wh..wh."):
-        return None
-    name = base[4:]
-    if name in ("", ".", ".."):
-        raise UsageError("whiteout %r names no entry" % base)
-    return name
-
-
-def _prefixes(rel):
-    """'a/b/c' -> 'a', 'a/b', 'a/b/c'."""
-    parts = rel.split("/")
-    return ("/".join(parts[:i]) for i in range(1, len(parts) + 1))
-
-
-def _blob_name(desc, what):
-    """An OCI descriptor -> its blob's path in the layout, checking the
-    digest's form first (it becomes a path: 'sha256:../../x' must not)."""
-    if not isinstance(desc, dict) or not isinstance(desc.get("digest"), str) or not isinstance(
-            desc.get("size"), int) or desc["size"] < 0:
-        raise UsageError("%s: not a descriptor with a digest and a size" % what)
-    algo, _, hexdigest = desc["digest"].partition(":")
-    if {"sha256": 64, "sha512": 128}.get(algo) != len(hexdigest) or not set(hexdigest) <= set("0123456789abcdef"):
-        raise UsageError("%s: %r is not a sha256 or sha512 digest" % (what, desc["digest"]))
-    return "blobs/%s/%s" % (algo, hexdigest)
-
-
-class Digested:
-    """A stream read once, front to back, through sha256 (or sha512) and a
-    byte count; TICK(n) sees every read (progress, bounds)."""
-
-    def __init__(self, f, algo="sha256", tick=None):
-        import hashlib
-
-        self.f, self.algo, self.h, self.n, self.tick = f, algo, hashlib.new(algo), 0, tick
-
-    def read(self, size=-1):
-        data = self.f.read(size)
-        self.n += len(data)
-        self.h.update(data)
-        if self.tick:
-            self.tick(len(data))
-        return data
-
-    def drain(self):
-        while self.read(1 << 20):
-            pass
-
-    def check(self, digest, size, what):
-        got = "%s:%s" % (self.algo, self.h.hexdigest())
-        if digest is not None and got != digest:
-            raise UsageError("%s: digest %s, not %s as the image says" % (what, got, digest))
-        if size is not None and self.n != size:
-            raise UsageError("%s: %d bytes, not %d as the image says" % (what, self.n, size))
-
-
-_MAGIC = ((b"\x1f\x8b\x08", "gzip"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"BZh", "bzip2"))
-
-
-def compression(head):
-    return next((kind for magic, kind in _MAGIC if head.startswith(magic)), None)
-
-
-def decompressed(f, kind):
-    """F read through the decompressor KIND names (None: as it is)."""
-    if kind == "gzip":
-        import gzip
-
-        return gzip.GzipFile(fileobj=f, mode="rb")
-    if kind == "xz":
-        import lzma
-
-        return lzma.LZMAFile(f)
-    if kind == "bzip2":
-        import bz2
-
-        return bz2.BZ2File(f)
-    if kind == "zstd":
-        # The standard library has zstd from Python 3.14 on; before, the
-        # zstandard package (optional: only zstd archives need it).
-        try:
-            from compression import zstd
-
-            return zstd.ZstdFile(f)
-        except ImportError:
-            pass
-        try:
-            import zstandard
-        except ImportError:
-            raise SetupError("zstd-compressed data needs the Python package zstandard in jrun's environment "
-                             "(e.g. /opt/jrun/bin/pip install zstandard), or Python 3.14") from None
-        return zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
-    return f
-
-
-def _file_size(f):
-    size = f.seek(0, 2)
-    f.seek(0)
-    return size
-
-
-def tar_open(f, stream):
-    """tarfile on F: STREAM reads it front to back once (a layer), else with
-    seeks (an archive's members, found by name).  tarfile imports re (7 ms)
-    and is imported here only."""
-    import tarfile
-
-    class BoundedTarInfo(tarfile.TarInfo):
-        # tarfile reads a long name or a pax header whole into memory: a
-        # hostile one of 8 GB would exhaust it before any bound is checked.
-        def _proc_member(self, tf):
-            if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
-                             tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE) and self.size > _TAR_HEADER_MAX:
-                raise UsageError("a tar header (long name or pax) of %d bytes" % self.size)
-            return super()._proc_member(tf)
-
-    return tarfile.open(fileobj=f, mode="r|" if stream else "r:", tarinfo=BoundedTarInfo)
-
-
-def stream_members(tar):
-    """The members of a stream-mode TarFile, one at a time.  (tarfile keeps
-    every member it read: a layer of a million entries would keep them all.)"""
-    while True:
-        ti = tar.next()
-        if ti is None:
-            return
-        yield ti
-        del tar.members[:]
-
-
-class ArchiveFiles:
-    """The files of an image archive (docker-archive, oci-archive): members
-    of one uncompressed tar, read in place; a member that is a link is
-    followed inside the archive only (tarfile's extractfile)."""
-
-    def __init__(self, tar, max_files):
-        self.tar, self.members = tar, {}
-        for m in tar:  # tarfile keeps them all: counted as they come
-            if len(tar.members) > max_files:
-                raise UsageError("more than %s entries (raise --max-files)" % format(max_files, ","))
-            self.members[entry_path(m.name)] = m
-
-    def has(self, name):
-        return name in self.members
-
-    def open(self, name):
-        m = self.members.get(name)
-        try:
-            f = self.tar.extractfile(m) if m is not None else None
-        except (KeyError, RecursionError):
-            f = None
-        if f is None:
-            raise UsageError("%s: not a file in the archive" % name)
-        return f
-
-
-class LayoutFiles:
-    """The files of an OCI image layout directory (or an unpacked
-    docker-archive), opened by the kernel under the directory's fd: a
-    symlink in it never leads out of it."""
-
-    def __init__(self, fd):
-        self.fd = fd
-
-    def has(self, name):
-        try:
-            self.open(name).close()
-            return True
-        except UsageError:
-            return False
-
-    def open(self, name):
-        import stat
-
-        try:
-            fd = openat2(self.fd, name, os.O_RDONLY, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
-        except OSError:
-            raise UsageError("%s: not a file in the directory" % name) from None
-        f = open(fd, "rb")
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            f.close()
-            raise UsageError("%s: not a file in the directory" % name)
-        return f
-
-
-def read_json(files, name, desc=None):
-    """A JSON document of the image (index, manifest, config) -> (object,
-    its sha256 digest), checked against DESC's digest and size if given."""
-    with files.open(name) as f:
-        size = _file_size(f)
-        if size > _JSON_MAX:
-            raise UsageError("%s: %d bytes, more than a JSON document of an image has" % (name, size))
-        r = Digested(f, desc["digest"].partition(":")[0] if desc else "sha256")
-        data = r.read(size)
-    if desc:
-        r.check(desc["digest"], desc["size"], name)
-    import json
-
-    try:
-        return json.loads(data), "%s:%s" % (r.algo, r.h.hexdigest())
-    except (ValueError, UnicodeDecodeError):
-        raise UsageError("%s: not JSON" % name) from None
-
-
-def image_config(config, what):
-    """The part of an image config a job uses, each field's type checked."""
-    cfg = config.get("config") or {}
-    if not isinstance(cfg, dict):
-        raise UsageError("%s: 'config' is not an object" % what)
-    out = {}
-    for key, kind in (("Env", list), ("WorkingDir", str), ("User", str), ("Entrypoint", list), ("Cmd", list)):
-        v = cfg.get(key)
-        if v is None or v == "":
-            continue
-        if not isinstance(v, kind) or (kind is list and not all(isinstance(x, str) for x in v)):
-            raise UsageError("%s: config %s is not %s" % (what, key, "a string" if kind is str else
-                                                           "a list of strings"))
-        if "\0" in (v if kind is str else "".join(v)):
-            raise UsageError("%s: config %s holds a NUL character" % (what, key))
-        out[key] = v
-    return out
-
-
-def _diff_ids(config, nlayers, what):
-    ids = (config.get("rootfs") or {}).get("diff_ids") if isinstance(config.get("rootfs"), dict) else None
-    if not isinstance(ids, list) or len(ids) != nlayers or not all(isinstance(d, str) for d in ids):
-        raise UsageError("%s: rootfs.diff_ids does not list the %d layers" % (what, nlayers))
-    return ids
-
-
-def oci_images(files, index, want, seen, ref=None, depth=0):
-    """The ImageSpecs for WANT that an OCI index (index.json, or an image
-    index it names) leads to; the platforms of the others go to SEEN."""
-    if depth > 3 or not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
-        raise UsageError("index.json: not an image index")
-    out = []
-    for n, desc in enumerate(index["manifests"]):
-        what = "index.json manifest %d" % n
-        name = _blob_name(desc, what)
-        annotations = desc.get("annotations") if isinstance(desc.get("annotations"), dict) else {}
-        this_ref = next((annotations[k] for k in _REF_ANNOTATIONS if isinstance(annotations.get(k), str)), ref)
-        if isinstance(desc.get("platform"), dict):
-            have = config_platform(desc["platform"])
-            if not platform_matches(have, want):
-                seen.add(platform_text(have))
-                continue
-        doc, _ = read_json(files, name, desc)
-        if not isinstance(doc, dict):
-            raise UsageError("%s: not an object" % name)
-        if desc.get("mediaType") in _INDEX_TYPES or "manifests" in doc:
-            out += oci_images(files, doc, want, seen, this_ref, depth + 1)
-        elif isinstance(doc.get("layers"), list):
-            image = _oci_manifest(files, doc, desc, this_ref, name)
-            if image is not None and platform_matches(image.platform, want):
-                out.append(image)
-            elif image is not None:
-                seen.add(platform_text(image.platform))
-    return out
-
-
-def _oci_manifest(files, manifest, desc, ref, what):
-    """An image manifest -> ImageSpec; None for an artifact that is no image
-    (an attestation, a signature): its config or layers are of other types."""
-    cdesc = manifest.get("config")
-    if isinstance(cdesc, dict) and cdesc.get("mediaType") not in _CONFIG_TYPES:
-        return None
-    names = [_blob_name(d, "%s layer %d" % (what, i)) for i, d in enumerate(manifest["layers"])]
-    for d in manifest["layers"]:
-        mt = d.get("mediaType", "")
-        if not (("layer" in mt or "rootfs" in mt) and mt.endswith(("tar", "tar+gzip", "tar+zstd", "tar.gzip"))):
-            return None  # in-toto statements, encrypted layers, ...
-    config, _ = read_json(files, _blob_name(cdesc, what + " config"), cdesc)
-    if not isinstance(config, dict):
-        raise UsageError("%s: the config is not an object" % what)
-    ids = _diff_ids(config, len(names), what)
-    layers = tuple(Layer(name=n, digest=d["digest"], size=d["size"], diff_id=i)
-                   for n, d, i in zip(names, manifest["layers"], ids))
-    return ImageSpec(format=None, ref=ref, digest=desc["digest"], platform=config_platform(config),
-                     created=config.get("created"), config=image_config(config, what), layers=layers)
-
-
-def docker_images(files, want, seen):
-    """The ImageSpecs for WANT in a docker-archive's manifest.json (docker
-    and podman save; docker 25's also holds an OCI layout, read instead)."""
-    manifest, _ = read_json(files, "manifest.json")
-    if not isinstance(manifest, list):
-        raise UsageError("manifest.json: not a list of images")
-    out = []
-    for n, entry in enumerate(manifest):
-        what = "manifest.json image %d" % n
-        if not isinstance(entry, dict) or not isinstance(entry.get("Config"), str) or not isinstance(
-                entry.get("Layers"), list) or not all(isinstance(x, str) for x in entry["Layers"]):
-            raise UsageError("%s: no Config and Layers" % what)
-        cname = entry_path(entry["Config"])
-        config, digest = read_json(files, cname)
-        # The config is named by its sha256 (<hex>.json, blobs/sha256/<hex>).
-        hexname = cname.rsplit("/", 1)[-1].partition(".json")[0]
-        if len(hexname) == 64 and "sha256:" + hexname != digest:
-            raise UsageError("%s: digest %s, not sha256:%s as its name says" % (cname, digest, hexname))
-        if not isinstance(config, dict):
-            raise UsageError("%s: not an object" % cname)
-        if not platform_matches(config_platform(config), want):
-            seen.add(platform_text(config_platform(config)))
-            continue
-        ids = _diff_ids(config, len(entry["Layers"]), what)
-        layers = []
-        for lname, diff_id in zip(entry["Layers"], ids):
-            lname = entry_path(lname)
-            h = lname[len("blobs/sha256/"):] if lname.startswith("blobs/sha256/") else ""
-            layers.append(Layer(name=lname, digest="sha256:" + h if len(h) == 64 else None, size=None,
-                                diff_id=diff_id))
-        tags = entry.get("RepoTags") if isinstance(entry.get("RepoTags"), list) else []
-        out.append(ImageSpec(format="docker-archive", ref=tags[0] if tags and isinstance(tags[0], str) else None,
-                             digest=digest, platform=config_platform(config), created=config.get("created"),
-                             config=image_config(config, what), layers=tuple(layers)))
-    return out
-
-
-def select_image(images, want, seen):
-    unique = list({i.digest: i for i in images}.values())
-    if not unique:
-        have = sorted(p for p in seen if "unknown" not in p.split("/"))  # attestations are unknown/unknown
-        raise UsageError("no image for %s in it (it has: %s); choose one with --platform"
-                         % (platform_text(want), ", ".join(have) or "none"))
-    if len(unique) > 1:
-        raise UsageError("it holds %d images for %s (%s): import an archive of one image"
-                         % (len(unique), platform_text(want), ", ".join(i.ref or i.digest for i in unique)))
-    return unique[0]
-
-
-class Bounds:
-    """--max-size and --max-files, over all layers; and what a decompressor
-    may produce (files plus the tar's headers), so that a bomb stops early."""
-
-    def __init__(self, max_size, max_files):
-        self.max_size, self.max_files = max_size, max_files
-        self.size = self.files = 0
-
-    def entry(self, ti):
-        self.files += 1
-        if self.files > self.max_files:
-            raise UsageError("more than %s entries (raise --max-files)" % format(self.max_files, ","))
-        if ti.isreg():
-            self.size += ti.size
-            if self.size > self.max_size:
-                raise UsageError("more than %s of files (raise --max-size)" % fmt_size(self.max_size))
-
-    def stream_cap(self):
-        """TICK for a decompressed stream: at most the files' bound plus a
-        kilobyte of tar header and padding per entry."""
-        total = [0]
-        cap = self.max_size + 1024 * self.max_files
-
-        def tick(n):
-            total[0] += n
-            if total[0] > cap:
-                raise UsageError("decompressed, more than --max-size %s (and --max-files %s) allow"
-                                 % (fmt_size(self.max_size), format(self.max_files, ",")))
-        return tick
-
-
-class ImportProgress:
-    """A progress line while stderr is a terminal (text log format, level
-    info or below), as for uploads; one summary line in any case."""
-
-    def __init__(self, name):
-        self.tty = _log["format"] == "text" and LEVELS["info"] >= _log["level"] and os.isatty(2)
-        self.name, self.stage, self.done, self.total = name, "", 0, 0
-        self.started = self.shown = time.monotonic()
-
-    def begin(self, stage, total):
-        self.stage, self.done, self.total = stage, 0, total
-        self.shown = 0.0
-        self.read(0)
-
-    def read(self, n):
-        self.done += n
-        now = time.monotonic()
-        if self.tty and now - self.shown > 0.25:
-            self.shown = now
-            pct = " %d%%" % (100 * self.done // self.total) if self.total else ""
-            os.write(2, ("\rjrun: Importing %s: %s%s\033[K" % (self.name, self.stage, pct)).encode())
-
-    def end(self, summary):
-        if self.tty:
-            os.write(2, b"\r\033[K")
-        log("info", "%s in %.1fs" % (summary, time.monotonic() - self.started))
-
-
-class ImageTree:
-    """Applies layers, in order, to the tree under ROOTFD (the parent, as
-    root, in a directory only root can reach): every entry made relative to
-    its parent's fd, which the kernel resolves inside the tree."""
-
-    def __init__(self, rootfd, bounds, progress):
-        self.rootfd, self.bounds, self.progress = rootfd, bounds, progress
-        self.skipped = self.xattrs = 0
-        self.on_data = None  # progress by bytes of files (a tarball's; a layer's is by blob bytes)
-        self.dir_times = {}
-        self.fresh = set()  # what the current layer made: its whiteouts hide lower layers only
-        self.label = ""
-
-    def apply(self, tar, members, label):
-        """Every entry of one layer.  A broken archive (truncated, not tar,
-        bad compression) is refused with what the reader said."""
-        self.label, self.fresh = label, set()
-        try:
-            for ti in stream_members(tar) if members is None else members:
-                try:
-                    self.entry(tar, ti)
-                except OSError as e:
-                    raise SetupError("%r: %s" % (ti.name, e.strerror or e)) from None
-        except JrunError as e:
-            raise type(e)("%s: %s" % (label, e)) from None
-        except Exception as e:  # noqa: BLE001 - tarfile.ReadError, EOFError, zlib.error, lzma.LZMAError, ...
-            raise UsageError("%s: cannot read it: %s" % (label, e)) from None
-
-    def entry(self, tar, ti):
-        rel = entry_path(ti.name)
-        self.bounds.entry(ti)
-        if not rel:
-            return  # the root itself: the job's root is its upper layer's
-        parent, _, base = rel.rpartition("/")
-        if base.startswith(".wh."):
-            hidden = whiteout_target(base)
-            if hidden is not None:
-                self.opaque(parent) if hidden == "" else self.whiteout(parent, hidden)
-            return
-        self.fresh.update(_prefixes(rel))
-        if not (ti.isreg() or ti.isdir() or ti.issym() or ti.islnk() or ti.isfifo()):
-            self.skipped += 1  # device nodes (and types tar has no use for)
-            return
-        if not (0 <= ti.uid <= 0xFFFFFFFE and 0 <= ti.gid <= 0xFFFFFFFE):
-            raise UsageError("%r: owner %d:%d is out of range" % (ti.name, ti.uid, ti.gid))
-        if any(k.startswith(("SCHILY.xattr.", "LIBARCHIVE.xattr.")) for k in ti.pax_headers):
-            self.xattrs += 1
-        pfd = self.directory(parent)
-        try:
-            self.create(tar, ti, pfd, base, rel)
+            fd = os.open(os.path.basename(path), flags, 0o640, dir_fd=dfd)
         finally:
-            os.close(pfd)
-
-    def directory(self, rel):
-        """An O_PATH fd of directory REL of the tree, made (root's, 0755) if
-        missing, as tar does."""
+            os.close(dfd)
         try:
-            return openat2(self.rootfd, rel or ".", os.O_PATH | os.O_DIRECTORY,
-                           RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
-        except FileNotFoundError:
-            pass
-        try:
-            return open_dir_in_root(self.rootfd, rel)
-        except SetupError as e:
-            raise UsageError(str(e).replace("the job's root", "the image")) from None
+            import stat
 
-    def existing(self, rel):
-        """A readable fd of directory REL of the tree, or None."""
-        try:
-            return openat2(self.rootfd, rel or ".", os.O_RDONLY | os.O_DIRECTORY,
-                           RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-
-    def create(self, tar, ti, pfd, base, rel):
-        kept = replace_entry(pfd, base, ti.isdir())
-        times = (int(ti.mtime * 1e9),) * 2
-        if ti.isdir():
-            if not kept:
-                os.mkdir(base, 0o700, dir_fd=pfd)
-            fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
-            try:
-                self.owner_and_mode(fd, ti)
-            finally:
-                os.close(fd)
-            self.dir_times[rel] = times  # set last: every entry made in it changes it
-        elif ti.isreg():
-            fd = open_new_file(pfd, base, 0o600)
-            try:
-                if ti.size:
-                    self.copy(tar.extractfile(ti), fd)
-                self.owner_and_mode(fd, ti)
-                _utime(fd, times)
-            finally:
-                os.close(fd)
-        elif ti.issym():
-            os.symlink(ti.linkname, base, dir_fd=pfd)
-            os.chown(base, ti.uid, ti.gid, dir_fd=pfd, follow_symlinks=False)
-            _utime(base, times, pfd)
-        elif ti.islnk():
-            self.hard_link(ti, pfd, base)
-        else:
-            os.mkfifo(base, 0o600, dir_fd=pfd)
-            os.chown(base, ti.uid, ti.gid, dir_fd=pfd, follow_symlinks=False)
-            os.chmod(base, ti.mode & 0o7777, dir_fd=pfd)  # just made, where only root writes: no symlink
-            _utime(base, times, pfd)
-
-    def owner_and_mode(self, fd, ti):
-        os.fchown(fd, ti.uid, ti.gid)
-        os.fchmod(fd, ti.mode & 0o7777)  # after chown, which clears setuid and setgid
-
-    def copy(self, src, fd):
-        while True:
-            chunk = src.read(1 << 20)
-            if not chunk:
-                return
-            write_all(fd, chunk)
-            if self.on_data:
-                self.on_data(len(chunk))
-
-    def hard_link(self, ti, pfd, base):
-        """A hard link to an entry of the tree only: its parent resolved
-        inside the tree, its final component never followed."""
-        target = entry_path(ti.linkname)
-        tparent, _, tbase = target.rpartition("/")
-        tfd = self.existing(tparent) if tbase else None
-        try:
-            if tfd is None:
-                raise FileNotFoundError
-            os.link(tbase, base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
-        except FileNotFoundError:
-            raise UsageError("%r: a hard link to %r, which is not in the image" % (ti.name, ti.linkname)) from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            while line:
+                line = line[os.write(fd, line):]
         finally:
-            if tfd is not None:
-                os.close(tfd)
-
-    def whiteout(self, parent, name):
-        """'.wh.NAME': NAME of the lower layers goes (with all it holds)."""
-        rel = parent + "/" + name if parent else name
-        if rel in self.fresh:
-            return
-        dfd = self.existing(parent)
-        if dfd is not None:
-            try:
-                replace_entry(dfd, name, False)
-            finally:
-                os.close(dfd)
-
-    def opaque(self, parent):
-        """'.wh..wh..opq': the directory shows nothing of the lower layers."""
-        dfd = self.existing(parent)
-        if dfd is not None:
-            try:
-                self._prune(dfd, parent)
-            finally:
-                os.close(dfd)
-
-    def _prune(self, dfd, rel):
-        import stat
-
-        for name in os.listdir(dfd):
-            path = rel + "/" + name if rel else name
-            if path not in self.fresh:
-                replace_entry(dfd, name, False)
-            elif stat.S_ISDIR(os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode):
-                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-                try:
-                    self._prune(sub, path)
-                finally:
-                    os.close(sub)
-
-    def finish(self):
-        """Directory times, now that nothing is made in them any more."""
-        for rel, times in self.dir_times.items():
-            try:
-                fd = openat2(self.rootfd, rel, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
-                             RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
-            except OSError:
-                continue  # removed by a later layer
-            try:
-                _utime(fd, times)
-            finally:
-                os.close(fd)
-
-
-def replace_entry(dfd, name, keep_dir):
-    """Clear NAME in directory DFD, never following it: a file or symlink
-    goes, a directory goes with all it holds, unless KEEP_DIR (a directory
-    entry over a directory merges into it).  Returns True if one is kept."""
-    import shutil
-    import stat
-
-    try:
-        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    if not stat.S_ISDIR(st.st_mode):
-        os.unlink(name, dir_fd=dfd)
-    elif keep_dir:
-        return True
-    else:
-        shutil.rmtree(name, dir_fd=dfd)
-    return False
-
-
-def _utime(target, times, dfd=None):
-    try:
-        if dfd is None:
-            os.utime(target, ns=times)
-        else:
-            os.utime(target, ns=times, dir_fd=dfd, follow_symlinks=False)
-    except (OverflowError, ValueError):
-        pass  # a time the kernel cannot store: the file keeps now
-
-
-def apply_layer(files, layer, tree, bounds_tick):
-    """One layer blob: its raw bytes hashed against its descriptor, its tar
-    (after decompression) against its diff_id, its entries applied."""
-    with files.open(layer.name) as f:
-        size = _file_size(f)
-        if layer.size is not None and size != layer.size:
-            raise UsageError("%s: %s: %d bytes, not %d as the image says" % (tree.label, layer.name, size,
-                                                                               layer.size))
-        kind = compression(f.read(8))
-        f.seek(0)
-        raw = Digested(f, (layer.digest or "sha256:").partition(":")[0], tree.progress.read)
-        tar_stream = Digested(decompressed(raw, kind), "sha256", bounds_tick)
-        try:
-            tree.apply(tar_open(tar_stream, stream=True), None, tree.label)
-            tar_stream.drain()  # the hashes cover the whole blob, past the tar's end
-            raw.drain()
-        except JrunError:
-            raise
-        except Exception as e:  # noqa: BLE001 - as in ImageTree.apply
-            raise UsageError("%s: cannot read it: %s" % (tree.label, e)) from None
-    raw.check(layer.digest, layer.size, "%s (%s)" % (tree.label, layer.name))
-    tar_stream.check(layer.diff_id, None, "%s (%s) uncompressed" % (tree.label, layer.name))
-
-
-def read_source(source, bfd, want, bounds, progress):
-    """SOURCE (a path) -> (files, ImageSpec, tar or None): what it holds,
-    for the platform WANT.  A compressed file is decompressed once into the
-    build directory BFD (bounded), so that its members can be found by name."""
-    import stat
-
-    try:
-        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+            os.close(fd)
     except OSError as e:
-        raise UsageError(e.strerror) from None
-    st = os.fstat(fd)
-    if stat.S_ISDIR(st.st_mode):
-        files = LayoutFiles(fd)
-        if files.has("index.json") and files.has("oci-layout"):
-            fmt = "oci-layout"
-        elif files.has("manifest.json"):
-            fmt = "docker-archive"
-        else:
-            raise UsageError("a directory must be an OCI image layout (index.json, oci-layout) or an unpacked "
-                             "docker-archive (manifest.json)")
-        return files, _image_of(files, fmt, want), None
-    if not stat.S_ISREG(st.st_mode):
-        raise UsageError("not a file or a directory")
-    f = open(fd, "rb")
-    kind = compression(os.pread(fd, 8, 0))
-    digest = None
-    if kind:
-        f, digest = _decompress_to(f, kind, bfd, bounds, progress, st.st_size)
+        log("warning", "audit log %s: %s" % (path, e.strerror))
+    except JrunError as e:
+        log("warning", "audit log %s: %s" % (path, e))
+
+
+class Outcome:
+    def __init__(self):
+        self.exit_code = None
+        self.signal = None
+        self.timed_out = False
+        self.killed = False
+        self.error = None
+        # Accounting, from the job's cgroup (None: not measured here).
+        self.duration_s = None
+        self.cpu_s = None
+        self.memory_peak_bytes = None
+        self.io_read_bytes = None
+        self.io_write_bytes = None
+        self.oom_kills = 0
+
+    @property
+    def oom_killed(self):
+        return self.oom_kills > 0
+
+    def status_record(self, spec):
+        """The --json-status fields (see the contract)."""
+        r3 = (lambda v: None if v is None else round(v, 3))
+        return {"id": spec.id, "exit_code": self.exit_code, "signal": self.signal,
+                "oom_killed": self.oom_killed, "timed_out": self.timed_out,
+                "duration_s": r3(self.duration_s), "cpu_s": r3(self.cpu_s),
+                "memory_peak_bytes": self.memory_peak_bytes, "io_read_bytes": self.io_read_bytes,
+                "io_write_bytes": self.io_write_bytes, **slurm_field(spec)}
+
+    def stats_line(self, spec):
+        def size(v):
+            return "n/a" if v is None else fmt_size(v)
+
+        return ("job %s: exit %s, wall %.2fs, cpu %s, memory peak %s, io read %s, written %s, oom kills %d"
+                % (spec.id, self.exit_code, self.duration_s or 0.0,
+                   "n/a" if self.cpu_s is None else "%.2fs" % self.cpu_s, size(self.memory_peak_bytes),
+                   size(self.io_read_bytes), size(self.io_write_bytes), self.oom_kills))
+
+
+def run_job(spec, kinds):
+    """Run the job of SPEC; KINDS: what the caller's fds 0-2 are (see
+    stdio_kinds)."""
+    # From here on the signals jrun acts on wait for its wait loop (one that
+    # came during setup must not kill jrun before it can clean up; they are
+    # never unblocked again: jrun exits after the job), and the end of
+    # jrun's caller is one of them.
+    signal.pthread_sigmask(signal.SIG_BLOCK, WAITED_SIGNALS)
+    # An ignored SIGCHLD (inherited through exec) would make the kernel
+    # reap the job itself, and its status would be lost.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    die_with_caller()
+    spec = validate(with_image(spec))
+    spec = survey_uploads(spec)
+    teardown = Teardown()
+    state = JobState(spec.id)
+    state.create(numbered=spec.slurm is not None and not spec.named)
+    if state.id != spec.id:  # a Slurm name taken on this node: NAME-2, ...
+        hostname = default_hostname(state.id) if spec.hostname == default_hostname(spec.id) else spec.hostname
+        spec = spec.replace(id=state.id, hostname=hostname)
+        _log["job"] = spec.id
+    teardown.push("state %s removed" % state.dir, state.remove)
+    out = Outcome()
+    started = None
     try:
-        tar = tar_open(f, stream=False)
-        files = ArchiveFiles(tar, bounds.max_files)
-    except JrunError:
+        os.mkdir("root", 0o700, dir_fd=state.fd)
+        state.save(id=spec.id, command=list(spec.command), hostname=spec.hostname,
+                   started=time.time(), net=spec.net, limits=limits_record(spec),
+                   user=invoking_user()[1], jrun_pid=os.getpid(), **slurm_field(spec))
+        append_audit_log(start_record(spec))
+        started = time.monotonic()
+        return supervise(spec, state, teardown, out, kinds)
+    except JrunError as e:
+        if out.exit_code is None:
+            out.exit_code = e.exit_code
+        out.error = out.error or str(e)
         raise
-    except Exception as e:  # noqa: BLE001 - tarfile.ReadError and the like
-        raise UsageError("not a tar archive (%s), nor an OCI image layout directory" % e) from None
-    if files.has("index.json") and files.has("oci-layout"):
-        fmt = "docker-archive" if files.has("manifest.json") else "oci-archive"
-    elif files.has("manifest.json"):
-        fmt = "docker-archive"
-    else:
-        if digest is None:
-            import hashlib
-
-            f.seek(0)
-            digest = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
-        image = ImageSpec(format="tarball", ref=None, digest=digest, platform=None, created=None, config={},
-                          layers=())
-        return files, image, tar
-    return files, _image_of(files, fmt, want), None
+    finally:
+        teardown.run()
+        # After teardown: when the status file appears, nothing of the job
+        # is left on the host.
+        if out.exit_code is not None and started is not None:
+            report_outcome(spec, out)
+        if started is not None:
+            append_audit_log(end_record(spec, out, time.monotonic() - started))
 
 
-def _image_of(files, fmt, want):
-    seen = set()
-    if fmt == "docker-archive" and not files.has("index.json"):
-        images = docker_images(files, want, seen)
-    else:
-        index, _ = read_json(files, "index.json")
-        images = oci_images(files, index, want, seen)
-    return select_image(images, want, seen).replace(format=fmt)
+def report_outcome(spec, out):
+    if spec.stats:
+        line = out.stats_line(spec)
+        if _log["format"] == "json":
+            rec = dict(time=round(time.time(), 6), level="info", msg=line, job=spec.id)
+            rec.update(out.status_record(spec))
+            line = dumps_json(rec)
+        else:
+            line = "jrun: " + line
+        os.write(2, (line + "\n").encode())
+    if spec.json_status_dir is not None:
+        # Into the directory opened at validation, by create-and-rename: a
+        # symlink the job left at FILE (in a volume) is replaced, not followed.
+        try:
+            replace_file(spec.json_status_dir, os.path.basename(os.path.abspath(spec.json_status)),
+                         (dumps_json(out.status_record(spec)) + "\n").encode())
+        except OSError as e:
+            log("error", "--json-status: cannot write %s: %s" % (spec.json_status, e.strerror))
 
 
-def _decompress_to(f, kind, bfd, bounds, progress, size):
-    """Decompress F into BFD/source.tar (bounded); -> (that file, the
-    compressed file's digest).  Decompressing once beats tarfile seeking
-    backwards in a compressed stream, which starts over from its beginning."""
-    progress.begin("decompressing", size)
-    raw = Digested(f, "sha256", progress.read)
-    src = Digested(decompressed(raw, kind), "sha256", bounds.stream_cap())
-    fd = os.open("source.tar", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                 dir_fd=bfd)
-    out = open(fd, "w+b")
+def die_with_caller():
+    """The death of jrun's caller (a batch shell killed, leaving jrun
+    orphaned) is a SIGTERM to jrun, so that its job stops as if the caller
+    had sent it.  The kernel sends it when the parent *thread* ends (under
+    sudo: sudo's only one)."""
+    caller = os.getppid()
+    sys_prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != caller:  # gone before the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def supervise(spec, state, teardown, out, kinds):
+    # Data format of the status pipe, child to parent, closed on exec:
+    #   b"R\n"                    the child has its namespaces and waits on
+    #                             the sync pipe for the parent to attach them;
+    #   b"E<status> <message>\n"  the child's setup failed; it exits with
+    #                             <status> (STATUS_ERRORS: the error it is);
+    #   EOF (empty read)          exec succeeded (or the child died).
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    # Data format of the sync pipe, parent to child: one byte b"G" releases
+    # the child once its cgroup and network are attached; EOF instead (the
+    # parent gave up or died) makes it exit.  sync_w stays open for the
+    # job's life: the child checks it for EOF after its last credential
+    # change (drop_privileges).
+    sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
+    resources = host_resources(spec)
+    for res in resources:
+        res.setup(state)
+        teardown.push(res.name, res.teardown)
+    stdio = JobStdio(kinds)
+    plan = ChildPlan(spec=spec, state_dir=state.dir, status_w=status_w, sync_r=sync_r,
+                     parent_pid=os.getpid(), resources=resources, stdio=stdio)
+    import prctl  # noqa: F401 - for the child: cheaper here than after fork (copy-on-write faults)
+
+    pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    unshare(CLONE_NEWPID)
+    pid = os.fork()
+    if pid == 0:
+        os.close(status_r)
+        os.close(sync_w)
+        child_main(plan)
+    # Our own later children (helpers such as nft) stay in the host's PID
+    # namespace: only the job is born into the new one.
+    setns(pidns, CLONE_NEWPID)
+    os.close(pidns)
+    close_staging_sources(spec)
+    os.close(status_w)
+    os.close(sync_r)
+    stdio.close_job_ends()
+    state.save(pid=pid)
+    reaped = relay = None
+    try:
+        relay = Relay(stdio) if stdio.relayed else None
+        status = _read_status(status_r)
+        if status == "R":
+            for res in resources:
+                res.attach(pid)
+            os.write(sync_w, b"G")
+            trace("child released from the sync pipe")
+            status = _read_status(status_r, relay_to=pid if spec.uploads else None)
+        if status and status.startswith("E"):
+            code, _, msg = status[1:].partition(" ")
+            out.error = msg
+            out.exit_code = int(code)
+            _, ws = os.waitpid(pid, 0)
+            reaped = ws
+            if relay:
+                relay.finish(spec.stop_timeout)  # what the child wrote (--log-level debug)
+            raise error_of_status(out.exit_code)(msg)
+        # COMMAND runs from here: --timeout does not count the uploads' copy.
+        started = time.monotonic()
+        if relay:
+            relay.start()
+        reaped = wait_for_job(spec, pid, out, started, relay)
+        out.duration_s = time.monotonic() - started
+        for res in resources:
+            res.collect(out)
+        if out.oom_killed and not out.timed_out:
+            out.exit_code = EXIT_OOM
+            log("error", "job killed: out of memory (limit %s)" % memory_bound(spec))
+    finally:
+        os.close(sync_w)
+        os.close(status_r)
+        if reaped is None:
+            _kill_and_reap(pid)
+        if relay:
+            relay.close()  # the caller's terminal restored, on every path
+        stdio.close()
+    return out.exit_code
+
+
+def _read_status(fd, relay_to=None):
+    """One line from the child's status pipe; '' at EOF (exec succeeded).
+    With RELAY_TO, a signal to forward that arrives meanwhile (the child may
+    be copying uploads for a while) is passed on: the child keeps it blocked,
+    and either stops its copy or COMMAND gets it at exec."""
+    buf = b""
+    while not buf.endswith(b"\n"):
+        if relay_to is not None:
+            import select
+
+            while not select.select([fd], [], [], 0.2)[0]:
+                info = signal.sigtimedwait(FORWARDED_SIGNALS, 0)
+                if info is not None:
+                    _signal(relay_to, info.si_signo)
+        chunk = os.read(fd, 1)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.decode("utf-8", "surrogateescape").rstrip("\n")
+
+
+def _kill_and_reap(pid):
+    _signal(pid, signal.SIGKILL)
     while True:
         try:
-            chunk = src.read(1 << 20)
-            if not chunk:
-                raw.drain()
-                break
-        except JrunError:
-            raise
-        except Exception as e:  # noqa: BLE001 - EOFError, zlib.error, lzma.LZMAError, ...
-            raise UsageError("cannot decompress it (%s): %s" % (kind, e)) from None
-        out.write(chunk)
-    out.seek(0)
-    return out, "sha256:" + raw.h.hexdigest()
-
-
-def build_image(name, source, bfd, rootfd, want, bounds):
-    """Everything of an import that happens inside the build directory BFD
-    (the tree under ROOTFD); -> the image's record."""
-    progress = ImportProgress(name)
-    files, image, tar = read_source(source, bfd, want, bounds, progress)
-    tree = ImageTree(rootfd, bounds, progress)
-    if tar is not None:  # a plain rootfs tarball: one layer, the archive itself
-        progress.begin("unpacking", sum(m.size for m in tar.getmembers() if m.isreg()))
-        tree.on_data = progress.read
-        tree.apply(tar, tar.getmembers(), "the tarball")
-        nlayers = 1
-    else:
-        total = 0
-        for layer in image.layers:
-            with files.open(layer.name) as f:
-                total += _file_size(f)
-        progress.begin("layers", total)
-        tick = bounds.stream_cap()
-        for n, layer in enumerate(image.layers, 1):
-            progress.stage = "layer %d/%d" % (n, len(image.layers))
-            tree.label = "layer %d/%d" % (n, len(image.layers))
-            apply_layer(files, layer, tree, tick)
-        nlayers = len(image.layers)
-    tree.finish()
-    try:
-        os.unlink("source.tar", dir_fd=bfd)  # the decompressed copy, if one was made
-    except FileNotFoundError:
-        pass
-    if tree.skipped:
-        log("warning", "rootfs import: skipped %d device nodes (a job's /dev is its own)" % tree.skipped)
-    if tree.xattrs:
-        log("info", "rootfs import: dropped the extended attributes of %d entries (file capabilities give a "
-                    "job nothing under no_new_privs)" % tree.xattrs)
-    record = {"name": name, "format": image.format, "source": source, "ref": image.ref, "digest": image.digest,
-              "platform": platform_text(image.platform) if image.platform else None, "created": image.created,
-              "imported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "layers": nlayers,
-              "files": bounds.files, "size": bounds.size, "config": image.config, "jrun": __version__}
-    progress.end("imported %s from %s (%s%s, %d layer%s): %s files, %s" % (
-        name, source, image.format, ", " + record["platform"] if record["platform"] else "", nlayers,
-        "" if nlayers == 1 else "s", format(bounds.files, ","), fmt_size(bounds.size)))
-    return record
-
-
-class ImageStore:
-    """HOST.image_dir, opened once; every name below it is relative to its fd."""
-
-    def __init__(self, fd):
-        self.fd = fd
-
-    @classmethod
-    def open(cls, create=False):
-        """The store, or None if there is none (and CREATE is false)."""
-        if create:
-            os.makedirs(os.path.dirname(HOST.image_dir), mode=0o755, exist_ok=True)
-            try:
-                os.mkdir(HOST.image_dir, 0o755)
-            except FileExistsError:
-                pass
-        try:
-            fd = os.open(HOST.image_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        st = os.fstat(fd)
-        # Root writes image trees here, setuid binaries included: nobody
-        # else may plant or swap a name in it.
-        if st.st_uid != 0 or st.st_mode & 0o022:
-            os.close(fd)
-            raise SetupError("%s must be owned by root and writable by root only (chown root; chmod 755)"
-                             % HOST.image_dir)
-        return cls(fd)
-
-    def has(self, name):
-        import stat
-
-        try:
-            return stat.S_ISDIR(os.stat(name, dir_fd=self.fd, follow_symlinks=False).st_mode)
-        except FileNotFoundError:
-            return False
-
-    def lock(self, name):
-        """The flock that serialises imports and removals of NAME, on
-        .lock-NAME; an fd for unlock().  Its holder removes the file when
-        done, so a waiter that gets the lock of a removed file tries again."""
-        lock = ".lock-" + name
-        while True:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.fd)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log("info", "waiting for another import or removal of image %s" % name)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            st = os.fstat(fd)
-            try:
-                now = os.stat(lock, dir_fd=self.fd, follow_symlinks=False)
-                if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
-                    return fd
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-
-    def unlock(self, name, fd):
-        os.unlink(".lock-" + name, dir_fd=self.fd)
-        os.close(fd)
-
-    def new_build(self, name):
-        """A fresh .new-NAME.XXXX with an empty rootfs/ (0700) in it."""
-        build = ".new-%s.%s" % (name, os.urandom(4).hex())
-        os.mkdir(build, 0o755, dir_fd=self.fd)
-        os.mkdir(build + "/rootfs", 0o700, dir_fd=self.fd)
-        return build
-
-    def commit(self, build, name):
-        """BUILD becomes NAME at once (an existing NAME is swapped out and
-        retired), after the tree is on disk: a crash leaves either the old
-        image or the new one, complete."""
-        _check(_c().syncfs(self.fd), "syncfs %s" % HOST.image_dir)
-        if not self.has(name):
-            os.rename(build, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+            if os.waitpid(-1, WALL)[0] == pid:  # threads jrun traces too: see _reap
+                return
+        except ChildProcessError:
             return
-        _check(_c().renameat2(self.fd, _b(build), self.fd, _b(name), RENAME_EXCHANGE), "renameat2 %s" % name)
-        self.retire(name, build)
 
-    def retire(self, name, entry=None):
-        """Rename ENTRY (default: NAME) to .old-NAME.XXXX and remove it if
-        no job runs on it; True if it is gone."""
-        old = ".old-%s.%s" % (name, os.urandom(4).hex())
-        os.rename(entry or name, old, src_dir_fd=self.fd, dst_dir_fd=self.fd)
-        if old in self.sweep():
-            return True
-        log("info", "image %s: the old tree stays until the job running on it ends (then the next "
-                    "jrun gc, rootfs import or rootfs rm removes it)" % name)
-        return False
 
-    def discard(self, build):
-        import shutil
+def wait_for_job(spec, pid, out, started, relay=None):
+    """Wait for PID 1 of the job, relaying signals (and the job's stdio) and
+    enforcing --timeout.  Returns the wait status."""
+    deadline = started + spec.timeout if spec.timeout else None
+    kill_at = None
 
-        shutil.rmtree(build, dir_fd=self.fd, ignore_errors=True)
+    def say(level, msg):  # after the job's own output so far
+        if relay:
+            relay.flush()
+        log(level, msg)
 
-    def sweep(self, held=None):
-        """Remove what dead imports left (.new-X.* and .lock-X, once X's lock
-        is free, or held by this process: HELD) and retired trees no job runs
-        on any more (.old-*).  Returns the entries removed."""
-        removed = []
-        for entry in sorted(os.listdir(self.fd)):  # .lock-X before .new-X.*
-            kind, _, rest = entry.partition("-")
-            name = rest.rsplit(".", 1)[0] if kind in (".new", ".old") else rest
-            if kind not in (".lock", ".new", ".old") or (kind == ".lock" and name == held):
-                continue
-            fd = -1 if kind == ".new" and name == held else self._take(".lock-" + name if kind == ".new" else entry)
-            if fd is None:
-                continue  # an import under way, or a job on a retired tree
-            try:
-                if kind == ".lock":
-                    os.unlink(entry, dir_fd=self.fd)  # while held: see lock()
-                else:
-                    self.discard(entry)
-                removed.append(entry)
-            finally:
-                if fd >= 0:
-                    os.close(fd)
-        return removed
+    def stop(sig, why, forwarding):
+        """Relay SIG to PID 1, or SIGKILL at once if PID 1 cannot act on it
+        (under --init, tini handles them all); returns when to send SIGKILL."""
+        name = signal_name(sig)
+        if spec.init or _handles(pid, sig):
+            say("warning" if forwarding is None else "info", "%s; %s" % (why, forwarding or "sending " + name))
+            _signal(pid, sig)
+            return time.monotonic() + spec.stop_timeout
+        out.killed = True
+        say("warning", "%s; PID 1 has no handler for %s (the kernel ignores it for a namespace's init): "
+            "sending SIGKILL" % (why, name))
+        _signal(pid, signal.SIGKILL)
+        return None
 
-    def _take(self, entry):
-        """An fd holding ENTRY's flock; -1 if ENTRY is gone; None if someone
-        else holds it."""
+    while True:
+        ws = _reap(pid)
+        if ws is not None:
+            break
+        now = time.monotonic()
+        waits = [t - now for t in (deadline, kill_at) if t is not None]
+        timeout = max(0.0, min(waits)) if waits else None
+        for sig in relay.wait(timeout) if relay else _sigwait(timeout):
+            if sig == signal.SIGWINCH and relay:
+                relay.resize()
+            elif sig in FORWARDED_SIGNALS and not out.killed:
+                when = stop(sig, "job %s: %s received" % (spec.id, signal_name(sig)),
+                            "forwarding it to the job")
+                kill_at = when if kill_at is None else kill_at
+        while relay and relay.typed and not out.killed:
+            # The job's pty sent the signal itself; only PID 1's deafness to it is jrun's business.
+            sig, pgrp = relay.typed.pop(0)
+            if pgrp == pid and not spec.init and not _handles(pid, sig):
+                stop(sig, "job %s: %s typed" % (spec.id, "^C" if sig == signal.SIGINT else "^\\"), None)
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            out.timed_out = True
+            deadline = None
+            if not out.killed:
+                kill_at = stop(signal.SIGTERM, "job %s timed out after %s" % (spec.id, _fmt_dur(spec.timeout)),
+                               None)
+        if kill_at is not None and now >= kill_at and not out.killed:
+            out.killed = True
+            say("warning", "job %s still running %s after SIGTERM; sending SIGKILL"
+                % (spec.id, _fmt_dur(spec.stop_timeout)))
+            _signal(pid, signal.SIGKILL)
+            kill_at = None
+    if relay:
+        relay.finish(spec.stop_timeout)
+    if os.WIFSIGNALED(ws):
+        out.signal = os.WTERMSIG(ws)
+        out.exit_code = 128 + out.signal
+    else:
+        out.exit_code = os.WEXITSTATUS(ws)
+    if out.timed_out:
+        out.exit_code = EXIT_TIMEOUT
+    return ws
+
+
+def _sigwait(timeout):
+    info = signal.sigtimedwait(WAITED_SIGNALS, 3600.0 if timeout is None else timeout)
+    return () if info is None else (info.si_signo,)
+
+
+def _handles(pid, sig):
+    """Whether PID has a handler for SIG (SigCgt in /proc/PID/status).  A
+    PID namespace's init without one never gets SIG: the kernel drops it
+    (all but SIGKILL, and SIGSTOP from outside the namespace)."""
+    try:
+        with open("/proc/%d/status" % pid, "rb") as f:
+            for line in f:
+                if line.startswith(b"SigCgt:"):
+                    return bool(int(line[7:], 16) >> (sig - 1) & 1)
+    except (OSError, ValueError):
+        pass
+    return True  # not known (gone already): relay it, as before
+
+
+def _reap(pid):
+    """PID 1's wait status once it has ended, else None.  A job can make
+    jrun the tracer of PID 1 or of one of its threads (PTRACE_TRACEME
+    names the parent): every ptrace-stop is ended by detaching, and a
+    traced thread that has exited is reaped (__WALL), for until then the
+    kernel cannot release PID 1 itself.  (While it waits, jrun has no
+    other children.)"""
+    while True:
         try:
-            fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
-        except FileNotFoundError:
-            return -1
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            os.close(fd)
+            wpid, ws = os.waitpid(-1, os.WNOHANG | WALL)
+        except ChildProcessError:
+            raise SetupError("job %d: lost (already reaped)" % pid) from None
+        if wpid == 0:
             return None
+        if os.WIFSTOPPED(ws):
+            _release_tracee(wpid, os.WSTOPSIG(ws))
+        elif wpid == pid:
+            return ws
 
 
-def import_image(name, source, want, force, bounds):
-    """jrun rootfs import: build NAME from SOURCE next to the store and
-    rename it into place; on any failure (or a signal) nothing is left."""
-    store = ImageStore.open(create=True)
-    lock = store.lock(name)
+def _release_tracee(tid, sig):
+    """Detach a thread of the job that made jrun its tracer and has stopped,
+    passing on the signal it stopped with, so that the job goes on as if it
+    had never been traced: the kernel drops a SIGSTOP raised inside the
+    namespace for an untraced init, so that one is dropped here too; a
+    group-stop (no siginfo) stays stopped."""
+    sender = ptrace_sender(tid)
+    if sender is None or (sig == signal.SIGSTOP and sender != 0):
+        sig = 0
+    trace("thread %d of the job stopped with jrun as its tracer (PTRACE_TRACEME): detached, signal %d"
+          % (tid, sig))
+    ptrace_detach(tid, sig)
+
+
+def _signal(pid, sig):
     try:
-        store.sweep(held=name)
-        if store.has(name) and not force:
-            raise UsageError("image %r exists (--force replaces it; jrun rootfs rm %s removes it)" % (name, name))
-        build = store.new_build(name)
-        try:
-            bfd = os.open(build, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=store.fd)
-            rootfd = os.open("rootfs", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=bfd)
-            record = build_image(name, source, bfd, rootfd, want, bounds)
-            write_new(bfd, "defaults", encode_defaults(record["config"]))
-            write_new(bfd, "image.json", (dumps_json(record) + "\n").encode())
-            store.commit(build, name)
-        except BaseException:
-            store.discard(build)
-            raise
-    finally:
-        store.unlock(name, lock)
-    return record
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
-def remove_image(name):
-    """jrun rootfs rm NAME: the name goes at once; the tree as soon as no
-    job runs on it."""
-    store = ImageStore.open()
-    if store is None or not store.has(name):
-        raise UsageError("rootfs rm: no image %r (see jrun rootfs ls)" % name)
-    lock = store.lock(name)
-    try:
-        if not store.has(name):
-            raise UsageError("rootfs rm: no image %r (see jrun rootfs ls)" % name)
-        store.retire(name)
-    finally:
-        store.unlock(name, lock)
-    log("info", "image %s removed" % name)
+def _fmt_dur(seconds):
+    return ("%gs" % seconds) if seconds < 120 else ("%gm" % (seconds / 60))
 
 
 # ---------------------------------------------------------------------------
@@ -6949,462 +6256,1155 @@ def drop_privileges(spec, uid, gid, sync_r, owner=HOST_ROOT):
 
 
 # ---------------------------------------------------------------------------
-# The parent: set up, release the child, supervise, tear down.
+# Images: named root filesystems, imported once (jrun rootfs import) from a
+# docker-archive, an OCI image layout or oci-archive, or a plain rootfs
+# tarball, and run on with --rootfs NAME exactly as on --rootfs PATH: the
+# stored tree is the lower layer of the job's overlay and is never modified.
+#
+# The store, HOST.image_dir (root's; the config key image-dir):
+#   NAME/rootfs/     the tree; mode 0700, so that no host user reaches its
+#                    files (setuid binaries, secrets baked into the image)
+#   NAME/image.json  its record: origin, digest, platform, size, config
+#   NAME/defaults    what a job on NAME gets by default (see read_defaults)
+#   .lock-NAME       flock: serialises the imports and removals of NAME
+#                    (removed by its holder when done, see ImageStore.lock)
+#   .new-NAME.XXXX   an import under way; renamed to NAME once complete
+#   .old-NAME.XXXX   a replaced or removed image, kept while a job runs on it
+# A job holds a shared flock on NAME/ for its whole life.  Replacing or
+# removing NAME renames the old tree to .old-*, which goes as soon as no job
+# holds it: then, or at a later import, rm or gc.  Names starting with '.'
+# are no image's (check_name refuses them).
 # ---------------------------------------------------------------------------
 
 
-# The audit log: one JSON line per job start and end, appended by the jrun
-# of that job (root, host namespaces).  Many jruns append to one file at
-# once: each line is one write() to an O_APPEND file under an exclusive
-# flock, so lines never interleave, even where O_APPEND alone would not
-# promise it (long lines, NFS).
-
-
-def invoking_user():
-    """(uid, name) of the user behind sudo, else of the caller."""
-    uid = os.environ.get("SUDO_UID")
-    name = os.environ.get("SUDO_USER")
-    if uid is None or not uid.isdigit():
-        uid, name = os.getuid(), None
-    if name is None:
-        import pwd
-
-        try:
-            name = pwd.getpwuid(int(uid)).pw_name
-        except KeyError:
-            name = str(uid)
-    return int(uid), name
-
-
-def limits_record(spec):
-    rec = {k: getattr(spec.limits, k) for k in spec.limits.__slots__ if getattr(spec.limits, k) is not None}
-    if spec.timeout:
-        rec["timeout_s"] = spec.timeout
-    return rec
-
-
-def _iso(t):
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % (t % 1 * 1000)
-
-
-def slurm_field(spec):
-    """{"slurm": the Slurm task} for the job's records, under Slurm only."""
-    return {"slurm": spec.slurm} if spec.slurm else {}
-
-
-def start_record(spec):
-    uid, user = invoking_user()
-    return {"time": _iso(time.time()), "event": "start", "job": spec.id, "uid": uid, "user": user,
-            "command": list(spec.command), "limits": limits_record(spec), "net": spec.net,
-            "rootfs": spec.rootfs, "jrun_pid": os.getpid(), **slurm_field(spec)}
-
-
-def end_record(spec, out, duration):
-    uid, user = invoking_user()
-    rec = {"time": _iso(time.time()), "event": "end", "job": spec.id, "uid": uid, "user": user,
-           "command": list(spec.command), "limits": limits_record(spec), "net": spec.net,
-           "exit_code": out.exit_code, "signal": out.signal, "timed_out": out.timed_out,
-           "oom_killed": bool(getattr(out, "oom_killed", False)), "duration_s": round(duration, 3),
-           **slurm_field(spec)}
-    for extra in ("cpu_s", "memory_peak_bytes", "io_read_bytes", "io_write_bytes"):
-        if getattr(out, extra, None) is not None:
-            rec[extra] = getattr(out, extra)
-    if out.error:
-        rec["error"] = out.error
-    return rec
-
-
-def append_audit_log(record, path=None):
-    """Append one line; a log that cannot be written is a warning, not a
-    reason to fail the job (the job's own status must stay its own)."""
-    path = HOST.audit_log if path is None else path
-    if not path:
-        return
-    line = (dumps_json(record) + "\n").encode("utf-8", "replace")
-    # Only in a directory of root's that no one else may write, by name in
-    # its fd, never through a symlink (or into a FIFO or device: O_NONBLOCK,
-    # and a regular file is required).
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+def image_names():
+    """The images in the store (listable by anyone: shell completion)."""
     try:
-        dfd = open_private_dir(os.path.dirname(path), "audit log directory", 0o750)
-        try:
-            fd = os.open(os.path.basename(path), flags, 0o640, dir_fd=dfd)
-        finally:
-            os.close(dfd)
-        try:
-            import stat
+        names = os.listdir(HOST.image_dir)
+    except OSError:
+        return []
+    return sorted(n for n in names if not n.startswith("."))
 
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise OSError(errno.EINVAL, "not a regular file")
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            while line:
-                line = line[os.write(fd, line):]
-        finally:
-            os.close(fd)
+
+def open_image(name):
+    """An fd of image NAME's directory, with a shared flock held until jrun
+    exits (the fd is never closed): its tree cannot be removed under the job.
+    The lock is taken on what the path named; if the name was moved to a new
+    tree meanwhile (an import --force), the new one is taken instead."""
+    path = os.path.join(HOST.image_dir, name)
+    for _ in range(5):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            hint = " (a directory needs a '/': ./%s)" % name if os.path.isdir(name) else ""
+            raise UsageError("--rootfs: no image %r (see jrun rootfs ls)%s" % (name, hint)) from None
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        st = os.fstat(fd)
+        try:
+            now = os.stat(path)
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    raise SetupError("--rootfs: image %r is being replaced over and over; try again" % name)
+
+
+# The defaults file: the image config's Env, WorkingDir, User, Entrypoint
+# and Cmd.  The run path reads this rather than image.json: the json module
+# costs 18 ms to import here.
+# Data format: NUL-terminated KEY=VALUE fields, KEY one of DEFAULTS_KEYS;
+# env, entrypoint and cmd repeat, one variable or argument each, in order.
+DEFAULTS_KEYS = ("env", "workdir", "user", "entrypoint", "cmd")
+
+
+def encode_defaults(config):
+    """An image config (as image_config() keeps it) -> the defaults file."""
+    fields = ["env=" + e for e in config.get("Env") or ()]
+    fields += ["workdir=" + config["WorkingDir"]] if config.get("WorkingDir") else []
+    fields += ["user=" + config["User"]] if config.get("User") else []
+    fields += ["entrypoint=" + a for a in config.get("Entrypoint") or ()]
+    fields += ["cmd=" + a for a in config.get("Cmd") or ()]
+    return "".join(f + "\0" for f in fields).encode("utf-8", "replace")
+
+
+def read_defaults(dfd):
+    """The defaults file of the image open as DFD -> {key: [values]}."""
+    fd = os.open("defaults", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    with open(fd, "rb") as f:
+        data = f.read(1 << 20)
+    out = {k: [] for k in DEFAULTS_KEYS}
+    for field in data.split(b"\0")[:-1]:
+        key, _, value = field.decode("utf-8", "replace").partition("=")
+        if key in out:
+            out[key].append(value)
+    return out
+
+
+def with_image(spec):
+    """--rootfs NAME -> the same JobSpec as --rootfs PATH of the stored tree,
+    with the image's config as defaults (the parent, before validate())."""
+    if spec.image is None:
+        return spec
+    fd = open_image(spec.image)
+    try:
+        defaults = read_defaults(fd)
     except OSError as e:
-        log("warning", "audit log %s: %s" % (path, e.strerror))
-    except JrunError as e:
-        log("warning", "audit log %s: %s" % (path, e))
+        raise SetupError("--rootfs: image %r is damaged (%s); import it again" % (spec.image, e.strerror)) from None
+    return image_job_spec(spec, os.path.join(HOST.image_dir, spec.image, "rootfs"), defaults)
 
 
-class Outcome:
-    def __init__(self):
-        self.exit_code = None
-        self.signal = None
-        self.timed_out = False
-        self.killed = False
-        self.error = None
-        # Accounting, from the job's cgroup (None: not measured here).
-        self.duration_s = None
-        self.cpu_s = None
-        self.memory_peak_bytes = None
-        self.io_read_bytes = None
-        self.io_write_bytes = None
-        self.oom_kills = 0
-
-    @property
-    def oom_killed(self):
-        return self.oom_kills > 0
-
-    def status_record(self, spec):
-        """The --json-status fields (see the contract)."""
-        r3 = (lambda v: None if v is None else round(v, 3))
-        return {"id": spec.id, "exit_code": self.exit_code, "signal": self.signal,
-                "oom_killed": self.oom_killed, "timed_out": self.timed_out,
-                "duration_s": r3(self.duration_s), "cpu_s": r3(self.cpu_s),
-                "memory_peak_bytes": self.memory_peak_bytes, "io_read_bytes": self.io_read_bytes,
-                "io_write_bytes": self.io_write_bytes, **slurm_field(spec)}
-
-    def stats_line(self, spec):
-        def size(v):
-            return "n/a" if v is None else fmt_size(v)
-
-        return ("job %s: exit %s, wall %.2fs, cpu %s, memory peak %s, io read %s, written %s, oom kills %d"
-                % (spec.id, self.exit_code, self.duration_s or 0.0,
-                   "n/a" if self.cpu_s is None else "%.2fs" % self.cpu_s, size(self.memory_peak_bytes),
-                   size(self.io_read_bytes), size(self.io_write_bytes), self.oom_kills))
-
-
-def run_job(spec, kinds):
-    """Run the job of SPEC; KINDS: what the caller's fds 0-2 are (see
-    stdio_kinds)."""
-    # From here on the signals jrun acts on wait for its wait loop (one that
-    # came during setup must not kill jrun before it can clean up; they are
-    # never unblocked again: jrun exits after the job), and the end of
-    # jrun's caller is one of them.
-    signal.pthread_sigmask(signal.SIG_BLOCK, WAITED_SIGNALS)
-    # An ignored SIGCHLD (inherited through exec) would make the kernel
-    # reap the job itself, and its status would be lost.
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    die_with_caller()
-    spec = validate(with_image(spec))
-    spec = survey_uploads(spec)
-    teardown = Teardown()
-    state = JobState(spec.id)
-    state.create(numbered=spec.slurm is not None and not spec.named)
-    if state.id != spec.id:  # a Slurm name taken on this node: NAME-2, ...
-        hostname = default_hostname(state.id) if spec.hostname == default_hostname(spec.id) else spec.hostname
-        spec = spec.replace(id=state.id, hostname=hostname)
-        _log["job"] = spec.id
-    teardown.push("state %s removed" % state.dir, state.remove)
-    out = Outcome()
-    started = None
-    try:
-        os.mkdir("root", 0o700, dir_fd=state.fd)
-        state.save(id=spec.id, command=list(spec.command), hostname=spec.hostname,
-                   started=time.time(), net=spec.net, limits=limits_record(spec),
-                   user=invoking_user()[1], jrun_pid=os.getpid(), **slurm_field(spec))
-        append_audit_log(start_record(spec))
-        started = time.monotonic()
-        return supervise(spec, state, teardown, out, kinds)
-    except JrunError as e:
-        if out.exit_code is None:
-            out.exit_code = e.exit_code
-        out.error = out.error or str(e)
-        raise
-    finally:
-        teardown.run()
-        # After teardown: when the status file appears, nothing of the job
-        # is left on the host.
-        if out.exit_code is not None and started is not None:
-            report_outcome(spec, out)
-        if started is not None:
-            append_audit_log(end_record(spec, out, time.monotonic() - started))
-
-
-def report_outcome(spec, out):
-    if spec.stats:
-        line = out.stats_line(spec)
-        if _log["format"] == "json":
-            rec = dict(time=round(time.time(), 6), level="info", msg=line, job=spec.id)
-            rec.update(out.status_record(spec))
-            line = dumps_json(rec)
-        else:
-            line = "jrun: " + line
-        os.write(2, (line + "\n").encode())
-    if spec.json_status_dir is not None:
-        # Into the directory opened at validation, by create-and-rename: a
-        # symlink the job left at FILE (in a volume) is replaced, not followed.
+def image_job_spec(spec, rootfs, defaults):
+    """What the image gives, under what the command line says, as docker
+    does: its Env below -e and --env-file, its WorkingDir unless -w (or the
+    config file's workdir), its User unless -u; COMMAND replaces Cmd and the
+    Entrypoint stays; no COMMAND runs Entrypoint + Cmd."""
+    env = dict(e.partition("=")[::2] for e in defaults["env"] if "=" in e)
+    env.update(spec.env)
+    user = spec.user
+    if user is None and defaults["user"]:
         try:
-            replace_file(spec.json_status_dir, os.path.basename(os.path.abspath(spec.json_status)),
-                         (dumps_json(out.status_record(spec)) + "\n").encode())
-        except OSError as e:
-            log("error", "--json-status: cannot write %s: %s" % (spec.json_status, e.strerror))
+            user = parse_user(defaults["user"][-1])
+        except UsageError:
+            raise UsageError("--rootfs %s: the image's User %r is not UID[:GID]; give -u/--user"
+                             % (spec.image, defaults["user"][-1])) from None
+        if spec.cap_add and user[0] not in ("0", "root"):
+            raise UsageError("--cap-add: image %s runs as its User %r, with no capabilities at all; add -u 0 "
+                             "to run it as root inside" % (spec.image, defaults["user"][-1]))
+    workdir = spec.workdir
+    if workdir is None:
+        wd = defaults["workdir"][-1] if defaults["workdir"] else DEFAULT_WORKDIR
+        workdir = os.path.normpath("/" + wd.lstrip("/")) if wd and "\0" not in wd else DEFAULT_WORKDIR
+    command = tuple(defaults["entrypoint"]) + (spec.command or tuple(defaults["cmd"]))
+    if not command:
+        raise UsageError("no COMMAND given, and image %s has no Entrypoint or Cmd (usage: jrun --rootfs %s "
+                         "[OPTIONS] [--] COMMAND [ARG...])" % (spec.image, spec.image))
+    return spec.replace(rootfs=rootfs, env=tuple(env.items()), user=user, workdir=workdir, command=command)
 
 
-def die_with_caller():
-    """The death of jrun's caller (a batch shell killed, leaving jrun
-    orphaned) is a SIGTERM to jrun, so that its job stops as if the caller
-    had sent it.  The kernel sends it when the parent *thread* ends (under
-    sudo: sudo's only one)."""
-    caller = os.getppid()
-    sys_prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != caller:  # gone before the prctl
-        os.kill(os.getpid(), signal.SIGTERM)
+# Importing.  Every archive is hostile input, read as root:
+# - no entry is ever created through a host path: each is made relative to
+#   the fd of its parent directory, which the kernel resolves inside the
+#   image's tree (openat2 RESOLVE_IN_ROOT): an absolute name, or a parent that
+#   an earlier entry made a symlink (a -> /etc, then a/passwd), lands inside
+#   the tree, as docker has it; a '..' component is refused outright;
+# - the entry itself is created with O_EXCL|O_NOFOLLOW after what was there
+#   is removed (never followed); a hard link is made only to an entry of the
+#   tree, resolved the same way, never through its final symlink;
+# - device nodes are skipped (the job's /dev is its own and its root is
+#   nodev); fifos are kept; setuid and setgid bits are kept as docker keeps
+#   them: the tree is root's alone (0700) on the host, and a job gains
+#   nothing from them (nosuid mount, no_new_privs); extended attributes are
+#   dropped, file capabilities among them (no_new_privs ignores them too),
+#   and with them any trusted.overlay.* attribute that could steer the
+#   job's overlay; owners are the header's numbers, never looked up by name;
+# - sizes and entry counts are bounded (--max-size, --max-files), and so are
+#   tar headers that tarfile would read whole into memory;
+# - every blob is checked against its descriptor's digest and size, every
+#   layer against its diff_id; a failure anywhere removes the whole import.
+
+IMAGE_MAX_SIZE = "32G"  # bytes of files, over all layers (a CUDA image is ~20 GB)
+IMAGE_MAX_FILES = 1000000  # entries, over all layers (big images have ~300,000)
+_JSON_MAX = 4 << 20  # an index, manifest or config: a few KiB in practice
+_TAR_HEADER_MAX = 1 << 20  # a long name or pax header
+_INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
+                "application/vnd.docker.distribution.manifest.list.v2+json")
+_CONFIG_TYPES = ("application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json")
+_REF_ANNOTATIONS = ("io.containerd.image.name", "org.opencontainers.image.ref.name")
+_ARCH_ALIASES = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64"}
+RENAME_EXCHANGE = 2  # <linux/fs.h>
 
 
-def supervise(spec, state, teardown, out, kinds):
-    # Data format of the status pipe, child to parent, closed on exec:
-    #   b"R\n"                    the child has its namespaces and waits on
-    #                             the sync pipe for the parent to attach them;
-    #   b"E<status> <message>\n"  the child's setup failed; it exits with
-    #                             <status> (STATUS_ERRORS: the error it is);
-    #   EOF (empty read)          exec succeeded (or the child died).
-    status_r, status_w = os.pipe2(os.O_CLOEXEC)
-    # Data format of the sync pipe, parent to child: one byte b"G" releases
-    # the child once its cgroup and network are attached; EOF instead (the
-    # parent gave up or died) makes it exit.  sync_w stays open for the
-    # job's life: the child checks it for EOF after its last credential
-    # change (drop_privileges).
-    sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
-    resources = host_resources(spec)
-    for res in resources:
-        res.setup(state)
-        teardown.push(res.name, res.teardown)
-    stdio = JobStdio(kinds)
-    plan = ChildPlan(spec=spec, state_dir=state.dir, status_w=status_w, sync_r=sync_r,
-                     parent_pid=os.getpid(), resources=resources, stdio=stdio)
-    import prctl  # noqa: F401 - for the child: cheaper here than after fork (copy-on-write faults)
+class ImageSpec(_Frozen):
+    """What an archive holds for one platform: where its layers are and
+    what they must hash to, and the config a job gets."""
 
-    pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-    unshare(CLONE_NEWPID)
-    pid = os.fork()
-    if pid == 0:
-        os.close(status_r)
-        os.close(sync_w)
-        child_main(plan)
-    # Our own later children (helpers such as nft) stay in the host's PID
-    # namespace: only the job is born into the new one.
-    setns(pidns, CLONE_NEWPID)
-    os.close(pidns)
-    close_staging_sources(spec)
-    os.close(status_w)
-    os.close(sync_r)
-    stdio.close_job_ends()
-    state.save(pid=pid)
-    reaped = relay = None
-    try:
-        relay = Relay(stdio) if stdio.relayed else None
-        status = _read_status(status_r)
-        if status == "R":
-            for res in resources:
-                res.attach(pid)
-            os.write(sync_w, b"G")
-            trace("child released from the sync pipe")
-            status = _read_status(status_r, relay_to=pid if spec.uploads else None)
-        if status and status.startswith("E"):
-            code, _, msg = status[1:].partition(" ")
-            out.error = msg
-            out.exit_code = int(code)
-            _, ws = os.waitpid(pid, 0)
-            reaped = ws
-            if relay:
-                relay.finish(spec.stop_timeout)  # what the child wrote (--log-level debug)
-            raise error_of_status(out.exit_code)(msg)
-        # COMMAND runs from here: --timeout does not count the uploads' copy.
-        started = time.monotonic()
-        if relay:
-            relay.start()
-        reaped = wait_for_job(spec, pid, out, started, relay)
-        out.duration_s = time.monotonic() - started
-        for res in resources:
-            res.collect(out)
-        if out.oom_killed and not out.timed_out:
-            out.exit_code = EXIT_OOM
-            log("error", "job killed: out of memory (limit %s)" % memory_bound(spec))
-    finally:
-        os.close(sync_w)
-        os.close(status_r)
-        if reaped is None:
-            _kill_and_reap(pid)
-        if relay:
-            relay.close()  # the caller's terminal restored, on every path
-        stdio.close()
-    return out.exit_code
+    __slots__ = ("format", "ref", "digest", "platform", "created", "config", "layers")
 
 
-def _read_status(fd, relay_to=None):
-    """One line from the child's status pipe; '' at EOF (exec succeeded).
-    With RELAY_TO, a signal to forward that arrives meanwhile (the child may
-    be copying uploads for a while) is passed on: the child keeps it blocked,
-    and either stops its copy or COMMAND gets it at exec."""
-    buf = b""
-    while not buf.endswith(b"\n"):
-        if relay_to is not None:
-            import select
-
-            while not select.select([fd], [], [], 0.2)[0]:
-                info = signal.sigtimedwait(FORWARDED_SIGNALS, 0)
-                if info is not None:
-                    _signal(relay_to, info.si_signo)
-        chunk = os.read(fd, 1)
-        if not chunk:
-            break
-        buf += chunk
-    return buf.decode("utf-8", "surrogateescape").rstrip("\n")
+class Layer(_Frozen):
+    # name: the blob's path in the source; digest and size: its descriptor's
+    # (None in a docker-archive); diff_id: the digest of the uncompressed tar.
+    __slots__ = ("name", "digest", "size", "diff_id")
 
 
-def _kill_and_reap(pid):
-    _signal(pid, signal.SIGKILL)
-    while True:
-        try:
-            if os.waitpid(-1, WALL)[0] == pid:  # threads jrun traces too: see _reap
-                return
-        except ChildProcessError:
-            return
+def parse_platform(text):
+    """'linux/amd64', 'linux/arm64/v8' -> (os, arch, variant or None); None
+    -> this host's, as docker picks it."""
+    if text is None:
+        m = os.uname().machine
+        return ("linux", _ARCH_ALIASES.get(m, m), None)
+    parts = text.split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise UsageError("--platform: %r is not OS/ARCH[/VARIANT] (e.g. linux/amd64, linux/arm64/v8)" % text)
+    return (parts[0], _ARCH_ALIASES.get(parts[1], parts[1]), parts[2] if len(parts) == 3 else None)
 
 
-def wait_for_job(spec, pid, out, started, relay=None):
-    """Wait for PID 1 of the job, relaying signals (and the job's stdio) and
-    enforcing --timeout.  Returns the wait status."""
-    deadline = started + spec.timeout if spec.timeout else None
-    kill_at = None
+def platform_text(p):
+    return "/".join(x for x in p if x)
 
-    def say(level, msg):  # after the job's own output so far
-        if relay:
-            relay.flush()
-        log(level, msg)
 
-    def stop(sig, why, forwarding):
-        """Relay SIG to PID 1, or SIGKILL at once if PID 1 cannot act on it
-        (under --init, tini handles them all); returns when to send SIGKILL."""
-        name = signal_name(sig)
-        if spec.init or _handles(pid, sig):
-            say("warning" if forwarding is None else "info", "%s; %s" % (why, forwarding or "sending " + name))
-            _signal(pid, sig)
-            return time.monotonic() + spec.stop_timeout
-        out.killed = True
-        say("warning", "%s; PID 1 has no handler for %s (the kernel ignores it for a namespace's init): "
-            "sending SIGKILL" % (why, name))
-        _signal(pid, signal.SIGKILL)
+def config_platform(obj):
+    """An OCI platform object or image config -> (os, arch, variant)."""
+    arch = obj.get("architecture")
+    arch = _ARCH_ALIASES.get(arch, arch) if isinstance(arch, str) else "?"
+    variant = obj.get("variant") if isinstance(obj.get("variant"), str) else None
+    if arch == "arm64" and variant == "v8":
+        variant = None  # the only arm64 there is
+    return (obj.get("os") if isinstance(obj.get("os"), str) else "?", arch, variant)
+
+
+def platform_matches(have, want):
+    return have[:2] == want[:2] and (want[2] is None or want[2] == (have[2] or ("v8" if have[1] == "arm64" else None)))
+
+
+def entry_path(name):
+    """A tar member's name -> its path relative to the image's root ('' for
+    the root itself), as docker reads it: leading '/' and '.' components go;
+    '..' is refused (its meaning would hang on symlinks of the tree)."""
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise UsageError("%r leaves the image (a '..' component)" % name)
+    return "/".join(parts)
+
+
+def whiteout_target(base):
+    """The name a whiteout entry hides: '.wh.NAME' -> NAME; the opaque marker
+    '.wh..wh..opq' -> ''; None for an ordinary entry or other '.wh..wh.'
+    metadata of aufs (hard link directories), which is no part of the tree."""
+    if not base.startswith(".wh."):
         return None
+    if base == ".wh..wh..opq":
+        return ""
+    if base.startswith(".wh..wh."):
+        return None
+    name = base[4:]
+    if name in ("", ".", ".."):
+        raise UsageError("whiteout %r names no entry" % base)
+    return name
 
+
+def _prefixes(rel):
+    """'a/b/c' -> 'a', 'a/b', 'a/b/c'."""
+    parts = rel.split("/")
+    return ("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+
+
+def _blob_name(desc, what):
+    """An OCI descriptor -> its blob's path in the layout, checking the
+    digest's form first (it becomes a path: 'sha256:../../x' must not)."""
+    if not isinstance(desc, dict) or not isinstance(desc.get("digest"), str) or not isinstance(
+            desc.get("size"), int) or desc["size"] < 0:
+        raise UsageError("%s: not a descriptor with a digest and a size" % what)
+    algo, _, hexdigest = desc["digest"].partition(":")
+    if {"sha256": 64, "sha512": 128}.get(algo) != len(hexdigest) or not set(hexdigest) <= set("0123456789abcdef"):
+        raise UsageError("%s: %r is not a sha256 or sha512 digest" % (what, desc["digest"]))
+    return "blobs/%s/%s" % (algo, hexdigest)
+
+
+class Digested:
+    """A stream read once, front to back, through sha256 (or sha512) and a
+    byte count; TICK(n) sees every read (progress, bounds)."""
+
+    def __init__(self, f, algo="sha256", tick=None):
+        import hashlib
+
+        self.f, self.algo, self.h, self.n, self.tick = f, algo, hashlib.new(algo), 0, tick
+
+    def read(self, size=-1):
+        data = self.f.read(size)
+        self.n += len(data)
+        self.h.update(data)
+        if self.tick:
+            self.tick(len(data))
+        return data
+
+    def drain(self):
+        while self.read(1 << 20):
+            pass
+
+    def check(self, digest, size, what):
+        got = "%s:%s" % (self.algo, self.h.hexdigest())
+        if digest is not None and got != digest:
+            raise UsageError("%s: digest %s, not %s as the image says" % (what, got, digest))
+        if size is not None and self.n != size:
+            raise UsageError("%s: %d bytes, not %d as the image says" % (what, self.n, size))
+
+
+_MAGIC = ((b"\x1f\x8b\x08", "gzip"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"BZh", "bzip2"))
+
+
+def compression(head):
+    return next((kind for magic, kind in _MAGIC if head.startswith(magic)), None)
+
+
+def decompressed(f, kind):
+    """F read through the decompressor KIND names (None: as it is)."""
+    if kind == "gzip":
+        import gzip
+
+        return gzip.GzipFile(fileobj=f, mode="rb")
+    if kind == "xz":
+        import lzma
+
+        return lzma.LZMAFile(f)
+    if kind == "bzip2":
+        import bz2
+
+        return bz2.BZ2File(f)
+    if kind == "zstd":
+        # The standard library has zstd from Python 3.14 on; before, the
+        # zstandard package (optional: only zstd archives need it).
+        try:
+            from compression import zstd
+
+            return zstd.ZstdFile(f)
+        except ImportError:
+            pass
+        try:
+            import zstandard
+        except ImportError:
+            raise SetupError("zstd-compressed data needs the Python package zstandard in jrun's environment "
+                             "(e.g. /opt/jrun/bin/pip install zstandard), or Python 3.14") from None
+        return zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+    return f
+
+
+def _file_size(f):
+    size = f.seek(0, 2)
+    f.seek(0)
+    return size
+
+
+def tar_open(f, stream):
+    """tarfile on F: STREAM reads it front to back once (a layer), else with
+    seeks (an archive's members, found by name).  tarfile imports re (7 ms)
+    and is imported here only."""
+    import tarfile
+
+    class BoundedTarInfo(tarfile.TarInfo):
+        # tarfile reads a long name or a pax header whole into memory: a
+        # hostile one of 8 GB would exhaust it before any bound is checked.
+        def _proc_member(self, tf):
+            if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+                             tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE) and self.size > _TAR_HEADER_MAX:
+                raise UsageError("a tar header (long name or pax) of %d bytes" % self.size)
+            return super()._proc_member(tf)
+
+    return tarfile.open(fileobj=f, mode="r|" if stream else "r:", tarinfo=BoundedTarInfo)
+
+
+def stream_members(tar):
+    """The members of a stream-mode TarFile, one at a time.  (tarfile keeps
+    every member it read: a layer of a million entries would keep them all.)"""
     while True:
-        ws = _reap(pid)
-        if ws is not None:
-            break
-        now = time.monotonic()
-        waits = [t - now for t in (deadline, kill_at) if t is not None]
-        timeout = max(0.0, min(waits)) if waits else None
-        for sig in relay.wait(timeout) if relay else _sigwait(timeout):
-            if sig == signal.SIGWINCH and relay:
-                relay.resize()
-            elif sig in FORWARDED_SIGNALS and not out.killed:
-                when = stop(sig, "job %s: %s received" % (spec.id, signal_name(sig)),
-                            "forwarding it to the job")
-                kill_at = when if kill_at is None else kill_at
-        while relay and relay.typed and not out.killed:
-            # The job's pty sent the signal itself; only PID 1's deafness to it is jrun's business.
-            sig, pgrp = relay.typed.pop(0)
-            if pgrp == pid and not spec.init and not _handles(pid, sig):
-                stop(sig, "job %s: %s typed" % (spec.id, "^C" if sig == signal.SIGINT else "^\\"), None)
-        now = time.monotonic()
-        if deadline is not None and now >= deadline:
-            out.timed_out = True
-            deadline = None
-            if not out.killed:
-                kill_at = stop(signal.SIGTERM, "job %s timed out after %s" % (spec.id, _fmt_dur(spec.timeout)),
-                               None)
-        if kill_at is not None and now >= kill_at and not out.killed:
-            out.killed = True
-            say("warning", "job %s still running %s after SIGTERM; sending SIGKILL"
-                % (spec.id, _fmt_dur(spec.stop_timeout)))
-            _signal(pid, signal.SIGKILL)
-            kill_at = None
-    if relay:
-        relay.finish(spec.stop_timeout)
-    if os.WIFSIGNALED(ws):
-        out.signal = os.WTERMSIG(ws)
-        out.exit_code = 128 + out.signal
-    else:
-        out.exit_code = os.WEXITSTATUS(ws)
-    if out.timed_out:
-        out.exit_code = EXIT_TIMEOUT
-    return ws
+        ti = tar.next()
+        if ti is None:
+            return
+        yield ti
+        del tar.members[:]
 
 
-def _sigwait(timeout):
-    info = signal.sigtimedwait(WAITED_SIGNALS, 3600.0 if timeout is None else timeout)
-    return () if info is None else (info.si_signo,)
+class ArchiveFiles:
+    """The files of an image archive (docker-archive, oci-archive): members
+    of one uncompressed tar, read in place; a member that is a link is
+    followed inside the archive only (tarfile's extractfile)."""
+
+    def __init__(self, tar, max_files):
+        self.tar, self.members = tar, {}
+        for m in tar:  # tarfile keeps them all: counted as they come
+            if len(tar.members) > max_files:
+                raise UsageError("more than %s entries (raise --max-files)" % format(max_files, ","))
+            self.members[entry_path(m.name)] = m
+
+    def has(self, name):
+        return name in self.members
+
+    def open(self, name):
+        m = self.members.get(name)
+        try:
+            f = self.tar.extractfile(m) if m is not None else None
+        except (KeyError, RecursionError):
+            f = None
+        if f is None:
+            raise UsageError("%s: not a file in the archive" % name)
+        return f
 
 
-def _handles(pid, sig):
-    """Whether PID has a handler for SIG (SigCgt in /proc/PID/status).  A
-    PID namespace's init without one never gets SIG: the kernel drops it
-    (all but SIGKILL, and SIGSTOP from outside the namespace)."""
+class LayoutFiles:
+    """The files of an OCI image layout directory (or an unpacked
+    docker-archive), opened by the kernel under the directory's fd: a
+    symlink in it never leads out of it."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def has(self, name):
+        try:
+            self.open(name).close()
+            return True
+        except UsageError:
+            return False
+
+    def open(self, name):
+        import stat
+
+        try:
+            fd = openat2(self.fd, name, os.O_RDONLY, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+        except OSError:
+            raise UsageError("%s: not a file in the directory" % name) from None
+        f = open(fd, "rb")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            f.close()
+            raise UsageError("%s: not a file in the directory" % name)
+        return f
+
+
+def read_json(files, name, desc=None):
+    """A JSON document of the image (index, manifest, config) -> (object,
+    its sha256 digest), checked against DESC's digest and size if given."""
+    with files.open(name) as f:
+        size = _file_size(f)
+        if size > _JSON_MAX:
+            raise UsageError("%s: %d bytes, more than a JSON document of an image has" % (name, size))
+        r = Digested(f, desc["digest"].partition(":")[0] if desc else "sha256")
+        data = r.read(size)
+    if desc:
+        r.check(desc["digest"], desc["size"], name)
+    import json
+
     try:
-        with open("/proc/%d/status" % pid, "rb") as f:
-            for line in f:
-                if line.startswith(b"SigCgt:"):
-                    return bool(int(line[7:], 16) >> (sig - 1) & 1)
-    except (OSError, ValueError):
-        pass
-    return True  # not known (gone already): relay it, as before
+        return json.loads(data), "%s:%s" % (r.algo, r.h.hexdigest())
+    except (ValueError, UnicodeDecodeError):
+        raise UsageError("%s: not JSON" % name) from None
 
 
-def _reap(pid):
-    """PID 1's wait status once it has ended, else None.  A job can make
-    jrun the tracer of PID 1 or of one of its threads (PTRACE_TRACEME
-    names the parent): every ptrace-stop is ended by detaching, and a
-    traced thread that has exited is reaped (__WALL), for until then the
-    kernel cannot release PID 1 itself.  (While it waits, jrun has no
-    other children.)"""
+def image_config(config, what):
+    """The part of an image config a job uses, each field's type checked."""
+    cfg = config.get("config") or {}
+    if not isinstance(cfg, dict):
+        raise UsageError("%s: 'config' is not an object" % what)
+    out = {}
+    for key, kind in (("Env", list), ("WorkingDir", str), ("User", str), ("Entrypoint", list), ("Cmd", list)):
+        v = cfg.get(key)
+        if v is None or v == "":
+            continue
+        if not isinstance(v, kind) or (kind is list and not all(isinstance(x, str) for x in v)):
+            raise UsageError("%s: config %s is not %s" % (what, key, "a string" if kind is str else
+                                                           "a list of strings"))
+        if "\0" in (v if kind is str else "".join(v)):
+            raise UsageError("%s: config %s holds a NUL character" % (what, key))
+        out[key] = v
+    return out
+
+
+def _diff_ids(config, nlayers, what):
+    ids = (config.get("rootfs") or {}).get("diff_ids") if isinstance(config.get("rootfs"), dict) else None
+    if not isinstance(ids, list) or len(ids) != nlayers or not all(isinstance(d, str) for d in ids):
+        raise UsageError("%s: rootfs.diff_ids does not list the %d layers" % (what, nlayers))
+    return ids
+
+
+def oci_images(files, index, want, seen, ref=None, depth=0):
+    """The ImageSpecs for WANT that an OCI index (index.json, or an image
+    index it names) leads to; the platforms of the others go to SEEN."""
+    if depth > 3 or not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
+        raise UsageError("index.json: not an image index")
+    out = []
+    for n, desc in enumerate(index["manifests"]):
+        what = "index.json manifest %d" % n
+        name = _blob_name(desc, what)
+        annotations = desc.get("annotations") if isinstance(desc.get("annotations"), dict) else {}
+        this_ref = next((annotations[k] for k in _REF_ANNOTATIONS if isinstance(annotations.get(k), str)), ref)
+        if isinstance(desc.get("platform"), dict):
+            have = config_platform(desc["platform"])
+            if not platform_matches(have, want):
+                seen.add(platform_text(have))
+                continue
+        doc, _ = read_json(files, name, desc)
+        if not isinstance(doc, dict):
+            raise UsageError("%s: not an object" % name)
+        if desc.get("mediaType") in _INDEX_TYPES or "manifests" in doc:
+            out += oci_images(files, doc, want, seen, this_ref, depth + 1)
+        elif isinstance(doc.get("layers"), list):
+            image = _oci_manifest(files, doc, desc, this_ref, name)
+            if image is not None and platform_matches(image.platform, want):
+                out.append(image)
+            elif image is not None:
+                seen.add(platform_text(image.platform))
+    return out
+
+
+def _oci_manifest(files, manifest, desc, ref, what):
+    """An image manifest -> ImageSpec; None for an artifact that is no image
+    (an attestation, a signature): its config or layers are of other types."""
+    cdesc = manifest.get("config")
+    if isinstance(cdesc, dict) and cdesc.get("mediaType") not in _CONFIG_TYPES:
+        return None
+    names = [_blob_name(d, "%s layer %d" % (what, i)) for i, d in enumerate(manifest["layers"])]
+    for d in manifest["layers"]:
+        mt = d.get("mediaType", "")
+        if not (("layer" in mt or "rootfs" in mt) and mt.endswith(("tar", "tar+gzip", "tar+zstd", "tar.gzip"))):
+            return None  # in-toto statements, encrypted layers, ...
+    config, _ = read_json(files, _blob_name(cdesc, what + " config"), cdesc)
+    if not isinstance(config, dict):
+        raise UsageError("%s: the config is not an object" % what)
+    ids = _diff_ids(config, len(names), what)
+    layers = tuple(Layer(name=n, digest=d["digest"], size=d["size"], diff_id=i)
+                   for n, d, i in zip(names, manifest["layers"], ids))
+    return ImageSpec(format=None, ref=ref, digest=desc["digest"], platform=config_platform(config),
+                     created=config.get("created"), config=image_config(config, what), layers=layers)
+
+
+def docker_images(files, want, seen):
+    """The ImageSpecs for WANT in a docker-archive's manifest.json (docker
+    and podman save; docker 25's also holds an OCI layout, read instead)."""
+    manifest, _ = read_json(files, "manifest.json")
+    if not isinstance(manifest, list):
+        raise UsageError("manifest.json: not a list of images")
+    out = []
+    for n, entry in enumerate(manifest):
+        what = "manifest.json image %d" % n
+        if not isinstance(entry, dict) or not isinstance(entry.get("Config"), str) or not isinstance(
+                entry.get("Layers"), list) or not all(isinstance(x, str) for x in entry["Layers"]):
+            raise UsageError("%s: no Config and Layers" % what)
+        cname = entry_path(entry["Config"])
+        config, digest = read_json(files, cname)
+        # The config is named by its sha256 (<hex>.json, blobs/sha256/<hex>).
+        hexname = cname.rsplit("/", 1)[-1].partition(".json")[0]
+        if len(hexname) == 64 and "sha256:" + hexname != digest:
+            raise UsageError("%s: digest %s, not sha256:%s as its name says" % (cname, digest, hexname))
+        if not isinstance(config, dict):
+            raise UsageError("%s: not an object" % cname)
+        if not platform_matches(config_platform(config), want):
+            seen.add(platform_text(config_platform(config)))
+            continue
+        ids = _diff_ids(config, len(entry["Layers"]), what)
+        layers = []
+        for lname, diff_id in zip(entry["Layers"], ids):
+            lname = entry_path(lname)
+            h = lname[len("blobs/sha256/"):] if lname.startswith("blobs/sha256/") else ""
+            layers.append(Layer(name=lname, digest="sha256:" + h if len(h) == 64 else None, size=None,
+                                diff_id=diff_id))
+        tags = entry.get("RepoTags") if isinstance(entry.get("RepoTags"), list) else []
+        out.append(ImageSpec(format="docker-archive", ref=tags[0] if tags and isinstance(tags[0], str) else None,
+                             digest=digest, platform=config_platform(config), created=config.get("created"),
+                             config=image_config(config, what), layers=tuple(layers)))
+    return out
+
+
+def select_image(images, want, seen):
+    unique = list({i.digest: i for i in images}.values())
+    if not unique:
+        have = sorted(p for p in seen if "unknown" not in p.split("/"))  # attestations are unknown/unknown
+        raise UsageError("no image for %s in it (it has: %s); choose one with --platform"
+                         % (platform_text(want), ", ".join(have) or "none"))
+    if len(unique) > 1:
+        raise UsageError("it holds %d images for %s (%s): import an archive of one image"
+                         % (len(unique), platform_text(want), ", ".join(i.ref or i.digest for i in unique)))
+    return unique[0]
+
+
+class Bounds:
+    """--max-size and --max-files, over all layers; and what a decompressor
+    may produce (files plus the tar's headers), so that a bomb stops early."""
+
+    def __init__(self, max_size, max_files):
+        self.max_size, self.max_files = max_size, max_files
+        self.size = self.files = 0
+
+    def entry(self, ti):
+        self.files += 1
+        if self.files > self.max_files:
+            raise UsageError("more than %s entries (raise --max-files)" % format(self.max_files, ","))
+        if ti.isreg():
+            self.size += ti.size
+            if self.size > self.max_size:
+                raise UsageError("more than %s of files (raise --max-size)" % fmt_size(self.max_size))
+
+    def stream_cap(self):
+        """TICK for a decompressed stream: at most the files' bound plus a
+        kilobyte of tar header and padding per entry."""
+        total = [0]
+        cap = self.max_size + 1024 * self.max_files
+
+        def tick(n):
+            total[0] += n
+            if total[0] > cap:
+                raise UsageError("decompressed, more than --max-size %s (and --max-files %s) allow"
+                                 % (fmt_size(self.max_size), format(self.max_files, ",")))
+        return tick
+
+
+class ImportProgress:
+    """A progress line while stderr is a terminal (text log format, level
+    info or below), as for uploads; one summary line in any case."""
+
+    def __init__(self, name):
+        self.tty = _log["format"] == "text" and LEVELS["info"] >= _log["level"] and os.isatty(2)
+        self.name, self.stage, self.done, self.total = name, "", 0, 0
+        self.started = self.shown = time.monotonic()
+
+    def begin(self, stage, total):
+        self.stage, self.done, self.total = stage, 0, total
+        self.shown = 0.0
+        self.read(0)
+
+    def read(self, n):
+        self.done += n
+        now = time.monotonic()
+        if self.tty and now - self.shown > 0.25:
+            self.shown = now
+            pct = " %d%%" % (100 * self.done // self.total) if self.total else ""
+            os.write(2, ("\rjrun: Importing %s: %s%s\033[K" % (self.name, self.stage, pct)).encode())
+
+    def end(self, summary):
+        if self.tty:
+            os.write(2, b"\r\033[K")
+        log("info", "%s in %.1fs" % (summary, time.monotonic() - self.started))
+
+
+class ImageTree:
+    """Applies layers, in order, to the tree under ROOTFD (the parent, as
+    root, in a directory only root can reach): every entry made relative to
+    its parent's fd, which the kernel resolves inside the tree."""
+
+    def __init__(self, rootfd, bounds, progress):
+        self.rootfd, self.bounds, self.progress = rootfd, bounds, progress
+        self.skipped = self.xattrs = 0
+        self.on_data = None  # progress by bytes of files (a tarball's; a layer's is by blob bytes)
+        self.dir_times = {}
+        self.fresh = set()  # what the current layer made: its whiteouts hide lower layers only
+        self.label = ""
+
+    def apply(self, tar, members, label):
+        """Every entry of one layer.  A broken archive (truncated, not tar,
+        bad compression) is refused with what the reader said."""
+        self.label, self.fresh = label, set()
+        try:
+            for ti in stream_members(tar) if members is None else members:
+                try:
+                    self.entry(tar, ti)
+                except OSError as e:
+                    raise SetupError("%r: %s" % (ti.name, e.strerror or e)) from None
+        except JrunError as e:
+            raise type(e)("%s: %s" % (label, e)) from None
+        except Exception as e:  # noqa: BLE001 - tarfile.ReadError, EOFError, zlib.error, lzma.LZMAError, ...
+            raise UsageError("%s: cannot read it: %s" % (label, e)) from None
+
+    def entry(self, tar, ti):
+        rel = entry_path(ti.name)
+        self.bounds.entry(ti)
+        if not rel:
+            return  # the root itself: the job's root is its upper layer's
+        parent, _, base = rel.rpartition("/")
+        if base.startswith(".wh."):
+            hidden = whiteout_target(base)
+            if hidden is not None:
+                self.opaque(parent) if hidden == "" else self.whiteout(parent, hidden)
+            return
+        self.fresh.update(_prefixes(rel))
+        if not (ti.isreg() or ti.isdir() or ti.issym() or ti.islnk() or ti.isfifo()):
+            self.skipped += 1  # device nodes (and types tar has no use for)
+            return
+        if not (0 <= ti.uid <= 0xFFFFFFFE and 0 <= ti.gid <= 0xFFFFFFFE):
+            raise UsageError("%r: owner %d:%d is out of range" % (ti.name, ti.uid, ti.gid))
+        if any(k.startswith(("SCHILY.xattr.", "LIBARCHIVE.xattr.")) for k in ti.pax_headers):
+            self.xattrs += 1
+        pfd = self.directory(parent)
+        try:
+            self.create(tar, ti, pfd, base, rel)
+        finally:
+            os.close(pfd)
+
+    def directory(self, rel):
+        """An O_PATH fd of directory REL of the tree, made (root's, 0755) if
+        missing, as tar does."""
+        try:
+            return openat2(self.rootfd, rel or ".", os.O_PATH | os.O_DIRECTORY,
+                           RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+        except FileNotFoundError:
+            pass
+        try:
+            return open_dir_in_root(self.rootfd, rel)
+        except SetupError as e:
+            raise UsageError(str(e).replace("the job's root", "the image")) from None
+
+    def existing(self, rel):
+        """A readable fd of directory REL of the tree, or None."""
+        try:
+            return openat2(self.rootfd, rel or ".", os.O_RDONLY | os.O_DIRECTORY,
+                           RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def create(self, tar, ti, pfd, base, rel):
+        kept = replace_entry(pfd, base, ti.isdir())
+        times = (int(ti.mtime * 1e9),) * 2
+        if ti.isdir():
+            if not kept:
+                os.mkdir(base, 0o700, dir_fd=pfd)
+            fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+            try:
+                self.owner_and_mode(fd, ti)
+            finally:
+                os.close(fd)
+            self.dir_times[rel] = times  # set last: every entry made in it changes it
+        elif ti.isreg():
+            fd = open_new_file(pfd, base, 0o600)
+            try:
+                if ti.size:
+                    self.copy(tar.extractfile(ti), fd)
+                self.owner_and_mode(fd, ti)
+                _utime(fd, times)
+            finally:
+                os.close(fd)
+        elif ti.issym():
+            os.symlink(ti.linkname, base, dir_fd=pfd)
+            os.chown(base, ti.uid, ti.gid, dir_fd=pfd, follow_symlinks=False)
+            _utime(base, times, pfd)
+        elif ti.islnk():
+            self.hard_link(ti, pfd, base)
+        else:
+            os.mkfifo(base, 0o600, dir_fd=pfd)
+            os.chown(base, ti.uid, ti.gid, dir_fd=pfd, follow_symlinks=False)
+            os.chmod(base, ti.mode & 0o7777, dir_fd=pfd)  # just made, where only root writes: no symlink
+            _utime(base, times, pfd)
+
+    def owner_and_mode(self, fd, ti):
+        os.fchown(fd, ti.uid, ti.gid)
+        os.fchmod(fd, ti.mode & 0o7777)  # after chown, which clears setuid and setgid
+
+    def copy(self, src, fd):
+        while True:
+            chunk = src.read(1 << 20)
+            if not chunk:
+                return
+            write_all(fd, chunk)
+            if self.on_data:
+                self.on_data(len(chunk))
+
+    def hard_link(self, ti, pfd, base):
+        """A hard link to an entry of the tree only: its parent resolved
+        inside the tree, its final component never followed."""
+        target = entry_path(ti.linkname)
+        tparent, _, tbase = target.rpartition("/")
+        tfd = self.existing(tparent) if tbase else None
+        try:
+            if tfd is None:
+                raise FileNotFoundError
+            os.link(tbase, base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            raise UsageError("%r: a hard link to %r, which is not in the image" % (ti.name, ti.linkname)) from None
+        finally:
+            if tfd is not None:
+                os.close(tfd)
+
+    def whiteout(self, parent, name):
+        """'.wh.NAME': NAME of the lower layers goes (with all it holds)."""
+        rel = parent + "/" + name if parent else name
+        if rel in self.fresh:
+            return
+        dfd = self.existing(parent)
+        if dfd is not None:
+            try:
+                replace_entry(dfd, name, False)
+            finally:
+                os.close(dfd)
+
+    def opaque(self, parent):
+        """'.wh..wh..opq': the directory shows nothing of the lower layers."""
+        dfd = self.existing(parent)
+        if dfd is not None:
+            try:
+                self._prune(dfd, parent)
+            finally:
+                os.close(dfd)
+
+    def _prune(self, dfd, rel):
+        import stat
+
+        for name in os.listdir(dfd):
+            path = rel + "/" + name if rel else name
+            if path not in self.fresh:
+                replace_entry(dfd, name, False)
+            elif stat.S_ISDIR(os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode):
+                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                try:
+                    self._prune(sub, path)
+                finally:
+                    os.close(sub)
+
+    def finish(self):
+        """Directory times, now that nothing is made in them any more."""
+        for rel, times in self.dir_times.items():
+            try:
+                fd = openat2(self.rootfd, rel, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                             RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+            except OSError:
+                continue  # removed by a later layer
+            try:
+                _utime(fd, times)
+            finally:
+                os.close(fd)
+
+
+def replace_entry(dfd, name, keep_dir):
+    """Clear NAME in directory DFD, never following it: a file or symlink
+    goes, a directory goes with all it holds, unless KEEP_DIR (a directory
+    entry over a directory merges into it).  Returns True if one is kept."""
+    import shutil
+    import stat
+
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dfd)
+    elif keep_dir:
+        return True
+    else:
+        shutil.rmtree(name, dir_fd=dfd)
+    return False
+
+
+def _utime(target, times, dfd=None):
+    try:
+        if dfd is None:
+            os.utime(target, ns=times)
+        else:
+            os.utime(target, ns=times, dir_fd=dfd, follow_symlinks=False)
+    except (OverflowError, ValueError):
+        pass  # a time the kernel cannot store: the file keeps now
+
+
+def apply_layer(files, layer, tree, bounds_tick):
+    """One layer blob: its raw bytes hashed against its descriptor, its tar
+    (after decompression) against its diff_id, its entries applied."""
+    with files.open(layer.name) as f:
+        size = _file_size(f)
+        if layer.size is not None and size != layer.size:
+            raise UsageError("%s: %s: %d bytes, not %d as the image says" % (tree.label, layer.name, size,
+                                                                               layer.size))
+        kind = compression(f.read(8))
+        f.seek(0)
+        raw = Digested(f, (layer.digest or "sha256:").partition(":")[0], tree.progress.read)
+        tar_stream = Digested(decompressed(raw, kind), "sha256", bounds_tick)
+        try:
+            tree.apply(tar_open(tar_stream, stream=True), None, tree.label)
+            tar_stream.drain()  # the hashes cover the whole blob, past the tar's end
+            raw.drain()
+        except JrunError:
+            raise
+        except Exception as e:  # noqa: BLE001 - as in ImageTree.apply
+            raise UsageError("%s: cannot read it: %s" % (tree.label, e)) from None
+    raw.check(layer.digest, layer.size, "%s (%s)" % (tree.label, layer.name))
+    tar_stream.check(layer.diff_id, None, "%s (%s) uncompressed" % (tree.label, layer.name))
+
+
+def read_source(source, bfd, want, bounds, progress):
+    """SOURCE (a path) -> (files, ImageSpec, tar or None): what it holds,
+    for the platform WANT.  A compressed file is decompressed once into the
+    build directory BFD (bounded), so that its members can be found by name."""
+    import stat
+
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise UsageError(e.strerror) from None
+    st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode):
+        files = LayoutFiles(fd)
+        if files.has("index.json") and files.has("oci-layout"):
+            fmt = "oci-layout"
+        elif files.has("manifest.json"):
+            fmt = "docker-archive"
+        else:
+            raise UsageError("a directory must be an OCI image layout (index.json, oci-layout) or an unpacked "
+                             "docker-archive (manifest.json)")
+        return files, _image_of(files, fmt, want), None
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError("not a file or a directory")
+    f = open(fd, "rb")
+    kind = compression(os.pread(fd, 8, 0))
+    digest = None
+    if kind:
+        f, digest = _decompress_to(f, kind, bfd, bounds, progress, st.st_size)
+    try:
+        tar = tar_open(f, stream=False)
+        files = ArchiveFiles(tar, bounds.max_files)
+    except JrunError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tarfile.ReadError and the like
+        raise UsageError("not a tar archive (%s), nor an OCI image layout directory" % e) from None
+    if files.has("index.json") and files.has("oci-layout"):
+        fmt = "docker-archive" if files.has("manifest.json") else "oci-archive"
+    elif files.has("manifest.json"):
+        fmt = "docker-archive"
+    else:
+        if digest is None:
+            import hashlib
+
+            f.seek(0)
+            digest = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+        image = ImageSpec(format="tarball", ref=None, digest=digest, platform=None, created=None, config={},
+                          layers=())
+        return files, image, tar
+    return files, _image_of(files, fmt, want), None
+
+
+def _image_of(files, fmt, want):
+    seen = set()
+    if fmt == "docker-archive" and not files.has("index.json"):
+        images = docker_images(files, want, seen)
+    else:
+        index, _ = read_json(files, "index.json")
+        images = oci_images(files, index, want, seen)
+    return select_image(images, want, seen).replace(format=fmt)
+
+
+def _decompress_to(f, kind, bfd, bounds, progress, size):
+    """Decompress F into BFD/source.tar (bounded); -> (that file, the
+    compressed file's digest).  Decompressing once beats tarfile seeking
+    backwards in a compressed stream, which starts over from its beginning."""
+    progress.begin("decompressing", size)
+    raw = Digested(f, "sha256", progress.read)
+    src = Digested(decompressed(raw, kind), "sha256", bounds.stream_cap())
+    fd = os.open("source.tar", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                 dir_fd=bfd)
+    out = open(fd, "w+b")
     while True:
         try:
-            wpid, ws = os.waitpid(-1, os.WNOHANG | WALL)
-        except ChildProcessError:
-            raise SetupError("job %d: lost (already reaped)" % pid) from None
-        if wpid == 0:
-            return None
-        if os.WIFSTOPPED(ws):
-            _release_tracee(wpid, os.WSTOPSIG(ws))
-        elif wpid == pid:
-            return ws
+            chunk = src.read(1 << 20)
+            if not chunk:
+                raw.drain()
+                break
+        except JrunError:
+            raise
+        except Exception as e:  # noqa: BLE001 - EOFError, zlib.error, lzma.LZMAError, ...
+            raise UsageError("cannot decompress it (%s): %s" % (kind, e)) from None
+        out.write(chunk)
+    out.seek(0)
+    return out, "sha256:" + raw.h.hexdigest()
 
 
-def _release_tracee(tid, sig):
-    """Detach a thread of the job that made jrun its tracer and has stopped,
-    passing on the signal it stopped with, so that the job goes on as if it
-    had never been traced: the kernel drops a SIGSTOP raised inside the
-    namespace for an untraced init, so that one is dropped here too; a
-    group-stop (no siginfo) stays stopped."""
-    sender = ptrace_sender(tid)
-    if sender is None or (sig == signal.SIGSTOP and sender != 0):
-        sig = 0
-    trace("thread %d of the job stopped with jrun as its tracer (PTRACE_TRACEME): detached, signal %d"
-          % (tid, sig))
-    ptrace_detach(tid, sig)
-
-
-def _signal(pid, sig):
+def build_image(name, source, bfd, rootfd, want, bounds):
+    """Everything of an import that happens inside the build directory BFD
+    (the tree under ROOTFD); -> the image's record."""
+    progress = ImportProgress(name)
+    files, image, tar = read_source(source, bfd, want, bounds, progress)
+    tree = ImageTree(rootfd, bounds, progress)
+    if tar is not None:  # a plain rootfs tarball: one layer, the archive itself
+        progress.begin("unpacking", sum(m.size for m in tar.getmembers() if m.isreg()))
+        tree.on_data = progress.read
+        tree.apply(tar, tar.getmembers(), "the tarball")
+        nlayers = 1
+    else:
+        total = 0
+        for layer in image.layers:
+            with files.open(layer.name) as f:
+                total += _file_size(f)
+        progress.begin("layers", total)
+        tick = bounds.stream_cap()
+        for n, layer in enumerate(image.layers, 1):
+            progress.stage = "layer %d/%d" % (n, len(image.layers))
+            tree.label = "layer %d/%d" % (n, len(image.layers))
+            apply_layer(files, layer, tree, tick)
+        nlayers = len(image.layers)
+    tree.finish()
     try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
+        os.unlink("source.tar", dir_fd=bfd)  # the decompressed copy, if one was made
+    except FileNotFoundError:
         pass
+    if tree.skipped:
+        log("warning", "rootfs import: skipped %d device nodes (a job's /dev is its own)" % tree.skipped)
+    if tree.xattrs:
+        log("info", "rootfs import: dropped the extended attributes of %d entries (file capabilities give a "
+                    "job nothing under no_new_privs)" % tree.xattrs)
+    record = {"name": name, "format": image.format, "source": source, "ref": image.ref, "digest": image.digest,
+              "platform": platform_text(image.platform) if image.platform else None, "created": image.created,
+              "imported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "layers": nlayers,
+              "files": bounds.files, "size": bounds.size, "config": image.config, "jrun": __version__}
+    progress.end("imported %s from %s (%s%s, %d layer%s): %s files, %s" % (
+        name, source, image.format, ", " + record["platform"] if record["platform"] else "", nlayers,
+        "" if nlayers == 1 else "s", format(bounds.files, ","), fmt_size(bounds.size)))
+    return record
 
 
-def _fmt_dur(seconds):
-    return ("%gs" % seconds) if seconds < 120 else ("%gm" % (seconds / 60))
+class ImageStore:
+    """HOST.image_dir, opened once; every name below it is relative to its fd."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    @classmethod
+    def open(cls, create=False):
+        """The store, or None if there is none (and CREATE is false)."""
+        if create:
+            os.makedirs(os.path.dirname(HOST.image_dir), mode=0o755, exist_ok=True)
+            try:
+                os.mkdir(HOST.image_dir, 0o755)
+            except FileExistsError:
+                pass
+        try:
+            fd = os.open(HOST.image_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        st = os.fstat(fd)
+        # Root writes image trees here, setuid binaries included: nobody
+        # else may plant or swap a name in it.
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            os.close(fd)
+            raise SetupError("%s must be owned by root and writable by root only (chown root; chmod 755)"
+                             % HOST.image_dir)
+        return cls(fd)
+
+    def has(self, name):
+        import stat
+
+        try:
+            return stat.S_ISDIR(os.stat(name, dir_fd=self.fd, follow_symlinks=False).st_mode)
+        except FileNotFoundError:
+            return False
+
+    def lock(self, name):
+        """The flock that serialises imports and removals of NAME, on
+        .lock-NAME; an fd for unlock().  Its holder removes the file when
+        done, so a waiter that gets the lock of a removed file tries again."""
+        lock = ".lock-" + name
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log("info", "waiting for another import or removal of image %s" % name)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            st = os.fstat(fd)
+            try:
+                now = os.stat(lock, dir_fd=self.fd, follow_symlinks=False)
+                if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+
+    def unlock(self, name, fd):
+        os.unlink(".lock-" + name, dir_fd=self.fd)
+        os.close(fd)
+
+    def new_build(self, name):
+        """A fresh .new-NAME.XXXX with an empty rootfs/ (0700) in it."""
+        build = ".new-%s.%s" % (name, os.urandom(4).hex())
+        os.mkdir(build, 0o755, dir_fd=self.fd)
+        os.mkdir(build + "/rootfs", 0o700, dir_fd=self.fd)
+        return build
+
+    def commit(self, build, name):
+        """BUILD becomes NAME at once (an existing NAME is swapped out and
+        retired), after the tree is on disk: a crash leaves either the old
+        image or the new one, complete."""
+        _check(_c().syncfs(self.fd), "syncfs %s" % HOST.image_dir)
+        if not self.has(name):
+            os.rename(build, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+            return
+        _check(_c().renameat2(self.fd, _b(build), self.fd, _b(name), RENAME_EXCHANGE), "renameat2 %s" % name)
+        self.retire(name, build)
+
+    def retire(self, name, entry=None):
+        """Rename ENTRY (default: NAME) to .old-NAME.XXXX and remove it if
+        no job runs on it; True if it is gone."""
+        old = ".old-%s.%s" % (name, os.urandom(4).hex())
+        os.rename(entry or name, old, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        if old in self.sweep():
+            return True
+        log("info", "image %s: the old tree stays until the job running on it ends (then the next "
+                    "jrun gc, rootfs import or rootfs rm removes it)" % name)
+        return False
+
+    def discard(self, build):
+        import shutil
+
+        shutil.rmtree(build, dir_fd=self.fd, ignore_errors=True)
+
+    def sweep(self, held=None):
+        """Remove what dead imports left (.new-X.* and .lock-X, once X's lock
+        is free, or held by this process: HELD) and retired trees no job runs
+        on any more (.old-*).  Returns the entries removed."""
+        removed = []
+        for entry in sorted(os.listdir(self.fd)):  # .lock-X before .new-X.*
+            kind, _, rest = entry.partition("-")
+            name = rest.rsplit(".", 1)[0] if kind in (".new", ".old") else rest
+            if kind not in (".lock", ".new", ".old") or (kind == ".lock" and name == held):
+                continue
+            fd = -1 if kind == ".new" and name == held else self._take(".lock-" + name if kind == ".new" else entry)
+            if fd is None:
+                continue  # an import under way, or a job on a retired tree
+            try:
+                if kind == ".lock":
+                    os.unlink(entry, dir_fd=self.fd)  # while held: see lock()
+                else:
+                    self.discard(entry)
+                removed.append(entry)
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+        return removed
+
+    def _take(self, entry):
+        """An fd holding ENTRY's flock; -1 if ENTRY is gone; None if someone
+        else holds it."""
+        try:
+            fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
+        except FileNotFoundError:
+            return -1
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            os.close(fd)
+            return None
+
+
+def import_image(name, source, want, force, bounds):
+    """jrun rootfs import: build NAME from SOURCE next to the store and
+    rename it into place; on any failure (or a signal) nothing is left."""
+    store = ImageStore.open(create=True)
+    lock = store.lock(name)
+    try:
+        store.sweep(held=name)
+        if store.has(name) and not force:
+            raise UsageError("image %r exists (--force replaces it; jrun rootfs rm %s removes it)" % (name, name))
+        build = store.new_build(name)
+        try:
+            bfd = os.open(build, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=store.fd)
+            rootfd = os.open("rootfs", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=bfd)
+            record = build_image(name, source, bfd, rootfd, want, bounds)
+            write_new(bfd, "defaults", encode_defaults(record["config"]))
+            write_new(bfd, "image.json", (dumps_json(record) + "\n").encode())
+            store.commit(build, name)
+        except BaseException:
+            store.discard(build)
+            raise
+    finally:
+        store.unlock(name, lock)
+    return record
+
+
+def remove_image(name):
+    """jrun rootfs rm NAME: the name goes at once; the tree as soon as no
+    job runs on it."""
+    store = ImageStore.open()
+    if store is None or not store.has(name):
+        raise UsageError("rootfs rm: no image %r (see jrun rootfs ls)" % name)
+    lock = store.lock(name)
+    try:
+        if not store.has(name):
+            raise UsageError("rootfs rm: no image %r (see jrun rootfs ls)" % name)
+        store.retire(name)
+    finally:
+        store.unlock(name, lock)
+    log("info", "image %s removed" % name)
 
 
 # ---------------------------------------------------------------------------
