@@ -723,3 +723,55 @@ def test_runner_scenario_address_background_status_and_timeout(tmp_path, monkeyp
     monkeypatch.setattr(__import__(__name__), "TIMEOUT", 1)
     r = runner.run(Example("R.md", 1, "sh", ("sleep 30; echo late",)))
     assert r["status"] is None and "still running" in r["note"] and r["stdout"] == ""
+
+
+# --- jrun.py reads top to bottom ---------------------------------------------
+
+# The order README's Development section gives, one definition per part: a
+# move that breaks it (a resource's check back among the parser, the staging
+# helpers away from the root they build) fails here.
+FILE_ORDER = ["parse_run", "HostSettings", "load_config", "validate", "run_job", "supervise", "wait_for_job",
+              "JobState", "Resource", "Cgroup", "JobUserNamespace", "Network", "host_resources", "JobStdio",
+              "child_main", "CHILD_STEPS", "build_root", "stage_files", "Uploader", "build_dev", "pivot_into",
+              "harden_proc_and_sys", "job_environment", "seccomp_program", "drop_privileges", "with_image",
+              "cmd_ps", "main"]
+
+
+def _top_level_lines():
+    import ast
+
+    tree = ast.parse(open(os.path.join(ROOT, "jrun.py"), encoding="utf-8").read())
+    lines = {}
+    for node in tree.body:
+        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else [
+            t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+        for n in names:
+            lines.setdefault(n, node.lineno)
+    return lines, ast.get_docstring(tree)
+
+
+def test_jrun_py_is_in_the_order_a_run_happens():
+    lines, _ = _top_level_lines()
+    where = [(n, lines[n]) for n in FILE_ORDER]
+    assert [n for n, _ in sorted(where, key=lambda w: w[1])] == FILE_ORDER
+
+
+# Words of the run order that name no jrun code: a file, a prctl, a syscall.
+NOT_CODE = {"jrun.toml", "no_new_privs", "pivot_root"}
+
+
+def test_the_module_docstring_names_functions_that_exist():
+    """The docstring's run order is the file's map: every name of code in it
+    (snake_case, CamelCase, Class.verb) is defined in jrun.py."""
+    import re
+
+    import jrun
+
+    _, doc = _top_level_lines()
+    run_order = doc.split("The order of a run:", 1)[1].split("Exit status:", 1)[0]
+    words = set(re.findall(r"\b[A-Za-z_][A-Za-z0-9_]*(?:\.[a-z_]+)?\b", run_order)) - NOT_CODE
+    code = {w for w in words if "_" in w or "." in w or (w[0].isupper() and not w.isupper())}
+    assert len(code) >= 30, sorted(code)
+    missing = [w for w in sorted(code) if not hasattr(jrun, w.split(".")[0])
+               or ("." in w and not hasattr(getattr(jrun, w.split(".")[0]), w.split(".")[1]))]
+    assert missing == []
