@@ -4211,8 +4211,9 @@ class Network(Resource):
         except OSError as e:
             raise _net_error(spec.net, e) from None
         if clash:
-            raise UsageError("--net bridge: the jrun subnet %s overlaps the host's route to %s "
-                             "(use --net NAME, which picks a free subnet, or --net none)" % (format_subnet(HOST.subnet), format_subnet(clash[0])))
+            raise UsageError("--net bridge: the jrun subnet %s overlaps the host's route to %s (use --net NAME, "
+                             "which picks a free subnet, or --net none)"
+                             % (format_subnet(HOST.subnet), format_subnet(clash[0])))
 
     # -- parent, before the fork --------------------------------------------
 
