@@ -4495,12 +4495,17 @@ class NetworkLeftover(Resource):
     def __init__(self, name, undo, arg):
         super().__init__(None)
         self.name, self._undo, self._arg = name, undo, arg
+        self.failed = False
 
     def teardown(self):
         try:
             self._undo(self._arg)
         except (JrunError, OSError) as e:
+            self.failed = True
             log("warning", "gc: %s: %s" % (self.name, e))
+
+    def remains(self):
+        return [self.name] if self.failed else []
 
 
 def _gc_veth(name):
@@ -7689,12 +7694,14 @@ def gc_job(job_id):
 
 
 def collect_orphans():
-    """Resources of jobs that have no state directory at all."""
+    """Resources of jobs that have no state directory at all: the names of
+    those torn down (one that remains was warned about by its teardown)."""
     removed = []
     for cls in RESOURCE_CLASSES:
         for res in cls.orphans(lambda: set(job_ids())):
             res.teardown()
-            removed.append(res.name)
+            if not res.remains():
+                removed.append(res.name)
     return removed
 
 

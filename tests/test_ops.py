@@ -299,14 +299,17 @@ def test_gc_calls_the_orphans_hook(monkeypatch, tmp_path):
         def teardown(self):
             torn.append(self.job)
 
+        def remains(self):  # its teardown failed: not reported as removed
+            return ["stuck"] if self.job == "stuck" else []
+
         @classmethod
         def orphans(cls, known_ids):
-            seen = ["alive", "gone"]  # enumerate first, then ask
+            seen = ["alive", "gone", "stuck"]  # enumerate first, then ask
             known = known_ids()
             return [cls(j) for j in seen if j not in known]
 
     monkeypatch.setattr(J, "RESOURCE_CLASSES", (Fake,))
-    assert J.collect_orphans() == ["fake gone"] and torn == ["gone"]
+    assert J.collect_orphans() == ["fake gone"] and torn == ["gone", "stuck"]
 
 
 def test_the_resource_protocol_is_declared_on_resource_with_where_each_verb_runs():
