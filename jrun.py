@@ -1330,11 +1330,8 @@ CONFIG_RUN_KEYS = {
     "workdir": str, "workdir-size": (str, int), "rootfs": str, "read-only": bool, "net": str, "seccomp": str,
     "userns": bool, "stats": bool, "cgroup-parent": str, "log-level": str, "log-format": str,
 }
-CONFIG_HOST_KEYS = {  # key: its HostSettings field
-    "state-dir": "state_dir", "rootfs-dir": "rootfs_dir", "image-dir": "image_dir", "audit-log": "audit_log",
-    "subnet": "subnet", "net-pool": "net_pool", "allow-link-local": "allow_link_local",
-    "network-idle": "network_idle",
-}
+CONFIG_HOST_KEYS = ("state-dir", "rootfs-dir", "image-dir", "audit-log", "subnet", "net-pool", "allow-link-local",
+                    "network-idle")  # each sets the HostSettings field of its name, '-' read as '_'
 CONFIG_HOST_BOOLS = ("allow-link-local",)  # the other host keys are strings (network-idle: or a number)
 
 
@@ -1404,7 +1401,7 @@ def load_config(path, explicit=False):
             want = "true or false" if types is bool else "a string" if types is str else "a number or a string"
             raise UsageError("%s: %s: %r should be %s" % (path, key, value, want))
         if key in CONFIG_HOST_KEYS:
-            host[CONFIG_HOST_KEYS[key]] = _host_setting("%s: %s" % (path, key), key, value)
+            host[key.replace("-", "_")] = _host_setting("%s: %s" % (path, key), key, value)
             continue
         opt = _BY_NAME["--" + key]
         if types is bool:
@@ -3525,23 +3522,30 @@ def subnets_overlap(a, b):
     return a[0] & _mask(plen) == b[0] & _mask(plen)
 
 
-def bridge_name(net):
-    """The host bridge of a network.  Every jrun bridge starts with 'jrun' and
-    no job veth does ('jr' + hex), so each is told apart by name alone; a
-    hash keeps any NAME within IFNAMSIZ (15) and free of odd characters."""
-    if net == "bridge":
-        return DEFAULT_BRIDGE
+def _hashed_name(prefix, text):
+    """PREFIX + 10 hex of TEXT's hash: a device name within IFNAMSIZ (15)
+    and free of odd characters, whatever TEXT is."""
     import hashlib
 
-    return "jrun-" + hashlib.blake2s(net.encode(), digest_size=5).hexdigest()
+    return prefix + hashlib.blake2s(text.encode(), digest_size=5).hexdigest()
+
+
+def _is_hashed_name(prefix, name):
+    """Whether NAME is one that _hashed_name(PREFIX, ...) makes."""
+    return (len(name) == len(prefix) + 10 and name.startswith(prefix)
+            and all(c in "0123456789abcdef" for c in name[len(prefix):]))
+
+
+def bridge_name(net):
+    """The host bridge of a network.  Every jrun bridge starts with 'jrun' and
+    no job veth does ('jr' + hex), so each is told apart by name alone."""
+    return DEFAULT_BRIDGE if net == "bridge" else _hashed_name("jrun-", net)
 
 
 def veth_name(job_dir):
     """The host end of a job's veth pair: 'jr' + 10 hex of the job's state
     directory, unique per live job (whatever state-dir each jrun uses)."""
-    import hashlib
-
-    return "jr" + hashlib.blake2s(job_dir.encode(), digest_size=5).hexdigest()
+    return _hashed_name("jr", job_dir)
 
 
 def _lease_live(job_dir):
@@ -3881,7 +3885,7 @@ class NetFile:
 
     @property
     def cidr(self):
-        return "%s/%d" % (format_ip(self.subnet[0]), self.subnet[1])
+        return format_subnet(self.subnet)
 
     @property
     def gateway(self):
@@ -4085,7 +4089,8 @@ def _host_routes_overlapping(nl, subnet, own_bridge=None):
         dst = r.get_attr("RTA_DST")
         if plen == 0 or dst is None or ":" in dst:
             continue
-        if not subnets_overlap((parse_ip(dst) & _mask(plen), plen), subnet):
+        route = (parse_ip(dst) & _mask(plen), plen)
+        if not subnets_overlap(route, subnet):
             continue
         oif = r.get_attr("RTA_OIF")
         if oif is not None and own_bridge is not None:
@@ -4094,7 +4099,7 @@ def _host_routes_overlapping(nl, subnet, own_bridge=None):
                     continue
             except OSError:
                 continue  # its device is gone, and the route with it
-        out.append((parse_ip(dst) & _mask(plen), plen))
+        out.append(route)
     return out
 
 
@@ -4459,21 +4464,20 @@ class Network(Resource):
                 yield NetworkLeftover("bridge %s: no network file" % name, _gc_bridge, name)
         # Looked at after the networks above went (a generator: each was
         # torn down before this line runs); _gc_nft looks again under the lock.
-        nets = _nft_networks()
-        damage = _nft_damage(nets, HOST.allow_link_local)
+        in_table = _nft_networks()
+        damage = _nft_damage(in_table, HOST.allow_link_local)
         if damage:  # a firewall reload removed all or part of it
             yield NetworkLeftover("nft table %s, %s: restored" % (NFT_TABLE, damage), _gc_nft, None)
-        elif not nets and _nft_hooks():
+        elif not in_table and _nft_hooks():
             yield NetworkLeftover("nft table %s: no network left" % NFT_TABLE, _gc_nft, None)
 
 
 def _is_job_veth(name):
-    return len(name) == 12 and name[:2] == "jr" and all(c in "0123456789abcdef" for c in name[2:])
+    return _is_hashed_name("jr", name)
 
 
 def _is_jrun_bridge(name):
-    return name == DEFAULT_BRIDGE or (len(name) == 15 and name.startswith("jrun-")
-                                      and all(c in "0123456789abcdef" for c in name[5:]))
+    return name == DEFAULT_BRIDGE or _is_hashed_name("jrun-", name)
 
 
 def _net_devices():
